@@ -1,0 +1,583 @@
+r"""Closed forms of the gradient-noise-scale model and the SGD stability limits.
+
+Conventions (README "Units and conventions"): L is the *mean* loss over examples, G = ∇L,
+H = ∇²L, Σ the covariance of per-example gradients (1/N normalisation on a finite set).
+``lr`` (ε or η) multiplies the *mean* minibatch gradient G_B = (1/B) Σ_{i∈batch} ∇ℓ_i; the
+base rate η̃ = η/B is the step per example. Batches are drawn with replacement (or from
+infinite data) so Cov(G_B) = Σ/B; for batches drawn without replacement from N examples use
+:func:`effective_batch`.
+
+One SGD step on the local quadratic model (McCandlish et al. 2018, eq. 2.3),
+
+    E[L(θ − ε G_B)] = L − ε|G|² + ½ ε² (GᵀHG + tr(HΣ)/B),
+
+gives ε_max, ε_opt(B), ΔL_max, B_noise and the steps/examples trade-off below.
+
+Every function accepts Python scalars and NumPy arrays (which broadcast); the scalar formulas
+also work on CuPy and torch arrays. Out-of-domain input raises ``ValueError`` naming the
+argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
+
+__all__ = [
+    "QuadraticStats",
+    "b_noise",
+    "b_simple",
+    "base_lr",
+    "critical_batch",
+    "delta_loss_max",
+    "delta_loss_opt",
+    "effective_batch",
+    "effective_lr",
+    "eps_max",
+    "eps_opt",
+    "expected_loss_change",
+    "fit_steps_examples",
+    "gd_stability_limit",
+    "linreg_moment_matrix",
+    "linreg_stability_limit",
+    "lr_from_base",
+    "quadratic_stats",
+    "scaled_lr",
+    "smith_le_noise_scale",
+    "steps_examples",
+    "temperature",
+]
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _module(x):
+    """The array module of ``x``: torch or cupy for their arrays, NumPy otherwise."""
+    mod = type(x).__module__.split(".")[0]
+    if mod in ("torch", "cupy"):
+        import importlib
+
+        return importlib.import_module(mod)
+    return np
+
+
+def _arr(name: str, x):
+    """``x`` as a checkable array (NumPy unless it already is a torch/cupy array)."""
+    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
+        if not np.isfinite(x):
+            raise ValueError(f"{name} must be finite, got {x!r}")
+        return float(x)  # plain floats mix with NumPy, CuPy and torch arrays alike
+    xp = _module(x)
+    if xp is np:
+        try:
+            x = np.asarray(x, dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a real number or array, got {x!r}") from exc
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    return x
+
+
+def _positive(name: str, x, *, allow_zero: bool = False):
+    x = _arr(name, x)
+    xp = _module(x)
+    bad = xp.any(x < 0) if allow_zero else xp.any(x <= 0)
+    if bool(bad):
+        what = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be {what}, got {x!r}")
+    return x
+
+
+def _momentum(momentum):
+    mu = _arr("momentum", momentum)
+    xp = _module(mu)
+    if bool(xp.any(mu < 0)) or bool(xp.any(mu >= 1)):
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    return mu
+
+
+def _out(value):
+    """Scalars in, scalars out: 0-d NumPy results become Python floats."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return float(value)
+    return value
+
+
+# --------------------------------------------------------------------------- noise scale
+
+
+def eps_max(grad_sq, g_h_g):
+    r"""Optimal step of noiseless gradient descent along G: ε_max = |G|² / GᵀHG.
+
+    Args:
+        grad_sq: |G|², squared norm of the mean-loss gradient (loss/param² units).
+        g_h_g: GᵀHG, curvature along G (must be > 0).
+
+    Returns:
+        ε_max, in the units of ``lr`` (multiplier of the mean minibatch gradient).
+
+    >>> eps_max(4.0, 2.0)
+    2.0
+    """
+    grad_sq = _positive("grad_sq", grad_sq, allow_zero=True)
+    g_h_g = _positive("g_h_g", g_h_g)
+    return _out(grad_sq / g_h_g)
+
+
+def b_noise(tr_h_sigma, g_h_g):
+    r"""Gradient noise scale B_noise = tr(HΣ) / GᵀHG (McCandlish et al. eq. 2.7).
+
+    Args:
+        tr_h_sigma: tr(HΣ), Σ the per-example gradient covariance (≥ 0).
+        g_h_g: GᵀHG (> 0).
+
+    Returns:
+        B_noise, in examples.
+
+    >>> b_noise(30.0, 3.0)
+    10.0
+    """
+    tr_h_sigma = _positive("tr_h_sigma", tr_h_sigma, allow_zero=True)
+    g_h_g = _positive("g_h_g", g_h_g)
+    return _out(tr_h_sigma / g_h_g)
+
+
+def b_simple(tr_sigma, grad_sq):
+    r"""Simple noise scale B_simple = tr(Σ) / |G|² (equals B_noise when H ∝ I).
+
+    It is also the batch at which the minibatch-gradient noise equals the signal:
+    E|G_B − G|² / |G|² = B_simple / B.
+
+    Args:
+        tr_sigma: tr(Σ), total per-example gradient variance (≥ 0).
+        grad_sq: |G|² (> 0).
+
+    Returns:
+        B_simple, in examples.
+
+    >>> b_simple(100.0, 4.0)
+    25.0
+    """
+    tr_sigma = _positive("tr_sigma", tr_sigma, allow_zero=True)
+    grad_sq = _positive("grad_sq", grad_sq)
+    return _out(tr_sigma / grad_sq)
+
+
+def eps_opt(batch, eps_max, b_noise):
+    r"""Optimal step at batch size B: ε_opt(B) = ε_max / (1 + B_noise/B).
+
+    Args:
+        batch: B, examples per step (> 0; use :func:`effective_batch` for batches drawn
+            without replacement from a finite set).
+        eps_max: ε_max, in ``lr`` units (> 0).
+        b_noise: B_noise, in examples (≥ 0).
+
+    Returns:
+        ε_opt(B) in ``lr`` units (multiplier of the mean minibatch gradient).
+
+    >>> eps_opt(10.0, 1.0, 10.0)
+    0.5
+    """
+    batch = _positive("batch", batch)
+    eps_max_ = _positive("eps_max", eps_max)
+    b_noise_ = _positive("b_noise", b_noise, allow_zero=True)
+    return _out(eps_max_ / (1.0 + b_noise_ / batch))
+
+
+def delta_loss_max(grad_sq, g_h_g):
+    r"""Largest one-step loss decrease of noiseless GD: ΔL_max = ½ |G|⁴ / GᵀHG.
+
+    >>> delta_loss_max(2.0, 4.0)
+    0.5
+    """
+    grad_sq = _positive("grad_sq", grad_sq, allow_zero=True)
+    g_h_g = _positive("g_h_g", g_h_g)
+    return _out(0.5 * grad_sq * grad_sq / g_h_g)
+
+
+def delta_loss_opt(batch, delta_loss_max, b_noise):
+    r"""Expected one-step decrease at ε_opt(B): ΔL_opt(B) = ΔL_max / (1 + B_noise/B).
+
+    >>> delta_loss_opt(5.0, 3.0, 10.0)
+    1.0
+    """
+    batch = _positive("batch", batch)
+    dl = _positive("delta_loss_max", delta_loss_max, allow_zero=True)
+    b_noise_ = _positive("b_noise", b_noise, allow_zero=True)
+    return _out(dl / (1.0 + b_noise_ / batch))
+
+
+def effective_batch(batch, n_data):
+    r"""Batch size with replacement that has the noise of B drawn *without* replacement from N.
+
+    Without replacement Cov(G_B) = (Σ/B)(N−B)/(N−1), so B_eff = B (N−1)/(N−B)
+    (infinite when B = N: full-batch GD has no noise).
+
+    >>> effective_batch(10, 19)
+    20.0
+    """
+    batch = _positive("batch", batch)
+    n_data = _positive("n_data", n_data)
+    xp = _module(batch)
+    if bool(xp.any(batch > n_data)):
+        raise ValueError(f"batch ({batch!r}) must not exceed n_data ({n_data!r})")
+    if isinstance(batch, float) and isinstance(n_data, float):
+        return batch * (n_data - 1.0) / (n_data - batch) if batch < n_data else float("inf")
+    with np.errstate(divide="ignore"):
+        return _out(batch * (n_data - 1.0) / (n_data - batch))
+
+
+def expected_loss_change(lr, batch, grad_sq, g_h_g, tr_h_sigma, *, n_data=None):
+    r"""Expected change of the quadratic-model loss after one SGD step.
+
+        E[L(θ − ε G_B)] − L(θ) = −ε|G|² + ½ ε² (GᵀHG + tr(HΣ)/B),
+
+    with tr(HΣ)/B multiplied by (N−B)/(N−1) when ``n_data`` = N is given (batches drawn
+    without replacement). It is negative exactly for 0 < ε < 2 ε_opt(B), minimal (−ΔL_opt)
+    at ε_opt(B).
+
+    Args:
+        lr: ε, multiplier of the mean minibatch gradient (> 0).
+        batch: B, examples per step (> 0).
+        grad_sq: |G|² (≥ 0). g_h_g: GᵀHG. tr_h_sigma: tr(HΣ) (≥ 0).
+        n_data: optional dataset size N ≥ B for sampling without replacement.
+
+    >>> expected_loss_change(0.5, 10.0, 1.0, 1.0, 10.0)
+    -0.25
+    """
+    lr = _positive("lr", lr)
+    batch = _positive("batch", batch)
+    grad_sq = _positive("grad_sq", grad_sq, allow_zero=True)
+    g_h_g = _arr("g_h_g", g_h_g)
+    tr_h_sigma = _positive("tr_h_sigma", tr_h_sigma, allow_zero=True)
+    noise = tr_h_sigma / batch
+    if n_data is not None:
+        n_data = _positive("n_data", n_data)
+        if bool(_module(batch).any(batch > n_data)):
+            raise ValueError(f"batch ({batch!r}) must not exceed n_data ({n_data!r})")
+        noise = noise * (n_data - batch) / (n_data - 1.0)
+    return _out(-lr * grad_sq + 0.5 * lr * lr * (g_h_g + noise))
+
+
+@dataclass(frozen=True)
+class QuadraticStats:
+    """Noise-scale quantities at one point of a quadratic model (see :func:`quadratic_stats`).
+
+    ``eps_max`` and ``b_noise`` are ``inf`` when GᵀHG ≤ 0 (no curvature along G: the loss
+    keeps falling along −G); ``b_simple`` is ``inf`` when G = 0.
+    """
+
+    grad_sq: float
+    g_h_g: float
+    tr_sigma: float
+    tr_h_sigma: float
+
+    @property
+    def eps_max(self) -> float:
+        return self.grad_sq / self.g_h_g if self.g_h_g > 0 else float("inf")
+
+    @property
+    def b_noise(self) -> float:
+        return self.tr_h_sigma / self.g_h_g if self.g_h_g > 0 else float("inf")
+
+    @property
+    def b_simple(self) -> float:
+        return self.tr_sigma / self.grad_sq if self.grad_sq > 0 else float("inf")
+
+    @property
+    def delta_loss_max(self) -> float:
+        return 0.5 * self.grad_sq * self.eps_max
+
+    def eps_opt(self, batch):
+        """ε_opt(B) = ε_max/(1 + B_noise/B) for this point (``lr`` units)."""
+        return eps_opt(batch, self.eps_max, self.b_noise)
+
+
+def _symmetric_matrix_or_diag(name: str, a, p: int, *, psd: bool):
+    a = _arr(name, a)
+    a = np.asarray(a, dtype=float)
+    if a.ndim == 1:
+        if a.shape != (p,):
+            raise ValueError(f"{name} diagonal must have shape ({p},), got {a.shape}")
+        if psd and np.any(a < 0):
+            raise ValueError(f"{name} must be positive semi-definite (negative diagonal entry)")
+        return a
+    if a.shape != (p, p):
+        raise ValueError(f"{name} must have shape ({p}, {p}) or ({p},), got {a.shape}")
+    scale = max(np.abs(a).max(), 1e-300)
+    if not np.allclose(a, a.T, rtol=1e-10, atol=1e-12 * scale):
+        raise ValueError(f"{name} must be symmetric")
+    if psd and np.linalg.eigvalsh(0.5 * (a + a.T))[0] < -1e-10 * scale:
+        raise ValueError(f"{name} must be positive semi-definite")
+    return a
+
+
+def quadratic_stats(hessian, sigma, grad) -> QuadraticStats:
+    r"""|G|², GᵀHG, tr(Σ), tr(HΣ) and the derived ε_max, B_noise, B_simple.
+
+    Args:
+        hessian: H, symmetric (p, p), or its diagonal (p,) when H is diagonal.
+        sigma: Σ, per-example gradient covariance, symmetric PSD (p, p) or diagonal (p,).
+        grad: G, the mean-loss gradient (p,).
+
+    Returns:
+        :class:`QuadraticStats` (floats; attributes grad_sq, g_h_g, tr_sigma, tr_h_sigma,
+        eps_max, b_noise, b_simple).
+
+    >>> s = quadratic_stats([1.0, 2.0], [3.0, 1.0], [1.0, 1.0])
+    >>> (s.grad_sq, s.g_h_g, s.tr_sigma, s.tr_h_sigma, s.b_noise)
+    (2.0, 3.0, 4.0, 5.0, 1.6666666666666667)
+    """
+    g = np.asarray(_arr("grad", grad), dtype=float)
+    if g.ndim != 1:
+        raise ValueError(f"grad must be a 1-D vector, got shape {g.shape}")
+    p = g.shape[0]
+    h = _symmetric_matrix_or_diag("hessian", hessian, p, psd=False)
+    s = _symmetric_matrix_or_diag("sigma", sigma, p, psd=True)
+    hg = h * g if h.ndim == 1 else h @ g
+    if h.ndim == 1 and s.ndim == 1:
+        tr_h_sigma = float(h @ s)
+    elif h.ndim == 1:
+        tr_h_sigma = float(h @ np.diagonal(s))
+    elif s.ndim == 1:
+        tr_h_sigma = float(np.diagonal(h) @ s)
+    else:
+        tr_h_sigma = float(np.einsum("ij,ji->", h, s))
+    tr_sigma = float(s.sum() if s.ndim == 1 else np.trace(s))
+    return QuadraticStats(float(g @ g), float(g @ hg), tr_sigma, tr_h_sigma)
+
+
+# --------------------------------------------------------------------------- steps / examples
+
+
+def steps_examples(batch, s_min, e_min):
+    r"""Steps and examples to reach a target at batch B (McCandlish et al. eq. 2.11).
+
+        S = S_min (1 + B_crit/B),   E = E_min (1 + B/B_crit),   B_crit = E_min/S_min,
+
+    so that (S/S_min − 1)(E/E_min − 1) = 1 and E = S·B.
+
+    Args:
+        batch: B (> 0). s_min: fewest steps (large-batch limit, > 0).
+        e_min: fewest examples (small-batch limit, > 0).
+
+    Returns:
+        (steps, examples).
+
+    >>> steps_examples(10.0, 100.0, 1000.0)
+    (200.0, 2000.0)
+    """
+    batch = _positive("batch", batch)
+    s_min = _positive("s_min", s_min)
+    e_min = _positive("e_min", e_min)
+    b_crit = e_min / s_min
+    return _out(s_min * (1.0 + b_crit / batch)), _out(e_min * (1.0 + batch / b_crit))
+
+
+def critical_batch(s_min, e_min):
+    r"""Critical batch size B_crit = E_min / S_min (in examples).
+
+    >>> critical_batch(100.0, 3200.0)
+    32.0
+    """
+    return _out(_positive("e_min", e_min) / _positive("s_min", s_min))
+
+
+def fit_steps_examples(steps, examples):
+    r"""Fit S_min and E_min to measured (steps, examples) pairs at one target loss.
+
+    The hyperbola (S/S_min − 1)(E/E_min − 1) = 1 is equivalent to S_min/S + E_min/E = 1,
+    which is linear in (S_min, E_min): solve it by least squares, then refine by minimising
+    the squared log-error of the predicted steps, S_pred(B) = S_min + E_min/B with B = E/S.
+
+    Args:
+        steps: S_k, steps to reach the target for several batch sizes (≥ 2 points).
+        examples: E_k = B_k·S_k, examples processed to reach it.
+
+    Returns:
+        (s_min, e_min).
+
+    >>> s, e = steps_examples(np.array([1.0, 10.0, 100.0]), 50.0, 500.0)
+    >>> [round(v, 6) for v in fit_steps_examples(s, e)]
+    [50.0, 500.0]
+    """
+    s = np.asarray(_positive("steps", steps), dtype=float).ravel()
+    e = np.asarray(_positive("examples", examples), dtype=float).ravel()
+    if s.shape != e.shape:
+        raise ValueError(f"steps and examples must have the same shape, got {s.shape}, {e.shape}")
+    if s.size < 2:
+        raise ValueError("fit_steps_examples needs at least two (steps, examples) points")
+    a = np.stack([1.0 / s, 1.0 / e], axis=1)
+    (s0, e0), *_ = np.linalg.lstsq(a, np.ones_like(s), rcond=None)
+    if not (s0 > 0 and e0 > 0):
+        s0, e0 = s.min() * 0.5, e.min() * 0.5
+    batch = e / s
+
+    def residual(log_params):
+        s_min, e_min = np.exp(log_params)
+        return np.log(s_min + e_min / batch) - np.log(s)
+
+    sol = optimize.least_squares(residual, np.log([s0, e0]), method="lm", xtol=1e-14,
+                                 ftol=1e-14)
+    s_min, e_min = np.exp(sol.x)
+    return float(s_min), float(e_min)
+
+
+# --------------------------------------------------------------------------- learning-rate units
+
+
+def base_lr(lr, batch):
+    r"""Base learning rate η̃ = η/B: the step per example (sum convention).
+
+    >>> base_lr(0.4, 128)
+    0.003125
+    """
+    return _out(_positive("lr", lr) / _positive("batch", batch))
+
+
+def lr_from_base(base, batch):
+    r"""Learning rate η = η̃·B that multiplies the mean minibatch gradient.
+
+    >>> lr_from_base(0.003125, 128)
+    0.4
+    """
+    return _out(_positive("base", base) * _positive("batch", batch))
+
+
+def effective_lr(lr, momentum):
+    r"""Effective learning rate of heavy-ball momentum (torch form), η/(1−μ).
+
+    >>> effective_lr(0.1, 0.9)
+    1.0000000000000002
+    """
+    return _out(_positive("lr", lr) / (1.0 - _momentum(momentum)))
+
+
+def temperature(lr, batch, momentum=0.0):
+    r"""SGD temperature T = η / (B (1−μ)) (Smith & Le), in base-rate units.
+
+    >>> temperature(0.1, 10, 0.5)
+    0.02
+    """
+    return _out(_positive("lr", lr) / (_positive("batch", batch) * (1.0 - _momentum(momentum))))
+
+
+def smith_le_noise_scale(lr, batch, n_data, momentum=0.0):
+    r"""Smith–Le noise scale g = T·N = η N / (B (1−μ)) (dimensionless).
+
+    >>> smith_le_noise_scale(0.1, 100, 50000)
+    50.0
+    """
+    return _out(temperature(lr, batch, momentum) * _positive("n_data", n_data))
+
+
+def scaled_lr(lr_ref, batch_ref, batch, rule: str = "linear"):
+    r"""Scale a learning rate tuned at ``batch_ref`` to ``batch``.
+
+    ``rule="linear"``: η = η_ref·B/B_ref (constant base rate η/B, right for B ≪ B_noise);
+    ``rule="sqrt"``: η = η_ref·√(B/B_ref) (constant noise variance η²/B).
+
+    >>> scaled_lr(0.1, 128, 512), scaled_lr(0.1, 128, 512, rule="sqrt")
+    (0.4, 0.2)
+    """
+    ratio = _positive("batch", batch) / _positive("batch_ref", batch_ref)
+    lr_ref = _positive("lr_ref", lr_ref)
+    if rule == "linear":
+        return _out(lr_ref * ratio)
+    if rule == "sqrt":
+        return _out(lr_ref * ratio**0.5)
+    raise ValueError(f"rule must be 'linear' or 'sqrt', got {rule!r}")
+
+
+# --------------------------------------------------------------------------- stability limits
+
+
+def gd_stability_limit(lambda_max, momentum=0.0):
+    r"""Largest stable ``lr`` of gradient descent on a quadratic: 2(1+μ)/λ_max.
+
+    Heavy-ball momentum in torch form (v ← μv + g, θ ← θ − ηv) is stable on the mode λ
+    iff 0 < ηλ < 2(1+μ). Also the stability limit of the additive-noise NQM.
+
+    >>> gd_stability_limit(4.0), gd_stability_limit(4.0, momentum=0.9)
+    (0.5, 0.95)
+    """
+    return _out(2.0 * (1.0 + _momentum(momentum)) / _positive("lambda_max", lambda_max))
+
+
+def _eigenvalues(eigenvalues):
+    lam = np.asarray(_positive("eigenvalues", eigenvalues, allow_zero=True), dtype=float)
+    if lam.ndim != 1 or lam.size == 0 or not np.any(lam > 0):
+        raise ValueError("eigenvalues must be a non-empty 1-D array with a positive entry")
+    return lam
+
+
+def linreg_moment_matrix(eigenvalues, lr, batch):
+    r"""Transition matrix of E[e_j²] for SGD on linear regression with Gaussian features.
+
+    With x ~ N(0, diag(λ)), e = w − w*, m_j = E[e_j²] and batches of B drawn with
+    replacement (DESIGN §3),
+
+        m ← A m + (η²/B) σ² λ,   A = diag(1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λλᵀ.
+
+    Args:
+        eigenvalues: λ, the feature covariance spectrum (d,), ≥ 0.
+        lr: η (scalar, multiplier of the mean minibatch gradient). batch: B (scalar).
+
+    Returns:
+        A, shape (d, d).
+
+    >>> linreg_moment_matrix([1.0], 0.5, 1)  # (1-0.5)^2 + 0.25 + 0.25
+    array([[0.75]])
+    """
+    lam = _eigenvalues(eigenvalues)
+    lr = float(_positive("lr", lr))
+    batch = float(_positive("batch", batch))
+    diag = 1.0 - 2.0 * lr * lam + lr**2 * lam**2 * (1.0 + 1.0 / batch)
+    return np.diag(diag) + (lr**2 / batch) * np.outer(lam, lam)
+
+
+def _linreg_stability_margin(lr: float, lam: np.ndarray, batch: float) -> float:
+    """φ(η) − 1 with φ(η) = (η/B) Σ_j λ_j / (2 − ηλ_j(1+1/B)); ρ(A) < 1 ⇔ φ(η) < 1."""
+    return lr / batch * float(np.sum(lam / (2.0 - lr * lam * (1.0 + 1.0 / batch)))) - 1.0
+
+
+def linreg_stability_limit(eigenvalues, batch):
+    r"""Largest stable ``lr`` η_c(B) of SGD on linear regression with Gaussian features.
+
+    A = D + uuᵀ with D_j = (1 − ηλ_j)² + η²λ_j²/B ≥ 0 and u = ηλ/√B is symmetric and
+    non-negative, so its spectral radius is its top eigenvalue, and by the secular equation
+    ρ(A) < 1 iff max_j D_j < 1 and Σ_j u_j²/(1 − D_j) < 1, i.e.
+
+        φ(η) = (η/B) Σ_j λ_j / (2 − ηλ_j(1 + 1/B)) < 1   on 0 < η < 2B/((B+1) λ_max).
+
+    φ increases from 0 to ∞ on that interval, so η_c is its unique root (found by Brent's
+    method to machine precision). η_c ≈ 2B/Σλ at small B (linear in B) and → 2/λ_max at
+    large B; it does not depend on the dataset size.
+
+    Args:
+        eigenvalues: λ (d,), feature covariance spectrum, ≥ 0.
+        batch: B, scalar or array (examples per step, > 0).
+
+    Returns:
+        η_c(B) in ``lr`` units (same shape as ``batch``).
+
+    >>> round(linreg_stability_limit([1.0], 1), 12)  # d=1, B=1: φ(η) = η/(2−2η) = 1
+    0.666666666667
+    """
+    lam = _eigenvalues(eigenvalues)
+    batches = np.asarray(_positive("batch", batch), dtype=float)
+    out = np.empty_like(batches)
+    lam_max = lam.max()
+    for idx, b in np.ndenumerate(batches):
+        pole = 2.0 * b / ((b + 1.0) * lam_max)
+        hi = pole * (1.0 - 1e-15)
+        while _linreg_stability_margin(hi, lam, b) < 0:  # guard against rounding at the pole
+            hi = 0.5 * (hi + pole)
+            if hi >= pole:
+                break
+        out[idx] = optimize.brentq(_linreg_stability_margin, 0.0, hi, args=(lam, b),
+                                   xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+    return _out(out)

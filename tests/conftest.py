@@ -1,0 +1,15 @@
+"""Test-wide settings: one BLAS/torch thread per pytest-xdist worker, a headless matplotlib."""
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+
+
+def pytest_configure(config):
+    try:
+        import torch
+    except ImportError:  # the torch-free parts of the suite still run
+        return
+    torch.set_num_threads(1)
