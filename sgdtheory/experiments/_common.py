@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Check:
@@ -65,3 +67,39 @@ def factor_check(name: str, predicted: float, measured: float, factor: float,
     ratio = measured / predicted if predicted else math.inf
     ok = math.isfinite(ratio) and 1.0 / factor <= ratio <= factor
     return Check(name, predicted, measured, factor, ok, note)
+
+
+def minibatch_grads(problem, backend, gen, theta, batch: int, n_draws: int, *,
+                    replace: bool = True, dtype: str = "float64", max_elements: int = 4_000_000):
+    """``n_draws`` independent minibatch-mean gradients G_B at one point θ, on ``backend``.
+
+    Uses the problem's vectorised sampler (``problem.kernel(backend, dtype).sampler``), so a
+    noisy quadratic draws G_B = G + N(0, Σ/B) in one Gaussian draw and a finite dataset draws
+    B example indices per row (with replacement unless ``replace=False``).
+
+    Args:
+        problem: a :mod:`sgdtheory.problems` problem.
+        backend: a :class:`sgdtheory.backend.Backend`. gen: its generator (``backend.rng``).
+        theta: the point θ, shape (p,) (NumPy or list).
+        batch: B, examples per minibatch (integer ≥ 1).
+        n_draws: number of independent minibatches.
+        max_elements: draws are made in chunks of at most this many batch·p elements.
+
+    Returns:
+        Backend array (n_draws, p), a fresh copy (safe to keep).
+    """
+    from sgdtheory.problems import Layout
+
+    kernel = problem.kernel(backend, dtype)
+    theta = np.asarray(theta, dtype=float).reshape(1, -1)
+    per_draw = theta.shape[1] * (1 if problem.n_data is None else int(batch))
+    chunk = max(1, min(n_draws, max_elements // max(per_draw, 1)))
+    parts = []
+    for start in range(0, n_draws, chunk):
+        n = min(chunk, n_draws - start)
+        rows = backend.asarray(np.repeat(theta, n, axis=0), dtype=dtype)
+        g = kernel.sampler(gen, n, replace).grad(rows, Layout(n, 1), int(batch))
+        parts.append(g.clone() if backend.name == "torch" else g.copy())
+    if len(parts) == 1:
+        return parts[0]
+    return backend.xp.concatenate(parts) if backend.name != "torch" else backend.xp.cat(parts)

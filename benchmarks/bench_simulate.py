@@ -1,0 +1,182 @@
+"""Speed of the Monte Carlo simulator; every ratio is measured within this one run.
+
+1. Noisy quadratic model, float32, R replicas × p dimensions (default 1,000 × 1,000):
+   throughput of :func:`sgdtheory.simulate.run` in replica·dimension updates per second,
+   against (a) the same backend's Gaussian fill rate (``Generator.standard_normal(out=...,
+   dtype=float32)`` / ``torch.randn(out=...)``) — target ≥ 0.8 — and (b) a straightforward
+   float64 NumPy loop — target ≥ 2. On a GPU (CuPy / torch-CUDA, when present) also the
+   throughput against the device memory bandwidth (bytes moved by a device-to-device copy).
+2. Finite-data linear regression, the "curvature vs forgetting" sweep of Myrtle size:
+   9 lr factors × 5 dataset sizes (2,048 … 32,768) × 2 batch sizes × 3 seeds, d = 200,
+   20 epochs, float32 — target < 30 s on the 2-core CPU.
+
+Run: ``python benchmarks/bench_simulate.py [--quick]``. BLAS is limited to one thread (the
+per-step products are small, where OpenBLAS threads only contend; as in the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+from sgdtheory import problems, simulate, theory  # noqa: E402
+from sgdtheory.backend import available_backends, get_backend  # noqa: E402
+
+
+def _best(fn, repeat=3):
+    """Fastest of ``repeat`` timings of fn() (seconds)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fill_rate(be, shape, steps):
+    """Gaussian fill rate (numbers/s) of backend ``be`` into a preallocated float32 buffer."""
+    gen = be.rng(0)
+    buf = be.empty(shape, "float32")
+
+    def go():
+        for _ in range(steps):
+            be.standard_normal(gen, None, out=buf)
+        be.synchronize()
+
+    go()
+    return steps * buf.numel() / _best(go) if be.name == "torch" else \
+        steps * buf.size / _best(go)
+
+
+def nqm_throughput(be, prob, replicas, steps):
+    """Replica·dimension updates per second of simulate.run (float32 SGD, constant lr)."""
+
+    def go():
+        simulate.run(prob, lr=0.1, batch=8, steps=steps, replicas=replicas, seed=0,
+                     record_steps=[0, steps], dtype="float32", backend=be, progress=False)
+        be.synchronize()
+
+    go()
+    return replicas * prob.dim * steps / _best(go)
+
+
+def naive_numpy_throughput(h, c, replicas, steps, lr=0.1, batch=8):
+    """A straightforward float64 NumPy loop: θ ← θ − η(hθ + √(c/B)·ξ)."""
+    rng = np.random.default_rng(0)
+
+    def go():
+        theta = np.ones((replicas, h.size))
+        for _ in range(steps):
+            noise = np.sqrt(c / batch) * rng.standard_normal((replicas, h.size))
+            theta = theta - lr * (h * theta + noise)
+        return theta
+
+    return replicas * h.size * steps / _best(go)
+
+
+def bandwidth(be, n=1 << 27):
+    """Device memory bandwidth (bytes/s) from a float32 device-to-device copy (read+write)."""
+    a = be.zeros((n,), "float32")
+    b = be.empty((n,), "float32")
+
+    def go():
+        for _ in range(10):
+            if be.name == "torch":
+                b.copy_(a)
+            else:
+                b[...] = a
+        be.synchronize()
+
+    go()
+    return 10 * 2 * 4 * n / _best(go)
+
+
+def myrtle_sweep(n_sizes=(2048, 4096, 8192, 16384, 32768), batches=(32, 128), epochs=20,
+                 d=200, seeds=3, backend="numpy"):
+    """The Myrtle-sized sweep; returns (seconds, number of simulated runs)."""
+    lam = 1.0 / np.arange(1, d + 1)
+    b = np.asarray(batches)
+    eta_c = np.asarray(theory.linreg_stability_limit(lam, b))
+    lr = eta_c[:, None] * np.geomspace(0.02, 1.0, 9)  # 9 lr factors of the curvature limit
+    t0 = time.perf_counter()
+    runs = 0
+    for n in n_sizes:
+        prob = problems.LinearRegressionData(lam, n_data=n, noise_std=0.5, seed=n)
+        res = simulate.run(prob, lr=lr, batch=b[:, None], epochs=epochs, replicas=seeds,
+                           seed=0, dtype="float32", backend=backend, progress=False)
+        runs += res.train_loss.shape[0] * res.train_loss.shape[1] * seeds
+    return time.perf_counter() - t0, runs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--replicas", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.replicas, args.dim, args.steps = 200, 200, 50
+    r, p, steps = args.replicas, args.dim, args.steps
+    h = np.geomspace(1.0, 1e-3, p)
+    prob = problems.NoisyQuadratic(h, h)
+    ok = True
+    print(f"[1] noisy quadratic, float32, {r} replicas x {p} dims, {steps} steps "
+          f"(updates/s = replica·dimension updates per second)")
+    naive = naive_numpy_throughput(h, h, r, max(10, steps // 4))
+    print(f"    straightforward float64 NumPy loop : {naive:10.3e} updates/s")
+    names = [n for n in available_backends() if n in ("numpy", "torch")]
+    for name in names:
+        be = get_backend(name)
+        if name == "torch":
+            be.xp.set_num_threads(max(1, os.cpu_count() or 1))
+        fill = fill_rate(be, (r, p), steps)
+        sim = nqm_throughput(be, prob, r, steps)
+        ratio_fill, ratio_naive = sim / fill, sim / naive
+        ok &= ratio_fill >= 0.8 and ratio_naive >= 2
+        print(f"    {name:6s} CPU simulate.run : {sim:10.3e} updates/s | Gaussian fill "
+              f"{fill:10.3e}/s | ratio to fill {ratio_fill:5.2f} (target >= 0.80) | "
+              f"ratio to naive float64 loop {ratio_naive:5.2f} (target >= 2)")
+    gpu = []
+    if "cupy" in available_backends():
+        gpu.append(get_backend("cupy"))
+    if "torch" in available_backends():
+        import torch
+
+        if torch.cuda.is_available():
+            gpu.append(get_backend("torch", device="cuda"))
+    for be in gpu:
+        rr = max(r, 100_000)  # a GPU needs more replicas to be busy
+        fill = fill_rate(be, (rr, p), steps)
+        sim = nqm_throughput(be, prob, rr, steps)
+        bw = bandwidth(be)
+        # bytes per update: ≈ 6 float32 passes (noise, gradient, update), 4 bytes each
+        print(f"    {be.name}-{be.device} GPU ({rr} replicas): {sim:10.3e} updates/s | fill "
+              f"{fill:10.3e}/s | ratio to fill {sim / fill:5.2f} | memory bandwidth "
+              f"{bw / 1e9:7.1f} GB/s ≈ {bw / 24:10.3e} updates/s at 24 B/update | "
+              f"ratio {sim / (bw / 24):5.2f}")
+    if not gpu:
+        print("    (no GPU here: CuPy / torch-CUDA throughput vs memory bandwidth not measured)")
+
+    print("[2] finite-data linear regression sweep: 9 lr x 5 N (2,048..32,768) x 2 B x 3 seeds,"
+          " d=200, 20 epochs, float32")
+    if args.quick:
+        secs, runs = myrtle_sweep(n_sizes=(512, 1024), epochs=2)
+        print(f"    (quick) {runs} runs in {secs:.2f} s")
+    else:
+        secs, runs = myrtle_sweep()
+        ok &= secs < 30
+        print(f"    numpy: {runs} runs in {secs:.2f} s (target < 30 s)")
+    print("ALL TARGETS MET" if ok else "SOME TARGETS MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+r"""Array backends for the simulator: NumPy (default), CuPy, or torch on a chosen device.
+
+Choose the backend once at the entry point and pass it down::
+
+    get_backend(name=None, device=None) -> Backend
+        name: "numpy" | "cupy" | "torch" (None: $SGDTHEORY_BACKEND, else "numpy");
+        device: torch device string ("cpu", "cuda", "cuda:1"); CuPy: GPU index or None.
+    available_backends() -> tuple[str, ...]          # names usable on this machine
+    Backend.name, .xp, .device                       # xp: numpy, cupy or torch module
+    Backend.rng(seed) -> generator                   # numpy Generator / cupy Generator /
+                                                     #   torch.Generator on ``device``
+    Backend.asarray(x, dtype=None) -> array          # on the backend (and device)
+    Backend.to_numpy(x) -> np.ndarray                # any backend array (or list) to NumPy
+    Backend.dtype(name) -> backend dtype             # "float32" | "float64" | "int64" | "bool"
+    Backend.zeros(shape, dtype) / .empty(shape, dtype)
+    Backend.standard_normal(gen, shape, dtype, out=None) -> array   # N(0, 1) fill
+    Backend.permutations(gen, rows, n) -> (rows, n) int64 array     # one permutation per row
+    Backend.is_array(x) -> bool
+
+This is the only module of :mod:`sgdtheory` that imports CuPy, and torch is imported
+lazily (inside :func:`get_backend`), so ``import sgdtheory`` never needs either.
+
+>>> be = get_backend("numpy")
+>>> be.name, be.to_numpy(be.asarray([1, 2], dtype="float32")).dtype
+('numpy', dtype('float32'))
+>>> be.standard_normal(be.rng(0), (2,), "float64").shape
+(2,)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BACKENDS", "Backend", "available_backends", "get_backend", "to_numpy"]
+
+#: Backend names :func:`get_backend` accepts.
+BACKENDS = ("numpy", "cupy", "torch")
+_ENV = "SGDTHEORY_BACKEND"
+
+
+def _cupy_status() -> tuple[Any, str]:
+    """(cupy module or None, reason it is unusable)."""
+    try:
+        cp = importlib.import_module("cupy")
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return None, f"cupy is not installed ({type(exc).__name__}: {exc})"
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return None, f"cupy cannot reach a GPU ({type(exc).__name__}: {exc})"
+    if n < 1:
+        return None, "cupy found no CUDA GPU"
+    return cp, ""
+
+
+def _torch_status() -> tuple[Any, str]:
+    try:
+        torch = importlib.import_module("torch")
+    except Exception as exc:
+        return None, f"torch is not installed ({type(exc).__name__}: {exc})"
+    return torch, ""
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends usable here, e.g. ``("numpy", "torch")``; torch on CPU counts.
+
+    >>> "numpy" in available_backends()
+    True
+    """
+    names = ["numpy"]
+    if importlib.util.find_spec("cupy") is not None and _cupy_status()[0] is not None:
+        names.append("cupy")
+    if importlib.util.find_spec("torch") is not None:
+        names.append("torch")
+    return tuple(names)
+
+
+def _describe_available() -> str:
+    parts = []
+    for name in available_backends():
+        if name == "torch":
+            torch = _torch_status()[0]
+            cuda = "cuda available" if torch.cuda.is_available() else "cpu only"
+            parts.append(f"torch ({cuda})")
+        else:
+            parts.append(name)
+    return ", ".join(parts)
+
+
+_DTYPES = ("float32", "float64", "int64", "bool")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array backend: the array module ``xp`` plus the few calls that differ between them.
+
+    Attributes:
+        name: ``"numpy"``, ``"cupy"`` or ``"torch"``.
+        xp: the module (numpy, cupy or torch).
+        device: torch device string (``"cpu"``, ``"cuda:0"``); CuPy GPU index; ``None`` for
+            NumPy.
+    """
+
+    name: str
+    xp: Any
+    device: Any = None
+
+    # ----------------------------------------------------------------- dtypes and arrays
+
+    def dtype(self, name):
+        """Backend dtype for ``"float32" | "float64" | "int64" | "bool"`` (or a NumPy dtype)."""
+        if self.name == "torch" and isinstance(name, self.xp.dtype):
+            return name
+        try:
+            key = name if isinstance(name, str) else np.dtype(name).name
+        except TypeError:
+            key = None
+        if key not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {name!r}")
+        if self.name == "torch":
+            return getattr(self.xp, key)
+        return np.dtype(key)
+
+    def is_array(self, x) -> bool:
+        """Whether ``x`` is an array of this backend."""
+        if self.name == "torch":
+            return isinstance(x, self.xp.Tensor)
+        return isinstance(x, self.xp.ndarray)
+
+    def asarray(self, x, dtype=None):
+        """``x`` (scalar, list, NumPy or backend array) as an array of this backend."""
+        dt = None if dtype is None else self.dtype(dtype)
+        if self.name == "torch":
+            torch = self.xp
+            if isinstance(x, torch.Tensor):
+                return x.to(device=self.device, dtype=dt if dt is not None else x.dtype)
+            arr = np.asarray(_to_numpy_any(x))
+            if dt is None and arr.dtype == np.float64:
+                dt = torch.float64
+            return torch.as_tensor(arr, dtype=dt, device=self.device)
+        if self.name == "cupy":
+            with self.xp.cuda.Device(self.device or 0):
+                return self.xp.asarray(x if self.is_array(x) else _to_numpy_any(x), dtype=dt)
+        return np.asarray(_to_numpy_any(x), dtype=dt)
+
+    def to_numpy(self, x) -> np.ndarray:
+        """Any backend array (or scalar/list) as a NumPy array (copied off the GPU)."""
+        return _to_numpy_any(x)
+
+    def zeros(self, shape, dtype="float64"):
+        if self.name == "torch":
+            return self.xp.zeros(shape, dtype=self.dtype(dtype), device=self.device)
+        return self.xp.zeros(shape, dtype=self.dtype(dtype))
+
+    def empty(self, shape, dtype="float64"):
+        if self.name == "torch":
+            return self.xp.empty(shape, dtype=self.dtype(dtype), device=self.device)
+        return self.xp.empty(shape, dtype=self.dtype(dtype))
+
+    # ----------------------------------------------------------------- randomness
+
+    def rng(self, seed):
+        """A generator of this backend seeded by ``seed`` (int ≥ 0, or a sequence of ints).
+
+        NumPy: ``np.random.Generator(PCG64)``; CuPy: ``cupy.random.default_rng``; torch: a
+        ``torch.Generator`` on ``device``. Same seed, same backend → the same stream.
+        """
+        seq = np.random.SeedSequence(_seed_entropy(seed))
+        if self.name == "numpy":
+            return np.random.Generator(np.random.PCG64(seq))
+        s = int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+        if self.name == "cupy":
+            return self.xp.random.default_rng(s)
+        gen = self.xp.Generator(device=self.device)
+        gen.manual_seed(s)
+        return gen
+
+    def standard_normal(self, gen, shape, dtype="float64", out=None):
+        """Fill ``out`` (or a new array of ``shape``) with N(0, 1) draws from ``gen``."""
+        if self.name == "torch":
+            if out is not None:
+                return self.xp.randn(out.shape, generator=gen, out=out)
+            return self.xp.randn(shape, generator=gen, dtype=self.dtype(dtype),
+                                 device=self.device)
+        dt = self.dtype(dtype) if out is None else out.dtype
+        if out is not None:
+            gen.standard_normal(out=out, dtype=dt)
+            return out
+        return gen.standard_normal(shape, dtype=dt)
+
+    def uniform(self, gen, shape, dtype="float64"):
+        """U[0, 1) draws of ``shape``."""
+        if self.name == "torch":
+            return self.xp.rand(shape, generator=gen, dtype=self.dtype(dtype),
+                                device=self.device)
+        return gen.random(shape, dtype=self.dtype(dtype))
+
+    def permutations(self, gen, rows: int, n: int):
+        """``rows`` independent uniform permutations of ``range(n)``, shape (rows, n), int64."""
+        if self.name == "numpy":
+            base = np.broadcast_to(np.arange(n, dtype=np.int64), (rows, n))
+            return gen.permuted(base, axis=1)
+        if self.name == "torch":
+            keys = self.xp.rand((rows, n), generator=gen, device=self.device)
+            return self.xp.argsort(keys, dim=1)
+        keys = gen.random((rows, n))
+        return self.xp.argsort(keys, axis=1).astype(self.xp.int64)
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (no-op on CPU); use before timing."""
+        if self.name == "cupy":
+            self.xp.cuda.Device(self.device or 0).synchronize()
+        elif self.name == "torch" and str(self.device).startswith("cuda"):
+            self.xp.cuda.synchronize(self.device)
+
+    def __repr__(self) -> str:
+        dev = "" if self.device is None else f", device={self.device!r}"
+        return f"Backend({self.name!r}{dev})"
+
+
+def _seed_entropy(seed):
+    if isinstance(seed, (bool, np.bool_)):
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(seed, (int, np.integer)):
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        return int(seed)
+    try:
+        vals = [int(s) for s in seed]
+    except TypeError as exc:
+        raise ValueError(f"seed must be a non-negative int or ints, got {seed!r}") from exc
+    if any(v < 0 for v in vals):
+        raise ValueError(f"seed entries must be non-negative, got {seed!r}")
+    return vals
+
+
+def _to_numpy_any(x) -> np.ndarray:
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        return x.detach().cpu().numpy()
+    if mod == "cupy":
+        return x.get()
+    if isinstance(x, (list, tuple)):
+        return np.asarray([_to_numpy_any(v) for v in x]) if any(
+            type(v).__module__.split(".")[0] in ("torch", "cupy") for v in x) else np.asarray(x)
+    return np.asarray(x)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy/view of a NumPy, CuPy or torch array (or anything ``np.asarray`` takes).
+
+    >>> to_numpy([1.0, 2.0])
+    array([1., 2.])
+    """
+    return _to_numpy_any(x)
+
+
+def get_backend(name: str | Backend | None = None, device=None) -> Backend:
+    """The array backend called ``name`` (None: ``$SGDTHEORY_BACKEND`` or ``"numpy"``).
+
+    Args:
+        name: ``"numpy"``, ``"cupy"``, ``"torch"`` (or ``"torch:cuda"``-style shorthand
+            ``"torch:<device>"``), or a :class:`Backend` (returned unchanged).
+        device: torch device (default ``"cpu"``), or a CuPy GPU index (default 0).
+
+    Raises:
+        ValueError: unknown name; CuPy asked for where CuPy or a GPU is unusable; torch asked
+            for where it is not installed, or a CUDA device without CUDA. The message lists
+            the backends available here.
+
+    >>> get_backend("numpy")
+    Backend('numpy')
+    """
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = os.environ.get(_ENV, "") or "numpy"
+    if not isinstance(name, str):
+        raise ValueError(f"backend name must be a string, got {name!r}")
+    key = name.strip().lower()
+    if key.startswith("torch:"):
+        key, device = "torch", key.split(":", 1)[1]
+    if key not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} "
+                         f"(available here: {_describe_available()})")
+    if key == "numpy":
+        if device not in (None, "cpu"):
+            raise ValueError(f"the numpy backend runs on the CPU only, got device={device!r}")
+        return Backend("numpy", np, None)
+    if key == "cupy":
+        cp, why = _cupy_status()
+        if cp is None:
+            raise ValueError(f"backend 'cupy' needs a usable CUDA GPU: {why}. "
+                             f"Available here: {_describe_available()}")
+        return Backend("cupy", cp, 0 if device is None else int(device))
+    torch, why = _torch_status()
+    if torch is None:
+        raise ValueError(f"backend 'torch' is unusable: {why}. "
+                         f"Available here: {_describe_available()}")
+    dev = "cpu" if device is None else str(device)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"torch device {dev!r} needs CUDA, which this machine lacks. "
+                         f"Available here: {_describe_available()}")
+    try:
+        torch.device(dev)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid torch device {device!r}: {exc}") from exc
+    return Backend("torch", torch, dev)

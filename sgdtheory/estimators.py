@@ -1,0 +1,1123 @@
+r"""Unbiased estimators of the gradient noise scale and of the curvature along the gradient.
+
+Conventions (DESIGN §2): L is the *mean* loss over examples, G = ∇L, H = ∇²L, Σ the
+covariance of per-example gradients (1/N normalisation on a finite set of N examples).
+A minibatch gradient G_B = (1/B) Σ_{i∈batch} ∇ℓ_i is the *mean* over its B examples, and
+
+    E|G_B|² = |G|² + tr(Σ)/B                        (with replacement / infinite data)
+    E|G_B|² = |G|² + tr(Σ)/B · (N−B)/(N−1)          (without replacement from N examples)
+
+(McCandlish et al. 2018, App. A). Every estimator here is an *unbiased* estimate of |G|² and
+tr(Σ) (or of GᵀHG and tr(HΣ)); a single estimate is noisy and can be negative. Ratios such as
+B_simple = tr(Σ)/|G|² are formed only after averaging numerator and denominator separately
+(:class:`NoiseScaleEMA`): the mean of per-step ratios is biased.
+
+Arrays: NumPy, CuPy or torch, replicas on the leading axes and parameters last; results keep
+the input's backend (0-d NumPy results become Python floats). Summary objects
+(:class:`NoiseEstimate`, :class:`CurvatureEstimate`, the EMAs) hold NumPy floats/arrays and give
+a standard error and a confidence interval for every quantity. Nothing here imports torch or
+CuPy at module import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as _stats
+
+from sgdtheory import theory
+
+__all__ = [
+    "Advice",
+    "CurvatureEMA",
+    "CurvatureEstimate",
+    "NoiseEstimate",
+    "NoiseScaleEMA",
+    "RatioEMA",
+    "SequentialNoiseScale",
+    "advise_batch_size",
+    "curvature_scales",
+    "per_sample",
+    "per_sample_stats",
+    "two_batch",
+    "two_batch_curvature",
+    "two_batch_curvature_stats",
+    "two_batch_stats",
+]
+
+
+# --------------------------------------------------------------------------- backend helpers
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+def _is_array(x) -> bool:
+    return _is_torch(x) or _is_cupy(x)
+
+
+def _to_numpy(x):
+    """A NumPy copy of ``x`` (float64), whatever its backend."""
+    if _is_torch(x):
+        return x.detach().to("cpu").double().numpy()
+    if _is_cupy(x):
+        return x.get().astype(float)
+    return np.asarray(x, dtype=float)
+
+
+def _all_finite(x) -> bool:
+    if _is_torch(x):
+        import torch
+
+        return bool(torch.isfinite(x).all())
+    if _is_cupy(x):
+        import cupy
+
+        return bool(cupy.isfinite(x).all())
+    return bool(np.all(np.isfinite(x)))
+
+
+def _any(cond) -> bool:
+    return bool(cond.any()) if hasattr(cond, "any") else bool(cond)
+
+
+def _value(name: str, x):
+    """``x`` checked finite: backend arrays pass through, the rest becomes float / ndarray."""
+    if isinstance(x, bool):
+        raise ValueError(f"{name} must be a real number or array, got {x!r}")
+    if not _is_array(x):
+        try:
+            x = np.asarray(x, dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a real number or array, got {x!r}") from exc
+        x = float(x) if x.ndim == 0 else x
+    if not _all_finite(x):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    return x
+
+
+def _float(name: str, x) -> float:
+    """A Python float from a float, NumPy scalar or 0-d (or 1-element) torch/CuPy tensor."""
+    if type(x) is float or type(x) is np.float64:  # fast path for per-step updates
+        if x - x == 0.0:
+            return float(x)
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    if isinstance(x, bool):
+        raise ValueError(f"{name} must be a real number, got {x!r}")
+    try:
+        if _is_torch(x):
+            x = x.detach().to("cpu").item()
+        elif _is_cupy(x):
+            x = x.item()
+        v = float(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be a real scalar, got {x!r}") from exc
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    return v
+
+
+def _out(x):
+    if isinstance(x, np.generic) or (isinstance(x, np.ndarray) and x.ndim == 0):
+        return float(x)
+    return x
+
+
+def _noise_factor(name: str, batch, n_data):
+    """c(B)/B with c(B) = (N−B)/(N−1) (1 with replacement): E|G_B|² = |G|² + tr(Σ)·c(B)/B."""
+    if n_data is None:
+        return 1.0 / batch
+    n = _float("n_data", n_data)
+    if n < 2:
+        raise ValueError(f"n_data must be at least 2, got {n_data!r}")
+    if np.any(np.asarray(batch) > n):
+        raise ValueError(f"{name} ({batch!r}) must not exceed n_data ({n_data!r})")
+    return (n - batch) / ((n - 1.0) * batch)
+
+
+def _batches(b_small, b_big, n_data):
+    bs = _value("b_small", b_small)
+    bb = _value("b_big", b_big)
+    bs_np, bb_np = _to_numpy(bs), _to_numpy(bb)
+    if np.any(bs_np <= 0):
+        raise ValueError(f"b_small must be positive, got {b_small!r}")
+    if np.any(bb_np <= bs_np):
+        raise ValueError(f"b_small must be smaller than b_big, got b_small={b_small!r}, "
+                         f"b_big={b_big!r}")
+    if n_data is None:  # exact in floating point for integer batches: ("batch", B)
+        return ("batch", _out(bs_np)), ("batch", _out(bb_np))
+    a_small = _noise_factor("b_small", bs_np, n_data)
+    a_big = _noise_factor("b_big", bb_np, n_data)
+    return ("factor", _out(a_small)), ("factor", _out(a_big))
+
+
+def _nonneg(name: str, x):
+    x = _value(name, x)
+    if _any(x < 0):
+        raise ValueError(f"{name} must be non-negative (a squared norm), got {x!r}")
+    return x
+
+
+def _like(value, ref):
+    """Convert a NumPy coefficient to ``ref``'s backend when ``ref`` is a torch/CuPy array."""
+    if isinstance(value, float) or not _is_array(ref):
+        return value
+    if _is_torch(ref):
+        import torch
+
+        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+    import cupy
+
+    return cupy.asarray(value, dtype=ref.dtype)
+
+
+def _two_batch_solve(small, big, a_small, a_big):
+    """Solve E[small] = x + a_s·y, E[big] = x + a_b·y for (x, y).
+
+    ``a_small``/``a_big`` are ("factor", a) or ("batch", B) with a = 1/B.
+    """
+    if a_small[0] == "batch":
+        b_s, b_b = _like(a_small[1], small), _like(a_big[1], big)
+        y = (small - big) * (b_s * b_b) / (b_b - b_s)
+        x = (b_b * big - b_s * small) / (b_b - b_s)
+        return _out(x), _out(y)
+    a_s, a_b = _like(a_small[1], small), _like(a_big[1], big)
+    y = (small - big) / (a_s - a_b)
+    x = (a_s * big - a_b * small) / (a_s - a_b)
+    return _out(x), _out(y)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _t_quantile(confidence: float, df):
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    df = np.maximum(np.asarray(df, dtype=float), 1.0)
+    return _stats.t.ppf(0.5 + 0.5 * confidence, df)
+
+
+def _ratio(num, den, var_num, var_den, cov):
+    """r = num/den and its delta-method variance (var_num − 2r·cov + r²·var_den)/den²."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(den > 0, np.maximum(num, 0.0) / np.where(den > 0, den, 1.0), np.inf)
+        var = (var_num - 2.0 * r * cov + r * r * var_den) / np.where(den > 0, den, 1.0) ** 2
+        var = np.where(np.isfinite(r), np.maximum(var, 0.0), np.inf)
+    return _out(r), _out(np.sqrt(var))
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """|G|², tr(Σ) and B_simple = tr(Σ)/|G|² with standard errors.
+
+    Attributes (floats, or NumPy arrays for stacked replicas):
+        grad_sq, tr_sigma: unbiased estimates of |G|² and tr(Σ) (mean-loss units).
+        grad_sq_stderr, tr_sigma_stderr: their standard errors.
+        cov: covariance of the two estimates.
+        b_simple, b_simple_stderr: max(tr_sigma, 0)/grad_sq (``inf`` when grad_sq ≤ 0) and its
+            delta-method standard error, in examples.
+        df: degrees of freedom of the standard errors (intervals use Student's t).
+    """
+
+    grad_sq: float
+    tr_sigma: float
+    grad_sq_stderr: float
+    tr_sigma_stderr: float
+    cov: float
+    b_simple: float
+    b_simple_stderr: float
+    df: float
+
+    def ci(self, name: str, confidence: float = 0.95):
+        """(low, high) confidence interval of ``name`` ('grad_sq', 'tr_sigma', 'b_simple')."""
+        return _ci(self, name, confidence)
+
+
+@dataclass(frozen=True)
+class CurvatureEstimate:
+    """GᵀHG, tr(HΣ), B_noise = tr(HΣ)/GᵀHG (and ε_max = |G|²/GᵀHG) with standard errors.
+
+    Attributes (floats, or NumPy arrays for stacked replicas):
+        g_h_g, tr_h_sigma (+ ``_stderr``): unbiased estimates and standard errors.
+        cov: covariance of the two estimates.
+        b_noise, b_noise_stderr: max(tr_h_sigma, 0)/g_h_g (``inf`` when g_h_g ≤ 0), examples.
+        eps_max, eps_max_stderr: max(grad_sq, 0)/g_h_g in ``lr`` units (multiplier of the mean
+            minibatch gradient); NaN when no |G|² estimate was given.
+        df: degrees of freedom of the standard errors.
+    """
+
+    g_h_g: float
+    tr_h_sigma: float
+    g_h_g_stderr: float
+    tr_h_sigma_stderr: float
+    cov: float
+    b_noise: float
+    b_noise_stderr: float
+    eps_max: float
+    eps_max_stderr: float
+    df: float
+
+    def ci(self, name: str, confidence: float = 0.95):
+        """(low, high) interval of 'g_h_g', 'tr_h_sigma', 'b_noise' or 'eps_max'."""
+        return _ci(self, name, confidence)
+
+
+def _ci(obj, name, confidence):
+    if name not in obj.__dataclass_fields__ or name + "_stderr" not in obj.__dataclass_fields__:
+        raise ValueError(f"name must be an estimated quantity of {type(obj).__name__}, "
+                         f"got {name!r}")
+    return _interval(getattr(obj, name), getattr(obj, name + "_stderr"), confidence, obj.df)
+
+
+def _interval(value, stderr, confidence, df):
+    """value ± t·stderr; (0, ∞) where the value (a clamped ratio) or its error is infinite."""
+    v, se = np.asarray(value, float), np.asarray(stderr, float)
+    half = _t_quantile(confidence, df) * se
+    ok = np.isfinite(v) & np.isfinite(half)
+    lo = np.where(ok, v - np.where(ok, half, 0.0), 0.0)
+    hi = np.where(ok, v + np.where(ok, half, 0.0), np.inf)
+    return _out(lo), _out(hi)
+
+
+def _mean_stats(x, y, axis):
+    """Means of paired unbiased draws x, y along ``axis`` with standard errors and covariance."""
+    x, y = np.moveaxis(_to_numpy(x), axis, -1), np.moveaxis(_to_numpy(y), axis, -1)
+    x, y = np.broadcast_arrays(x, y)
+    m = x.shape[-1]
+    if m < 2:
+        raise ValueError(f"need at least two repeated measurements along axis {axis}, got {m}")
+    mx, my = x.mean(-1), y.mean(-1)
+    dx, dy = x - mx[..., None], y - my[..., None]
+    vx = (dx * dx).sum(-1) / (m - 1) / m
+    vy = (dy * dy).sum(-1) / (m - 1) / m
+    cxy = (dx * dy).sum(-1) / (m - 1) / m
+    return mx, my, vx, vy, cxy, m - 1
+
+
+# --------------------------------------------------------------------------- two batch sizes
+
+
+def two_batch(grad_sq_small, grad_sq_big, b_small, b_big, *, n_data=None):
+    r"""Unbiased |G|² and tr(Σ) from squared gradient norms at two batch sizes.
+
+    From E|G_B|² = |G|² + tr(Σ)/B (McCandlish et al. 2018, App. A), with batches of b_small and
+    b_big examples,
+
+        |G|²  = (B_big |G_big|² − B_small |G_small|²) / (B_big − B_small)
+        tr(Σ) = (|G_small|² − |G_big|²) / (1/B_small − 1/B_big).
+
+    With ``n_data`` = N (batches drawn without replacement from N examples, Σ with 1/N
+    normalisation) 1/B becomes (N−B)/((N−1)B) in both equations. Each single estimate is
+    unbiased but noisy and may be negative: average |G|² and tr(Σ) separately over many steps
+    (:class:`NoiseScaleEMA`) before dividing.
+
+    Args:
+        grad_sq_small: |G_small|², squared norm of the *mean* gradient of a batch of b_small.
+        grad_sq_big: |G_big|², same for a batch of b_big (independent of, or containing, the
+            small batch: the expectations are the same).
+        b_small, b_big: batch sizes in examples, 0 < b_small < b_big.
+        n_data: optional dataset size N ≥ b_big for sampling without replacement.
+
+    Returns:
+        (grad_sq, tr_sigma): unbiased estimates of |G|² and tr(Σ), in the backend of the input
+        (arrays broadcast; NumPy scalars become floats).
+
+    >>> two_batch(3.0, 1.2, 10, 100)  # |G|² = 1, tr(Σ) = 20
+    (1.0, 20.0)
+    """
+    a_small, a_big = _batches(b_small, b_big, n_data)
+    small = _nonneg("grad_sq_small", grad_sq_small)
+    big = _nonneg("grad_sq_big", grad_sq_big)
+    return _two_batch_solve(small, big, a_small, a_big)
+
+
+def two_batch_stats(grad_sq_small, grad_sq_big, b_small, b_big, *, n_data=None, axis=-1):
+    r"""Average of many two-batch estimates, with standard errors (:class:`NoiseEstimate`).
+
+    Each pair (|G_small|², |G_big|²) along ``axis`` (e.g. one per training step or per
+    data-parallel rank) gives unbiased draws of |G|² and tr(Σ) (:func:`two_batch`); their means
+    have standard errors std/√m, and B_simple = tr(Σ)/|G|² is the ratio of the means, with a
+    delta-method standard error. Draws are assumed independent.
+
+    Args:
+        grad_sq_small, grad_sq_big: arrays with m ≥ 2 repeated measurements along ``axis``.
+        b_small, b_big, n_data: as in :func:`two_batch` (scalars).
+        axis: axis of the repetitions.
+
+    >>> est = two_batch_stats([3.0, 3.2, 2.8], [1.2, 1.25, 1.15], 10, 100)
+    >>> round(est.grad_sq, 6), round(est.tr_sigma, 6), round(est.b_simple, 6)
+    (1.0, 20.0, 20.0)
+    """
+    g, t = two_batch(grad_sq_small, grad_sq_big, b_small, b_big, n_data=n_data)
+    mg, mt, vg, vt, c, df = _mean_stats(g, t, axis)
+    b, b_se = _ratio(mt, mg, vt, vg, c)
+    return NoiseEstimate(_out(mg), _out(mt), _out(np.sqrt(vg)), _out(np.sqrt(vt)), _out(c),
+                         b, b_se, df)
+
+
+def two_batch_curvature(ghg_small, ghg_big, b_small, b_big, *, n_data=None):
+    r"""Unbiased GᵀHG and tr(HΣ) from ĝᵀHĝ measured at two batch sizes.
+
+    With ĝ = G_B the mean gradient of a batch of B and H (or an unbiased estimate of it, e.g. a
+    Hessian-vector product on an *independent* batch),
+
+        E[ĝᵀHĝ] = GᵀHG + tr(HΣ)/B,
+
+    so the two-batch solve of :func:`two_batch` gives GᵀHG and tr(HΣ), hence
+    B_noise = tr(HΣ)/GᵀHG and ε_max = |G|²/GᵀHG (:func:`curvature_scales`). The Hessian batch
+    must be independent of ĝ, or E[ĝᵀHĝ] picks up third-moment terms.
+
+    Args:
+        ghg_small, ghg_big: ĝᵀHĝ for the mean gradients of batches of b_small and b_big
+            (loss units; may be negative when H is indefinite).
+        b_small, b_big: batch sizes in examples, 0 < b_small < b_big.
+        n_data: optional dataset size N for batches drawn without replacement.
+
+    Returns:
+        (g_h_g, tr_h_sigma), unbiased, in the backend of the input.
+
+    >>> ghg, trhs = two_batch_curvature(5.0, 2.3, 10, 100)  # GᵀHG = 2, tr(HΣ) = 30
+    >>> round(ghg, 12), round(trhs, 12)
+    (2.0, 30.0)
+    """
+    a_small, a_big = _batches(b_small, b_big, n_data)
+    small = _value("ghg_small", ghg_small)
+    big = _value("ghg_big", ghg_big)
+    return _two_batch_solve(small, big, a_small, a_big)
+
+
+def two_batch_curvature_stats(ghg_small, ghg_big, b_small, b_big, *, grad_sq=None,
+                              n_data=None, axis=-1):
+    r"""Average of many two-batch curvature estimates (:class:`CurvatureEstimate`).
+
+    Args:
+        ghg_small, ghg_big: ĝᵀHĝ at the two batch sizes, m ≥ 2 repetitions along ``axis``.
+        b_small, b_big, n_data: as in :func:`two_batch_curvature`.
+        grad_sq: optional unbiased |G|² draws paired with them (e.g. from :func:`two_batch` on
+            the same steps), giving ε_max = |G|²/GᵀHG with a delta-method standard error.
+        axis: axis of the repetitions.
+
+    >>> est = two_batch_curvature_stats([5.0, 5.2, 4.8], [2.3, 2.32, 2.28], 10, 100,
+    ...                                 grad_sq=[1.0, 1.1, 0.9])
+    >>> round(est.g_h_g, 6), round(est.b_noise, 6), round(est.eps_max, 6)
+    (2.0, 15.0, 0.5)
+    """
+    ghg, thS = two_batch_curvature(ghg_small, ghg_big, b_small, b_big, n_data=n_data)
+    mg, mt, vg, vt, c, df = _mean_stats(ghg, thS, axis)
+    b, b_se = _ratio(mt, mg, vt, vg, c)
+    if grad_sq is None:
+        e, e_se = _out(np.full_like(mg, np.nan)), _out(np.full_like(mg, np.nan))
+    else:
+        ms, _, vs, _, csg, _ = _mean_stats(_value("grad_sq", grad_sq), ghg, axis)
+        e, e_se = _ratio(ms, mg, vs, vg, csg)
+    return CurvatureEstimate(_out(mg), _out(mt), _out(np.sqrt(vg)), _out(np.sqrt(vt)), _out(c),
+                             b, b_se, e, e_se, df)
+
+
+def curvature_scales(grad_sq, g_h_g, tr_h_sigma):
+    r"""ε_max = |G|²/GᵀHG and B_noise = tr(HΣ)/GᵀHG from (averaged) estimates.
+
+    Uses :func:`sgdtheory.theory.eps_max` and :func:`sgdtheory.theory.b_noise`. Averaged
+    unbiased estimates of |G|² and tr(HΣ) can still be slightly negative: they are clamped at
+    0; when GᵀHG ≤ 0 (no measured curvature along G) both results are ``inf``.
+
+    Args:
+        grad_sq: |G|² estimate. g_h_g: GᵀHG estimate. tr_h_sigma: tr(HΣ) estimate.
+            Floats, NumPy arrays or 0-d tensors.
+
+    Returns:
+        (eps_max, b_noise): ε_max in ``lr`` units (multiplier of the mean minibatch gradient),
+        B_noise in examples.
+
+    >>> curvature_scales(1.0, 2.0, 30.0)
+    (0.5, 15.0)
+    """
+    gs = np.maximum(_to_numpy(_value("grad_sq", grad_sq)), 0.0)
+    ghg = _to_numpy(_value("g_h_g", g_h_g))
+    ths = np.maximum(_to_numpy(_value("tr_h_sigma", tr_h_sigma)), 0.0)
+    gs, ghg, ths = np.broadcast_arrays(gs, ghg, ths)
+    pos = ghg > 0
+    safe = np.where(pos, ghg, 1.0)
+    e = np.where(pos, theory.eps_max(gs, safe), np.inf)
+    b = np.where(pos, theory.b_noise(ths, safe), np.inf)
+    return _out(e), _out(b)
+
+
+# --------------------------------------------------------------------------- per-sample gradients
+
+
+def _per_sample_parts(grads, n_data):
+    grads = _value("grads", grads)
+    if not hasattr(grads, "shape") or len(grads.shape) < 2:
+        raise ValueError("grads must have shape (..., n, p): n per-example gradients of p "
+                         f"parameters, got shape {getattr(grads, 'shape', ())}")
+    n = grads.shape[-2]
+    if n < 2:
+        raise ValueError(f"grads must hold at least two per-example gradients, got n={n}")
+    if n_data is not None:
+        nd = _float("n_data", n_data)
+        if nd < n:
+            raise ValueError(f"n_data ({n_data!r}) must be at least the number of samples {n}")
+        fpc = (nd - n) / nd  # 1 − n/N
+        sig = (nd - 1.0) / nd  # Σ (1/N) = (N−1)/N · S² (1/(N−1))
+    else:
+        fpc, sig = 1.0, 1.0
+    mean = grads.sum(-2) / n
+    # |c_i|² and c_i·ḡ with c_i = g_i − ḡ, one example at a time: no (n, p) temporary, and no
+    # cancellation in |g_i|² − |ḡ|² when the mean dominates the noise
+    einsum = _namespace(grads).einsum
+    a, b = [], []
+    for i in range(n):
+        c = grads[..., i, :] - mean
+        a.append(einsum("...j,...j->...", c, c))
+        b.append(einsum("...j,...j->...", c, mean))
+    return n, mean, a, b, fpc, sig
+
+
+def _namespace(x):
+    """The array module of ``x`` (numpy, cupy or torch), imported lazily."""
+    if _is_torch(x):
+        import torch
+
+        return torch
+    if _is_cupy(x):
+        import cupy
+
+        return cupy
+    return np
+
+
+def _stack(xs):
+    xp = _namespace(xs[0])
+    return xp.stack(xs, -1) if xp is not np else np.stack(xs, -1)
+
+
+def per_sample(grads, *, n_data=None):
+    r"""Unbiased |G|² and tr(Σ) from n per-example gradients.
+
+        tr(Σ) = Σ_i |g_i − ḡ|² / (n − 1),     |G|² = |ḡ|² − tr(Σ)/n,
+
+    with ḡ the sample mean. With ``n_data`` = N (sample drawn without replacement from N
+    examples, Σ with 1/N normalisation): tr(Σ) = (N−1)/N · Σ|g_i − ḡ|²/(n−1) and
+    |G|² = |ḡ|² − Σ|g_i − ḡ|²/(n−1) · (N−n)/(nN).
+
+    Args:
+        grads: per-example gradients ∇ℓ_i, shape (..., n, p) with n ≥ 2 (leading axes are
+            independent replicas); NumPy, CuPy or torch.
+        n_data: optional dataset size N ≥ n for a sample drawn without replacement.
+
+    Returns:
+        (grad_sq, tr_sigma), shape ``grads.shape[:-2]``, in the input's backend.
+
+    >>> per_sample(np.array([[1.0, 0.0], [3.0, 2.0]]))  # ḡ = (2, 1), tr(Σ) = 4
+    (3.0, 4.0)
+    """
+    n, mean, a, _, fpc, sig = _per_sample_parts(grads, n_data)
+    s2 = sum(a[1:], a[0]) / (n - 1)
+    return _out((mean * mean).sum(-1) - s2 * (fpc / n)), _out(s2 * sig)
+
+
+def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
+    r"""Per-sample estimates of |G|², tr(Σ), B_simple with jackknife standard errors.
+
+    The estimates are those of :func:`per_sample`. Their (co)variances are the delete-one
+    jackknife ((n−1)/n) Σ_i (θ_{−i} − θ̄_{−·})², computed in O(n·p) from the closed-form
+    leave-one-out values (with c_i = g_i − ḡ, SS = Σ|c_i|²):
+
+        SS_{−i} = SS − n|c_i|²/(n−1),   ḡ_{−i} = ḡ − c_i/(n−1).
+
+    The jackknife variance of these U-statistics is slightly conservative (Efron–Stein).
+    B_simple's standard error is the delta method on the jackknife covariance; intervals use
+    Student's t with n − 1 degrees of freedom. With ``n_data`` the variances are multiplied by
+    the finite-population factor 1 − n/N (exact for the linear part).
+
+    Calibration (tests/test_estimators.py, Gaussian gradients, 2000 replicas): the 95%
+    intervals cover 94–96% while |G|² is measured to better than ~30% (n ≳ B_simple). When
+    noise dominates (n ≪ B_simple) the |G|² interval is conservative (≈ 98%) and the B_simple
+    interval, a ratio with a noisy denominator, under-covers (≈ 90%): average more samples.
+
+    Args:
+        grads: (..., n, p) per-example gradients, n ≥ 3.
+        n_data: optional dataset size N for a sample drawn without replacement.
+
+    Returns:
+        :class:`NoiseEstimate` (NumPy floats, or arrays of shape ``grads.shape[:-2]``).
+
+    >>> est = per_sample_stats(np.array([[1.0, 0.0], [3.0, 2.0], [2.0, 1.0]]))
+    >>> round(est.grad_sq, 6), round(est.tr_sigma, 6)
+    (4.333333, 2.0)
+    """
+    shape = getattr(grads, "shape", ())
+    if len(shape) >= 2 and shape[-2] == 2:
+        raise ValueError("per_sample_stats needs at least three samples for a standard error, "
+                         "got n=2")
+    n, mean, a, b, fpc, sig = _per_sample_parts(grads, n_data)
+    a = _to_numpy(_stack(a))  # |c_i|², (..., n)
+    b = _to_numpy(_stack(b))  # c_i·ḡ
+    m2 = _to_numpy((mean * mean).sum(-1))[..., None]
+    ss = a.sum(-1, keepdims=True)
+    tr = ss / (n - 1) * sig
+    gs = m2 - ss / (n - 1) * (fpc / n)
+    ss_loo = ss - n * a / (n - 1)
+    m2_loo = m2 - 2.0 * b / (n - 1) + a / (n - 1) ** 2
+    tr_loo = ss_loo / (n - 2) * sig
+    if n_data is not None:
+        fpc_loo = (float(n_data) - (n - 1)) / float(n_data)
+    else:
+        fpc_loo = 1.0
+    gs_loo = m2_loo - ss_loo / (n - 2) * (fpc_loo / (n - 1))
+    dg = gs_loo - gs_loo.mean(-1, keepdims=True)
+    dt = tr_loo - tr_loo.mean(-1, keepdims=True)
+    k = (n - 1) / n * fpc
+    vg, vt, c = k * (dg * dg).sum(-1), k * (dt * dt).sum(-1), k * (dg * dt).sum(-1)
+    gs, tr = gs[..., 0], tr[..., 0]
+    b_s, b_se = _ratio(tr, gs, vt, vg, c)
+    return NoiseEstimate(_out(gs), _out(tr), _out(np.sqrt(vg)), _out(np.sqrt(vt)), _out(c),
+                         b_s, b_se, float(n - 1))
+
+
+# --------------------------------------------------------------------------- streaming averages
+
+
+class _EWMoments:
+    """Bias-corrected exponentially weighted mean and covariance of a k-vector of draws.
+
+    Draw s of t gets weight β^{t−s}; with W = Σ β^{t−s} and W₂ = Σ β^{2(t−s)} the mean is
+    m = Σ β^{t−s} x_s / W (the bias-corrected EMA: m_t = m_{t−1} + (x_t − m_{t−1})/W_t) and the
+    weighted scatter M₂ = Σ β^{t−s}(x_s − m)(x_s − m)ᵀ follows West's (1979) update
+    M₂ ← β M₂ + (1 − 1/W)(x − m_old)(x − m_old)ᵀ. Treating the draws as independent with a
+    common covariance C, Ĉ = M₂/(W − W₂/W) is unbiased and Cov(m) = C·W₂/W², i.e. the
+    effective number of draws is n_eff = W²/W₂ (→ (1+β)/(1−β)). O(k²) memory and time.
+    """
+
+    def __init__(self, beta: float, k: int):
+        beta = _float("beta", beta)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must lie in [0, 1), got {beta!r}")
+        self.beta = beta
+        self.k = k
+        self.w = 0.0
+        self.w2 = 0.0
+        self.n = 0
+        self._mean = [0.0] * k  # plain floats: k ≤ 3, so Python beats NumPy's call overhead
+        self._m2 = [[0.0] * k for _ in range(k)]
+
+    def update(self, x) -> None:
+        beta = self.beta
+        self.w = w = beta * self.w + 1.0
+        self.w2 = beta * beta * self.w2 + 1.0
+        d = [xi - mi for xi, mi in zip(x, self._mean, strict=True)]
+        self._mean = [mi + di / w for mi, di in zip(self._mean, d, strict=True)]
+        f = 1.0 - 1.0 / w
+        self._m2 = [[beta * mij + f * di * dj for mij, dj in zip(row, d, strict=True)]
+                    for row, di in zip(self._m2, d, strict=True)]
+        self.n += 1
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.array(self._mean)
+
+    @property
+    def n_eff(self) -> float:
+        return self.w * self.w / self.w2 if self.n else 0.0
+
+    @property
+    def cov_of_mean(self) -> np.ndarray:
+        denom = self.w - self.w2 / self.w if self.n else 0.0
+        if self.n < 2 or denom <= 0:
+            return np.full((self.k, self.k), np.inf)
+        return np.array(self._m2) / denom * (self.w2 / self.w**2)
+
+
+class RatioEMA:
+    r"""Streaming ratio r = E[numerator]/E[denominator] of two unbiased noisy estimates.
+
+    Keeps bias-corrected exponential moving averages (decay β) of the numerator and the
+    denominator *separately*, including negative single-step values (dropping or clamping
+    them would bias the averages), and reports their ratio. The standard errors treat the
+    steps as independent draws (:class:`_EWMoments`: weighted covariance, effective number of
+    draws W²/W₂ ≈ (1+β)/(1−β)); the ratio's is the delta method. A drifting truth inflates
+    them (conservative). The ratio is clamped to [0, ∞] and :attr:`reliable` is False until
+    the denominator exceeds ``z`` standard errors (z = Student's t quantile of
+    ``confidence``).
+
+    Args:
+        beta: EMA decay per update, in [0, 1) (0 keeps only the last step).
+        confidence: level of the intervals and of the :attr:`reliable` test.
+
+    Update cost: O(1), no history.
+    """
+
+    def __init__(self, beta: float = 0.99, *, confidence: float = 0.95):
+        self._m = _EWMoments(beta, 2)
+        _t_quantile(confidence, 1)
+        self.confidence = float(confidence)
+
+    def update(self, numerator, denominator) -> RatioEMA:
+        """Add one step's unbiased estimates (floats, NumPy scalars or 0-d tensors)."""
+        self._m.update((_float("numerator", numerator), _float("denominator", denominator)))
+        return self
+
+    @property
+    def beta(self) -> float:
+        return self._m.beta
+
+    @property
+    def n_updates(self) -> int:
+        return self._m.n
+
+    @property
+    def n_eff(self) -> float:
+        """Effective number of independent steps in the averages, W²/W₂."""
+        return self._m.n_eff
+
+    def _get(self, i):
+        return self._m._mean[i] if self._m.n else math.nan
+
+    @property
+    def numerator(self) -> float:
+        return self._get(0)
+
+    @property
+    def denominator(self) -> float:
+        return self._get(1)
+
+    @property
+    def numerator_stderr(self) -> float:
+        return float(np.sqrt(self._m.cov_of_mean[0, 0]))
+
+    @property
+    def denominator_stderr(self) -> float:
+        return float(np.sqrt(self._m.cov_of_mean[1, 1]))
+
+    @property
+    def ratio(self) -> float:
+        """max(numerator, 0)/denominator; ``inf`` while the denominator is ≤ 0."""
+        if not self._m.n:
+            return math.nan
+        return float(_ratio(self.numerator, self.denominator, 0.0, 0.0, 0.0)[0])
+
+    @property
+    def ratio_stderr(self) -> float:
+        if not self._m.n:
+            return math.nan
+        c = self._m.cov_of_mean
+        return float(_ratio(self.numerator, self.denominator, c[0, 0], c[1, 1], c[0, 1])[1])
+
+    @property
+    def df(self) -> float:
+        return max(self.n_eff - 1.0, 1.0)
+
+    @property
+    def reliable(self) -> bool:
+        """True once the denominator is significantly positive (> z standard errors)."""
+        if self._m.n < 2:
+            return False
+        z = float(_t_quantile(self.confidence, self.df))
+        return bool(self.denominator > z * self.denominator_stderr)
+
+    def ratio_ci(self) -> tuple[float, float]:
+        """Delta-method interval of the ratio at level ``confidence`` (t quantile)."""
+        return _interval(self.ratio, self.ratio_stderr, self.confidence, self.df)
+
+
+class NoiseScaleEMA(RatioEMA):
+    r"""Streaming B_simple = tr(Σ)/|G|² from per-step unbiased estimates.
+
+    Bias-corrected EMAs of |G|² and tr(Σ) are kept separately (McCandlish et al. App. A.1),
+    then divided: the mean of per-step ratios would be biased (E[X/Y] ≠ E[X]/E[Y]), and
+    negative per-step estimates are kept for the same reason. :attr:`b_simple` is clamped to
+    [0, ∞] and :attr:`reliable` flags whether |G|² is significantly positive.
+
+    Args:
+        beta: EMA decay per update (0.99: about 200 effective steps).
+        confidence: level of the intervals.
+
+    >>> ema = NoiseScaleEMA(beta=0.9)
+    >>> for gs, ts in [(1.2, 18.0), (0.8, 22.0), (1.0, 20.0)]:
+    ...     _ = ema.update(gs, ts)
+    >>> round(ema.grad_sq, 4), round(ema.tr_sigma, 4), round(ema.b_simple, 2), ema.n_updates
+    (0.9934, 20.0664, 20.2, 3)
+    """
+
+    def update(self, grad_sq, tr_sigma) -> NoiseScaleEMA:  # noqa: D102 - see class doc
+        """Add one step's unbiased (|G|², tr(Σ)) estimates (e.g. from :func:`two_batch`)."""
+        self._m.update((_float("tr_sigma", tr_sigma), _float("grad_sq", grad_sq)))
+        return self
+
+    def update_two_batch(self, grad_sq_small, grad_sq_big, b_small, b_big, *, n_data=None):
+        """:func:`two_batch` on this step's squared norms, then :meth:`update`."""
+        gs, ts = two_batch(_float("grad_sq_small", grad_sq_small),
+                           _float("grad_sq_big", grad_sq_big), b_small, b_big, n_data=n_data)
+        return self.update(gs, ts)
+
+    @property
+    def grad_sq(self) -> float:
+        return self.denominator
+
+    @property
+    def tr_sigma(self) -> float:
+        return self.numerator
+
+    @property
+    def grad_sq_stderr(self) -> float:
+        return self.denominator_stderr
+
+    @property
+    def tr_sigma_stderr(self) -> float:
+        return self.numerator_stderr
+
+    @property
+    def b_simple(self) -> float:
+        return self.ratio
+
+    @property
+    def b_simple_stderr(self) -> float:
+        return self.ratio_stderr
+
+    def b_simple_ci(self) -> tuple[float, float]:
+        return self.ratio_ci()
+
+    def estimate(self) -> NoiseEstimate:
+        """The current averages as a :class:`NoiseEstimate`."""
+        c = self._m.cov_of_mean
+        return NoiseEstimate(self.grad_sq, self.tr_sigma, self.grad_sq_stderr,
+                             self.tr_sigma_stderr, float(c[0, 1]), self.b_simple,
+                             self.b_simple_stderr, self.df)
+
+
+class CurvatureEMA:
+    r"""Streaming GᵀHG, tr(HΣ) (and |G|²), hence B_noise and ε_max, with standard errors.
+
+    Same scheme as :class:`NoiseScaleEMA` on the per-step unbiased estimates of
+    :func:`two_batch_curvature`: bias-corrected EMAs of each quantity, ratios formed last
+    (B_noise = tr(HΣ)/GᵀHG in examples, ε_max = |G|²/GᵀHG in ``lr`` units), delta-method
+    standard errors, :attr:`reliable` once GᵀHG is significantly positive.
+
+    Args:
+        beta: EMA decay per update. confidence: level of intervals and of :attr:`reliable`.
+
+    >>> ema = CurvatureEMA(beta=0.9)
+    >>> for ghg, ths, gs in [(2.2, 28.0, 1.1), (1.8, 32.0, 0.9)]:
+    ...     _ = ema.update(ghg, ths, grad_sq=gs)
+    >>> round(ema.g_h_g, 4), round(ema.b_noise, 2), round(ema.eps_max, 4)
+    (1.9895, 15.13, 0.5)
+    """
+
+    def __init__(self, beta: float = 0.99, *, confidence: float = 0.95):
+        self._m = _EWMoments(beta, 3)
+        _t_quantile(confidence, 1)
+        self.confidence = float(confidence)
+        self._with_grad = None
+
+    def update(self, g_h_g, tr_h_sigma, grad_sq=None) -> CurvatureEMA:
+        """Add one step's unbiased GᵀHG, tr(HΣ) and (optionally, every step) |G|² estimates."""
+        with_grad = grad_sq is not None
+        if self._with_grad is not None and with_grad != self._with_grad:
+            raise ValueError("grad_sq must be given at every update or at none")
+        self._with_grad = with_grad
+        gs = _float("grad_sq", grad_sq) if with_grad else 0.0
+        self._m.update((_float("tr_h_sigma", tr_h_sigma), _float("g_h_g", g_h_g), gs))
+        return self
+
+    @property
+    def n_updates(self) -> int:
+        return self._m.n
+
+    @property
+    def df(self) -> float:
+        return max(self._m.n_eff - 1.0, 1.0)
+
+    def estimate(self) -> CurvatureEstimate:
+        """The current averages as a :class:`CurvatureEstimate`."""
+        if not self._m.n:
+            raise ValueError("CurvatureEMA has no updates yet")
+        m, c = self._m.mean, self._m.cov_of_mean
+        b, b_se = _ratio(m[0], m[1], c[0, 0], c[1, 1], c[0, 1])
+        if self._with_grad:
+            e, e_se = _ratio(m[2], m[1], c[2, 2], c[1, 1], c[2, 1])
+        else:
+            e, e_se = math.nan, math.nan
+        return CurvatureEstimate(float(m[1]), float(m[0]), float(np.sqrt(c[1, 1])),
+                                 float(np.sqrt(c[0, 0])), float(c[0, 1]), float(b),
+                                 float(b_se), float(e), float(e_se), self.df)
+
+    @property
+    def g_h_g(self) -> float:
+        return float(self._m.mean[1]) if self._m.n else math.nan
+
+    @property
+    def tr_h_sigma(self) -> float:
+        return float(self._m.mean[0]) if self._m.n else math.nan
+
+    @property
+    def grad_sq(self) -> float:
+        return float(self._m.mean[2]) if self._m.n and self._with_grad else math.nan
+
+    @property
+    def b_noise(self) -> float:
+        return self.estimate().b_noise if self._m.n else math.nan
+
+    @property
+    def eps_max(self) -> float:
+        return self.estimate().eps_max if self._m.n else math.nan
+
+    @property
+    def reliable(self) -> bool:
+        if self._m.n < 2:
+            return False
+        z = float(_t_quantile(self.confidence, self.df))
+        return bool(self.g_h_g > z * math.sqrt(self._m.cov_of_mean[1, 1]))
+
+
+# --------------------------------------------------------------------------- sequential variant
+
+
+class SequentialNoiseScale:
+    r"""Noise scale from consecutive steps' gradients (the "sequential-batch" variant).
+
+    Instead of a second, larger batch at the *same* parameters, the big batch is the mean of
+    the last k minibatch gradients (as in the fastai batch-size finder): with g_t the mean
+    gradient of a batch of B at step t and ḡ_t = (1/k)Σ_{j<k} g_{t−j},
+
+        |G|² ≈ (kB|ḡ_t|² − B|g_t|²)/(kB − B),   tr(Σ) ≈ (|g_t|² − |ḡ_t|²)/(1/B − 1/(kB)),
+
+    each fed to a :class:`NoiseScaleEMA`. It needs no extra gradient evaluation but is
+    **biased** when the parameters move: the window mixes gradients from different points, so
+    E|ḡ_t|² = |mean of G_{t−j}|² + tr(Σ)/(kB) + cross terms, and noise at step t−j moves
+    θ_{t−j+1}, correlating G_t with ξ_{t−j}.
+
+    Measured bias (``test_sequential_variant_bias_on_moving_quadratic``: SGD on the diagonal
+    quadratic p = 20, h = linspace(0.1, 1), additive noise Σ = diag(h), B = 4, lr = 0.05,
+    θ₀ = 3·1, window k = 8, means over 4000 replicas; ratios estimate/truth):
+
+    ======  ==================  =========  =========  ===========
+    step    tr(Σ)/(B|G|²)       |G|²       tr(Σ)      B_simple
+    ======  ==================  =========  =========  ===========
+    25      0.25 (moving)       1.30       −0.20      −0.16
+    50      1.05                1.20       0.81       0.68
+    100     6.9                 0.89       1.01       1.14
+    150     19                  0.41       1.04       2.5
+    250     42 (noise floor)    −0.40      1.03       undefined
+    ======  ==================  =========  =========  ===========
+
+    Early on, the window's older (larger) gradients inflate |ḡ|², so tr(Σ) is underestimated
+    (even negative) and B_simple far too small; near the noise floor the anti-correlation of
+    consecutive gradients (each step undoes part of the previous noise) shrinks |ḡ|², so
+    |G|² is underestimated, turns negative, and B_simple is overestimated without bound. The
+    same-point two-batch estimator is within 3 standard errors of the truth at every step
+    (ratios 0.96–1.04). Use the sequential variant only as a cheap, rough indicator, with
+    k·lr·h_max ≪ 1 and far from the noise floor.
+
+    Args:
+        window: k ≥ 2, number of consecutive gradients averaged into the big batch.
+        batch: B, examples in each step's (mean) gradient.
+        beta: decay of the internal :class:`NoiseScaleEMA`.
+        n_data: optional N for batches drawn without replacement.
+
+    Memory: k gradient copies plus one running sum.
+    """
+
+    def __init__(self, window: int, batch, *, beta: float = 0.99, n_data=None):
+        if int(window) != window or window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+        self.window = int(window)
+        self.batch = _float("batch", batch)
+        if self.batch <= 0:
+            raise ValueError(f"batch must be positive, got {batch!r}")
+        self.n_data = n_data
+        _batches(self.batch, self.batch * self.window, n_data)
+        self.ema = NoiseScaleEMA(beta)
+        self._grads: list = []
+        self._oldest = 0
+        self._sum = None
+        self._since_refresh = 0
+
+    def update(self, grad):
+        """Add this step's mean minibatch gradient (1-D array, any backend).
+
+        Returns the step's (grad_sq, tr_sigma) estimate once the window is full, else None.
+        """
+        grad = _value("grad", grad)
+        if not hasattr(grad, "shape") or len(grad.shape) != 1:
+            raise ValueError(f"grad must be a 1-D array, got shape {getattr(grad, 'shape', ())}")
+        if self._grads and grad.shape != self._grads[0].shape:
+            raise ValueError(f"grad shape {tuple(grad.shape)} does not match the window's "
+                             f"{tuple(self._grads[0].shape)}")
+        if len(self._grads) < self.window:  # fill the ring buffer
+            g = grad.clone() if _is_torch(grad) else grad.copy()
+            self._grads.append(g)
+            if self._sum is None:
+                self._sum = g + 0
+            else:
+                self._sum += g
+        else:  # overwrite the oldest slot in place: no allocation per step
+            g = self._grads[self._oldest]
+            self._sum -= g
+            if _is_torch(g):
+                g.copy_(grad)
+            else:
+                g[...] = grad
+            self._sum += g
+            self._oldest = (self._oldest + 1) % self.window
+        self._since_refresh += 1
+        if self._since_refresh >= 64 * self.window:  # bound the running sum's rounding drift
+            self._sum = sum(self._grads[1:], self._grads[0] + 0)
+            self._since_refresh = 0
+        if len(self._grads) < self.window:
+            return None
+        gs_small = _float("grad", g @ g)
+        gs_big = _float("grad", self._sum @ self._sum) / self.window**2
+        est = two_batch(gs_small, gs_big, self.batch, self.batch * self.window,
+                        n_data=self.n_data)
+        self.ema.update(*est)
+        return est
+
+    @property
+    def grad_sq(self) -> float:
+        return self.ema.grad_sq
+
+    @property
+    def tr_sigma(self) -> float:
+        return self.ema.tr_sigma
+
+    @property
+    def b_simple(self) -> float:
+        return self.ema.b_simple
+
+    @property
+    def reliable(self) -> bool:
+        return self.ema.reliable
+
+
+# --------------------------------------------------------------------------- batch-size advice
+
+
+@dataclass(frozen=True)
+class Advice:
+    r"""A batch-size recommendation from the noise scale (see :func:`advise_batch_size`).
+
+    Attributes:
+        batch: current batch size B_now (examples per step).
+        recommended_batch: B_rec ≈ B_noise (rounded, within the given limits).
+        b_noise: B_noise used (examples); b_noise_stderr: its standard error (NaN if unknown).
+        eps_max: ε_max (``lr`` units: multiplier of the MEAN minibatch gradient).
+        eps_opt_now, eps_opt_rec: ε_opt(B) = ε_max/(1 + B_noise/B) at B_now and B_rec.
+        step_speedup: S(B_now)/S(B_rec), fewer optimisation steps by this factor.
+        example_cost: E(B_rec)/E(B_now), more examples (compute) by this factor.
+        lr: the current ``lr`` if given (NaN otherwise); momentum: its heavy-ball μ.
+    """
+
+    batch: float
+    recommended_batch: float
+    b_noise: float
+    b_noise_stderr: float
+    eps_max: float
+    eps_opt_now: float
+    eps_opt_rec: float
+    step_speedup: float
+    example_cost: float
+    lr: float
+    momentum: float
+
+    def __str__(self) -> str:
+        def fmt(x):
+            return f"{x:.3g}"
+
+        err = "" if math.isnan(self.b_noise_stderr) else f" ± {fmt(self.b_noise_stderr)}"
+        lines = [
+            f"Gradient noise scale B_noise ≈ {fmt(self.b_noise)}{err} examples "
+            f"(current batch: {fmt(self.batch)} examples).",
+            f"Recommended batch: {fmt(self.recommended_batch)} examples per step.",
+            f"Best lr (multiplies the MEAN minibatch gradient; no momentum): "
+            f"{fmt(self.eps_opt_rec)} at batch {fmt(self.recommended_batch)}, "
+            f"{fmt(self.eps_opt_now)} at batch {fmt(self.batch)} (large-batch limit "
+            f"eps_max = {fmt(self.eps_max)}).",
+        ]
+        if self.step_speedup >= 1.0:
+            lines.append(
+                f"Switching to {fmt(self.recommended_batch)} should need "
+                f"{fmt(self.step_speedup)}x fewer steps for "
+                f"{fmt(self.example_cost)}x the examples (compute).")
+        else:
+            lines.append(
+                f"Switching to {fmt(self.recommended_batch)} should need "
+                f"{fmt(1.0 / self.example_cost)}x fewer examples (compute) for "
+                f"{fmt(1.0 / self.step_speedup)}x the steps.")
+        if not math.isnan(self.lr):
+            eff = self.lr / (1.0 - self.momentum)
+            what = "lr" if self.momentum == 0 else f"lr/(1-momentum) = {fmt(eff)}"
+            lines.append(f"Your {what} is {fmt(eff / self.eps_opt_now)}x eps_opt at the "
+                         f"current batch (a step increases the loss on average beyond 2x).")
+        lines.append("These are local, quadratic-model estimates: B_noise grows as training "
+                     "proceeds, so re-measure.")
+        return "\n".join(lines)
+
+
+def advise_batch_size(b_noise, eps_max, batch, *, b_noise_stderr=None, lr=None,
+                      momentum=0.0, min_batch=1, max_batch=None, multiple_of=1) -> Advice:
+    r"""Recommend a batch size near B_noise and the matching step size.
+
+    On the steps/examples trade-off S = S_min(1 + B_noise/B), E = E_min(1 + B/B_noise)
+    (McCandlish et al. eq. 2.11 with B_crit ≈ B_noise) the batch B_noise costs twice the minimal
+    number of steps and twice the minimal number of examples: the balanced choice. Returns
+    ε_opt(B) = ε_max/(1 + B_noise/B) at the current and recommended batch, the speed-up in
+    steps S(B_now)/S(B_rec) = (1 + B_noise/B_now)/(1 + B_noise/B_rec), and the extra cost in
+    examples E(B_rec)/E(B_now) = (1 + B_rec/B_noise)/(1 + B_now/B_noise).
+
+    Args:
+        b_noise: B_noise = tr(HΣ)/GᵀHG in examples (B_simple is a common stand-in), > 0.
+        eps_max: ε_max = |G|²/GᵀHG, in ``lr`` units: the multiplier of the MEAN minibatch
+            gradient, > 0.
+        batch: the current batch size B_now (examples per step), > 0.
+        b_noise_stderr: optional standard error of b_noise (reported only).
+        lr: optional current ``lr`` (multiplier of the mean minibatch gradient) to compare with
+            ε_opt(B_now); with heavy-ball ``momentum`` μ the effective lr/(1−μ) is compared.
+        min_batch, max_batch: limits on the recommendation (e.g. memory); multiple_of: round
+            the recommendation to a multiple of this (e.g. 8 or the number of devices).
+
+    Returns:
+        :class:`Advice` (``str(advice)`` explains it in words).
+
+    >>> a = advise_batch_size(b_noise=1000.0, eps_max=2.0, batch=100)
+    >>> a.recommended_batch, round(a.eps_opt_rec, 3), round(a.step_speedup, 3)
+    (1000.0, 1.0, 5.5)
+    """
+    b_noise = _float("b_noise", b_noise)
+    eps_max = _float("eps_max", eps_max)
+    batch = _float("batch", batch)
+    for name, v in (("b_noise", b_noise), ("eps_max", eps_max), ("batch", batch)):
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {v!r}")
+    lo = _float("min_batch", min_batch)
+    hi = math.inf if max_batch is None else _float("max_batch", max_batch)
+    step = _float("multiple_of", multiple_of)
+    if lo <= 0 or hi < lo or step <= 0:
+        raise ValueError(f"need 0 < min_batch <= max_batch and multiple_of > 0, got "
+                         f"min_batch={min_batch!r}, max_batch={max_batch!r}, "
+                         f"multiple_of={multiple_of!r}")
+    rec = max(step, round(b_noise / step) * step)
+    rec = min(max(rec, lo), hi)
+    mu = float(theory._momentum(momentum))
+    lr_v = math.nan if lr is None else _float("lr", lr)
+    if lr is not None and lr_v <= 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    se = math.nan if b_noise_stderr is None else _float("b_noise_stderr", b_noise_stderr)
+    s_now = 1.0 + b_noise / batch
+    s_rec = 1.0 + b_noise / rec
+    e_now = 1.0 + batch / b_noise
+    e_rec = 1.0 + rec / b_noise
+    return Advice(batch=batch, recommended_batch=float(rec), b_noise=b_noise,
+                  b_noise_stderr=se, eps_max=eps_max,
+                  eps_opt_now=float(theory.eps_opt(batch, eps_max, b_noise)),
+                  eps_opt_rec=float(theory.eps_opt(rec, eps_max, b_noise)),
+                  step_speedup=s_now / s_rec, example_cost=e_rec / e_now, lr=lr_v,
+                  momentum=mu)

@@ -1,0 +1,789 @@
+r"""The noisy quadratic model (NQM) and linear regression with Gaussian features, solved exactly.
+
+**NQM** (Zhang et al. 2019), in the eigenbasis of H: L(θ) = ½ Σ_i h_i θ_i², the per-example
+gradient is h_i θ_i + ξ_i with Var(ξ_i) = c_i (c = h is the "Fisher = Hessian" case), and the
+minibatch mean gradient of B examples (drawn with replacement) has noise variance c_i/B.
+``lr`` (η) multiplies that **mean** gradient. With s_i(t) = E[θ_i(t)²], plain SGD gives
+
+    s_i(t+1) = (1 − ηh_i)² s_i(t) + η² c_i / B,
+    s_i(t) = (1 − ηh_i)^{2t} s_i(0) + (η² c_i/B) (1 − (1 − ηh_i)^{2t}) / (1 − (1 − ηh_i)²),
+
+and E[L_t] = ½ Σ_i h_i s_i(t) (every dimension is independent). Options, all exact:
+
+* ``momentum`` μ: heavy ball as in ``torch.optim.SGD`` (v ← μv + g, θ ← θ − ηv, v₀ = 0);
+  the second moments (E[θ²], E[θv], E[v²]) of each dimension follow a 3×3 linear system
+  (see :func:`expected_loss`).
+* ``precond_power`` p: preconditioner P = (H/h_max)^{−p}, i.e. θ ← θ − ηP g_B. In the
+  eigenbasis p_i = (h_i/h_max)^{−p}, which replaces h_i by p_i h_i and c_i by p_i² c_i in the
+  dynamics (the loss keeps the weights h_i). The normalisation by h_max keeps the top
+  curvature, hence the stability limit η < 2(1+μ)/h_max, unchanged.
+* ``ema_decay`` β: report the loss of the exponential moving average of the iterates,
+  θ̄_{t+1} = βθ̄_t + (1−β)θ_{t+1}, θ̄_0 = θ_0 (a small linear system on the joint moments).
+* learning-rate schedules: pass ``steps=None`` and an ``lr`` whose last axis is the
+  schedule (``lr[..., t]`` is the rate of step t+1).
+
+Broadcasting: ``lr``, ``batch``, ``momentum``, ``ema_decay`` (and ``target``) broadcast to a
+*configuration shape* S; per-dimension arrays (``h``, ``c``, ``init_sq``) have shape (d,).
+Trajectories have shape S + (steps+1,). Constant-rate trajectories are computed in closed
+form (SGD) or by repeated squaring of the moment matrix (momentum/EMA); no Python loop runs
+over the steps. A diverging configuration is a result: its loss is ``inf`` once it overflows.
+
+**Linear regression with Gaussian features** (DESIGN §3): x ~ N(0, diag(λ)), y = w*ᵀx + ε with
+Var ε = σ², e = w − w*, m_j = E[e_j²]; batches of B with replacement give exactly
+
+    m_j ← m_j (1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λ_j (Σ_k λ_k m_k + σ²),
+
+and the population loss is ½(Σ_j λ_j m_j + σ²) (see :func:`linreg_expected_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "OptimalSteps",
+    "expected_loss",
+    "linreg_expected_loss",
+    "linreg_moments",
+    "optimal_steps_curve",
+    "stationary_loss",
+    "steps_to_target",
+]
+
+_CHUNK = 1 << 21  # elements per working array (≈ 16 MiB of float64)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _array(name: str, x) -> np.ndarray:
+    if isinstance(x, bool) or x is None:
+        raise ValueError(f"{name} must be a real number or array, got {x!r}")
+    try:
+        a = np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a real number or array, got {x!r}") from exc
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    return a
+
+
+def _positive(name: str, x, *, allow_zero: bool = False) -> np.ndarray:
+    a = _array(name, x)
+    if np.any(a < 0) if allow_zero else np.any(a <= 0):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
+                         f"got {x!r}")
+    return a
+
+
+def _unit_interval(name: str, x) -> np.ndarray:
+    a = _array(name, x)
+    if np.any(a < 0) or np.any(a >= 1):
+        raise ValueError(f"{name} must lie in [0, 1), got {x!r}")
+    return a
+
+
+def _per_dim(name: str, x, d: int) -> np.ndarray:
+    a = _positive(name, x, allow_zero=True)
+    if a.ndim > 1 or (a.ndim == 1 and a.shape[0] != d):
+        raise ValueError(f"{name} must be a scalar or have shape ({d},) like h, got {a.shape}")
+    return np.broadcast_to(a, (d,)).astype(float)
+
+
+def _steps(name: str, steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
+    if steps < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
+    return int(steps)
+
+
+def _broadcast(**arrays) -> list[np.ndarray]:
+    try:
+        return list(np.broadcast_arrays(*arrays.values()))
+    except ValueError as exc:
+        shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in arrays.items())
+        raise ValueError(f"shapes do not broadcast: {shapes}") from exc
+
+
+class _Problem(NamedTuple):
+    h: np.ndarray  # loss weights h_i (d,)
+    hd: np.ndarray  # curvature in the dynamics, p_i h_i
+    cd: np.ndarray  # per-example noise variance in the dynamics, p_i² c_i
+    x0: np.ndarray  # E[θ_i(0)²]
+
+
+def _problem(h, c, init_sq=0.0, precond_power=0.0) -> _Problem:
+    """Checked NQM, with the dimensions that can never move (c_i = 0 and θ_i(0) = 0) dropped."""
+    h = _positive("h", h)
+    if h.ndim != 1 or h.size == 0:
+        raise ValueError(f"h must be a non-empty 1-D array of curvatures, got shape {h.shape}")
+    d = h.shape[0]
+    c = _per_dim("c", c, d)
+    x0 = _per_dim("init_sq", init_sq, d)
+    p = float(_array("precond_power", precond_power))
+    scale = (h / h.max()) ** (-p)
+    if not np.all(np.isfinite(scale)):
+        raise ValueError(f"precond_power={precond_power!r} overflows the preconditioner")
+    keep = (c > 0) | (x0 > 0)
+    return _Problem(h[keep], (scale * h)[keep], (scale**2 * c)[keep], x0[keep])
+
+
+# --------------------------------------------------------------------------- moment systems
+
+
+def _sgd_factors(pr: _Problem, lr, batch):
+    """log q_i, 1 − q_i and the noise injection n_i = η²c_i/B, q_i = (1 − ηh_i)², shape S+(d,)."""
+    u = lr[..., None] * pr.hd
+    # log q = 2 log|1 − u|, without cancellation on both sides of u = 1
+    with np.errstate(divide="ignore"):
+        logq = 2.0 * np.log1p(np.where(u <= 1.0, -u, u - 2.0))
+    logq = np.maximum(logq, -1e4)  # q = 0 (u = 1): q^t = 0 for t ≥ 1, 1 at t = 0
+    omq = u * (2.0 - u)  # 1 − q
+    noise = lr[..., None] ** 2 * pr.cd / batch[..., None]
+    return logq, omq, noise
+
+
+def _sgd_loss_at(pr: _Problem, logq, omq, noise, t):
+    """E[L_t] for SGD, configurations on axis 0 of logq/omq/noise (C, d), times t (T,) → (C, T)."""
+    a = 0.5 * pr.h * pr.x0
+    out = np.empty((logq.shape[0], t.size))
+    tchunk = max(1, _CHUNK // max(1, logq.shape[1]))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        ratio_w = np.where(omq != 0, 0.5 * pr.h * noise / np.where(omq != 0, omq, 1.0), 0.0)
+        lin_w = np.where(omq == 0, 0.5 * pr.h * noise, 0.0)
+        for ci in range(logq.shape[0]):
+            lq = logq[ci]
+            for t0 in range(0, t.size, tchunk):
+                tt = t[t0:t0 + tchunk].astype(float)
+                em = np.expm1(tt[:, None] * lq)  # q^t − 1
+                out[ci, t0:t0 + tchunk] = ((em + 1.0) @ a - em @ ratio_w[ci]
+                                           + tt * lin_w[ci].sum())
+    return out
+
+
+def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool):
+    """Per-dimension linear dynamics z' = A z + g ζ of z = (θ[, v][, θ̄]), Var ζ = c̃/B.
+
+    Returns the second-moment map on vec(E[zzᵀ]): S' = M S + b with M = A⊗A, b = n·(g⊗g),
+    shapes S+(d, k², k²) and S+(d, k²), plus the index of the loss component.
+    """
+    shape = np.broadcast_shapes(lr.shape, batch.shape, mu.shape, beta.shape) + pr.h.shape
+    k = 1 + has_v + has_ema
+    eta = np.broadcast_to(lr[..., None], shape)
+    hd = np.broadcast_to(pr.hd, shape)
+    A = np.zeros(shape + (k, k))
+    g = np.zeros(shape + (k,))
+    A[..., 0, 0] = 1.0 - eta * hd
+    g[..., 0] = -eta
+    if has_v:
+        m = np.broadcast_to(mu[..., None], shape)
+        A[..., 0, 1] = -eta * m
+        A[..., 1, 0] = hd
+        A[..., 1, 1] = m
+        g[..., 1] = 1.0
+    if has_ema:
+        b_ = np.broadcast_to(beta[..., None], shape)
+        A[..., -1, :] = (1.0 - b_)[..., None] * A[..., 0, :]
+        A[..., -1, -1] = b_
+        g[..., -1] = -(1.0 - b_) * eta
+    M = np.einsum("...ik,...jl->...ijkl", A, A).reshape(shape + (k * k, k * k))
+    noise = np.broadcast_to(pr.cd / batch[..., None], shape)
+    b = noise[..., None] * np.einsum("...i,...j->...ij", g, g).reshape(shape + (k * k,))
+    idx = (k - 1) * (k + 1) if has_ema else 0  # E[θ̄²] or E[θ²]
+    return M, b, idx
+
+
+def _initial_state(pr: _Problem, k: int, has_ema: bool) -> np.ndarray:
+    s0 = np.zeros(pr.h.shape + (k, k))
+    s0[..., 0, 0] = pr.x0
+    if has_ema:  # θ̄_0 = θ_0
+        s0[..., 0, -1] = s0[..., -1, 0] = s0[..., -1, -1] = pr.x0
+    return s0.reshape(pr.h.shape + (k * k,))
+
+
+def _orbit(M, b, s0, n: int) -> np.ndarray:
+    """States s_t = F^t(s_0), t = 0..n−1, of the affine map F(s) = Ms + b, by doubling.
+
+    M (N, m, m), b (N, m), s0 (N, m) → (N, n, m). With F^K = (M^K, G_K):
+    s_{K+t} = M^K s_t + G_K and F^{2K} = (M^{2K}, M^K G_K + G_K); ⌈log₂ n⌉ rounds.
+    """
+    out = np.empty(s0.shape[:1] + (n,) + s0.shape[1:])
+    out[:, 0] = s0
+    P, G, K = M, b, 1
+    with np.errstate(over="ignore", invalid="ignore"):
+        while K < n:
+            L = min(K, n - K)
+            out[:, K:K + L] = np.matmul(out[:, :L], np.swapaxes(P, -1, -2)) + G[:, None, :]
+            if 2 * K < n:
+                G = np.einsum("nij,nj->ni", P, G) + G
+                P = np.matmul(P, P)
+            K *= 2
+    return out
+
+
+def _stationary_moments(M, b) -> np.ndarray:
+    """Fixed point s* = (I − M)⁻¹ b of the moment map, batched over leading axes."""
+    eye = np.eye(M.shape[-1])
+    return np.linalg.solve(eye - M, b[..., None])[..., 0]
+
+
+def _unstable(pr: _Problem, lr, mu):
+    """True where some dimension has ηh̃_i ≥ 2(1+μ) (the moment system diverges)."""
+    if pr.h.size == 0:
+        return np.zeros(np.broadcast_shapes(lr.shape, mu.shape), dtype=bool)
+    return lr * pr.hd.max() >= 2.0 * (1.0 + mu)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _configs(lr, batch, momentum, ema_decay, *, schedule: bool):
+    lr = _positive("lr", lr, allow_zero=schedule)
+    batch = _positive("batch", batch)
+    mu = _unit_interval("momentum", momentum)
+    beta = _unit_interval("ema_decay", 0.0 if ema_decay is None else ema_decay)
+    lr, batch, mu, beta = _broadcast(lr=lr, batch=batch, momentum=mu, ema_decay=beta)
+    return lr, batch, mu, beta
+
+
+def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
+                  ema_decay=None):
+    r"""Exact expected NQM loss E[L_t], t = 0..steps, of SGD / heavy ball / preconditioned SGD.
+
+    SGD, with q_i = (1 − ηh̃_i)², h̃ = ph, c̃ = p²c, s_i(0) = ``init_sq``:
+
+        E[L_t] = ½ Σ_i h_i [ q_i^t s_i(0) + (η² c̃_i/B)(1 − q_i^t)/(1 − q_i) ].
+
+    Heavy ball (torch form, v₀ = 0), a = 1 − ηh̃_i, n_i = c̃_i/B, per dimension:
+
+        E[θ²]'  = a² E[θ²] − 2aημ E[θv] + η²μ² E[v²] + η² n
+        E[θv]'  = a h̃ E[θ²] + μ(a − ηh̃) E[θv] − ημ² E[v²] − η n
+        E[v²]'  = h̃² E[θ²] + 2h̃μ E[θv] + μ² E[v²] + n
+
+    (it is computed as the moment map of the linear dynamics, M = A⊗A, by repeated squaring).
+
+    Args:
+        h: curvatures h_i > 0, shape (d,) (eigenvalues of H).
+        c: per-example gradient-noise variances c_i ≥ 0, scalar or (d,).
+        lr: η, multiplier of the **mean** minibatch gradient (> 0). Array → a grid of
+            configurations. With ``steps=None`` its last axis is a schedule (rates ≥ 0).
+        batch: B, examples per step (> 0; need not be an integer); broadcasts with ``lr``
+            (with a schedule it may also vary along the last axis).
+        steps: number of steps T (integer ≥ 0), or None for a schedule.
+        momentum: μ ∈ [0, 1), heavy ball v ← μv + g, θ ← θ − ηv; broadcasts with ``lr``.
+        init_sq: E[θ_i(0)²] ≥ 0, scalar or (d,).
+        precond_power: p of P = (H/h_max)^{−p} (0: plain SGD; 1: Newton-like).
+        ema_decay: β ∈ [0, 1) to report the loss at the EMA iterate θ̄ instead of θ_t.
+
+    Returns:
+        E[L_t], shape S + (T+1,) where S is the broadcast shape of (lr, batch, momentum,
+        ema_decay) (without their schedule axis).
+
+    >>> h = np.array([1.0, 0.1])
+    >>> expected_loss(h, h, 0.5, 10, 2)  # t=1: ½[1·(0.25 + 0.025) + 0.1·(0.9025 + 0.0025)]
+    array([0.55      , 0.18275   , 0.08783813])
+    >>> expected_loss(h, h, [0.5, 0.1], 10, 1).shape
+    (2, 2)
+    >>> expected_loss(h, h, [0.5, 0.5], 10)  # a schedule of two steps
+    array([0.55      , 0.18275   , 0.08783813])
+    """
+    schedule = steps is None
+    if not schedule:
+        steps = _steps("steps", steps)
+    lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=schedule)
+    pr = _problem(h, c, init_sq, precond_power)
+    if schedule:
+        if lr.ndim == 0:
+            raise ValueError("lr must be an array whose last axis is the schedule when "
+                             "steps=None (pass steps=T for a constant rate)")
+        return _schedule_loss(pr, lr, batch, mu, beta, ema_decay is not None)
+    shape = lr.shape
+    if pr.h.size == 0:
+        return np.zeros(shape + (steps + 1,))
+    has_v, has_ema = bool(np.any(mu > 0)), ema_decay is not None
+    t = np.arange(steps + 1)
+    flat = [a.reshape(-1) for a in (lr, batch, mu, beta)]
+    if not (has_v or has_ema):
+        logq, omq, noise = _sgd_factors(pr, flat[0], flat[1])
+        out = _sgd_loss_at(pr, logq, omq, noise, t)
+    else:
+        out = np.empty((flat[0].size, steps + 1))
+        k = 1 + has_v + has_ema
+        s0 = _initial_state(pr, k, has_ema)
+        d = pr.h.size
+        dchunk = max(1, _CHUNK // ((steps + 1) * k * k))
+        for ci in range(flat[0].size):
+            M, b, idx = _linear_system(pr, *(a[ci] for a in flat), has_v, has_ema)
+            acc = np.zeros(steps + 1)
+            for d0 in range(0, d, dchunk):
+                sl = slice(d0, d0 + dchunk)
+                traj = _orbit(M[sl], b[sl], s0[sl], steps + 1)[..., idx]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    acc += 0.5 * pr.h[sl] @ traj
+            out[ci] = acc
+    unstable = _unstable(pr, flat[0], flat[2])
+    out[unstable] = np.where(np.isnan(out[unstable]), np.inf, out[unstable])
+    return out.reshape(shape + (steps + 1,))
+
+
+def _schedule_loss(pr: _Problem, lr, batch, mu, beta, has_ema: bool):
+    """Step-by-step moment recursion for a schedule (time on the last axis of the configs)."""
+    T = lr.shape[-1]
+    shape = lr.shape[:-1]
+    out = np.empty(shape + (T + 1,))
+    if pr.h.size == 0:
+        out[...] = 0.0
+        return out
+    has_v = bool(np.any(mu > 0))
+    k = 1 + has_v + has_ema
+    s = np.broadcast_to(_initial_state(pr, k, has_ema), shape + pr.h.shape + (k * k,)).copy()
+    idx = (k - 1) * (k + 1) if has_ema else 0
+    out[..., 0] = 0.5 * s[..., idx] @ pr.h
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(T):
+            M, b, _ = _linear_system(pr, lr[..., t], batch[..., t], mu[..., t], beta[..., t],
+                                     has_v, has_ema)
+            s = np.einsum("...ij,...j->...i", M, s) + b
+            out[..., t + 1] = 0.5 * s[..., idx] @ pr.h
+    return out
+
+
+def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_decay=None):
+    r"""Limit of E[L_t] as t → ∞ at a constant rate (``inf`` when unstable).
+
+    SGD: s_i* = η c̃_i / (B h̃_i (2 − ηh̃_i)), L* = ½ Σ h_i s_i*. Heavy ball (fixed point of the
+    3×3 system): s_i* = η c̃_i (1+μ) / (B h̃_i (1−μ)(2(1+μ) − ηh̃_i)). With ``ema_decay`` the
+    stationary moments of the joint system are solved for. Unstable (ηh̃_max ≥ 2(1+μ)) → inf.
+
+    Args: as :func:`expected_loss` (``lr`` > 0 constant; all configuration arguments broadcast).
+
+    Returns:
+        L*, a float or an array of the broadcast configuration shape.
+
+    >>> h = np.array([1.0, 0.1])
+    >>> round(stationary_loss(h, h, 0.5, 10), 12)  # ½[0.5/(10·1.5) + 0.1·0.05/(10·1.95)]
+    0.017948717949
+    >>> round(stationary_loss(h, h, 0.5, 10, momentum=0.5), 12)  # ½[0.06 + 0.1·0.075/1.475]
+    0.032542372881
+    >>> stationary_loss(h, h, 2.0, 10)
+    inf
+    """
+    lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=False)
+    pr = _problem(h, c, 0.0, precond_power)
+    out = _stationary(pr, lr, batch, mu, beta, ema_decay is not None)
+    return float(out) if out.ndim == 0 else out
+
+
+def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool) -> np.ndarray:
+    unstable = _unstable(pr, lr, mu)
+    eta, m = lr[..., None], mu[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if not has_ema:
+            s = eta * pr.cd * (1 + m) / (batch[..., None] * pr.hd * (1 - m)
+                                         * (2 * (1 + m) - eta * pr.hd))
+            out = 0.5 * s @ pr.h
+        else:
+            has_v = bool(np.any(mu > 0))
+            M, b, idx = _linear_system(pr, lr, batch, mu, beta, has_v, True)
+            M = np.where(unstable[..., None, None, None], 0.0, M)
+            out = 0.5 * _stationary_moments(M, b)[..., idx] @ pr.h
+    return np.where(unstable, np.inf, out)
+
+
+# --------------------------------------------------------------------------- steps to target
+
+
+def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
+                    ema_decay=None, max_steps=10**7):
+    r"""First step t ≤ ``max_steps`` with E[L_t] ≤ ``target``, vectorised over configurations.
+
+    Returns ``inf`` where the target is not reached within ``max_steps`` and for unstable
+    configurations (ηh̃_max ≥ 2(1+μ), which diverge). For SGD started above stationarity
+    in every dimension (s_i(0) ≥ s_i*), E[L_t] − L* = Σ_i w_i q_i^t with w_i ≥ 0 is
+    decreasing and log-convex in t, so Newton's method on log(E[L_t] − L*) approaches the
+    crossing from below (a few closed-form evaluations per configuration, any ``max_steps``).
+    Otherwise (momentum, EMA, or some dimensions started below stationarity) the loss may
+    oscillate: the exact trajectory is scanned in blocks (cost ∝ the answer); a configuration
+    whose remaining deviation from L* provably cannot reach the target stops early.
+
+    Args:
+        h, c, lr, batch, momentum, init_sq, precond_power, ema_decay: as
+            :func:`expected_loss` (constant ``lr`` > 0).
+        target: loss to reach (> 0); broadcasts with the configurations.
+        max_steps: largest step count searched (integer ≥ 0).
+
+    Returns:
+        Steps (float: an integer or ``inf``), shape S (a float for scalar configurations).
+
+    >>> h = 1.0 / np.arange(1, 101)
+    >>> l0 = expected_loss(h, h, 1.0, 1, 0)[0]
+    >>> steps_to_target(h, h, [0.5, 1.0, 1.9, 2.5], 100, 0.1 * l0)  # 2.5 > 2/h_max diverges
+    array([55., 28., 23., inf])
+    >>> steps_to_target(h, h, [0.5, 1.0, 1.9], 100, 0.1 * l0, momentum=0.5)
+    array([28., 15., 10.])
+    """
+    lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=False)
+    target = _positive("target", target)
+    max_steps = _steps("max_steps", max_steps)
+    lr, batch, mu, beta, target = _broadcast(lr=lr, batch=batch, momentum=mu, ema_decay=beta,
+                                             target=target)
+    pr = _problem(h, c, init_sq, precond_power)
+    shape = lr.shape
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in (lr, batch, mu, beta, target)]
+    out = np.full(flat[0].size, np.inf)
+    if pr.h.size == 0:  # the loss is identically 0
+        out[:] = 0.0
+        return float(out[0]) if not shape else out.reshape(shape)
+    has_v, has_ema = bool(np.any(flat[2] > 0)), ema_decay is not None
+    l0 = 0.5 * pr.h @ pr.x0
+    unstable = _unstable(pr, flat[0], flat[2])
+    out[(l0 <= flat[4])] = 0.0
+    todo = np.flatnonzero(~unstable & (l0 > flat[4]))
+    if todo.size:
+        if has_v or has_ema:
+            scan = todo
+        else:
+            scan = _sgd_newton(pr, [a[todo] for a in flat], max_steps, out, todo)
+        if scan.size:
+            _scan(pr, [a[scan] for a in flat], max_steps, out, scan, has_v, has_ema)
+    return float(out[0]) if not shape else out.reshape(shape)
+
+
+def _sgd_newton(pr: _Problem, cfg, max_steps: int, out: np.ndarray, where: np.ndarray):
+    """First crossings of SGD configurations, grouped by learning rate (see steps_to_target).
+
+    For one η, q_i, a_i = ½h_i s_i(0) and b_i = ½h_i B s_i* do not depend on B, so
+    E[L_t] − L* = Σ_i (a_i − b_i/B) q_i^t needs one exp per (configuration, dimension) and one
+    matrix product per evaluation. Writes answers into ``out[where]``; returns the indices
+    (into ``out``) left for the exact scan (non-monotone loss with ≥ 2 possible crossings).
+    """
+    lr, batch, _, _, target = cfg
+    d = pr.h.size
+    a = 0.5 * pr.h * pr.x0
+    lr_u, inv = np.unique(lr, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(lr_u.size + 1))
+    kchunk = max(1, _CHUNK // d)
+    order_h = np.argsort(pr.hd, kind="stable")
+    leftover = []
+
+    def one_rate(li):
+        eta = lr_u[li]
+        logq, omq, _ = _sgd_factors(pr, np.array(eta), np.array(1.0))
+        b = 0.5 * pr.h * eta**2 * pr.cd / omq  # ½h_i B s_i*
+        W = np.stack([a, a * logq, b, b * logq], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b_mono = np.max(np.where(b > 0, b / a, 0.0))  # w_i ≥ 0 ∀i ⇔ B ≥ max b_i/a_i
+        members = order[bounds[li]:bounds[li + 1]]
+        for k0 in range(0, members.size, kchunk):
+            mem = members[k0:k0 + kchunk]
+            bat, tgt = batch[mem], target[mem]
+            gap = tgt - b.sum() / bat  # target − L*: need Σ w q^t ≤ gap
+            mono = bat >= b_mono
+            out[where[mem[mono & (gap <= 0)]]] = np.inf
+            sel = mono & (gap > 0)
+            _newton_group(logq, W, bat[sel], gap[sel], max_steps, out, where[mem[sel]],
+                          order_h)
+            if not np.all(mono):
+                nm = ~mono
+                w = a - b / bat[nm, None]
+                seq = np.concatenate([w[:, np.argsort(logq)], -gap[nm, None]], axis=1)
+                sgn = np.sign(seq)
+                changes = np.array([np.count_nonzero(np.diff(r[r != 0])) for r in sgn])
+                one = changes <= 1  # Descartes: at most one crossing of the target
+                out[where[mem[nm][one & (gap[nm] <= 0)]]] = np.inf
+                sel = one & (gap[nm] > 0)
+                _bisect_group(logq, W, bat[nm][sel], gap[nm][sel], max_steps, out,
+                              where[mem[nm][sel]])
+                # E[L_t] ≥ L* − Σ_{w_i<0} |w_i| for all t: above the target → never reached
+                floor_ = -gap[nm] + np.minimum(w, 0.0).sum(axis=1)
+                out[where[mem[nm][~one & (floor_ > 0)]]] = np.inf
+                leftover.append(where[mem[nm][~one & (floor_ <= 0)]])
+
+    for li in range(lr_u.size):
+        one_rate(li)
+    return np.concatenate(leftover) if leftover else np.empty(0, dtype=int)
+
+
+def _eval_group(logq, W, t, bat):
+    """S(t) = Σ_i w_i q_i^t and dS/dt for configurations (t, bat) sharing one η."""
+    e = np.multiply.outer(t, logq)
+    np.exp(e, out=e)
+    r = e @ W
+    return r[:, 0] - r[:, 2] / bat, r[:, 1] - r[:, 3] / bat
+
+
+def _newton_group(logq, W, bat, gap, max_steps, out, dest, order):
+    """Newton on log S(t) from below (S decreasing and log-convex), on integer steps.
+
+    Start: for the first k dimensions J_k of ``order`` (ascending h̃: slowest first when
+    ηh̃ ≤ 1), S(t) ≥ (Σ_{J_k} w_j) min_{J_k} q_j^t (all w_j ≥ 0), a lower bound t₀ ≤ t_c.
+    """
+    if bat.size == 0:
+        return
+    ks = np.unique(np.geomspace(1, logq.size, 48).astype(int)) - 1
+    cum = np.cumsum(W[order][:, [0, 2]], axis=0)[ks]  # Σ_{J_k} a, Σ_{J_k} b
+    rate = -np.minimum.accumulate(logq[order])[ks]
+    wk = cum[None, :, 0] - cum[None, :, 1] / bat[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tk = np.log(wk / gap[:, None]) / rate
+    t0 = np.max(np.where(wk > gap[:, None], tk, 0.0), axis=1)
+    lo = np.maximum(np.ceil(t0) - 1.0, 0.0)
+    beyond = lo >= max_steps
+    out[dest[beyond]] = np.inf
+    lo, bat, gap, dest = lo[~beyond], bat[~beyond], gap[~beyond], dest[~beyond]
+    w0 = W.sum(axis=0)  # at t = 0 every q_i^t is 1
+    s_lo, ds_lo = w0[0] - w0[2] / bat, w0[1] - w0[3] / bat
+    start = lo > 0
+    if np.any(start):
+        s_lo[start], ds_lo[start] = _eval_group(logq, W, lo[start], bat[start])
+        bad = start & (s_lo <= gap)  # rounding put t₀ past the crossing: restart at 0
+        lo[bad], s_lo[bad], ds_lo[bad] = 0.0, w0[0] - w0[2] / bat[bad], w0[1] - w0[3] / bat[bad]
+    for _ in range(200):
+        if lo.size == 0:
+            return
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = (np.log(gap) - np.log(s_lo)) * s_lo / ds_lo
+        step = np.where(np.isfinite(step) & (step > 0), step, 0.0)
+        n = np.maximum(lo + 1.0, np.ceil(lo + step))
+        beyond = n > max_steps  # the crossing lies beyond n − 1 ≥ max_steps
+        out[dest[beyond]] = np.inf
+        keep = ~beyond
+        lo, n, bat, gap, dest = lo[keep], n[keep], bat[keep], gap[keep], dest[keep]
+        s_n, ds_n = _eval_group(logq, W, n, bat)
+        hit = s_n <= gap
+        out[dest[hit]] = n[hit]
+        keep = ~hit
+        lo, s_lo, ds_lo = n[keep], s_n[keep], ds_n[keep]
+        bat, gap, dest = bat[keep], gap[keep], dest[keep]
+    _bisect_group(logq, W, bat, gap, max_steps, out, dest, lo=lo)  # not expected
+
+
+def _bisect_group(logq, W, bat, gap, max_steps, out, dest, lo=None):
+    """Doubling then bisection on integers, valid when S(t) − gap changes sign at most once."""
+    lo = np.zeros(bat.size) if lo is None else lo
+    hi = np.full(bat.size, np.inf)
+    while True:  # doubling: find hi with S(hi) ≤ gap
+        open_ = np.isinf(hi) & (lo < max_steps)
+        if not np.any(open_):
+            break
+        t = np.minimum(np.maximum(2.0 * lo, lo + 1.0), max_steps)[open_]
+        hit = _eval_group(logq, W, t, bat[open_])[0] <= gap[open_]
+        idx = np.flatnonzero(open_)
+        hi[idx[hit]] = t[hit]
+        lo[idx[~hit]] = t[~hit]
+    while True:
+        open_ = np.isfinite(hi) & (hi - lo > 1)
+        if not np.any(open_):
+            break
+        mid = np.floor(0.5 * (lo + hi))[open_]
+        hit = _eval_group(logq, W, mid, bat[open_])[0] <= gap[open_]
+        idx = np.flatnonzero(open_)
+        hi[idx[hit]] = mid[hit]
+        lo[idx[~hit]] = mid[~hit]
+    out[dest] = hi
+
+
+def _power_bound(M) -> np.ndarray:
+    """sup_{j≥0} ‖M^j‖_∞ per leading index, or inf if repeated squaring does not contract.
+
+    Square until ‖M^{2^k}‖_∞ < 1; every j < 2^k is a product of distinct M^{2^i}, i < k, so
+    sup_j ‖M^j‖ ≤ Π_{i<k} max(1, ‖M^{2^i}‖).
+    """
+    bound = np.ones(M.shape[0])
+    P = M
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(64):
+            norm = np.abs(P).sum(axis=-1).max(axis=-1)
+            if np.all(norm < 1.0):
+                return bound
+            bound = bound * np.maximum(norm, 1.0)
+            P = np.matmul(P, P)
+    return np.full(M.shape[0], np.inf)
+
+
+def _scan(pr: _Problem, cfg, max_steps, out, where, has_v, has_ema):
+    """Exact first crossing by scanning the moment trajectory in blocks (stable configs only).
+
+    Blocks grow geometrically from 32 steps. Early exit when the target lies below the
+    stationary loss L*: for every later t, E[θ_i²] ≥ max(0, s_i* − sup_j‖M_i^j‖ ‖s_i − s_i*‖_∞)
+    (see :func:`_power_bound`); once ½Σ_i h_i of that exceeds the target it is never reached.
+    """
+    lr, batch, mu, beta, target = cfg
+    k = 1 + has_v + has_ema
+    d = pr.h.size
+    s0 = _initial_state(pr, k, has_ema)
+    k_max = int(min(1 << 16, max(32, _CHUNK // (d * k * k))))
+    for ci, oi in enumerate(where):
+        M, b, idx = _linear_system(pr, lr[ci], batch[ci], mu[ci], beta[ci], has_v, has_ema)
+        sstar = _stationary_moments(M, b)
+        lstar = 0.5 * pr.h @ sstar[:, idx]
+        amp = _power_bound(M) if lstar > target[ci] else None
+        s, t0, K = s0, 0, min(32, k_max)
+        while t0 <= max_steps:
+            if amp is not None:  # E[θ_i²] ≥ max(0, s_i* − sup_j‖M_i^j‖ ‖s_i − s_i*‖_∞) from now on
+                floor_ = sstar[:, idx] - amp * np.abs(s - sstar).max(axis=1)
+                if 0.5 * pr.h @ np.maximum(floor_, 0.0) > target[ci]:
+                    break
+            n = min(K + 1, max_steps - t0 + 1)
+            traj = _orbit(M, b, s, n)
+            loss = 0.5 * pr.h @ traj[..., idx]
+            hit = np.flatnonzero(loss <= target[ci])
+            if hit.size:
+                out[oi] = t0 + hit[0]
+                break
+            if n < K + 1:
+                break
+            s, t0 = traj[:, K], t0 + K
+            K = min(2 * K, k_max)
+
+
+# --------------------------------------------------------------------------- critical batch
+
+
+class OptimalSteps(NamedTuple):
+    """Steps-vs-batch curve at the best learning rate of a grid (:func:`optimal_steps_curve`).
+
+    ``batch`` (n_b,), ``steps`` (n_b,) fewest steps over the grid (``inf`` if none reached the
+    target), ``lr`` (n_b,) the argmin (``nan`` if none), ``examples`` = steps·batch, and
+    ``grid`` (n_b, n_lr) all steps.
+    """
+
+    batch: np.ndarray
+    steps: np.ndarray
+    lr: np.ndarray
+    examples: np.ndarray
+    grid: np.ndarray
+
+
+def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0,
+                        precond_power=0.0, ema_decay=None, max_steps=10**7) -> OptimalSteps:
+    r"""Steps to target at the best learning rate for each batch size (Zhang et al. 2019).
+
+    S(B) = min_η steps_to_target(η, B): it falls like 1/B below the critical batch and
+    flattens above it. Fit S_min, E_min with :func:`sgdtheory.theory.fit_steps_examples`
+    (B_crit = E_min/S_min).
+
+    Args:
+        h, c, init_sq, momentum, precond_power, ema_decay, max_steps: as
+            :func:`steps_to_target` (``momentum`` a scalar here).
+        batches: batch sizes (n_b,), > 0. target: loss to reach. lrs: candidate rates (n_lr,).
+
+    >>> h = 1.0 / np.arange(1, 51)
+    >>> r = optimal_steps_curve(h, h, [1, 4, 64], 0.05, np.geomspace(0.01, 1.9, 30))
+    >>> r.steps  # ∝ 1/B at small B, flat at large B
+    array([1898.,  484.,   46.])
+    >>> r.examples
+    array([1898., 1936., 2944.])
+    """
+    batches = _positive("batches", batches)
+    lrs = _positive("lrs", lrs)
+    if batches.ndim != 1 or lrs.ndim != 1:
+        raise ValueError("batches and lrs must be 1-D arrays")
+    grid = steps_to_target(h, c, lrs[None, :], batches[:, None], target, momentum=momentum,
+                           init_sq=init_sq, precond_power=precond_power, ema_decay=ema_decay,
+                           max_steps=max_steps)
+    grid = np.asarray(grid, dtype=float).reshape(batches.size, lrs.size)
+    best = np.argmin(grid, axis=1)
+    steps = grid[np.arange(batches.size), best]
+    lr = np.where(np.isfinite(steps), lrs[best], np.nan)
+    return OptimalSteps(batches, steps, lr, steps * batches, grid)
+
+
+# --------------------------------------------------------------------------- linear regression
+
+
+def _linreg_inputs(lam, lr, batch, steps, noise_var, init_m):
+    lam = _positive("lam", lam, allow_zero=True)
+    if lam.ndim != 1 or lam.size == 0:
+        raise ValueError(f"lam must be a non-empty 1-D array of eigenvalues, got {lam.shape}")
+    noise_var = float(_positive("noise_var", noise_var, allow_zero=True))
+    m0 = _per_dim("init_m", init_m, lam.size)
+    schedule = steps is None
+    lr = _positive("lr", lr, allow_zero=schedule)
+    batch = _positive("batch", batch)
+    if schedule:
+        if lr.ndim == 0:
+            raise ValueError("lr must be an array whose last axis is the schedule when "
+                             "steps=None (pass steps=T for a constant rate)")
+        lr, batch = _broadcast(lr=lr, batch=batch)
+    else:
+        steps = _steps("steps", steps)
+        lr, batch = _broadcast(lr=lr, batch=batch)
+        lr = np.broadcast_to(lr[..., None], lr.shape + (steps,))
+        batch = np.broadcast_to(batch[..., None], batch.shape + (steps,))
+    return lam, lr, batch, noise_var, m0
+
+
+def _linreg_run(lam, lr, batch, noise_var, m0, keep_moments: bool):
+    T = lr.shape[-1]
+    shape = lr.shape[:-1]
+    m = np.broadcast_to(m0, shape + lam.shape).copy()
+    loss = np.empty(shape + (T + 1,))
+    moments = np.empty(shape + (T + 1,) + lam.shape) if keep_moments else None
+    loss[..., 0] = 0.5 * (m @ lam + noise_var)
+    if keep_moments:
+        moments[..., 0, :] = m
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(T):
+            eta, b = lr[..., t, None], batch[..., t, None]
+            u = eta * lam
+            diag = (1.0 - u) ** 2 + u * u / b  # = 1 − 2ηλ + η²λ²(1 + 1/B)
+            m = m * diag + (eta * eta / b) * lam * (m @ lam + noise_var)[..., None]
+            loss[..., t + 1] = 0.5 * (m @ lam + noise_var)
+            if keep_moments:
+                moments[..., t + 1, :] = m
+    return loss, moments
+
+
+def linreg_moments(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
+    r"""Trajectory of m_j(t) = E[(w_t − w*)_j²] for SGD on linear regression, Gaussian features.
+
+        m ← A m + (η²/B) σ² λ,   A = diag(1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λλᵀ
+
+    (A is :func:`sgdtheory.theory.linreg_moment_matrix`; applied here in O(d) per step).
+
+    Args:
+        lam: λ_j ≥ 0, eigenvalues of the feature covariance, shape (d,).
+        lr: η, multiplier of the **mean** minibatch gradient; an array → a grid of
+            configurations; with ``steps=None`` its last axis is a schedule (rates ≥ 0).
+        batch: B (> 0), examples per step drawn with replacement; broadcasts with ``lr``.
+        steps: T (integer ≥ 0), or None for a schedule.
+        noise_var: σ², label-noise variance. init_m: m_j(0) (scalar or (d,), e.g. w*² for w₀=0).
+
+    Returns:
+        m, shape S + (T+1, d).
+
+    >>> linreg_moments([1.0], 0.5, 1, 1)  # 1 − 1 + 0.25·2 + 0.25
+    array([[1.  ],
+           [0.75]])
+    """
+    lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
+    return _linreg_run(lam, lr, batch, noise_var, m0, True)[1]
+
+
+def linreg_expected_loss(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
+    r"""Exact expected population loss ½(Σ_j λ_j m_j(t) + σ²), t = 0..T, of online SGD.
+
+    Per-example loss ½(xᵀw − y)², x ~ N(0, diag(λ)), y = w*ᵀx + ε, Var ε = σ²; batches of B
+    drawn with replacement (or fresh data); m_j = E[e_j²] follows
+
+        m_j ← m_j (1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λ_j (Σ_k λ_k m_k + σ²).
+
+    Stable iff the spectral radius of A is < 1, i.e. η < η_c(B)
+    (:func:`sgdtheory.theory.linreg_stability_limit`); a diverging run's loss becomes inf.
+
+    Args: as :func:`linreg_moments`.
+
+    Returns:
+        E[L_t], shape S + (T+1,).
+
+    >>> linreg_expected_loss([1.0, 0.5], 0.5, 2, 2, noise_var=0.1)  # m = (0.575, 0.69375) at t=1
+    array([0.8      , 0.5109375, 0.340625 ])
+    """
+    lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
+    return _linreg_run(lam, lr, batch, noise_var, m0, False)[0]
+

@@ -1,0 +1,178 @@
+"""The ``python -m sgdtheory.figures`` CLI: outputs, resume, --force, --list, bad options.
+
+The smoke test runs the quick preset of every experiment in the registry once (module-scoped
+fixture) and checks that each wrote a PNG, a JSON with its checks and provenance, and an NPZ.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sgdtheory import __version__
+from sgdtheory.experiments import EXPERIMENTS
+from sgdtheory.figures.__main__ import (
+    ExperimentResult,
+    config_hash,
+    load_data,
+    main,
+    summary_table,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """All experiments, quick preset, NumPy: (out dir, exit status, stdout)."""
+    out = tmp_path_factory.mktemp("figs")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["--preset", "quick", "--out", str(out), "--seed", "3"])
+    return out, rc, buf.getvalue()
+
+
+def test_registry_order_and_names():
+    assert EXPERIMENTS == (
+        "eps_opt_vs_batch", "loss_change_vs_lr", "steps_vs_examples",
+        "noise_scale_during_training", "curvature_vs_forgetting", "memory_curve",
+        "small_batch_stability", "linear_scaling", "nqm_optimizers")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_quick_preset_outputs(quick_run, name):
+    out, _, stdout = quick_run
+    assert name in stdout  # every experiment appears in the summary table
+    png, js, npz = (out / f"{name}.{ext}" for ext in ("png", "json", "npz"))
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    meta = json.loads(js.read_text())
+    assert meta["experiment"] == name
+    assert meta["preset"] == "quick" and meta["backend"] == "numpy" and meta["seed"] == 3
+    assert meta["version"] == __version__
+    assert meta["hash"] == config_hash(name, meta["config"], "quick", "numpy", None, 3,
+                                       __version__)
+    assert meta["checks"], "every experiment records at least one check"
+    for c in meta["checks"]:
+        assert {"name", "predicted", "measured", "rel_error", "tolerance", "passed"} <= set(c)
+        assert isinstance(c["passed"], bool)
+    with np.load(npz) as arrays:
+        assert len(arrays.files) > 0
+    data = load_data(out, name)  # the figure can be redrawn from the saved data alone
+    from sgdtheory.experiments import load
+
+    fig = load(name).plot(data)
+    assert len(fig.axes) >= 1
+
+
+def test_quick_run_exit_status_matches_checks(quick_run):
+    out, rc, stdout = quick_run
+    passed = [c["passed"] for n in EXPERIMENTS
+              for c in json.loads((out / f"{n}.json").read_text())["checks"]]
+    assert rc == (0 if all(passed) else 1)
+    assert "predicted" in stdout and "measured" in stdout  # the summary table
+
+
+def test_rerun_skips_and_force_recomputes(tmp_path, capsys):
+    args = ["--only", "eps_opt_vs_batch", "--preset", "quick", "--out", str(tmp_path)]
+    assert main(args) == 0
+    js = tmp_path / "eps_opt_vs_batch.json"
+    first = json.loads(js.read_text())
+    mtime = js.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert js.stat().st_mtime_ns == mtime  # skipped: same hash, outputs untouched
+    assert "skipped" in capsys.readouterr().out
+    assert main([*args, "--force"]) == 0
+    assert js.stat().st_mtime_ns != mtime
+    assert "ran" in capsys.readouterr().out
+    # a different seed changes the hash, so the experiment is recomputed
+    assert main([*args, "--seed", "1"]) == 0
+    assert json.loads(js.read_text())["hash"] != first["hash"]
+    # a deleted figure is redrawn even with the same hash (an interrupted run resumes)
+    (tmp_path / "eps_opt_vs_batch.png").unlink()
+    assert main(args) == 0
+    assert (tmp_path / "eps_opt_vs_batch.png").exists()
+
+
+def test_list(capsys):
+    assert main(["--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == list(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--only", "nope"], "invalid choice: 'nope'"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--backend", "jax"], "invalid choice: 'jax'"),
+])
+def test_bad_options_one_line_error(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert "choose from" in err[0]
+
+
+def test_unavailable_backend_one_line(tmp_path, capsys, monkeypatch):
+    """CuPy without a GPU (here: forced failure) gives a one-line error and exit status 2."""
+    import sgdtheory.backend as backend_mod
+
+    def broken(name=None, device=None):
+        raise RuntimeError("cupy cannot reach a GPU\n(details on a second line)")
+
+    monkeypatch.setattr(backend_mod, "get_backend", broken)
+    assert main(["--backend", "cupy", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cupy" in err[0] and "choose from" in err[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_or_failing_experiment_reported_not_crash(tmp_path, capsys, monkeypatch):
+    """An experiment that raises is an error row; the others still run; exit status 1."""
+    from sgdtheory.experiments import eps_opt_vs_batch
+
+    def boom(config, backend, seed):
+        raise ValueError("synthetic failure")
+
+    monkeypatch.setattr(eps_opt_vs_batch, "compute", boom)
+    import sgdtheory.experiments as reg
+
+    real_load = reg.load
+
+    def fake_load(name):
+        if name == "steps_vs_examples":
+            raise ModuleNotFoundError("No module named 'sgdtheory.experiments.steps_vs_examples'")
+        return real_load(name)
+
+    monkeypatch.setattr("sgdtheory.figures.__main__.load_experiment", fake_load)
+    rc = main(["--only", "eps_opt_vs_batch", "steps_vs_examples", "loss_change_vs_lr",
+               "--preset", "quick", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "synthetic failure" in captured.out and "ModuleNotFoundError" in captured.out
+    assert (tmp_path / "loss_change_vs_lr.json").exists()
+    assert not (tmp_path / "eps_opt_vs_batch.json").exists()
+
+
+def test_summary_table_marks_failures():
+    res = [ExperimentResult("a", "ran", [dict(name="c1", predicted=1.0, measured=1.5,
+                                              rel_error=0.5, tolerance=0.1, passed=False)]),
+           ExperimentResult("b", "error", error="ValueError: x")]
+    table = summary_table(res)
+    assert "FAIL" in table and "ERROR" in table and "ValueError: x" in table
+
+
+def test_module_entry_point_runs(tmp_path):
+    """``python -m sgdtheory.figures --list`` works as a subprocess (the real entry point)."""
+    proc = subprocess.run([sys.executable, "-m", "sgdtheory.figures", "--list"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "eps_opt_vs_batch" in proc.stdout

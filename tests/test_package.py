@@ -1,0 +1,40 @@
+"""Package-level rules: sgdtheory never imports torch/cupy at import, nor validate."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import sgdtheory
+
+ROOT = pathlib.Path(sgdtheory.__file__).parent
+
+
+def test_importing_sgdtheory_loads_neither_torch_nor_cupy():
+    modules = sorted(
+        "sgdtheory." + ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        for p in ROOT.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = [m for m in ('torch', 'cupy', 'validate') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_backend_imports_cupy_and_nothing_imports_validate():
+    pattern_cupy = re.compile(r"^\s*(import cupy|from cupy)", re.MULTILINE)
+    pattern_validate = re.compile(r"^\s*(import validate|from validate)", re.MULTILINE)
+    for path in ROOT.rglob("*.py"):
+        text = path.read_text()
+        if path.name != "backend.py":
+            assert not pattern_cupy.search(text), f"{path} imports cupy"
+        assert not pattern_validate.search(text), f"{path} imports validate"
+
+
+def test_version_matches_pyproject():
+    pyproject = (ROOT.parent / "pyproject.toml").read_text()
+    assert f'version = "{sgdtheory.__version__}"' in pyproject

@@ -1,0 +1,169 @@
+"""Shared plumbing for :mod:`validate.measure`: input checks and the functional loss.
+
+Everything here works on the *trainable* parameters of a model (``requires_grad=True``), in
+the order of ``model.parameters()``; a "flat" vector is their concatenation (length p).
+Measurements never modify the model: buffers (BatchNorm running statistics) are cloned before
+each functional forward pass, so a measurement in training mode leaves them untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["check_batch", "check_criterion", "has_training_batchnorm", "ModelFunction"]
+
+
+def check_criterion(criterion) -> None:
+    """Raise ``ValueError`` unless ``criterion`` is a loss with mean reduction.
+
+    A ``torch.nn`` loss module must have ``reduction == 'mean'`` (the per-example gradients
+    and the estimators assume L = mean of per-example losses). A plain callable without a
+    ``reduction`` attribute is accepted and must return the mean loss (a 0-d tensor; checked
+    on every call).
+    """
+    if not callable(criterion):
+        raise ValueError(f"criterion must be callable (a torch loss), got {criterion!r}")
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction != "mean":
+        raise ValueError(
+            f"criterion must use reduction='mean' (L = mean of per-example losses), "
+            f"got reduction={reduction!r}"
+        )
+
+
+def check_batch(inputs, targets) -> int:
+    """Return the batch size n after checking that inputs and targets agree (n ≥ 1)."""
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise ValueError("inputs and targets must be torch tensors")
+    if inputs.ndim == 0 or targets.ndim == 0:
+        raise ValueError("inputs and targets must have a leading batch dimension")
+    n = inputs.shape[0]
+    if targets.shape[0] != n:
+        raise ValueError(
+            f"inputs and targets must have the same batch size, got {n} and {targets.shape[0]}"
+        )
+    if n < 1:
+        raise ValueError("inputs must hold at least one example")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise ValueError("inputs must be finite")
+    return n
+
+
+def check_micro_batch(micro_batch, n: int, *, name: str = "micro_batch", min_units: int = 2):
+    """Check that ``micro_batch`` is a positive integer dividing n into ≥ min_units parts."""
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int):
+        raise ValueError(f"{name} must be a positive integer, got {micro_batch!r}")
+    if micro_batch < 1:
+        raise ValueError(f"{name} must be positive, got {micro_batch}")
+    if n % micro_batch:
+        raise ValueError(f"{name} ({micro_batch}) must divide the batch size ({n})")
+    if n // micro_batch < min_units:
+        raise ValueError(
+            f"{name} ({micro_batch}) must split the batch ({n}) into at least {min_units} parts"
+        )
+    return micro_batch
+
+
+def has_training_batchnorm(model: nn.Module) -> bool:
+    """True when some BatchNorm layer of ``model`` is in training mode (batch statistics)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+    )
+
+
+def default_micro_batch(n: int, *, max_units: int, min_size: int) -> int:
+    """Smallest divisor b ≥ min_size of n with n/b ≤ max_units (falls back to n // 2 parts)."""
+    for b in range(max(1, min_size), n // 2 + 1):
+        if n % b == 0 and n // b <= max_units:
+            return b
+    for b in range(max(1, min_size), n // 2 + 1):
+        if n % b == 0:
+            return b
+    raise ValueError(
+        f"batch size {n} cannot be split into at least 2 micro-batches of at least "
+        f"{min_size} examples; pass micro_batch explicitly or use a larger batch"
+    )
+
+
+@dataclass
+class ModelFunction:
+    """The mean loss L(θ; x, y) of ``model`` as a function of its trainable parameters.
+
+    Attributes:
+        params: the trainable parameters (tensors of the model, in ``model.parameters()`` order).
+        names: their names in ``model.named_parameters()``.
+        numel: p, the number of trainable scalars.
+    """
+
+    model: nn.Module
+    criterion: object
+
+    def __post_init__(self):
+        check_criterion(self.criterion)
+        named = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
+        if not named:
+            raise ValueError("model has no trainable parameters (requires_grad=True)")
+        self.names = [k for k, _ in named]
+        self.params = [v for _, v in named]
+        self.frozen = {k: v for k, v in self.model.named_parameters() if not v.requires_grad}
+        self.shapes = [v.shape for v in self.params]
+        self.sizes = [v.numel() for v in self.params]
+        self.numel = sum(self.sizes)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+
+    # ------------------------------------------------------------------ functional loss
+    def loss(self, params, x, y):
+        """Mean loss at ``params`` (a tuple of tensors shaped like the trainable ones)."""
+        buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+        out = functional_call(
+            self.model, (dict(zip(self.names, params)), self.frozen, buffers), (x,)
+        )
+        loss = self.criterion(out, y)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            raise ValueError(
+                "criterion must return a scalar (reduction='mean'), got "
+                f"{getattr(loss, 'shape', type(loss))}"
+            )
+        return loss
+
+    def example_loss(self, params, x, y):
+        """Loss of one example (x, y without batch axis): used under ``vmap``."""
+        return self.loss(params, x.unsqueeze(0), y.unsqueeze(0))
+
+    # ------------------------------------------------------------------ flat vectors
+    def flatten(self, tensors, batch_dims: int = 0) -> torch.Tensor:
+        """Concatenate per-parameter tensors into one flat vector (or a (k, p) matrix)."""
+        lead = tensors[0].shape[:batch_dims]
+        return torch.cat([t.reshape(*lead, -1) for t in tensors], dim=-1)
+
+    def unflatten(self, flat: torch.Tensor):
+        """Split a flat (p,) vector into tensors shaped like the trainable parameters."""
+        if flat.ndim != 1 or flat.shape[0] != self.numel:
+            raise ValueError(
+                f"vector must be 1-D with {self.numel} entries (the trainable parameters), "
+                f"got shape {tuple(flat.shape)}"
+            )
+        return tuple(c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes))
+
+    def grad(self, x, y, *, create_graph: bool = False):
+        """(loss, per-parameter gradients) of the mean loss on (x, y) by reverse mode."""
+        params = tuple(self.params)
+        loss = self.loss(params, x, y)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return loss, grads
+
+    def flat_grad(self, x, y) -> torch.Tensor:
+        """∇L on (x, y) as a flat (p,) tensor (mean-loss units)."""
+        return self.flatten([g.detach() for g in self.grad(x, y)[1]])
+
+
+def to_float(x) -> float:
+    """A finite-or-nan Python float."""
+    x = float(x)
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,490 @@
+r"""``python -m validate.cifar``: train a fast ResNet on CIFAR-10 and measure its gradient noise.
+
+Subcommands:
+
+* ``train`` — one run; prints and saves test accuracy, losses, time and examples/s.
+* ``noise`` — the same run, measuring at evenly spaced steps |G|², tr(Σ), B_simple, GᵀHG,
+  tr(HΣ), ε_max, B_noise and λ_max (``validate.measure``), saved as JSON + CSV with a figure
+  that overlays the predicted optimal step ε_opt(B) = ε_max/(1 + B_noise/B) for the batch in
+  use on the learning rate actually used.
+
+Units: ``--lr`` (η) multiplies the mean minibatch gradient; ``--base-lr`` (η̃ = η/B) is the
+step per example, the peak step then being η = base_lr · lr_factor · B. Measurements use the
+training loss (mean cross-entropy with the run's label smoothing), BatchNorm in training mode
+with micro-batches as the units (``--measure-mode eval`` uses running statistics and
+per-example gradients instead).
+
+Under ``torchrun --nproc_per_node W`` training is data parallel (gloo on CPU, nccl on GPU) with
+``--batch-size`` the global batch, and ``noise`` also records the data-parallel estimate in
+which each rank's local gradient is a small batch and their average the big one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data as data_mod
+
+HERE_HELP = """\
+units:
+  --lr η            peak step multiplying the MEAN minibatch gradient (PyTorch convention).
+  --base-lr η̃       peak step per example, η̃ = η/B (sum convention of Myrtle/airbench);
+                    the peak step is then η = base_lr × lr_factor × B.
+  --lr-factor       multiplies --base-lr (learning-rate sweeps); ignored with --lr.
+  --momentum μ      heavy ball as torch.optim.SGD (Nesterov by default); effective rate η/(1-μ).
+  --weight-decay λ  adds λθ to the mean-loss gradient.
+  schedule          linear warm-up over --warmup (fraction of all steps), then linear decay.
+
+data:
+  CIFAR-10 is read from DIR/cifar-10-python.tar.gz (md5-checked, no extraction) or an extracted
+  DIR/cifar-10-batches-py/. --download fetches it from the Toronto site. --md5 (or the
+  environment variable SGDTHEORY_CIFAR10_MD5) overrides the expected archive md5, for mirrors
+  and for the small test archives the test-suite generates. --data synthetic needs no files.
+
+outputs (in --out):
+  train: train.json, history.csv, checkpoint.pt      noise: noise.json, noise.csv, noise.png
+"""
+
+# Noise-measurement settings per preset: points along the run, examples per measurement batch
+# (per rank), micro-batch (units of the two-batch estimator), Lanczos iterations for λ_max.
+NOISE_PRESETS = {
+    "default": {"points": 11, "measure_batch": 2048, "micro_batch": 64, "lanczos_iters": 30},
+    "quick": {"points": 3, "measure_batch": 64, "micro_batch": 8, "lanczos_iters": 6},
+}
+SYNTHETIC_SIZES = {"default": (50_000, 10_000), "quick": (2048, 512)}
+
+MEASURE_KEYS = (
+    "grad_sq", "grad_sq_stderr", "tr_sigma", "tr_sigma_stderr", "b_simple", "b_simple_stderr",
+    "g_h_g", "g_h_g_stderr", "tr_h_sigma", "tr_h_sigma_stderr", "eps_max", "eps_max_stderr",
+    "b_noise", "b_noise_stderr", "lambda_max",
+)
+
+
+# ---------------------------------------------------------------------------- argument parsing
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m validate.cifar",
+        description="Train a fast ResNet on CIFAR-10 (GPU; --device cpu --preset quick for small "
+                    "machines) and measure gradient noise and curvature during training.",
+        epilog=HERE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,noise}")
+    for name, text in (("train", "one training run; saves accuracy, losses and time"),
+                       ("noise", "train and measure |G|², tr(Σ), B_simple, GᵀHG, tr(HΣ), ε_max, "
+                                 "B_noise, λ_max at points through training")):
+        p = sub.add_parser(name, help=text, description=text, epilog=HERE_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+        if name == "noise":
+            g = p.add_argument_group("noise measurement (defaults from the preset)")
+            g.add_argument("--points", type=int, help="measurements, evenly spaced in steps "
+                           "from the start to the end of training (≥ 2)")
+            g.add_argument("--measure-batch", type=int, help="examples per measurement batch "
+                           "(per rank; an independent batch of the same size defines Ĥ)")
+            g.add_argument("--micro-batch", type=int, help="examples per unit of the two-batch "
+                           "estimator (must divide --measure-batch)")
+            g.add_argument("--lanczos-iters", type=int, help="Lanczos iterations for λ_max")
+            g.add_argument("--measure-mode", choices=("train", "eval"), default="train",
+                           help="BatchNorm with batch statistics (micro-batches; default) or "
+                                "running statistics (per-example gradients)")
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=("quick", "default"), default="default",
+                   help="quick: narrow net, 1024 images, 2 epochs (CPU, CI); default: the full "
+                        "10-epoch GPU recipe")
+    p.add_argument("--data", choices=("cifar", "synthetic"), default="cifar",
+                   help="real CIFAR-10 or a synthetic learnable dataset of the same shape")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"folder holding CIFAR-10 (default ${data_mod.DATA_DIR_ENV} or "
+                        "~/.cache/sgdtheory/cifar10)")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 if it is missing")
+    p.add_argument("--md5", default=None,
+                   help=f"expected archive md5 (default ${data_mod.MD5_ENV} or the official "
+                        f"{data_mod.CIFAR10_MD5}); for mirrors and test archives")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/cifar-CMD)")
+    p.add_argument("--seed", type=int, default=None, help="model init, subset, shuffles")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (same hyperparameters)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    h = p.add_argument_group("hyperparameters (defaults from the preset; units in the epilog)")
+    h.add_argument("--epochs", type=int)
+    h.add_argument("--batch-size", type=int, help="B, examples per step (global across ranks)")
+    lr = h.add_mutually_exclusive_group()
+    lr.add_argument("--lr", type=float, help="η, peak step on the MEAN minibatch gradient")
+    lr.add_argument("--base-lr", type=float, help="η̃ = η/B, peak step per example")
+    h.add_argument("--lr-factor", type=float, help="multiplies --base-lr")
+    h.add_argument("--momentum", type=float, help="μ (0 → plain SGD)")
+    h.add_argument("--weight-decay", type=float, help="λ, added as λθ to the mean gradient")
+    h.add_argument("--label-smoothing", type=float)
+    h.add_argument("--warmup", type=float, help="fraction of steps with linear warm-up")
+    h.add_argument("--subset", type=int, help="training examples used (seeded random subset)")
+    h.add_argument("--width", type=float, help="channel multiplier of the ResNet")
+    h.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None,
+                   help="fixed whitening stem")
+    h.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation")
+    h.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
+                   "(0: epoch ends only)")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _finite(x):
+    """JSON-safe float: None for nan/inf."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _finite(obj)
+    return str(obj)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(rows[0]) if rows else []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+
+
+def stability_limit(lambda_max: float, momentum: float, nesterov: bool) -> float:
+    r"""Largest stable ``lr`` of (momentum) gradient descent on the top Hessian mode λ_max.
+
+    Heavy ball (torch form): η λ < 2(1+μ). Nesterov (torch form, θ ← θ − η(g + μv)):
+    η λ < 2(1+μ)/(1+2μ). Returns nan when λ_max ≤ 0 or is not finite.
+
+    >>> stability_limit(4.0, 0.0, False), stability_limit(4.0, 0.5, True)
+    (0.5, 0.375)
+    """
+    if not (math.isfinite(lambda_max) and lambda_max > 0):
+        return float("nan")
+    top = 2.0 * (1.0 + momentum)
+    return top / ((1.0 + 2.0 * momentum) if nesterov and momentum > 0 else 1.0) / lambda_max
+
+
+def predicted_eps_opt(batch: int, eps_max: float, b_noise: float) -> float:
+    """ε_opt(B) = ε_max/(1 + B_noise/B) via :func:`sgdtheory.theory.eps_opt`; nan when the
+    estimates are out of its domain (ε_max ≤ 0 or B_noise < 0, e.g. noisy early estimates)."""
+    from sgdtheory import theory
+
+    try:
+        return float(theory.eps_opt(batch, eps_max, b_noise))
+    except ValueError:
+        return float("nan")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------- noise measurement
+def measurement_steps(total_steps: int, points: int) -> list[int]:
+    """``points`` steps evenly spaced from 0 to ``total_steps`` (inclusive, de-duplicated).
+
+    >>> measurement_steps(32, 4)
+    [0, 11, 21, 32]
+    """
+    return sorted({int(round(s)) for s in np.linspace(0, total_steps, points)})
+
+
+def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, log=print):
+    """A :func:`validate.train.train` callback measuring the noise scales at evenly spaced steps.
+
+    At each measurement step it draws two independent batches of ``cfg['measure_batch']``
+    augmented training examples (with replacement), then records
+
+    * |G|², tr(Σ), B_simple from :func:`validate.measure.gradient_noise`;
+    * GᵀHG, tr(HΣ), ε_max, B_noise from :func:`validate.measure.hessian_noise` (gradients on
+      the first batch, Ĥ on the second);
+    * λ_max from :func:`validate.measure.top_hessian_eigenvalue` (Lanczos, second batch);
+    * ε_opt(B) for the run's batch B, the step η used next, η/(1−μ) and the stability limit;
+    * under ``torchrun``, the data-parallel |G|², tr(Σ), B_simple with each rank's gradient as
+      the small batch (``validate.measure.distributed_gradient_noise``).
+
+    Records go to ``state.extra['noise']`` (saved in checkpoints, so a resumed run keeps them).
+    """
+    import torch
+    from torch import nn
+
+    from . import measure
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=hyp["label_smoothing"])
+    seed = int(hyp["seed"])
+
+    def callback(state) -> None:
+        records = state.extra.setdefault("noise", [])
+        if state.step not in measurement_steps(state.total_steps, cfg["points"]):
+            return
+        if any(r["step"] == state.step for r in records):
+            return
+        t0 = time.perf_counter()
+        model = state.model
+        model.train(cfg["measure_mode"] == "train")
+        x, y = state.sample(cfg["measure_batch"], _seed(seed, state.step, rank, 0))
+        xh, yh = state.sample(cfg["measure_batch"], _seed(seed, state.step, rank, 1))
+        b = cfg["micro_batch"]
+        with torch.no_grad():
+            loss = float(criterion(model(x).float(), y)) if cfg["measure_mode"] == "eval" \
+                else float("nan")
+        gn = measure.gradient_noise(model, criterion, x, y,
+                                    micro_batch=b if cfg["measure_mode"] == "train" else None)
+        hn = measure.hessian_noise(model, criterion, x, y, micro_batch=b,
+                                   hessian_inputs=xh, hessian_targets=yh)
+        lam = measure.top_hessian_eigenvalue(model, criterion, xh, yh, tol=1e-3,
+                                             max_iter=cfg["lanczos_iters"],
+                                             seed=_seed(seed, state.step, 2))
+        rec = {
+            "step": state.step,
+            "epoch": state.step / state.steps_per_epoch,
+            "examples": state.step * state.batch_size,
+            "batch_size": state.batch_size,
+            "lr": state.lr,
+            "effective_lr": state.lr / (1.0 - state.momentum),
+            "grad_sq": gn.grad_sq, "grad_sq_stderr": gn.grad_sq_stderr,
+            "tr_sigma": gn.tr_sigma, "tr_sigma_stderr": gn.tr_sigma_stderr,
+            "b_simple": gn.b_simple, "b_simple_stderr": gn.b_simple_stderr,
+            "g_h_g": hn.g_h_g, "g_h_g_stderr": hn.g_h_g_stderr,
+            "tr_h_sigma": hn.tr_h_sigma, "tr_h_sigma_stderr": hn.tr_h_sigma_stderr,
+            "eps_max": hn.eps_max, "eps_max_stderr": hn.eps_max_stderr,
+            "b_noise": hn.b_noise, "b_noise_stderr": hn.b_noise_stderr,
+            "lambda_max": lam,
+            "eps_opt": predicted_eps_opt(state.batch_size, hn.eps_max, hn.b_noise),
+            "stability_limit": stability_limit(lam, state.momentum,
+                                               bool(hyp["nesterov"])),
+            "measure_batch": gn.batch, "micro_batch": gn.micro_batch,
+            "measure_mode": cfg["measure_mode"], "measure_loss_eval": loss,
+        }
+        if world > 1:
+            fn_grad = _flat_grad(model, criterion, x, y)
+            dn = measure.distributed_gradient_noise(fn_grad, int(x.shape[0]))
+            rec.update({"grad_sq_ranks": dn.grad_sq, "tr_sigma_ranks": dn.tr_sigma,
+                        "b_simple_ranks": dn.b_simple, "ranks": world})
+        rec["seconds"] = time.perf_counter() - t0
+        records.append(rec)
+        log(f"step {state.step:6d}: B_simple {rec['b_simple']:.4g}  B_noise {rec['b_noise']:.4g}"
+            f"  eps_max {rec['eps_max']:.4g}  eps_opt(B={state.batch_size}) {rec['eps_opt']:.4g}"
+            f"  lr {state.lr:.4g}  lambda_max {lam:.4g}  ({rec['seconds']:.1f} s)")
+
+    return callback
+
+
+def _flat_grad(model, criterion, x, y):
+    """This rank's mean-loss gradient on (x, y), flat over trainable parameters, model unchanged."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    loss = criterion(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+    return torch.cat([g.reshape(-1) for g in grads]).detach()
+
+
+def plot_noise(records: list[dict], batch: int, path: Path) -> None:
+    """Figure: noise scales vs B; steps (ε_max, ε_opt(B), η, η/(1−μ), stability); |G|², tr(Σ)/B."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = np.array([r["step"] for r in records], dtype=float)
+
+    def col(k):
+        return np.array([np.nan if r.get(k) is None else r[k] for r in records], dtype=float)
+
+    def pos(v):
+        return np.where(np.isfinite(v) & (v > 0), v, np.nan)
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    a = ax[0]
+    a.errorbar(step, pos(col("b_simple")), yerr=col("b_simple_stderr"), marker="o", capsize=3,
+               label="B_simple = tr(Σ)/|G|²")
+    a.errorbar(step, pos(col("b_noise")), yerr=col("b_noise_stderr"), marker="s", capsize=3,
+               label="B_noise = tr(HΣ)/GᵀHG")
+    a.axhline(batch, color="k", ls="--", lw=1, label=f"batch in use B = {batch}")
+    a.set(xlabel="step", ylabel="examples", yscale="log", title="gradient noise scale")
+    a.legend(fontsize=8)
+    a = ax[1]
+    a.plot(step, pos(col("eps_max")), "o-", label="ε_max = |G|²/GᵀHG")
+    a.plot(step, pos(col("eps_opt")), "s-", label=f"predicted ε_opt(B={batch})")
+    a.plot(step, pos(col("lr")), "k-", label="η used (mean-gradient lr)")
+    a.plot(step, pos(col("effective_lr")), "k:", label="η/(1−μ)")
+    a.plot(step, pos(col("stability_limit")), "r--", label="stability limit from λ_max")
+    a.set(xlabel="step", ylabel="step size (lr units)", yscale="log",
+          title="optimal step vs the step used")
+    a.legend(fontsize=8)
+    a = ax[2]
+    a.plot(step, pos(col("grad_sq")), "o-", label="|G|²")
+    a.plot(step, pos(col("tr_sigma") / batch), "s-", label="tr(Σ)/B")
+    a.plot(step, pos(col("lambda_max")), "^-", label="λ_max")
+    a.set(xlabel="step", yscale="log", title="signal, noise at B, curvature")
+    a.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+def _device(arg: str | None):
+    import torch
+
+    if arg == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    if arg is None:
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    return arg
+
+
+def _noise_cfg(args) -> dict:
+    cfg = dict(NOISE_PRESETS[args.preset])
+    for k in cfg:
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg[k] = v
+    cfg["measure_mode"] = args.measure_mode
+    if cfg["points"] < 2:
+        raise ValueError(f"--points must be at least 2, got {cfg['points']}")
+    if cfg["measure_batch"] < 4:
+        raise ValueError(f"--measure-batch must be at least 4, got {cfg['measure_batch']}")
+    if cfg["micro_batch"] < 1 or cfg["measure_batch"] % cfg["micro_batch"] \
+            or cfg["measure_batch"] // cfg["micro_batch"] < 2:
+        raise ValueError(f"--micro-batch ({cfg['micro_batch']}) must divide --measure-batch "
+                         f"({cfg['measure_batch']}) into at least 2 parts")
+    if cfg["measure_mode"] == "train" and cfg["micro_batch"] < 2:
+        raise ValueError("--micro-batch must be ≥ 2 with --measure-mode train (BatchNorm)")
+    if cfg["lanczos_iters"] < 2:
+        raise ValueError(f"--lanczos-iters must be at least 2, got {cfg['lanczos_iters']}")
+    return cfg
+
+
+def run(args, log=print) -> dict:
+    """Execute one parsed command; returns what it saved. Raises ValueError / FileNotFoundError /
+    DatasetError on bad input (before anything is written)."""
+    import torch
+
+    from . import train as train_mod
+
+    device = _device(args.device)
+    overrides = {k: getattr(args, k) for k in (
+        "epochs", "batch_size", "lr", "base_lr", "lr_factor", "momentum", "weight_decay",
+        "label_smoothing", "warmup", "subset", "width", "whiten", "tta", "checkpoint_every",
+        "seed")}
+    hyp = train_mod.hyperparameters(args.preset, **overrides)
+    cfg = _noise_cfg(args) if args.command == "noise" else None
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        if hyp["batch_size"] % world:
+            raise ValueError(f"--batch-size ({hyp['batch_size']}) must be divisible by the "
+                             f"number of ranks ({world})")
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    data = data_mod.load_data(args.data, data_dir=args.data_dir, md5=args.md5,
+                              download=args.download and rank == 0, seed=hyp["seed"],
+                              n_synthetic=SYNTHETIC_SIZES[args.preset])
+    train_mod.check_hyperparameters(hyp, data.train_images.shape[0])
+
+    out = args.out if args.out is not None else Path("runs") / f"cifar-{args.command}"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    quiet = rank != 0
+    say = (lambda *a, **k: None) if quiet else log
+    say(f"data: {data.source}  train {data.train_images.shape[0]}  test "
+        f"{data.test_images.shape[0]}  device {device}  ranks {world}")
+    peak = train_mod.peak_lr(hyp)
+    say(f"peak lr η = {peak:.4g} on the mean gradient (base rate η/B = "
+        f"{peak / hyp['batch_size']:.3g} per example), B = {hyp['batch_size']}, "
+        f"momentum {hyp['momentum']}, {hyp['epochs']} epochs")
+    callback = make_noise_callback(cfg, hyp, rank=rank, world=world, log=say) \
+        if cfg is not None else None
+    result = train_mod.train(hyp, data, device=device, checkpoint=out / "checkpoint.pt",
+                             resume=args.resume, callback=callback,
+                             progress=not args.no_progress and not quiet)
+    result.pop("model")
+    extra = result.pop("extra")
+    meta = {"command": args.command, "argv": sys.argv[1:], "device": device, "world_size": world,
+            "data": data.source, "torch": torch.__version__, "hyp": hyp, "noise_config": cfg}
+    summary = {**meta, **result}
+    if result["diverged_at_step"] is not None:
+        say(f"diverged at step {result['diverged_at_step']} (loss not finite)")
+    else:
+        say(f"test accuracy {result['test_acc']:.4f}  test loss {result['test_loss']:.4f}  "
+            f"train time {result['time_s']:.1f} s  {result['examples_per_s']:.0f} examples/s  "
+            f"({result['steps']} steps)")
+    if rank == 0:
+        if args.command == "train":
+            _write_json(out / "train.json", summary)
+            _write_csv(out / "history.csv", result["history"])
+        else:
+            records = extra.get("noise", [])
+            summary["measurements"] = records
+            _write_json(out / "noise.json", summary)
+            _write_csv(out / "noise.csv", records)
+            plot_noise(records, hyp["batch_size"], out / "noise.png")
+        say(f"wrote {out}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # includes data.DatasetError
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; rerun with --resume to continue from the "
+                         "last checkpoint\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+r"""CIFAR-10 from the standard python archive, and a synthetic stand-in with the same shapes.
+
+The archive is ``cifar-10-python.tar.gz`` from https://www.cs.toronto.edu/~kriz/cifar.html
+(md5 ``c58f30108f718f92721af3b95e74349a``). It holds ``cifar-10-batches-py/`` with
+``data_batch_1`` … ``data_batch_5`` (training, 10 000 images each), ``test_batch`` and
+``batches.meta``. Each batch is a pickled dict with ``b'data'`` (n × 3072 uint8: the red, green
+and blue 32×32 planes one after another, row-major) and ``b'labels'`` (n ints in 0…9);
+``batches.meta`` has ``b'label_names'``. Loading uses ``pickle.load(f, encoding='bytes')``.
+
+:func:`load_cifar10` reads the archive directly (no extraction) after checking its md5, or an
+already extracted ``cifar-10-batches-py`` folder after checking its structure (and, for the
+official data, the md5 of every member). The expected archive md5 is an argument (``md5=``) so
+that mirrors and the small archives the tests generate can be verified; the CLI exposes it as
+``--md5`` or the environment variable ``SGDTHEORY_CIFAR10_MD5``. :func:`download_cifar10`
+fetches the archive with an atomic write (temporary file, checksum, ``os.replace``).
+
+Images come back as ``(n, 3, 32, 32)`` uint8 arrays (channels first, RGB) and labels as
+``(n,)`` int64 arrays. :func:`synthetic_cifar10` builds a learnable dataset of the same shape
+(class-dependent colour and grating texture plus noise), deterministic from a seed, for
+machines without CIFAR-10.
+
+Pickle files can run code when loaded: only load archives you trust (the md5 check is the
+guard for the official one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MD5",
+    "CIFAR10_MEMBER_MD5",
+    "CIFAR10_URL",
+    "DatasetError",
+    "ImageData",
+    "download_cifar10",
+    "file_md5",
+    "find_cifar10",
+    "load_cifar10",
+    "load_data",
+    "synthetic_cifar10",
+]
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+#: md5 of each member of the official archive (the values torchvision checks).
+CIFAR10_MEMBER_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+TRAIN_MEMBERS = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_MEMBER = "test_batch"
+META_MEMBER = "batches.meta"
+MD5_ENV = "SGDTHEORY_CIFAR10_MD5"
+DATA_DIR_ENV = "SGDTHEORY_DATA"
+
+
+class DatasetError(ValueError):
+    """The dataset files exist but are corrupt, truncated or not in the CIFAR-10 format."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """An image classification dataset held in memory.
+
+    Attributes:
+      train_images: (n_train, 3, 32, 32) uint8, channels first (RGB).
+      train_labels: (n_train,) int64 in 0 … len(classes) − 1.
+      test_images, test_labels: the same for the test split.
+      classes: class names.
+      source: where it came from (a path, or ``synthetic(seed=…)``).
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def default_data_dir() -> Path:
+    """``$SGDTHEORY_DATA`` if set, else ``~/.cache/sgdtheory/cifar10``."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "sgdtheory" / "cifar10"
+
+
+def default_md5() -> str:
+    """The archive md5 to expect: ``$SGDTHEORY_CIFAR10_MD5`` if set (mirrors, tests), else the
+    official one."""
+    return os.environ.get(MD5_ENV) or CIFAR10_MD5
+
+
+def file_md5(path, chunk: int = 1 << 20) -> str:
+    """Hex md5 of a file, read in chunks of ``chunk`` bytes."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_md5_string(md5):
+    if md5 is None:
+        return None
+    md5 = str(md5).strip().lower()
+    if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
+        raise ValueError(f"md5 must be 32 hexadecimal digits, got {md5!r}")
+    return md5
+
+
+def find_cifar10(data_dir) -> Path:
+    """Locate CIFAR-10 under ``data_dir``.
+
+    Looks, in order, for ``data_dir`` itself being the archive, ``data_dir/cifar-10-python.tar.gz``,
+    ``data_dir/cifar-10-batches-py/`` and ``data_dir`` itself being the extracted folder.
+    Raises ``FileNotFoundError`` with a one-line message saying where it looked and how to get it.
+    """
+    root = Path(data_dir).expanduser()
+    if root.is_file():
+        return root
+    candidates = [root / CIFAR10_ARCHIVE, root / CIFAR10_FOLDER, root]
+    for c in candidates[:2]:
+        if c.exists():
+            return c
+    if (root / TRAIN_MEMBERS[0]).exists():
+        return root
+    raise FileNotFoundError(
+        f"CIFAR-10 not found: looked for {candidates[0]} and {candidates[1]}/; pass --download to "
+        f"fetch it from {CIFAR10_URL} (163 MB), point --data-dir at a folder holding it, "
+        "or use --data synthetic"
+    )
+
+
+def _parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unpickle one batch file and check its format; returns (images (n,3,32,32), labels (n,))."""
+    try:
+        d = pickle.load(io.BytesIO(raw), encoding="bytes")
+    except Exception as e:  # truncated or garbage pickle: any of several exception types
+        raise DatasetError(f"{name}: not a readable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise DatasetError(f"{name}: expected a dict with keys b'data' and b'labels'")
+    data, labels = d[b"data"], d[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DatasetError(f"{name}: b'data' must be an (n, 3072) uint8 array, got {shape} {dtype}")
+    labels = np.asarray(labels)
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{name}: b'labels' must be {data.shape[0]} integers, "
+                           f"got shape {labels.shape} {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise DatasetError(f"{name}: labels outside 0..9")
+    if data.shape[0] == 0:
+        raise DatasetError(f"{name}: holds no images")
+    return data.reshape(-1, 3, 32, 32).copy(), labels.astype(np.int64)
+
+
+def _parse_meta(raw: bytes) -> tuple[str, ...]:
+    try:
+        d = pickle.load(io.BytesIO(raw), encoding="bytes")
+        names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in d[b"label_names"])
+    except Exception as e:
+        raise DatasetError(f"{META_MEMBER}: no readable b'label_names' ({type(e).__name__})") \
+            from None
+    if len(names) != len(CIFAR10_CLASSES):
+        raise DatasetError(f"{META_MEMBER}: expected 10 label names, got {len(names)}")
+    return names
+
+
+def _assemble(read, source: str) -> ImageData:
+    """Build ImageData from ``read(member_name) -> bytes``."""
+    train = [_parse_batch(read(m), m) for m in TRAIN_MEMBERS]
+    test_x, test_y = _parse_batch(read(TEST_MEMBER), TEST_MEMBER)
+    classes = _parse_meta(read(META_MEMBER))
+    return ImageData(
+        train_images=np.concatenate([x for x, _ in train]),
+        train_labels=np.concatenate([y for _, y in train]),
+        test_images=test_x,
+        test_labels=test_y,
+        classes=classes,
+        source=source,
+    )
+
+
+def _read_archive(path: Path) -> ImageData:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            def read(member: str) -> bytes:
+                name = f"{CIFAR10_FOLDER}/{member}"
+                try:
+                    f = tar.extractfile(name)
+                except KeyError:
+                    raise DatasetError(f"{path}: member {name} is missing") from None
+                if f is None:
+                    raise DatasetError(f"{path}: member {name} is not a regular file")
+                return f.read()
+
+            return _assemble(read, str(path))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DatasetError(f"{path}: not a readable .tar.gz archive "
+                           f"({type(e).__name__}: {e}); delete it and download again") from None
+
+
+def _read_folder(path: Path, member_md5: dict[str, str] | None) -> ImageData:
+    for member in (*TRAIN_MEMBERS, TEST_MEMBER, META_MEMBER):
+        f = path / member
+        if not f.is_file():
+            raise FileNotFoundError(f"CIFAR-10 folder {path} lacks {member}; re-extract "
+                                    f"{CIFAR10_ARCHIVE} or pass --download")
+        if member_md5 is not None and file_md5(f) != member_md5[member]:
+            raise DatasetError(f"{f}: md5 {file_md5(f)} does not match the expected "
+                               f"{member_md5[member]}; the file is corrupt or not CIFAR-10")
+    return _assemble(lambda m: (path / m).read_bytes(), str(path))
+
+
+def load_cifar10(data_dir, *, md5: str | None = CIFAR10_MD5,
+                 member_md5: dict[str, str] | None = None) -> ImageData:
+    """Load CIFAR-10 (train 50 000, test 10 000 images for the official archive).
+
+    Args:
+      data_dir: a folder holding ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``, or the
+        archive or extracted folder itself.
+      md5: expected md5 of the archive (hex). ``None`` skips the check (not recommended). An
+        archive whose md5 differs is rejected before anything is unpickled.
+      member_md5: expected md5 of each member of an extracted folder. Default: the official
+        values when ``md5`` is the official archive md5, otherwise none (structure, shapes and
+        dtypes are always checked).
+
+    Returns:
+      :class:`ImageData` with (n, 3, 32, 32) uint8 images and int64 labels.
+
+    Raises:
+      FileNotFoundError: nothing found (the message says where it looked and how to get it).
+      DatasetError: wrong checksum, truncated or malformed files.
+    """
+    md5 = _check_md5_string(md5)
+    path = find_cifar10(data_dir)
+    if path.is_file():
+        if md5 is not None:
+            got = file_md5(path)
+            if got != md5:
+                raise DatasetError(
+                    f"{path}: md5 {got} does not match the expected {md5}; the file is corrupt or "
+                    f"incomplete (delete it and use --download), or pass --md5 / ${MD5_ENV} for a "
+                    "mirror"
+                )
+        return _read_archive(path)
+    if member_md5 is None and md5 == CIFAR10_MD5:
+        member_md5 = CIFAR10_MEMBER_MD5
+    return _read_folder(path, member_md5)
+
+
+def download_cifar10(data_dir, *, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5,
+                     progress: bool = True) -> Path:
+    """Fetch the archive into ``data_dir/cifar-10-python.tar.gz`` unless a verified copy is there.
+
+    The bytes go to a temporary file in the same folder, the md5 is checked, and only then is the
+    file moved into place with ``os.replace`` (atomic), so an interrupted or corrupt download never
+    leaves a file under the final name. Returns the archive path.
+    """
+    md5 = _check_md5_string(md5)
+    root = Path(data_dir).expanduser()
+    dest = root / CIFAR10_ARCHIVE
+    if dest.is_file() and (md5 is None or file_md5(dest) == md5):
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cifar10-", suffix=".part", dir=root)
+    try:
+        h = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            from tqdm.auto import tqdm
+
+            with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10",
+                      disable=not progress) as bar:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+        if md5 is not None and h.hexdigest() != md5:
+            raise DatasetError(f"download from {url}: md5 {h.hexdigest()} does not match the "
+                               f"expected {md5}; nothing was saved")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
+                      noise: float = 0.25, num_classes: int = 10) -> ImageData:
+    r"""A learnable 32×32×3 dataset with CIFAR-10's shapes, deterministic from ``seed``.
+
+    Class k has a mean colour c_k ∈ [0.2, 0.8]³ and a grating of spatial frequency f_k (cycles per
+    image) and orientation θ_k. Image i of class k is, per channel and pixel (x, y) ∈ [0, 1)²,
+
+        x_i = clip(c_k + a_i · w_k · cos(2π f_k (x cos θ_k + y sin θ_k) + φ_i) + σ ξ, 0, 1)
+
+    with a random amplitude a_i ∈ [0.1, 0.3], phase φ_i, per-channel grating weights w_k and
+    i.i.d. Gaussian pixel noise ξ of standard deviation σ = ``noise``; then quantised to uint8.
+    Colours overlap between classes, so a model must use texture as well as colour.
+
+    >>> d = synthetic_cifar10(20, 10, seed=1)
+    >>> d.train_images.shape, d.train_images.dtype, d.test_labels.shape
+    ((20, 3, 32, 32), dtype('uint8'), (10,))
+    """
+    for name, v in (("n_train", n_train), ("n_test", n_test), ("num_classes", num_classes)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite non-negative pixel std, got {noise!r}")
+    class_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
+    rng = np.random.default_rng(class_seq)
+    colour = rng.uniform(0.2, 0.8, size=(num_classes, 3))
+    freq = rng.uniform(1.5, 6.0, size=num_classes)
+    angle = rng.uniform(0.0, np.pi, size=num_classes)
+    weights = rng.uniform(-1.0, 1.0, size=(num_classes, 3))
+    grid = (np.arange(32) + 0.5) / 32.0
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+
+    def make(n: int, stream: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        labels = stream.permutation(np.arange(n) % num_classes).astype(np.int64)
+        amp = stream.uniform(0.1, 0.3, size=n)
+        phase = stream.uniform(0.0, 2 * np.pi, size=n)
+        images = np.empty((n, 3, 32, 32), dtype=np.uint8)
+        for lo in range(0, n, 4096):  # chunks keep the float64 temporaries small
+            k, sl = labels[lo:lo + 4096], slice(lo, lo + 4096)
+            arg = (xx[None] * np.cos(angle[k])[:, None, None]
+                   + yy[None] * np.sin(angle[k])[:, None, None])
+            wave = np.cos(2 * np.pi * freq[k][:, None, None] * arg + phase[sl, None, None])
+            img = (colour[k][:, :, None, None]
+                   + (amp[sl, None] * weights[k])[:, :, None, None] * wave[:, None]
+                   + noise * stream.standard_normal((k.size, 3, 32, 32)))
+            images[sl] = np.round(np.clip(img, 0.0, 1.0) * 255)
+        return images, labels
+
+    tx, ty = make(int(n_train), np.random.default_rng(train_seq))
+    vx, vy = make(int(n_test), np.random.default_rng(test_seq))
+    classes = tuple(f"class{k}" for k in range(num_classes))
+    return ImageData(tx, ty, vx, vy, classes, f"synthetic(seed={seed})")
+
+
+def load_data(kind: str, *, data_dir=None, md5: str | None = None, download: bool = False,
+              seed: int = 0, n_synthetic: tuple[int, int] = (5000, 1000)) -> ImageData:
+    """Entry point used by the CLI: ``kind`` is ``"cifar"`` or ``"synthetic"``.
+
+    For ``"cifar"``, ``data_dir`` defaults to :func:`default_data_dir` and ``md5`` to
+    :func:`default_md5`; ``download=True`` fetches the archive first if it is not there.
+    """
+    if kind == "synthetic":
+        return synthetic_cifar10(*n_synthetic, seed=seed)
+    if kind != "cifar":
+        raise ValueError(f"data must be 'cifar' or 'synthetic', got {kind!r}")
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    md5 = default_md5() if md5 is None else md5
+    if download:
+        try:
+            find_cifar10(root)
+        except FileNotFoundError:
+            download_cifar10(root, md5=md5)
+    return load_cifar10(root, md5=md5)

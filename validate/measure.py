@@ -1,0 +1,54 @@
+r"""Gradient noise and curvature of real PyTorch networks (DESIGN §7).
+
+Public API (units: L is the *mean* per-example loss, ``criterion.reduction == 'mean'``;
+G = ∇L, H = ∇²L, Σ the per-example gradient covariance with 1/N normalisation; ``lr``
+multiplies the mean minibatch gradient; vectors are flat over the trainable parameters):
+
+* :func:`gradient_noise` — unbiased |G|², tr(Σ), B_simple with standard errors, from
+  per-sample gradients (``torch.func.vmap(grad)``) or micro-batches (BatchNorm networks).
+* :func:`distributed_gradient_noise` — the same under ``torchrun``: each rank's local
+  gradient is the small batch, the all-reduced one the big batch (no extra backward pass).
+* :func:`hvp`, :class:`HessianOperator` — Hessian-vector products (double backward or
+  forward-over-reverse).
+* :func:`hessian_noise` — unbiased GᵀHG and tr(HΣ), hence ε_max and B_noise, by the two-batch
+  trick on ĝᵀĤĝ with Ĥ on an independent batch.
+* :func:`top_hessian_eigenvalue` (Lanczos) and :func:`hessian_trace` (Hutchinson), via
+  :mod:`sgdtheory.krylov` on torch tensors.
+* :class:`NoiseMonitor` — all of it on a schedule inside a training loop, written to CSV.
+
+The maths (two-batch solves, EMAs, Krylov methods, closed forms) lives in :mod:`sgdtheory`;
+this module is the PyTorch plumbing. Measurements never change the model (parameters,
+``.grad`` and BatchNorm running statistics are left as they were).
+"""
+
+from ._hvp import (
+    HessianNoise,
+    HessianOperator,
+    hessian_noise,
+    hessian_trace,
+    hvp,
+    top_hessian_eigenvalue,
+)
+from ._noise import (
+    GradientNoise,
+    distributed_gradient_noise,
+    gradient_noise,
+    micro_batch_gradients,
+    per_sample_gradients,
+)
+from .monitor import NoiseMonitor
+
+__all__ = [
+    "GradientNoise",
+    "HessianNoise",
+    "HessianOperator",
+    "NoiseMonitor",
+    "distributed_gradient_noise",
+    "gradient_noise",
+    "hessian_noise",
+    "hessian_trace",
+    "hvp",
+    "micro_batch_gradients",
+    "per_sample_gradients",
+    "top_hessian_eigenvalue",
+]
