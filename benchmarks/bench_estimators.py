@@ -23,7 +23,7 @@ from sgdtheory import estimators as est  # noqa: E402
 from sgdtheory import krylov  # noqa: E402
 
 
-def best_time(fn, number=5, repeat=5):
+def best_time(fn, number=5, repeat=10):
     return min(timeit.repeat(fn, number=number, repeat=repeat)) / number
 
 
@@ -54,6 +54,8 @@ def main(argv=None):
         ("two_batch + its two squared norms",
          best_time(lambda: est.two_batch(float((g_small * g_small).sum()),
                                          float((g_big * g_big).sum()), 64, 512)), one_pass),
+        ("two_batch alone (on two floats)",
+         best_time(lambda: est.two_batch(3.0, 1.2, 64, 512), number=2000), one_pass),
         ("NoiseScaleEMA.update (scalars only)",
          best_time(lambda: ema.update(1.0, 20.0), number=2000), one_pass),
         ("SequentialNoiseScale.update (k=8)", best_time(lambda: seq.update(g)), one_pass),
@@ -81,12 +83,15 @@ def main(argv=None):
         vals = krylov.top_eigenvalues(mv, dim, 1, method=method, tol=1e-8, seed=0)
         print(f"  top_eigenvalues(method={method!r:10s}) λ_max={vals[0]:.12f}  "
               f"{count['n']:5d} matvecs")
-    for method in ("hutchinson", "hutch++"):
-        e, s = krylov.hutchinson_trace(mv, dim, 99, seed=0, method=method,
-                                       distribution="normal")
-        print(f"  hutchinson_trace(method={method!r:12s}) {e:9.2f} ± {s:6.2f} "
-              f"(truth {lam.sum():.2f}) with 99 matvecs")
-
+    d = 500  # traces on rotated (non-diagonal) matrices: Rademacher probes are exact on diagonals
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    for name, spec in (("flat (uniform [0, 1])", rng.uniform(size=d)),
+                       ("decaying (100·0.97^i)", 100.0 * 0.97 ** np.arange(d))):
+        a = (q * spec) @ q.T
+        for method in ("hutchinson", "hutch++"):
+            e, s = krylov.hutchinson_trace(lambda v, a=a: a @ v, d, 99, seed=0, method=method)
+            print(f"  hutchinson_trace(method={method!r:12s}) {name:22s} {e:8.2f} ± {s:6.2f}"
+                  f" (truth {spec.sum():.2f}, dim {d}), 99 matvecs")
 
 if __name__ == "__main__":
     main()

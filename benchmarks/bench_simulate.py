@@ -10,14 +10,15 @@
    9 lr factors × 5 dataset sizes (2,048 … 32,768) × 2 batch sizes × 3 seeds, d = 200,
    20 epochs, float32 — target < 30 s on the 2-core CPU.
 
-Run: ``python benchmarks/bench_simulate.py [--quick]``. BLAS is limited to one thread (the
-per-step products are small, where OpenBLAS threads only contend; as in the test suite).
+Run: ``python benchmarks/bench_simulate.py [--quick]``. BLAS and torch are limited to one
+thread (the per-step products are small, where threads only contend; as in the test suite).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -30,55 +31,88 @@ from sgdtheory import problems, simulate, theory  # noqa: E402
 from sgdtheory.backend import available_backends, get_backend  # noqa: E402
 
 
-def _best(fn, repeat=3):
-    """Fastest of ``repeat`` timings of fn() (seconds)."""
-    best = float("inf")
+def _interleaved(fns, repeat=5):
+    """Fastest of ``repeat`` timings of each fn, taken in turn (robust to a busy machine)."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
-def fill_rate(be, shape, steps):
-    """Gaussian fill rate (numbers/s) of backend ``be`` into a preallocated float32 buffer."""
-    gen = be.rng(0)
-    buf = be.empty(shape, "float32")
+def _rounds(fns, rounds):
+    """Time every fn once per round, rotating the order; {name: [seconds per round]}.
 
-    def go():
+    Runs in one round see about the same machine load, so medians of per-round ratios are
+    stable on a busy machine where absolute rates are not.
+    """
+    for fn in fns.values():
+        fn()  # warm-up
+    names = list(fns)
+    times = {k: [] for k in names}
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def nqm_rates(be, prob, replicas, steps, naive_steps, rounds=7):
+    """Rates (updates/s) of simulate.run, of the Gaussian fill, of the naive loop; and the
+    medians of the per-round ratios sim/fill and sim/naive.
+
+    simulate.run: float32 plain SGD, constant lr, records at steps 0 and T only. Fill:
+    ``steps`` calls of the backend's standard-normal fill into a preallocated (R, p) float32
+    buffer (:meth:`sgdtheory.backend.Backend.standard_normal`). Naive: a straightforward
+    float64 NumPy loop θ ← θ − η(hθ + √(c/B)·ξ) for ``naive_steps`` steps.
+    """
+    gen = be.rng(0)
+    buf = be.empty((replicas, prob.dim), "float32")
+    h = prob.h
+    rng = np.random.default_rng(0)
+
+    def fill():
         for _ in range(steps):
             be.standard_normal(gen, None, out=buf)
         be.synchronize()
 
-    go()
-    return steps * buf.numel() / _best(go) if be.name == "torch" else \
-        steps * buf.size / _best(go)
-
-
-def nqm_throughput(be, prob, replicas, steps):
-    """Replica·dimension updates per second of simulate.run (float32 SGD, constant lr)."""
-
-    def go():
+    def sim():
         simulate.run(prob, lr=0.1, batch=8, steps=steps, replicas=replicas, seed=0,
                      record_steps=[0, steps], dtype="float32", backend=be, progress=False)
         be.synchronize()
 
-    go()
-    return replicas * prob.dim * steps / _best(go)
-
-
-def naive_numpy_throughput(h, c, replicas, steps, lr=0.1, batch=8):
-    """A straightforward float64 NumPy loop: θ ← θ − η(hθ + √(c/B)·ξ)."""
-    rng = np.random.default_rng(0)
-
-    def go():
+    def naive(lr=0.1, batch=8):
         theta = np.ones((replicas, h.size))
-        for _ in range(steps):
-            noise = np.sqrt(c / batch) * rng.standard_normal((replicas, h.size))
+        for _ in range(naive_steps):
+            noise = np.sqrt(prob.c / batch) * rng.standard_normal((replicas, h.size))
             theta = theta - lr * (h * theta + noise)
         return theta
 
-    return replicas * h.size * steps / _best(go)
+    t = _rounds({"sim": sim, "fill": fill, "naive": naive}, rounds)
+    n = replicas * prob.dim
+    rate = {k: n * (naive_steps if k == "naive" else steps) / statistics.median(v)
+            for k, v in t.items()}
+    r_fill = statistics.median(f / s for f, s in zip(t["fill"], t["sim"], strict=True))
+    r_naive = statistics.median((nv / naive_steps) / (s / steps)
+                                for nv, s in zip(t["naive"], t["sim"], strict=True))
+    return rate, r_fill, r_naive
+
+
+def numpy_ziggurat_rate(replicas, dim, steps):
+    """Reference: ``np.random.Generator.standard_normal(out=buf, dtype=np.float32)`` rate."""
+    gen = np.random.default_rng(0)
+    buf = np.empty((replicas, dim), np.float32)
+
+    def fill():
+        for _ in range(steps):
+            gen.standard_normal(out=buf, dtype=np.float32)
+
+    return replicas * dim * steps / _interleaved([fill], 3)[0]
 
 
 def bandwidth(be, n=1 << 27):
@@ -94,8 +128,7 @@ def bandwidth(be, n=1 << 27):
                 b[...] = a
         be.synchronize()
 
-    go()
-    return 10 * 2 * 4 * n / _best(go)
+    return 10 * 2 * 4 * n / _interleaved([go], 3)[0]
 
 
 def myrtle_sweep(n_sizes=(2048, 4096, 8192, 16384, 32768), batches=(32, 128), epochs=20,
@@ -119,7 +152,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -130,20 +163,20 @@ def main(argv=None):
     ok = True
     print(f"[1] noisy quadratic, float32, {r} replicas x {p} dims, {steps} steps "
           f"(updates/s = replica·dimension updates per second)")
-    naive = naive_numpy_throughput(h, h, r, max(10, steps // 4))
-    print(f"    straightforward float64 NumPy loop : {naive:10.3e} updates/s")
+    zig = numpy_ziggurat_rate(r, p, max(10, steps // 4))
+    print(f"    reference: NumPy Generator.standard_normal float32 fill {zig:10.3e}/s (the numpy"
+          f" backend fills float32 by Box-Muller: see Backend.standard_normal)")
     names = [n for n in available_backends() if n in ("numpy", "torch")]
     for name in names:
         be = get_backend(name)
         if name == "torch":
-            be.xp.set_num_threads(max(1, os.cpu_count() or 1))
-        fill = fill_rate(be, (r, p), steps)
-        sim = nqm_throughput(be, prob, r, steps)
-        ratio_fill, ratio_naive = sim / fill, sim / naive
+            be.xp.set_num_threads(1)  # one thread, like BLAS (threads contend on 2 cores)
+        rate, ratio_fill, ratio_naive = nqm_rates(be, prob, r, steps, max(10, steps // 4))
         ok &= ratio_fill >= 0.8 and ratio_naive >= 2
-        print(f"    {name:6s} CPU simulate.run : {sim:10.3e} updates/s | Gaussian fill "
-              f"{fill:10.3e}/s | ratio to fill {ratio_fill:5.2f} (target >= 0.80) | "
-              f"ratio to naive float64 loop {ratio_naive:5.2f} (target >= 2)")
+        print(f"    {name:6s} CPU: simulate.run {rate['sim']:10.3e} updates/s | Gaussian fill "
+              f"{rate['fill']:10.3e}/s | float64 NumPy loop {rate['naive']:10.3e} updates/s")
+        print(f"           ratio simulate/fill {ratio_fill:5.2f} (target >= 0.80) | ratio "
+              f"simulate/naive loop {ratio_naive:5.2f} (target >= 2)")
     gpu = []
     if "cupy" in available_backends():
         gpu.append(get_backend("cupy"))
@@ -154,14 +187,14 @@ def main(argv=None):
             gpu.append(get_backend("torch", device="cuda"))
     for be in gpu:
         rr = max(r, 100_000)  # a GPU needs more replicas to be busy
-        fill = fill_rate(be, (rr, p), steps)
-        sim = nqm_throughput(be, prob, rr, steps)
+        rate, ratio, _ = nqm_rates(be, prob, rr, steps, 2, rounds=3)
+        sim = rate["sim"]
         bw = bandwidth(be)
-        # bytes per update: ≈ 6 float32 passes (noise, gradient, update), 4 bytes each
-        print(f"    {be.name}-{be.device} GPU ({rr} replicas): {sim:10.3e} updates/s | fill "
-              f"{fill:10.3e}/s | ratio to fill {sim / fill:5.2f} | memory bandwidth "
-              f"{bw / 1e9:7.1f} GB/s ≈ {bw / 24:10.3e} updates/s at 24 B/update | "
-              f"ratio {sim / (bw / 24):5.2f}")
+        # bytes per update: ≈ 5 float32 accesses (noise write+read, θ read+write twice)
+        print(f"    {be.name}-{be.device} GPU ({rr} replicas): simulate.run {sim:10.3e} "
+              f"updates/s | fill {rate['fill']:10.3e}/s | ratio to fill {ratio:5.2f} | "
+              f"memory bandwidth {bw / 1e9:7.1f} GB/s = {bw / 20:10.3e} updates/s at "
+              f"20 B/update | ratio to bandwidth {sim / (bw / 20):5.2f}")
     if not gpu:
         print("    (no GPU here: CuPy / torch-CUDA throughput vs memory bandwidth not measured)")
 

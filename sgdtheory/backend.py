@@ -181,18 +181,34 @@ class Backend:
         gen.manual_seed(s)
         return gen
 
-    def standard_normal(self, gen, shape, dtype="float64", out=None):
-        """Fill ``out`` (or a new array of ``shape``) with N(0, 1) draws from ``gen``."""
+    def standard_normal(self, gen, shape, dtype="float64", out=None, scale=None):
+        """Fill ``out`` (or a new array of ``shape``) with N(0, 1) draws from ``gen``.
+
+        NumPy float32 uses Box–Muller on float32 uniforms (fast; tails cut at |z| ≈ 5.77,
+        mass 8·10⁻⁹); NumPy float64 the ziggurat of ``Generator.standard_normal``; torch
+        ``torch.randn``; CuPy its generator's ``standard_normal``. ``scale`` (broadcast
+        along the last axis, e.g. standard deviations per parameter) multiplies the draws.
+        """
         if self.name == "torch":
             if out is not None:
-                return self.xp.randn(out.shape, generator=gen, out=out)
-            return self.xp.randn(shape, generator=gen, dtype=self.dtype(dtype),
-                                 device=self.device)
-        dt = self.dtype(dtype) if out is None else out.dtype
-        if out is not None:
-            gen.standard_normal(out=out, dtype=dt)
-            return out
-        return gen.standard_normal(shape, dtype=dt)
+                z = self.xp.randn(out.shape, generator=gen, out=out)
+            else:
+                z = self.xp.randn(shape, generator=gen, dtype=self.dtype(dtype),
+                                  device=self.device)
+        else:
+            dt = self.dtype(dtype) if out is None else out.dtype
+            if self.name == "numpy" and dt == np.float32:
+                z = np.empty(shape, dtype=np.float32) if out is None else out
+                _box_muller_f32(gen, z, scale)
+                return z
+            if out is not None:
+                gen.standard_normal(out=out, dtype=dt)
+                z = out
+            else:
+                z = gen.standard_normal(shape, dtype=dt)
+        if scale is not None:
+            z *= scale
+        return z
 
     def uniform(self, gen, shape, dtype="float64"):
         """U[0, 1) draws of ``shape``."""
@@ -222,6 +238,40 @@ class Backend:
     def __repr__(self) -> str:
         dev = "" if self.device is None else f", device={self.device!r}"
         return f"Backend({self.name!r}{dev})"
+
+
+def _box_muller_f32(gen, out: np.ndarray, scale=None) -> None:
+    r"""Fill the C-contiguous float32 array ``out`` with N(0, 1) draws by Box–Muller.
+
+    z₁ = √(−2 ln u) cos 2πv, z₂ = √(−2 ln u) sin 2πv from float32 uniforms u ∈ (0, 1],
+    v ∈ [0, 1) (24-bit resolution, so |z| ≤ √(48 ln 2) ≈ 5.77: a tail mass of 8·10⁻⁹ is
+    cut). On CPU this is 2–4× faster than NumPy's float32 ziggurat, which is no faster than
+    its float64 one; float64 draws keep NumPy's ziggurat. ``scale`` (last axis) multiplies
+    the draws (folded into the radius when the two halves line up).
+    """
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    flat = out.reshape(-1)
+    n = flat.size
+    m = (n + 1) // 2
+    u = gen.random(m, dtype=np.float32)
+    v = gen.random(m, dtype=np.float32)
+    np.subtract(np.float32(1.0), u, out=u)  # (0, 1]: log is finite
+    np.log(u, out=u)
+    u *= np.float32(-2.0)
+    np.sqrt(u, out=u)
+    p = out.shape[-1] if out.ndim else 1
+    folded = scale is not None and n % 2 == 0 and m % p == 0
+    if folded:  # z[i] and z[m + i] share u[i] and their column
+        u.reshape(-1, p)[...] *= scale
+    v *= np.float32(2.0 * np.pi)
+    np.cos(v, out=flat[:m])
+    flat[:m] *= u
+    if n > m:
+        np.sin(v[:n - m], out=flat[m:])
+        flat[m:] *= u[:n - m]
+    if scale is not None and not folded:
+        out *= scale
 
 
 def _seed_entropy(seed):

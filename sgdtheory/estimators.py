@@ -471,15 +471,18 @@ def _per_sample_parts(grads, n_data):
     else:
         fpc, sig = 1.0, 1.0
     mean = grads.sum(-2) / n
-    # |c_i|² and c_i·ḡ with c_i = g_i − ḡ, one example at a time: no (n, p) temporary, and no
+    # |c_i|² and c_i·ḡ with c_i = g_i − ḡ, in chunks of examples: no (n, p) temporary, and no
     # cancellation in |g_i|² − |ḡ|² when the mean dominates the noise
-    einsum = _namespace(grads).einsum
+    xp = _namespace(grads)
+    size = math.prod(grads.shape) // n  # elements of one example across the leading axes
+    chunk = max(1, (1 << 22) // max(size, 1))  # bounded temporary: ≤ 4M elements
     a, b = [], []
-    for i in range(n):
-        c = grads[..., i, :] - mean
-        a.append(einsum("...j,...j->...", c, c))
-        b.append(einsum("...j,...j->...", c, mean))
-    return n, mean, a, b, fpc, sig
+    for start in range(0, n, chunk):
+        c = grads[..., start:start + chunk, :] - mean[..., None, :]
+        a.append(xp.einsum("...ij,...ij->...i", c, c))
+        b.append(xp.einsum("...ij,...j->...i", c, mean))
+    cat = np.concatenate if xp is np else xp.cat if hasattr(xp, "cat") else xp.concatenate
+    return n, mean, cat(a, -1), cat(b, -1), fpc, sig
 
 
 def _namespace(x):
@@ -495,9 +498,6 @@ def _namespace(x):
     return np
 
 
-def _stack(xs):
-    xp = _namespace(xs[0])
-    return xp.stack(xs, -1) if xp is not np else np.stack(xs, -1)
 
 
 def per_sample(grads, *, n_data=None):
@@ -521,7 +521,7 @@ def per_sample(grads, *, n_data=None):
     (3.0, 4.0)
     """
     n, mean, a, _, fpc, sig = _per_sample_parts(grads, n_data)
-    s2 = sum(a[1:], a[0]) / (n - 1)
+    s2 = a.sum(-1) / (n - 1)
     return _out((mean * mean).sum(-1) - s2 * (fpc / n)), _out(s2 * sig)
 
 
@@ -560,8 +560,7 @@ def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
         raise ValueError("per_sample_stats needs at least three samples for a standard error, "
                          "got n=2")
     n, mean, a, b, fpc, sig = _per_sample_parts(grads, n_data)
-    a = _to_numpy(_stack(a))  # |c_i|², (..., n)
-    b = _to_numpy(_stack(b))  # c_i·ḡ
+    a, b = _to_numpy(a), _to_numpy(b)  # |c_i|² and c_i·ḡ, (..., n)
     m2 = _to_numpy((mean * mean).sum(-1))[..., None]
     ss = a.sum(-1, keepdims=True)
     tr = ss / (n - 1) * sig
@@ -748,7 +747,7 @@ class NoiseScaleEMA(RatioEMA):
     (0.9934, 20.0664, 20.2, 3)
     """
 
-    def update(self, grad_sq, tr_sigma) -> NoiseScaleEMA:  # noqa: D102 - see class doc
+    def update(self, grad_sq, tr_sigma) -> NoiseScaleEMA:
         """Add one step's unbiased (|G|², tr(Σ)) estimates (e.g. from :func:`two_batch`)."""
         self._m.update((_float("tr_sigma", tr_sigma), _float("grad_sq", grad_sq)))
         return self
@@ -1032,33 +1031,36 @@ class Advice:
         def fmt(x):
             return f"{x:.3g}"
 
-        err = "" if math.isnan(self.b_noise_stderr) else f" ± {fmt(self.b_noise_stderr)}"
+        def n(b):  # a batch size, in examples
+            return f"{b:,.0f}" if b >= 10 else f"{b:.3g}"
+
+        err = "" if math.isnan(self.b_noise_stderr) else f" ± {n(self.b_noise_stderr)}"
         lines = [
-            f"Gradient noise scale B_noise ≈ {fmt(self.b_noise)}{err} examples "
-            f"(current batch: {fmt(self.batch)} examples).",
-            f"Recommended batch: {fmt(self.recommended_batch)} examples per step.",
-            f"Best lr (multiplies the MEAN minibatch gradient; no momentum): "
-            f"{fmt(self.eps_opt_rec)} at batch {fmt(self.recommended_batch)}, "
-            f"{fmt(self.eps_opt_now)} at batch {fmt(self.batch)} (large-batch limit "
-            f"eps_max = {fmt(self.eps_max)}).",
+            f"Gradient noise scale B_noise ≈ {n(self.b_noise)}{err} examples "
+            f"(current batch: {n(self.batch)} examples).",
+            f"Recommended batch: {n(self.recommended_batch)} examples per step.",
+            f"Best lr (multiplier of the MEAN minibatch gradient, without momentum): "
+            f"{fmt(self.eps_opt_rec)} at batch {n(self.recommended_batch)}, "
+            f"{fmt(self.eps_opt_now)} at batch {n(self.batch)} "
+            f"(large-batch limit eps_max = {fmt(self.eps_max)}).",
         ]
         if self.step_speedup >= 1.0:
             lines.append(
-                f"Switching to {fmt(self.recommended_batch)} should need "
-                f"{fmt(self.step_speedup)}x fewer steps for "
-                f"{fmt(self.example_cost)}x the examples (compute).")
+                f"Batch {n(self.recommended_batch)} should need {fmt(self.step_speedup)}x "
+                f"fewer steps for {fmt(self.example_cost)}x the examples (compute).")
         else:
             lines.append(
-                f"Switching to {fmt(self.recommended_batch)} should need "
+                f"Batch {n(self.recommended_batch)} should need "
                 f"{fmt(1.0 / self.example_cost)}x fewer examples (compute) for "
                 f"{fmt(1.0 / self.step_speedup)}x the steps.")
         if not math.isnan(self.lr):
             eff = self.lr / (1.0 - self.momentum)
-            what = "lr" if self.momentum == 0 else f"lr/(1-momentum) = {fmt(eff)}"
+            what = f"lr = {fmt(eff)}" if self.momentum == 0 else (
+                f"effective lr/(1-momentum) = {fmt(eff)}")
             lines.append(f"Your {what} is {fmt(eff / self.eps_opt_now)}x eps_opt at the "
-                         f"current batch (a step increases the loss on average beyond 2x).")
-        lines.append("These are local, quadratic-model estimates: B_noise grows as training "
-                     "proceeds, so re-measure.")
+                         f"current batch (beyond 2x a step raises the loss on average).")
+        lines.append("These are local (quadratic-model) estimates, and B_noise grows as the "
+                     "loss falls: re-measure during training.")
         return "\n".join(lines)
 
 

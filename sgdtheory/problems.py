@@ -42,6 +42,7 @@ Kernels (internal protocol; documented for people adding a model)::
 
     k.loss(theta) (n, p) -> (n,);  k.test_loss(theta) | None;  k.stats(theta) -> dict of (n,)
     k.sampler(gen, n_rep, replace) -> s;  s.grad(theta, layout, batch) -> (n, p)
+        optional s.sgd_step(theta, layout, batch, lr): a fused in-place plain-SGD update
         ``layout`` says which replica each row belongs to (rows of one replica share the
         random draws, so a grid of learning rates sees common random numbers).
 
@@ -52,6 +53,7 @@ Kernels (internal protocol; documented for people adding a model)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -354,8 +356,9 @@ class _NQMKernel(_Kernel):
 
     def loss(self, theta):
         e = self._e(theta)
-        he = e * self.h if self.diag_h else e @ self.h
-        return 0.5 * _rowsum(he * e)
+        if self.diag_h:  # one pass, no temporaries
+            return 0.5 * self.xp.einsum("ij,ij,j->i", e, e, self.h)
+        return 0.5 * _rowsum((e @ self.h) * e)
 
     def stats(self, theta):
         e = self._e(theta)
@@ -367,7 +370,10 @@ class _NQMKernel(_Kernel):
                 "tr_sigma": full(self.tr_sigma), "tr_h_sigma": full(self.tr_h_sigma)}
 
     def sampler(self, gen, n_rep, replace=False):
-        return _NQMSampler(self, gen, n_rep)
+        s = _NQMSampler(self, gen, n_rep)
+        if not (self.diag_h and self.diag_c):
+            s.sgd_step = None  # the fused update needs diagonal h and c
+        return s
 
 
 class _NQMSampler:
@@ -376,13 +382,50 @@ class _NQMSampler:
         self.z = k.be.empty((n_rep, k.h.shape[0]), k.dtype)
         self.g = None
 
+    #: elements of θ updated per tile of the fused step (noise + parameters stay in cache)
+    TILE = 1 << 17
+
+    def sgd_step(self, theta, layout, batch, lr):
+        """Fused plain-SGD update in place, θ ← θ − η(h(θ−θ*) + √(c/B) z), for diagonal h and
+        c and one scalar η: θ ← (1 − ηh)θ + ηhθ* − (η√(c/B)) z, tile by tile of replicas."""
+        k = self.k
+        scale = k.root_c * (float(lr) / math.sqrt(batch))
+        a = 1.0 - lr * k.h
+        shift = None if k.zero_star else (lr * k.h) * k.ts
+        if layout.rep is not None:  # after diverged rows were dropped: gather the draws
+            z = k.be.standard_normal(self.gen, None, out=self.z)
+            z *= scale
+            theta *= a
+            if shift is not None:
+                theta += shift
+            theta -= z[layout.rep]
+            return
+        n_rep, n_cfg = layout.n_rep, layout.n_cfg
+        tile = max(1, self.TILE // (theta.shape[1] * n_cfg))
+        if tile < n_rep and tile % 2:
+            tile += 1  # even tiles let the numpy float32 fill fold in the scale
+        tile = min(tile, n_rep)
+        if getattr(self, "z_tile", None) is None or self.z_tile.shape[0] != tile:
+            self.z_tile = k.be.empty((tile, theta.shape[1]), k.dtype)  # stays in cache
+        for r0 in range(0, n_rep, tile):
+            r1 = min(n_rep, r0 + tile)
+            z = k.be.standard_normal(self.gen, None, out=self.z_tile[:r1 - r0], scale=scale)
+            th = theta[r0 * n_cfg:r1 * n_cfg]
+            th *= a
+            if shift is not None:
+                th += shift
+            if n_cfg == 1:
+                th -= z
+            else:
+                th.reshape(r1 - r0, n_cfg, -1)[...] -= z[:, None, :]
+
     def grad(self, theta, layout, batch):
         k = self.k
         z = k.be.standard_normal(self.gen, None, out=self.z)
         if k.diag_c:
-            z *= k.root_c * (1.0 / np.sqrt(batch))  # √(c/B) z ~ N(0, Σ/B)
+            z *= k.root_c * (1.0 / math.sqrt(batch))  # √(c/B) z ~ N(0, Σ/B)
         else:
-            z = (z @ k.root_c) * (1.0 / np.sqrt(batch))
+            z = (z @ k.root_c) * (1.0 / math.sqrt(batch))
         if self.g is None or self.g.shape != theta.shape:
             self.g = k.be.empty(theta.shape, k.dtype)
         g = self.g

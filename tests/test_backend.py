@@ -112,3 +112,18 @@ def test_cupy_backend_runs_the_simulator():
     ref = nqm.expected_loss(h, h, 0.5, 4, 20)[res.steps]
     z = (res.mean() - ref)[1:] / res.stderr()[1:]
     assert np.all(np.abs(z) <= 3)
+
+
+@pytest.mark.parametrize("shape", [(400, 500), (401, 3), (7,)])
+def test_numpy_float32_box_muller_is_gaussian_and_scaled(shape):
+    from scipy import stats
+
+    be = B.get_backend("numpy")
+    scale = np.linspace(0.5, 2.0, shape[-1]).astype(np.float32)
+    z = be.standard_normal(be.rng(1), shape, "float32", scale=scale)
+    assert z.dtype == np.float32 and z.shape == shape and np.all(np.isfinite(z))
+    u = (z / scale).ravel().astype(float)
+    if u.size > 1000:  # Kolmogorov–Smirnov against N(0, 1), and independence of neighbours
+        assert stats.kstest(u, "norm").pvalue > 1e-3
+        half = u.size // 2
+        assert abs(np.corrcoef(u[:half], u[half:2 * half])[0, 1]) < 4 / np.sqrt(half)

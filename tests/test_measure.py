@@ -1,8 +1,8 @@
 """validate.measure against brute force: explicit per-example loops, finite differences,
 full Hessians (torch.autograd.functional.hessian) and repeated sampling."""
 
-import csv
 import copy
+import csv
 import math
 
 import numpy as np
@@ -321,7 +321,7 @@ def test_monitor_cheap_mode_equals_two_batch_of_accumulated_micro_batches(tmp_pa
         if step % 2 == 0:
             expected.append(two_batch_reference(loop_grads(model, CE, x, y, size=3), 3))
         opt.zero_grad()
-        for xb, yb in zip(x.chunk(4), y.chunk(4)):
+        for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
             (CE(model(xb), yb) / 4).backward()
             mon.after_backward()
         rec = mon.step(lr=0.05, inputs=x, targets=y)
@@ -329,7 +329,7 @@ def test_monitor_cheap_mode_equals_two_batch_of_accumulated_micro_batches(tmp_pa
         opt.step()
     mon.close()
     assert [r["step"] for r in mon.records] == [0, 2, 4]
-    for r, (gs, ts) in zip(mon.records, expected):
+    for r, (gs, ts) in zip(mon.records, expected, strict=True):
         assert r["grad_sq"] == pytest.approx(gs, rel=1e-6, abs=1e-12)
         assert r["tr_sigma"] == pytest.approx(ts, rel=1e-6)
         assert r["micro_batches"] == 4 and r["batch"] == 12
@@ -346,7 +346,7 @@ def test_monitor_sum_accumulation_and_fallback():
     x, y = data(16)
     ref = two_batch_reference(loop_grads(model, CE, x, y, size=4), 4)
     mon = NoiseMonitor(model, criterion=CE, every=1, accumulation="sum")
-    for xb, yb in zip(x.chunk(4), y.chunk(4)):
+    for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
         CE(model(xb), yb).backward()
         mon.after_backward()
     rec = mon.step(lr=0.1, batch_size=16)

@@ -1,6 +1,8 @@
 """distributed_gradient_noise with two gloo processes on CPU equals the single-process
 micro-batch estimate on the same split (each rank's shard = one micro-batch)."""
 
+import json
+import os
 import socket
 
 import pytest
@@ -10,7 +12,11 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from validate.measure import distributed_gradient_noise, gradient_noise  # noqa: E402
+from validate.measure import (  # noqa: E402
+    DDPNoiseHook,
+    distributed_gradient_noise,
+    gradient_noise,
+)
 
 WORLD, LOCAL = 2, 6
 
@@ -24,7 +30,7 @@ def _setup():
     return model, x, y
 
 
-def _worker(rank, port, out):
+def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
@@ -42,7 +48,18 @@ def _worker(rank, port, out):
             distributed_gradient_noise(local, LOCAL + rank)
         except ValueError as exc:
             bad = str(exc)
-        out[rank] = (est.grad_sq, est.tr_sigma, est.batch, est2.grad_sq, est2.tr_sigma, bad)
+        # DistributedDataParallel: the comm hook records |g_k|^2 before the all-reduce
+        model2, _, _ = _setup()
+        ddp = nn.parallel.DistributedDataParallel(model2)
+        hook = DDPNoiseHook()
+        ddp.register_comm_hook(None, hook)
+        nn.CrossEntropyLoss()(ddp(x[sl]), y[sl]).backward()
+        averaged = torch.cat([p.grad.reshape(-1) for p in model2.parameters()])
+        est3 = distributed_gradient_noise(hook.pop(), LOCAL, global_grad=averaged)
+        res = (est.grad_sq, est.tr_sigma, est.batch, est2.grad_sq, est2.tr_sigma, bad,
+                     est3.grad_sq, est3.tr_sigma, float((averaged - glob / WORLD).abs().max()))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(res, fh)
     finally:
         dist.destroy_process_group()
 
@@ -53,19 +70,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_estimate_equals_single_process():
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+def test_two_process_estimate_equals_single_process(tmp_path):
+    # fork (not spawn): the children need not import torch again
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="fork")
+    out = {}
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.json") as fh:
+            out[rank] = json.load(fh)
     model, x, y = _setup()
     ref = gradient_noise(model, nn.CrossEntropyLoss(), x, y, micro_batch=LOCAL)
     for rank in range(WORLD):
-        gs, ts, batch, gs2, ts2, bad = out[rank]
+        gs, ts, batch, gs2, ts2, bad, gs3, ts3, diff = out[rank]
         assert batch == WORLD * LOCAL
         assert gs == pytest.approx(ref.grad_sq, rel=1e-10, abs=1e-14)
         assert ts == pytest.approx(ref.tr_sigma, rel=1e-10)
         assert gs2 == pytest.approx(ref.grad_sq, rel=1e-10, abs=1e-14)
         assert ts2 == pytest.approx(ref.tr_sigma, rel=1e-10)
         assert bad is not None and "local_batch" in bad
+        assert diff < 1e-12  # DDP averaged the same gradients
+        assert gs3 == pytest.approx(ref.grad_sq, rel=1e-10, abs=1e-14)
+        assert ts3 == pytest.approx(ref.tr_sigma, rel=1e-10)
 
 
 def test_requires_initialised_process_group():

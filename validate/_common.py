@@ -8,7 +8,6 @@ each functional forward pass, so a measurement in training mode leaves them unto
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +121,7 @@ class ModelFunction:
         """Mean loss at ``params`` (a tuple of tensors shaped like the trainable ones)."""
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
         out = functional_call(
-            self.model, (dict(zip(self.names, params)), self.frozen, buffers), (x,)
+            self.model, (dict(zip(self.names, params, strict=True)), self.frozen, buffers), (x,)
         )
         loss = self.criterion(out, y)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
@@ -149,7 +148,7 @@ class ModelFunction:
                 f"vector must be 1-D with {self.numel} entries (the trainable parameters), "
                 f"got shape {tuple(flat.shape)}"
             )
-        return tuple(c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes))
+        return tuple(c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes, strict=True))
 
     def grad(self, x, y, *, create_graph: bool = False):
         """(loss, per-parameter gradients) of the mean loss on (x, y) by reverse mode."""
@@ -161,9 +160,3 @@ class ModelFunction:
     def flat_grad(self, x, y) -> torch.Tensor:
         """∇L on (x, y) as a flat (p,) tensor (mean-loss units)."""
         return self.flatten([g.detach() for g in self.grad(x, y)[1]])
-
-
-def to_float(x) -> float:
-    """A finite-or-nan Python float."""
-    x = float(x)
-    return x if math.isfinite(x) else float("nan")

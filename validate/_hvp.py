@@ -17,6 +17,7 @@ HVPs Ĥg_k also give every ḡᵀĤḡ = (1/M²) Σ_kl g_kᵀĤg_l, hence a jack
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +89,9 @@ class HessianOperator:
             hv = torch.autograd.grad(self._grads, self.fn.params, grad_outputs=v,
                                      retain_graph=True)
         else:
-            _, hv = jvp(self._grad_fn, self._params, v)
+            with warnings.catch_warnings():  # torch's own jit deprecation on first forward AD
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _, hv = jvp(self._grad_fn, self._params, v)
         return self.fn.flatten([h.detach() for h in hv])
 
 
@@ -172,6 +175,15 @@ def hessian_noise(
 
     Returns:
         :class:`HessianNoise`.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
+    >>> h = hessian_noise(model, nn.CrossEntropyLoss(), x, y, micro_batch=4)
+    >>> h.batch, h.micro_batch, h.hessian_batch
+    (32, 4, 32)
     """
     fn = ModelFunction(model, criterion)
     n = check_batch(inputs, targets)

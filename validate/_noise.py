@@ -32,9 +32,15 @@ from ._common import (
     has_training_batchnorm,
 )
 
-__all__ = ["GradientNoise", "distributed_gradient_noise", "gradient_noise", "unit_statistics"]
+__all__ = [
+    "DDPNoiseHook",
+    "GradientNoise",
+    "distributed_gradient_noise",
+    "gradient_noise",
+    "unit_statistics",
+]
 
-_MAX_GROUPS = 64  # jackknife groups kept in memory (each a p-vector)
+_MAX_UNITS = 64  # default largest number of micro-batches
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,8 @@ def _noise_result(point, leave_out, method, batch, micro_batch) -> GradientNoise
 class _GroupSums:
     """Streams unit gradients (k, p) into m contiguous group sums and Σ|g_k|² per group."""
 
-    def __init__(self, n_units: int, numel: int, dtype, device):
-        self.m = min(n_units, _MAX_GROUPS)
+    def __init__(self, n_units: int, numel: int, dtype, device, n_groups: int):
+        self.m = min(n_units, n_groups)
         self.n_units = n_units
         self.sums = torch.zeros(self.m, numel, dtype=dtype, device=device)
         self.q = torch.zeros(self.m, dtype=torch.float64, device=device)
@@ -183,6 +189,7 @@ def gradient_noise(
     method: str = "auto",
     micro_batch: int | None = None,
     chunk_size: int | None = None,
+    n_groups: int = 32,
 ) -> GradientNoise:
     r"""Unbiased |G|², tr(Σ), B_simple on one batch, with standard errors.
 
@@ -205,12 +212,27 @@ def gradient_noise(
             smallest divisor giving at most 64 micro-batches (≥ 2 examples with BatchNorm).
         chunk_size: examples per ``vmap`` call in per-sample mode (memory bound); default
             keeps a chunk of per-example gradients under 2**25 numbers.
+        n_groups: the units are summed into this many contiguous groups for the delete-a-group
+            jackknife (memory: n_groups × p numbers; ≥ 3 for a standard error).
 
     Returns:
-        :class:`GradientNoise` (floats; errors from a jackknife over ≤ 64 groups of units).
+        :class:`GradientNoise` (floats).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    >>> est = gradient_noise(model, nn.CrossEntropyLoss(), x, y)
+    >>> est.method, est.batch, est.tr_sigma > 0
+    ('per_sample', 32, True)
+    >>> gradient_noise(model, nn.CrossEntropyLoss(), x, y, micro_batch=8).method
+    'micro_batch'
     """
     fn = ModelFunction(model, criterion)
     n = check_batch(inputs, targets)
+    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
+        raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
     if method not in ("auto", "per_sample", "micro_batch"):
         raise ValueError(f"method must be 'auto', 'per_sample' or 'micro_batch', got {method!r}")
     bn = has_training_batchnorm(model)
@@ -230,16 +252,16 @@ def gradient_noise(
             chunk_size = max(1, min(n, 2**25 // fn.numel))
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        acc = _GroupSums(n, fn.numel, fn.dtype, fn.device)
+        acc = _GroupSums(n, fn.numel, fn.dtype, fn.device, n_groups)
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
             acc.add(per_sample_gradients(fn, inputs[sl], targets[sl]), start)
         b = 1
     else:
         if micro_batch is None:
-            micro_batch = default_micro_batch(n, max_units=_MAX_GROUPS, min_size=2 if bn else 1)
+            micro_batch = default_micro_batch(n, max_units=_MAX_UNITS, min_size=2 if bn else 1)
         b = check_micro_batch(micro_batch, n)
-        acc = _GroupSums(n // b, fn.numel, fn.dtype, fn.device)
+        acc = _GroupSums(n // b, fn.numel, fn.dtype, fn.device, n_groups)
         for k, g in enumerate(micro_batch_gradients(fn, inputs, targets, b)):
             acc.add(g.unsqueeze(0), k)
     from sgdtheory.estimators import two_batch
@@ -253,7 +275,7 @@ def gradient_noise(
 
 
 def distributed_gradient_noise(
-    local_grad: torch.Tensor,
+    local_grad,
     local_batch: int,
     *,
     global_grad: torch.Tensor | None = None,
@@ -262,22 +284,28 @@ def distributed_gradient_noise(
     r"""Data-parallel two-batch estimate: each rank's gradient is a small batch (McCandlish App. A).
 
     With W ranks, rank k's local mean gradient g_k over b = ``local_batch`` examples is the
-    small batch and the all-reduced mean ḡ = (1/W) Σ_k g_k over B = W b examples the big one,
-    so no backward pass is added: only two scalars per rank (|g_k|², g_k·ḡ) are all-gathered,
-    plus the all-reduce of the gradient when ``global_grad`` is not supplied (under DDP pass
-    the already averaged ``p.grad`` as ``global_grad`` and keep a copy of the local gradient
-    from before the all-reduce). Equal to :func:`gradient_noise` in micro-batch mode on the
-    concatenated batch split by rank. Call it on every rank (a collective).
+    small batch and the all-reduced mean ḡ = (1/W) Σ_k g_k over B = W b examples the big one:
+
+        |G|², tr(Σ) = two_batch(mean_k |g_k|², |ḡ|², b, W b),
+
+    so no backward pass is added: only scalars per rank (|g_k|², g_k·ḡ) are all-gathered, plus
+    the all-reduce of the gradient when ``global_grad`` is not supplied. Under
+    ``DistributedDataParallel`` (where ``p.grad`` is already averaged and the local gradient is
+    gone) pass the local squared norm recorded by :class:`DDPNoiseHook` as ``local_grad`` and
+    the averaged gradient as ``global_grad``. Equal to :func:`gradient_noise` in micro-batch
+    mode on the concatenated batch split by rank. Call it on every rank (a collective).
 
     Args:
-        local_grad: g_k, this rank's flat mean gradient (p,) (mean-loss units).
+        local_grad: g_k, this rank's flat mean gradient (p,) (mean-loss units), or its squared
+            norm |g_k|² (a float or 0-d tensor; then ``global_grad`` is required and there is
+            no jackknife standard error).
         local_batch: b, examples per rank (must be equal on all ranks).
-        global_grad: ḡ, the rank-averaged gradient (p,), if already computed.
+        global_grad: ḡ, the rank-averaged flat gradient (p,), if already computed.
         group: the ``torch.distributed`` process group (default: the world).
 
     Returns:
         :class:`GradientNoise` with ``method='distributed'``, ``batch`` = W b (the same on all
-        ranks; standard errors need W ≥ 3).
+        ranks; standard errors need W ≥ 3 and the local gradient vector).
     """
     import torch.distributed as dist
 
@@ -286,35 +314,46 @@ def distributed_gradient_noise(
     world = dist.get_world_size(group)
     if world < 2:
         raise ValueError(f"distributed_gradient_noise needs at least 2 ranks, got {world}")
-    if not isinstance(local_grad, torch.Tensor) or local_grad.ndim != 1:
-        raise ValueError("local_grad must be a flat 1-D tensor of the trainable parameters")
-    if not bool(torch.isfinite(local_grad).all()):
-        raise ValueError("local_grad must be finite")
     if isinstance(local_batch, bool) or not isinstance(local_batch, int) or local_batch < 1:
         raise ValueError(f"local_batch must be a positive integer, got {local_batch!r}")
-    sizes = [torch.zeros(2, dtype=torch.float64, device=local_grad.device) for _ in range(world)]
-    dist.all_gather(
-        sizes,
-        torch.tensor([local_batch, local_grad.numel()], dtype=torch.float64,
-                     device=local_grad.device),
-        group=group,
-    )
+    norm_only = not (isinstance(local_grad, torch.Tensor) and local_grad.ndim == 1)
+    if norm_only:
+        if global_grad is None:
+            raise ValueError("global_grad is required when local_grad is a squared norm")
+        if isinstance(local_grad, torch.Tensor) and local_grad.ndim > 1:
+            raise ValueError("local_grad must be a flat 1-D tensor or a squared norm")
+        local_sq = float(local_grad)
+        if not math.isfinite(local_sq) or local_sq < 0:
+            raise ValueError(f"local_grad (a squared norm) must be finite and >= 0, got {local_sq}")
+    elif not bool(torch.isfinite(local_grad).all()):
+        raise ValueError("local_grad must be finite")
+    ref = global_grad if norm_only else local_grad
+    if not isinstance(ref, torch.Tensor) or ref.ndim != 1:
+        raise ValueError("global_grad must be a flat 1-D tensor of the trainable parameters")
+    dev = ref.device
+    sizes = [torch.zeros(2, dtype=torch.float64, device=dev) for _ in range(world)]
+    mine = torch.tensor([local_batch, ref.numel()], dtype=torch.float64, device=dev)
+    dist.all_gather(sizes, mine, group=group)
     sizes = torch.stack(sizes).cpu().numpy()
     if np.any(sizes[:, 0] != local_batch):
         raise ValueError(f"local_batch must be equal on all ranks, got {sizes[:, 0].tolist()}")
-    if np.any(sizes[:, 1] != local_grad.numel()):
-        raise ValueError(f"local_grad must have the same length on all ranks, got {sizes[:, 1]}")
+    if np.any(sizes[:, 1] != ref.numel()):
+        raise ValueError(f"gradients must have the same length on all ranks, got {sizes[:, 1]}")
     if global_grad is None:
         global_grad = local_grad.clone()
         dist.all_reduce(global_grad, op=dist.ReduceOp.SUM, group=group)
         global_grad /= world
-    elif global_grad.shape != local_grad.shape:
+    elif not norm_only and global_grad.shape != local_grad.shape:
         raise ValueError(
             f"global_grad shape {tuple(global_grad.shape)} must match local_grad "
             f"{tuple(local_grad.shape)}"
         )
-    lg, gg = local_grad.double(), global_grad.double()
-    mine = torch.stack([lg @ lg, lg @ gg])
+    gg = global_grad.double()
+    if norm_only:
+        mine = torch.tensor([local_sq, math.nan], dtype=torch.float64, device=dev)
+    else:
+        lg = local_grad.double()
+        mine = torch.stack([lg @ lg, lg @ gg])
     parts = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     parts = torch.stack(parts).cpu().numpy()
@@ -325,9 +364,43 @@ def distributed_gradient_noise(
         total_sq, world * parts[:, 1], parts[:, 0], parts[:, 0], np.ones(world),
         local_batch, two_batch,
     )
+    if norm_only:
+        leave_out = None
     return _noise_result(point, leave_out, "distributed", world * local_batch, local_batch)
 
 
-def _finite_or_nan(x) -> float:
-    x = float(x)
-    return x if math.isfinite(x) else float("nan")
+class DDPNoiseHook:
+    """``DistributedDataParallel`` comm hook recording this rank's |g_k|² before the all-reduce.
+
+    It sums the squared norms of the gradient buckets (the local gradient, before averaging)
+    and then runs the standard all-reduce (``allreduce_hook``): no extra backward pass, one
+    reduction per bucket on the device. Use::
+
+        hook = DDPNoiseHook()
+        ddp_model.register_comm_hook(None, hook)   # state None: the default process group
+        loss.backward()                             # p.grad now holds the averaged gradient
+        est = distributed_gradient_noise(hook.pop(), local_batch, global_grad=flat_grad)
+
+    With ``no_sync()`` gradient accumulation the hook fires on the synchronising backward
+    only, so it sees the accumulated local gradient (scale the loss so it is the mean over the
+    rank's examples).
+    """
+
+    def __init__(self):
+        self._sq = None
+        self.__name__ = self.__qualname__ = "DDPNoiseHook"  # DDP logs the hook's name
+
+    def __call__(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        buf = bucket.buffer()
+        sq = torch.sum(buf.double() ** 2)
+        self._sq = sq if self._sq is None else self._sq + sq
+        return allreduce_hook(state, bucket)
+
+    def pop(self) -> float:
+        """|g_k|² of the last synchronised backward (sum over buckets); resets the record."""
+        if self._sq is None:
+            raise ValueError("DDPNoiseHook has recorded nothing (no synchronised backward yet)")
+        value, self._sq = float(self._sq), None
+        return value

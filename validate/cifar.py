@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,14 @@ outputs (in --out):
   train: train.json, history.csv, checkpoint.pt      noise: noise.json, noise.csv, noise.png
 """
 
-# Noise-measurement settings per preset: points along the run, examples per measurement batch
-# (per rank), micro-batch (units of the two-batch estimator), Lanczos iterations for λ_max.
+# Noise-measurement settings per preset: points along the run, examples whose gradients are
+# measured (per rank), micro-batch (the units of the two-batch estimator), examples of the
+# independent batch defining Ĥ (for GᵀHG, tr(HΣ) and λ_max), Lanczos HVPs for λ_max.
 NOISE_PRESETS = {
-    "default": {"points": 11, "measure_batch": 2048, "micro_batch": 64, "lanczos_iters": 30},
-    "quick": {"points": 3, "measure_batch": 64, "micro_batch": 8, "lanczos_iters": 6},
+    "default": {"points": 11, "measure_batch": 2048, "micro_batch": 64, "hessian_batch": 1024,
+                "lanczos_iters": 30},
+    "quick": {"points": 3, "measure_batch": 256, "micro_batch": 16, "hessian_batch": 32,
+              "lanczos_iters": 30},
 }
 SYNTHETIC_SIZES = {"default": (50_000, 10_000), "quick": (2048, 512)}
 
@@ -87,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
             g = p.add_argument_group("noise measurement (defaults from the preset)")
             g.add_argument("--points", type=int, help="measurements, evenly spaced in steps "
                            "from the start to the end of training (≥ 2)")
-            g.add_argument("--measure-batch", type=int, help="examples per measurement batch "
-                           "(per rank; an independent batch of the same size defines Ĥ)")
+            g.add_argument("--measure-batch", type=int, help="examples whose gradients are "
+                           "measured (per rank)")
             g.add_argument("--micro-batch", type=int, help="examples per unit of the two-batch "
                            "estimator (must divide --measure-batch)")
-            g.add_argument("--lanczos-iters", type=int, help="Lanczos iterations for λ_max")
+            g.add_argument("--hessian-batch", type=int, help="examples of the independent "
+                           "batch defining Ĥ (GᵀHG, tr(HΣ), λ_max)")
+            g.add_argument("--lanczos-iters", type=int, help="Lanczos matvecs (HVPs) for λ_max")
             g.add_argument("--measure-mode", choices=("train", "eval"), default="train",
                            help="BatchNorm with batch statistics (micro-batches; default) or "
                                 "running statistics (per-example gradients)")
@@ -223,12 +229,13 @@ def measurement_steps(total_steps: int, points: int) -> list[int]:
 def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, log=print):
     """A :func:`validate.train.train` callback measuring the noise scales at evenly spaced steps.
 
-    At each measurement step it draws two independent batches of ``cfg['measure_batch']``
-    augmented training examples (with replacement), then records
+    At each measurement step it draws two independent batches of augmented training examples
+    (with replacement), ``cfg['measure_batch']`` for the gradients and ``cfg['hessian_batch']``
+    for Ĥ, then records
 
-    * |G|², tr(Σ), B_simple from :func:`validate.measure.gradient_noise`;
-    * GᵀHG, tr(HΣ), ε_max, B_noise from :func:`validate.measure.hessian_noise` (gradients on
-      the first batch, Ĥ on the second);
+    * GᵀHG, tr(HΣ), ε_max, B_noise and |G|², tr(Σ), B_simple from
+      :func:`validate.measure.hessian_noise` (micro-batch gradients on the first batch, Ĥ on the
+      second; the same gradients give both sides of the two-batch estimates);
     * λ_max from :func:`validate.measure.top_hessian_eigenvalue` (Lanczos, second batch);
     * ε_opt(B) for the run's batch B, the step η used next, η/(1−μ) and the stability limit;
     * under ``torchrun``, the data-parallel |G|², tr(Σ), B_simple with each rank's gradient as
@@ -254,18 +261,21 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
         model = state.model
         model.train(cfg["measure_mode"] == "train")
         x, y = state.sample(cfg["measure_batch"], _seed(seed, state.step, rank, 0))
-        xh, yh = state.sample(cfg["measure_batch"], _seed(seed, state.step, rank, 1))
+        xh, yh = state.sample(cfg["hessian_batch"], _seed(seed, state.step, rank, 1))
         b = cfg["micro_batch"]
         with torch.no_grad():
             loss = float(criterion(model(x).float(), y)) if cfg["measure_mode"] == "eval" \
                 else float("nan")
-        gn = measure.gradient_noise(model, criterion, x, y,
-                                    micro_batch=b if cfg["measure_mode"] == "train" else None)
+        # one pass gives both sides: M micro-batch gradients g_k (|G|², tr(Σ)) and Ĥg_k
         hn = measure.hessian_noise(model, criterion, x, y, micro_batch=b,
                                    hessian_inputs=xh, hessian_targets=yh)
-        lam = measure.top_hessian_eigenvalue(model, criterion, xh, yh, tol=1e-3,
-                                             max_iter=cfg["lanczos_iters"],
-                                             seed=_seed(seed, state.step, 2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lam = measure.top_hessian_eigenvalue(model, criterion, xh, yh, tol=1e-3,
+                                                 max_iter=cfg["lanczos_iters"],
+                                                 seed=_seed(seed, state.step, 2))
+        converged = not any("converge" in str(w.message).lower()
+                            or "stopped" in str(w.message).lower() for w in caught)
         rec = {
             "step": state.step,
             "epoch": state.step / state.steps_per_epoch,
@@ -273,18 +283,19 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
             "batch_size": state.batch_size,
             "lr": state.lr,
             "effective_lr": state.lr / (1.0 - state.momentum),
-            "grad_sq": gn.grad_sq, "grad_sq_stderr": gn.grad_sq_stderr,
-            "tr_sigma": gn.tr_sigma, "tr_sigma_stderr": gn.tr_sigma_stderr,
-            "b_simple": gn.b_simple, "b_simple_stderr": gn.b_simple_stderr,
+            "grad_sq": hn.grad_sq, "grad_sq_stderr": hn.grad_sq_stderr,
+            "tr_sigma": hn.tr_sigma, "tr_sigma_stderr": hn.tr_sigma_stderr,
+            "b_simple": hn.b_simple, "b_simple_stderr": hn.b_simple_stderr,
             "g_h_g": hn.g_h_g, "g_h_g_stderr": hn.g_h_g_stderr,
             "tr_h_sigma": hn.tr_h_sigma, "tr_h_sigma_stderr": hn.tr_h_sigma_stderr,
             "eps_max": hn.eps_max, "eps_max_stderr": hn.eps_max_stderr,
             "b_noise": hn.b_noise, "b_noise_stderr": hn.b_noise_stderr,
-            "lambda_max": lam,
+            "lambda_max": lam, "lambda_max_converged": converged,
             "eps_opt": predicted_eps_opt(state.batch_size, hn.eps_max, hn.b_noise),
             "stability_limit": stability_limit(lam, state.momentum,
                                                bool(hyp["nesterov"])),
-            "measure_batch": gn.batch, "micro_batch": gn.micro_batch,
+            "measure_batch": hn.batch, "micro_batch": hn.micro_batch,
+            "hessian_batch": hn.hessian_batch,
             "measure_mode": cfg["measure_mode"], "measure_loss_eval": loss,
         }
         if world > 1:
@@ -386,6 +397,8 @@ def _noise_cfg(args) -> dict:
                          f"({cfg['measure_batch']}) into at least 2 parts")
     if cfg["measure_mode"] == "train" and cfg["micro_batch"] < 2:
         raise ValueError("--micro-batch must be ≥ 2 with --measure-mode train (BatchNorm)")
+    if cfg["hessian_batch"] < 2:
+        raise ValueError(f"--hessian-batch must be at least 2, got {cfg['hessian_batch']}")
     if cfg["lanczos_iters"] < 2:
         raise ValueError(f"--lanczos-iters must be at least 2, got {cfg['lanczos_iters']}")
     return cfg
@@ -423,9 +436,19 @@ def run(args, log=print) -> dict:
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
-    data = data_mod.load_data(args.data, data_dir=args.data_dir, md5=args.md5,
-                              download=args.download and rank == 0, seed=hyp["seed"],
-                              n_synthetic=SYNTHETIC_SIZES[args.preset])
+    def load(download: bool):
+        return data_mod.load_data(args.data, data_dir=args.data_dir, md5=args.md5,
+                                  download=download, seed=hyp["seed"],
+                                  n_synthetic=SYNTHETIC_SIZES[args.preset])
+
+    if world > 1 and args.download:  # rank 0 fetches the archive while the others wait
+        import torch.distributed as dist
+
+        data = load(True) if rank == 0 else None
+        dist.barrier()
+        data = data if data is not None else load(False)
+    else:
+        data = load(args.download)
     train_mod.check_hyperparameters(hyp, data.train_images.shape[0])
 
     out = args.out if args.out is not None else Path("runs") / f"cifar-{args.command}"

@@ -316,17 +316,20 @@ def download_cifar10(data_dir, *, url: str = CIFAR10_URL, md5: str | None = CIFA
 
 
 def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
-                      noise: float = 0.25, num_classes: int = 10) -> ImageData:
+                      noise: float = 0.25, colour_jitter: float = 0.15,
+                      num_classes: int = 10) -> ImageData:
     r"""A learnable 32×32×3 dataset with CIFAR-10's shapes, deterministic from ``seed``.
 
     Class k has a mean colour c_k ∈ [0.2, 0.8]³ and a grating of spatial frequency f_k (cycles per
     image) and orientation θ_k. Image i of class k is, per channel and pixel (x, y) ∈ [0, 1)²,
 
-        x_i = clip(c_k + a_i · w_k · cos(2π f_k (x cos θ_k + y sin θ_k) + φ_i) + σ ξ, 0, 1)
+        x_i = clip(c_k + τ ζ_i + a_i · w_k · cos(2π f_k (x cos θ_k + y sin θ_k) + φ_i) + σ ξ, 0, 1)
 
-    with a random amplitude a_i ∈ [0.1, 0.3], phase φ_i, per-channel grating weights w_k and
-    i.i.d. Gaussian pixel noise ξ of standard deviation σ = ``noise``; then quantised to uint8.
-    Colours overlap between classes, so a model must use texture as well as colour.
+    with a per-image colour shift ζ_i ~ N(0, I₃) of scale τ = ``colour_jitter``, a random
+    amplitude a_i ∈ [0.1, 0.3] and phase φ_i, per-channel grating weights w_k, and i.i.d.
+    Gaussian pixel noise ξ of standard deviation σ = ``noise``; then quantised to uint8. The
+    colour shifts make the colours of different classes overlap, so a classifier must use the
+    texture (frequency and orientation) as well as the colour.
 
     >>> d = synthetic_cifar10(20, 10, seed=1)
     >>> d.train_images.shape, d.train_images.dtype, d.test_labels.shape
@@ -335,8 +338,9 @@ def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
     for name, v in (("n_train", n_train), ("n_test", n_test), ("num_classes", num_classes)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not np.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise must be a finite non-negative pixel std, got {noise!r}")
+    for name, v in (("noise", noise), ("colour_jitter", colour_jitter)):
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite non-negative std, got {v!r}")
     class_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
     rng = np.random.default_rng(class_seq)
     colour = rng.uniform(0.2, 0.8, size=(num_classes, 3))
@@ -350,13 +354,14 @@ def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
         labels = stream.permutation(np.arange(n) % num_classes).astype(np.int64)
         amp = stream.uniform(0.1, 0.3, size=n)
         phase = stream.uniform(0.0, 2 * np.pi, size=n)
+        tint = colour[labels] + colour_jitter * stream.standard_normal((n, 3))
         images = np.empty((n, 3, 32, 32), dtype=np.uint8)
         for lo in range(0, n, 4096):  # chunks keep the float64 temporaries small
             k, sl = labels[lo:lo + 4096], slice(lo, lo + 4096)
             arg = (xx[None] * np.cos(angle[k])[:, None, None]
                    + yy[None] * np.sin(angle[k])[:, None, None])
             wave = np.cos(2 * np.pi * freq[k][:, None, None] * arg + phase[sl, None, None])
-            img = (colour[k][:, :, None, None]
+            img = (tint[sl][:, :, None, None]
                    + (amp[sl, None] * weights[k])[:, :, None, None] * wave[:, None]
                    + noise * stream.standard_normal((k.size, 3, 32, 32)))
             images[sl] = np.round(np.clip(img, 0.0, 1.0) * 255)

@@ -7,7 +7,8 @@ multiplies the mean minibatch gradient; vectors are flat over the trainable para
 * :func:`gradient_noise` — unbiased |G|², tr(Σ), B_simple with standard errors, from
   per-sample gradients (``torch.func.vmap(grad)``) or micro-batches (BatchNorm networks).
 * :func:`distributed_gradient_noise` — the same under ``torchrun``: each rank's local
-  gradient is the small batch, the all-reduced one the big batch (no extra backward pass).
+  gradient is the small batch, the all-reduced one the big batch (no extra backward pass);
+  :class:`DDPNoiseHook` records the local norm inside ``DistributedDataParallel``.
 * :func:`hvp`, :class:`HessianOperator` — Hessian-vector products (double backward or
   forward-over-reverse).
 * :func:`hessian_noise` — unbiased GᵀHG and tr(HΣ), hence ε_max and B_noise, by the two-batch
@@ -30,6 +31,7 @@ from ._hvp import (
     top_hessian_eigenvalue,
 )
 from ._noise import (
+    DDPNoiseHook,
     GradientNoise,
     distributed_gradient_noise,
     gradient_noise,
@@ -39,6 +41,7 @@ from ._noise import (
 from .monitor import NoiseMonitor
 
 __all__ = [
+    "DDPNoiseHook",
     "GradientNoise",
     "HessianNoise",
     "HessianOperator",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -229,8 +230,11 @@ class NoiseMonitor:
             self.curvature_ema.update(h.g_h_g, h.tr_h_sigma, grad_sq=h.grad_sq)
             rec.update(g_h_g=h.g_h_g, tr_h_sigma=h.tr_h_sigma)
             if self.lanczos_iters > 0:
-                self.lambda_max = _hvp.top_hessian_eigenvalue(
-                    self.model, self.criterion, inputs, targets, max_iter=self.lanczos_iters)
+                with warnings.catch_warnings():  # a few iterations on purpose: approximate
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.lambda_max = _hvp.top_hessian_eigenvalue(
+                        self.model, self.criterion, inputs, targets,
+                        max_iter=self.lanczos_iters)
         if self.curvature_ema.n_updates:
             est = self.curvature_ema.estimate()
             rec.update(eps_max_ema=est.eps_max, b_noise_ema=est.b_noise,

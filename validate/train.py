@@ -137,9 +137,9 @@ def check_hyperparameters(hyp: dict, n_train: int) -> None:
         positive("lr_factor")
     for name in ("momentum", "warmup", "final_lr", "label_smoothing"):
         v = hyp[name]
-        if not (0.0 <= v <= 1.0) or (name in ("momentum", "warmup") and v == 1.0):
-            raise ValueError(f"{name} must lie in [0, 1){'' if name != 'final_lr' else ']'}, "
-                             f"got {v!r}")
+        half_open = name in ("momentum", "warmup")
+        if not (0.0 <= v <= 1.0) or (half_open and v == 1.0):
+            raise ValueError(f"{name} must lie in [0, 1{')' if half_open else ']'}, got {v!r}")
     if hyp["weight_decay"] < 0 or not math.isfinite(hyp["weight_decay"]):
         raise ValueError(f"weight_decay must be finite and ≥ 0, got {hyp['weight_decay']!r}")
     if hyp["crop_pad"] < 0 or int(hyp["crop_pad"]) != hyp["crop_pad"] or hyp["crop_pad"] > 16:
@@ -401,7 +401,7 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
                              f"({', '.join(diff)}); use another --out or drop --resume")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"])
+        torch.set_rng_state(ck["torch_rng"].cpu())
         start, elapsed, extra = ck["step"], ck["elapsed"], ck["extra"]
         sums = ck["sums"].to(device)
         history = ck["history"]

@@ -95,10 +95,14 @@ def subplots(nrows: int = 1, ncols: int = 1, *, panel_size: tuple[float, float] 
     Returns:
         ``(fig, axes)`` with ``axes`` a flat NumPy array of Axes (length ``nrows*ncols``).
 
+    The package style :data:`STYLE` is written into ``matplotlib.rcParams`` (so titles, labels
+    and legends added after this call use it too).
+
     >>> fig, axes = subplots(1, 2, title="demo")
     >>> len(axes), type(fig).__name__
     (2, 'Figure')
     """
+    mpl.rcParams.update(STYLE)
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows + (0.3 if title else 0)),
                      layout="constrained", dpi=DPI)

@@ -37,7 +37,7 @@ NAME = "eps_opt_vs_batch"
 TITLE = "Measured one-step optimal step ε_opt/ε_max vs B/B_noise on three spectra"
 
 #: name → exponent a of the spectrum h_i = i^(−a)
-SPECTRA = {"h_i ∝ 1/i": 1.0, "h_i = 1 (flat)": 0.0, "h_i ∝ 1/i²": 2.0}
+SPECTRA = {r"$h_i \propto 1/i$": 1.0, r"$h_i = 1$ (flat)": 0.0, r"$h_i \propto 1/i^2$": 2.0}
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def compute(config: Config, backend, seed: int) -> dict:
     ratios = np.geomspace(config.ratio_min, config.ratio_max, config.n_ratios)
     eps_grid_rel = np.logspace(-3.5, 0.5, config.n_eps)  # ε/ε_max
     names = list(SPECTRA)
-    out = {"spectra": names, "ratio": ratios, "b_noise": config.b_noise}
+    out = {"spectra": names, "ratio": ratios, "b_noise": config.b_noise, "dim": config.dim}
     measured = np.zeros((len(names), ratios.size))
     stderr = np.zeros_like(measured)
     predicted = np.zeros_like(measured)
@@ -175,7 +175,7 @@ def compute(config: Config, backend, seed: int) -> dict:
         rel = measured[s] / predicted[s] - 1
         worst = int(np.argmax(np.abs(rel)))
         checks.append(relative_check(
-            f"eps_opt {name}: worst B", predicted[s, worst], measured[s, worst],
+            f"eps_opt h_i = i^-{SPECTRA[name]:g}: worst B", predicted[s, worst], measured[s, worst],
             config.tolerance,
             note=f"max over B/B_noise in [{config.ratio_min:g}, {config.ratio_max:g}] of "
                  f"|measured/predicted - 1| (worst at B/B_noise = {ratios[worst]:.3g})"))
@@ -194,26 +194,30 @@ def plot(data: dict):
     meas, err, pred = (np.asarray(data[k]) for k in ("measured", "stderr", "predicted"))
     eps_max = np.asarray(data["eps_max"])
     fig, (ax, ax2) = P.subplots(1, 2, panel_size=(4.4, 3.4),
-                                title="One-step optimal learning rate vs batch size")
+                                title="One-step optimal learning rate vs batch size (noisy "
+                                      f"quadratic, p = {int(data['dim'])}, c ∝ h, "
+                                      f"B_noise = {float(data['b_noise']):g})")
     x = np.geomspace(ratio.min() / 1.5, ratio.max() * 1.5, 200)
-    P.theory(ax, x, 1.0 / (1.0 + 1.0 / x), c="0.2", label=r"$1/(1+B_{noise}/B)$")
+    P.theory(ax, x, 1.0 / (1.0 + 1.0 / x), c="0.2", label=r"theory $1/(1+B_{noise}/B)$")
     markers = "osD^v"
     for s, name in enumerate(data["spectra"]):
         P.simulated(ax, ratio, meas[s] / eps_max[s], err[s] / eps_max[s], c=P.color(s),
-                    marker=markers[s % 5], label=name)
+                    marker=markers[s % 5], label=f"simulated, {name}")
         P.simulated(ax2, ratio * (1 + 0.04 * (s - 1)), 100 * (meas[s] / pred[s] - 1),
                     100 * err[s] / pred[s], c=P.color(s), marker=markers[s % 5], label=name)
     P.log_axes(ax)
     ax.set_xlabel(r"$B/B_{noise}$ (batch size / noise scale)")
     ax.set_ylabel(r"$\epsilon_{opt}/\epsilon_{max}$ (measured by line search)")
-    P.legend(ax, loc="upper left")
-    tol = max(c.tolerance for c in data["checks"] if c.name.startswith("eps_opt"))
-    ax2.axhspan(-100 * tol, 100 * tol, color="0.9", zorder=0, label=f"±{100 * tol:g}% tolerance")
+    P.legend(ax, key=False, loc="upper left")
+    ax.set_title("line search on the Monte Carlo mean loss (±1 s.e.)", fontsize=9)
+    tol = max(c.tolerance for c in data["checks"] if c.name.startswith("eps_opt h_i"))
+    ax2.axhspan(-100 * tol, 100 * tol, color="0.88", zorder=0, label=f"±{100 * tol:g}% tolerance")
     ax2.axhline(0, color="0.2", lw=1.2)
     ax2.set_xscale("log")
     ax2.set_xlabel(r"$B/B_{noise}$")
     ax2.set_ylabel(r"measured / predicted $\epsilon_{opt}$ − 1 (%)")
     ax2.set_ylim(-150 * tol, 150 * tol)
+    ax2.set_title("relative error of the measured optimum", fontsize=9)
     P.legend(ax2, key=False, loc="lower right")
     P.check_note(fig, data["checks"])
     return fig

@@ -277,8 +277,8 @@ def plot(data: dict):
                                        "rises beyond 2ε_opt(B)")
     nqm, logi = data["nqm"], data["logistic"]
     _panel(ax1, nqm, f"noisy quadratic (B_noise = {float(nqm['b_noise']):.0f})", "")
-    _panel(ax2, logi, f"logistic regression, N = {int(logi['n_data'])}, at w = "
-                      f"{float(logi['fraction']):g}·w* (B_noise = {float(logi['b_noise']):.0f})",
+    _panel(ax2, logi, f"logistic regression (N = {int(logi['n_data'])}, w = "
+                      f"{float(logi['fraction']):g}·w*, B_noise = {float(logi['b_noise']):.0f})",
            "")
     for ax in (ax1, ax2):
         ax.set_ylim(-1.6, 2.6)

@@ -62,7 +62,7 @@ class Config:
 PRESETS = {
     "quick": Config(replicas=192, n_probes=16, probe_every=16, n_lags=16),
     "default": Config(),
-    "paper": Config(replicas=1024, n_probes=48, probe_every=8, n_lags=32),
+    "paper": Config(replicas=1024, n_probes=48, probe_every=16, n_lags=32),
 }
 
 
@@ -271,6 +271,6 @@ def plot(data: dict):
     ax1.set_xlabel("k in epochs")
     ax1.set_ylabel("gap relative to the latest batch, Δ_k / Δ_1")
     ax1.set_title("dotted: check 'closed'; dashed: check 'persists'", fontsize=8)
-    P.legend(ax1, loc="upper right")
+    P.legend(ax1, loc="lower left", bbox_to_anchor=(0.0, 0.06))
     P.check_note(fig, data["checks"])
     return fig

@@ -83,6 +83,18 @@ def _bias_corrected_ema(x: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
+def nested_batch_grads(backend, small, rest, theta, layout, b: int, batch: int):
+    """(G_b, G_B): a worker's minibatch mean and the mean over B = b + b' that contains it.
+
+    ``small`` and ``rest`` are independent problem samplers; G_B = (b G_b + b' G_b')/B with
+    b' = B − b, so Cov(G_B) = Σ/B and G_b is the mean of b of its examples.
+    """
+    g_small = small.grad(theta, layout, b)
+    g_small = g_small.clone() if backend.name == "torch" else g_small.copy()
+    g_big = (b * g_small + (batch - b) * rest.grad(theta, layout, batch - b)) / batch
+    return g_small, g_big
+
+
 def compute(config: Config, backend, seed: int) -> dict:
     if backend is None:
         from sgdtheory.backend import get_backend
@@ -113,9 +125,7 @@ def compute(config: Config, backend, seed: int) -> dict:
     for t in range(config.steps):
         g_exact = theta * xp_h
         grad_sq_path[t] = backend.to_numpy((g_exact * g_exact).sum(-1))
-        g_small = small.grad(theta, layout, b)
-        g_small = g_small.clone() if backend.name == "torch" else g_small.copy()
-        g_big = (b * g_small + (bb - b) * rest.grad(theta, layout, bb - b)) / bb
+        g_small, g_big = nested_batch_grads(backend, small, rest, theta, layout, b, bb)
         sq_small = backend.to_numpy((g_small * g_small).sum(-1))
         sq_big = backend.to_numpy((g_big * g_big).sum(-1))
         for i in range(r):

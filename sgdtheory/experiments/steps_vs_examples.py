@@ -161,7 +161,7 @@ def plot(data: dict):
     ax.set_xlabel("examples processed E = B·S")
     ax.set_ylabel("optimisation steps S")
     ax.set_ylim(top=ax.get_ylim()[1] * 30)
-    star = ax.plot([], [], "*", color="0.5", mec="k", ms=9)[0]
+    star = ax.plot([], [], "*", color="0.5", mec="k", ms=7)[0]
     P.legend(ax, key=False, loc="upper right",
              extra=[(star, "B = B_crit (S = 2S_min, E = 2E_min)")])
     ax.set_title("points: exact NQM at best lr; lines: fitted hyperbola", fontsize=9)
