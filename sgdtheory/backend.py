@@ -254,16 +254,20 @@ def _box_muller_f32(gen, out: np.ndarray, scale=None) -> None:
     flat = out.reshape(-1)
     n = flat.size
     m = (n + 1) // 2
-    u = gen.random(m, dtype=np.float32)
-    v = gen.random(m, dtype=np.float32)
+    p = out.shape[-1] if out.ndim else 1
+    uv = gen.random(2 * m, dtype=np.float32)
+    u, v = uv[:m], uv[m:]
     np.subtract(np.float32(1.0), u, out=u)  # (0, 1]: log is finite
     np.log(u, out=u)
-    u *= np.float32(-2.0)
+    # z[i] and z[m + i] share u[i] and (n even, m a multiple of p) their column: a scale ≥ 0
+    # folds into the radius, √(−2 ln u · s²) = s √(−2 ln u)
+    folded = (scale is not None and n % 2 == 0 and m % p == 0
+              and bool(np.all(np.asarray(scale) >= 0)))
+    if folded:
+        u.reshape(-1, p)[...] *= np.float32(-2.0) * np.square(scale, dtype=np.float32)
+    else:
+        u *= np.float32(-2.0)
     np.sqrt(u, out=u)
-    p = out.shape[-1] if out.ndim else 1
-    folded = scale is not None and n % 2 == 0 and m % p == 0
-    if folded:  # z[i] and z[m + i] share u[i] and their column
-        u.reshape(-1, p)[...] *= scale
     v *= np.float32(2.0 * np.pi)
     np.cos(v, out=flat[:m])
     flat[:m] *= u

@@ -46,9 +46,7 @@ def test_registry_order_and_names():
         "small_batch_stability", "linear_scaling", "nqm_optimizers")
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_quick_preset_outputs(quick_run, name):
-    out, _, stdout = quick_run
+def _check_outputs(out, stdout, name):
     assert name in stdout  # every experiment appears in the summary table
     png, js, npz = (out / f"{name}.{ext}" for ext in ("png", "json", "npz"))
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -57,7 +55,7 @@ def test_quick_preset_outputs(quick_run, name):
     assert meta["preset"] == "quick" and meta["backend"] == "numpy" and meta["seed"] == 3
     assert meta["version"] == __version__
     assert meta["hash"] == config_hash(name, meta["config"], "quick", "numpy", None, 3,
-                                       __version__)
+                                       __version__, meta["code_hash"])
     assert meta["checks"], "every experiment records at least one check"
     for c in meta["checks"]:
         assert {"name", "predicted", "measured", "rel_error", "tolerance", "passed"} <= set(c)
@@ -71,15 +69,23 @@ def test_quick_preset_outputs(quick_run, name):
     assert len(fig.axes) >= 1
 
 
-def test_quick_run_exit_status_matches_checks(quick_run):
+def test_quick_preset_outputs_every_experiment(quick_run):
+    """One quick run of all experiments (a single test, so pytest-xdist runs it once)."""
     out, rc, stdout = quick_run
+    problems = []
+    for name in EXPERIMENTS:
+        try:
+            _check_outputs(out, stdout, name)
+        except (AssertionError, OSError, KeyError, ValueError) as exc:
+            problems.append(f"{name}: {type(exc).__name__}: {exc}")
+    assert not problems, "\n".join(problems)
     passed = [c["passed"] for n in EXPERIMENTS
               for c in json.loads((out / f"{n}.json").read_text())["checks"]]
     assert rc == (0 if all(passed) else 1)
     assert "predicted" in stdout and "measured" in stdout  # the summary table
 
 
-def test_rerun_skips_and_force_recomputes(tmp_path, capsys):
+def test_rerun_skips_and_force_recomputes(tmp_path, capsys, monkeypatch):
     args = ["--only", "eps_opt_vs_batch", "--preset", "quick", "--out", str(tmp_path)]
     assert main(args) == 0
     js = tmp_path / "eps_opt_vs_batch.json"
@@ -95,6 +101,13 @@ def test_rerun_skips_and_force_recomputes(tmp_path, capsys):
     # a different seed changes the hash, so the experiment is recomputed
     assert main([*args, "--seed", "1"]) == 0
     assert json.loads(js.read_text())["hash"] != first["hash"]
+    # an edited experiment (other source fingerprint) is recomputed too
+    mtime = js.stat().st_mtime_ns
+    monkeypatch.setattr("sgdtheory.figures.__main__.code_fingerprint", lambda m: "edited")
+    assert main([*args, "--seed", "1"]) == 0
+    assert js.stat().st_mtime_ns != mtime
+    assert json.loads(js.read_text())["code_hash"] == "edited"
+    monkeypatch.undo()
     # a deleted figure is redrawn even with the same hash (an interrupted run resumes)
     (tmp_path / "eps_opt_vs_batch.png").unlink()
     assert main(args) == 0
@@ -176,3 +189,25 @@ def test_module_entry_point_runs(tmp_path):
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "eps_opt_vs_batch" in proc.stdout
+
+
+def test_failing_check_gives_exit_status_1_and_is_reported(tmp_path, capsys, monkeypatch):
+    from sgdtheory.experiments import _plotting, nqm_optimizers
+    from sgdtheory.experiments._common import relative_check
+
+    def fake_compute(config, backend, seed):
+        return {"x": np.arange(3.0), "checks": [relative_check("too far", 1.0, 2.0, 0.1)]}
+
+    def fake_plot(data):
+        fig, axes = _plotting.subplots()
+        axes[0].plot(data["x"])
+        return fig
+
+    monkeypatch.setattr(nqm_optimizers, "compute", fake_compute)
+    monkeypatch.setattr(nqm_optimizers, "plot", fake_plot)
+    rc = main(["--only", "nqm_optimizers", "--preset", "quick", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "FAIL" in captured.out and "nqm_optimizers" in captured.err
+    meta = json.loads((tmp_path / "nqm_optimizers.json").read_text())
+    assert meta["all_passed"] is False and meta["checks"][0]["rel_error"] == 1.0

@@ -22,6 +22,7 @@ this module is the PyTorch plumbing. Measurements never change the model (parame
 ``.grad`` and BatchNorm running statistics are left as they were).
 """
 
+from ._common import ModelFunction
 from ._hvp import (
     HessianNoise,
     HessianOperator,
@@ -45,6 +46,7 @@ __all__ = [
     "GradientNoise",
     "HessianNoise",
     "HessianOperator",
+    "ModelFunction",
     "NoiseMonitor",
     "distributed_gradient_noise",
     "gradient_noise",

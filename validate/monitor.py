@@ -25,6 +25,10 @@ Usage::
         monitor.step(lr=opt.param_groups[0]["lr"], inputs=x, targets=y)
         opt.step()
 
+Under ``DistributedDataParallel`` the increments of ``p.grad`` include the all-reduce: use
+:func:`validate.measure.distributed_gradient_noise` with :class:`validate.measure.DDPNoiseHook`
+there (each rank's local gradient is the small batch).
+
 Units: ``lr`` multiplies the mean minibatch gradient (torch.optim.SGD's lr); |G|², tr(Σ) in
 (loss/param)²; B_simple, B_noise, batch in examples; ε_max, ε_opt in ``lr`` units; λ_max in
 loss/param².

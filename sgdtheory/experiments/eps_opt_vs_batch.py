@@ -88,7 +88,8 @@ def noise_for_b_noise(h: np.ndarray, theta: np.ndarray, b_noise: float) -> np.nd
 def line_search(eps: np.ndarray, mean_loss: np.ndarray) -> float:
     """Arg-min of a sampled curve, refined by the parabola through the minimum and neighbours.
 
-    The parabola is fitted in log ε (the grid is log-spaced) and its vertex mapped back.
+    The parabola is fitted in ε through the three grid points (exact when the curve is a
+    parabola, whatever the spacing).
 
     >>> e = np.geomspace(0.1, 10, 201); round(line_search(e, (e - 2.0) ** 2), 3)
     2.0
@@ -96,12 +97,13 @@ def line_search(eps: np.ndarray, mean_loss: np.ndarray) -> float:
     k = int(np.argmin(mean_loss))
     if k == 0 or k == len(eps) - 1:
         return float(eps[k])
-    x = np.log(eps[k - 1:k + 2])
+    x = eps[k - 1:k + 2]
     y = mean_loss[k - 1:k + 2]
-    a, b, _ = np.polyfit(x, y, 2)
+    scale = x[1]
+    a, b, _ = np.polyfit(x / scale, y, 2)
     if a <= 0:
         return float(eps[k])
-    return float(np.exp(np.clip(-b / (2 * a), x[0], x[2])))
+    return float(scale * np.clip(-b / (2 * a), x[0] / scale, x[2] / scale))
 
 
 def _one_step_moments(backend, gen, h, c, theta, batch, n_pairs, chunk=20_000):

@@ -8,7 +8,8 @@ the CLI resolves the preset's config, runs ``compute(config, backend, seed)`` an
 * ``<name>.npz`` — every array of the data;
 * ``<name>.json`` — the checks (predicted, measured, relative error, tolerance, pass), the
   resolved config, preset, backend, device, seed, package version, run time, the non-array
-  data, and a hash of (experiment, config, preset, backend, device, seed, version).
+  data, and a hash of (experiment, config, preset, backend, device, seed, version, and a
+  fingerprint of the experiment's source file).
 
 An experiment whose JSON already holds the same hash (and whose PNG and NPZ exist) is skipped
 unless ``--force``, so an interrupted run resumes where it stopped. The run continues past a
@@ -46,6 +47,7 @@ from sgdtheory.experiments._common import Check
 __all__ = [
     "BACKENDS",
     "ExperimentResult",
+    "code_fingerprint",
     "config_hash",
     "load_data",
     "main",
@@ -98,8 +100,11 @@ def _jsonable(x):
 
 
 def config_hash(name: str, config, preset: str, backend: str, device, seed: int,
-                version: str) -> str:
+                version: str, code: str = "") -> str:
     """SHA-256 (first 16 hex digits) of the resolved run identity.
+
+    ``code`` is a fingerprint of the experiment's source (:func:`code_fingerprint`), so that
+    editing an experiment also invalidates its stored outputs.
 
     >>> config_hash("x", {"a": 1}, "quick", "numpy", None, 0, "0.1.0") == config_hash(
     ...     "x", {"a": 1}, "quick", "numpy", None, 0, "0.1.0")
@@ -107,9 +112,18 @@ def config_hash(name: str, config, preset: str, backend: str, device, seed: int,
     """
     ident = {"experiment": name, "config": _jsonable(config), "preset": preset,
              "backend": backend, "device": None if device is None else str(device),
-             "seed": int(seed), "version": version}
+             "seed": int(seed), "version": version, "code": code}
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def code_fingerprint(module) -> str:
+    """SHA-256 (first 16 hex digits) of an experiment module's source file ("" if unknown)."""
+    path = getattr(module, "__file__", None)
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
+    except OSError:
+        return ""
 
 
 def _split(data: dict, prefix: str, arrays: dict):
@@ -208,7 +222,8 @@ def run_experiment(name: str, *, preset: str, backend, out, seed: int = 0,
         return ExperimentResult(name, "error", error=_one_line(exc))
     version = _package_version()
     backend_name = getattr(backend, "name", str(backend))
-    digest = config_hash(name, config, preset, backend_name, device, seed, version)
+    code = code_fingerprint(module)
+    digest = config_hash(name, config, preset, backend_name, device, seed, version, code)
     if not force:
         meta = _existing(out, name, digest)
         if meta is not None:
@@ -238,6 +253,7 @@ def run_experiment(name: str, *, preset: str, backend, out, seed: int = 0,
             "device": None if device is None else str(device),
             "seed": int(seed),
             "version": version,
+            "code_hash": code,
             "elapsed_s": round(elapsed, 3),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "all_passed": all(c["passed"] for c in check_dicts),
