@@ -148,7 +148,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
     args = ap.parse_args(argv)
     if args.quick:

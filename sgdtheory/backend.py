@@ -13,7 +13,8 @@ Choose the backend once at the entry point and pass it down::
     Backend.to_numpy(x) -> np.ndarray                # any backend array (or list) to NumPy
     Backend.dtype(name) -> backend dtype             # "float32" | "float64" | "int64" | "bool"
     Backend.zeros(shape, dtype) / .empty(shape, dtype)
-    Backend.standard_normal(gen, shape, dtype, out=None) -> array   # N(0, 1) fill
+    Backend.standard_normal(gen, shape, dtype, out=None, scale=None) -> N(0, 1)·scale fill
+    Backend.uniform(gen, shape, dtype) -> U[0, 1);  Backend.synchronize()
     Backend.permutations(gen, rows, n) -> (rows, n) int64 array     # one permutation per row
     Backend.is_array(x) -> bool
 

@@ -383,7 +383,7 @@ class _NQMSampler:
         self.g = None
 
     #: elements of θ updated per tile of the fused step (noise + parameters stay in cache)
-    TILE = 1 << 17
+    TILE = 1 << 18
 
     def sgd_step(self, theta, layout, batch, lr):
         """Fused plain-SGD update in place, θ ← θ − η(h(θ−θ*) + √(c/B) z), for diagonal h and
