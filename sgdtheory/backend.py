@@ -316,6 +316,28 @@ def to_numpy(x) -> np.ndarray:
     return _to_numpy_any(x)
 
 
+def array_module(x):
+    """The array library that owns ``x``: ``torch`` or ``cupy`` for their arrays, else NumPy.
+
+    The library is imported only when ``x`` already is one of its arrays, so this is how the
+    backend-agnostic modules (theory, estimators, krylov) reach CuPy or torch functions
+    without importing either themselves.
+
+    >>> array_module(np.zeros(2)) is np
+    True
+    """
+    root = type(x).__module__.split(".")[0]
+    if root == "torch":
+        import torch
+
+        return torch
+    if root == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
 def get_backend(name: str | Backend | None = None, device=None) -> Backend:
     """The array backend called ``name`` (None: ``$SGDTHEORY_BACKEND`` or ``"numpy"``).
 

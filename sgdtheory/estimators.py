@@ -28,6 +28,7 @@ import numpy as np
 from scipy import stats as _stats
 
 from sgdtheory import theory
+from sgdtheory.backend import array_module
 
 __all__ = [
     "Advice",
@@ -78,9 +79,7 @@ def _all_finite(x) -> bool:
 
         return bool(torch.isfinite(x).all())
     if _is_cupy(x):
-        import cupy
-
-        return bool(cupy.isfinite(x).all())
+        return bool(array_module(x).isfinite(x).all())
     return bool(np.all(np.isfinite(x)))
 
 
@@ -173,9 +172,7 @@ def _like(value, ref):
         import torch
 
         return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
-    import cupy
-
-    return cupy.asarray(value, dtype=ref.dtype)
+    return array_module(ref).asarray(value, dtype=ref.dtype)
 
 
 def _two_batch_solve(small, big, a_small, a_big):
@@ -487,15 +484,7 @@ def _per_sample_parts(grads, n_data):
 
 def _namespace(x):
     """The array module of ``x`` (numpy, cupy or torch), imported lazily."""
-    if _is_torch(x):
-        import torch
-
-        return torch
-    if _is_cupy(x):
-        import cupy
-
-        return cupy
-    return np
+    return array_module(x)
 
 
 

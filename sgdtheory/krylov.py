@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+from sgdtheory.backend import array_module
+
 __all__ = [
     "KrylovConvergenceWarning",
     "SpectralDensity",
@@ -47,16 +49,12 @@ class _Ops:
     """The few dim-sized array operations the solvers need, for NumPy, CuPy or torch."""
 
     def __init__(self, like):
-        mod = type(like).__module__ if like is not None else "numpy"
-        if mod.startswith("torch"):
-            import torch
-
-            self.name, self.mod = "torch", torch
+        xp = array_module(like) if like is not None else np
+        if xp is not np and xp.__name__ == "torch":
+            self.name, self.mod = "torch", xp
             self.dtype, self.device = like.dtype, like.device
-        elif mod.startswith("cupy"):
-            import cupy
-
-            self.name, self.mod = "cupy", cupy
+        elif xp is not np:
+            self.name, self.mod = "cupy", xp
             self.dtype, self.device = like.dtype, None
         else:
             self.name, self.mod = "numpy", np

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize
 
+from sgdtheory.backend import array_module
+
 __all__ = [
     "QuadraticStats",
     "b_noise",
@@ -56,12 +58,7 @@ __all__ = [
 
 def _module(x):
     """The array module of ``x``: torch or cupy for their arrays, NumPy otherwise."""
-    mod = type(x).__module__.split(".")[0]
-    if mod in ("torch", "cupy"):
-        import importlib
-
-        return importlib.import_module(mod)
-    return np
+    return array_module(x)
 
 
 def _arr(name: str, x):

@@ -99,20 +99,23 @@ def test_exactly_unbiased_on_enumerated_finite_datasets(grads, replace):
     assert est.per_sample(grads)[1] >= 0.0
 
 
-@SETTINGS
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(seeds, st.integers(1, 8), st.floats(0.3, 3.0))
 def test_per_sample_converges_as_n_grows(seed, p, g_scale):
+    """RMS error over 100 replicates falls like 1/√n (×0.1 from n = 100 to 10,000)."""
     rng = np.random.default_rng(seed)
     g = g_scale * rng.normal(size=p) + 0.5
     chol = rng.normal(size=(p, p)) / np.sqrt(p)
     truth = np.array([g @ g, np.trace(chol @ chol.T)])
-    errs, ses = [], []
-    for n in (40, 4000):
-        r = est.per_sample_stats(g + rng.normal(size=(n, p)) @ chol.T)
-        errs.append(np.abs([r.grad_sq, r.tr_sigma] - truth))
-        ses.append(np.array([r.grad_sq_stderr, r.tr_sigma_stderr]))
-    assert np.all(ses[1] < ses[0] / 5)  # ~ 1/√n: a factor 10 expected
-    assert np.all(errs[1] <= 5 * ses[1] + 1e-12)
+    rms, covered = [], None
+    for n in (100, 10_000):
+        r = est.per_sample_stats(g + rng.normal(size=(100, n, p)) @ chol.T)
+        err = np.stack([r.grad_sq, r.tr_sigma], axis=-1) - truth
+        rms.append(np.sqrt(np.mean(err**2, axis=0)))
+        se = np.stack([r.grad_sq_stderr, r.tr_sigma_stderr], axis=-1)
+        covered = np.mean(np.abs(err) <= 4 * se, axis=0)
+    assert np.all(rms[1] < 0.15 * rms[0])  # 0.1 expected; RMS of 100 draws is good to ~10%
+    assert np.all(covered >= 0.95)
 
 
 @SETTINGS
