@@ -774,7 +774,8 @@ def linreg_expected_loss(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.
         m_j ← m_j (1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λ_j (Σ_k λ_k m_k + σ²).
 
     Stable iff the spectral radius of A is < 1, i.e. η < η_c(B)
-    (:func:`sgdtheory.theory.linreg_stability_limit`); a diverging run's loss becomes inf.
+    (:func:`sgdtheory.theory.linreg_stability_limit`); beyond it the loss grows geometrically and is
+    reported as inf once it overflows float64 (no warning).
 
     Args: as :func:`linreg_moments`.
 

@@ -1,6 +1,7 @@
 """distributed_gradient_noise with two gloo processes on CPU equals the single-process
 micro-batch estimate on the same split (each rank's shard = one micro-batch)."""
 
+import datetime
 import json
 import os
 import socket
@@ -33,7 +34,7 @@ def _setup():
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         model, x, y = _setup()
         sl = slice(rank * LOCAL, (rank + 1) * LOCAL)
@@ -71,9 +72,10 @@ def _free_port():
 
 
 def test_two_process_estimate_equals_single_process(tmp_path):
-    # fork (not spawn): the children need not import torch again
+    # spawn, not fork: forking a pytest(-xdist) worker whose torch/OpenMP thread pools are
+    # already running can deadlock the child
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     out = {}
     for rank in range(WORLD):
         with open(tmp_path / f"rank{rank}.json") as fh:
