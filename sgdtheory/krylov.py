@@ -138,7 +138,7 @@ def _lanczos_restarted(matvec, dim, k, ops, *, tol, max_iter, seed, basis_size=N
     β_m |y_m|; it is converged when that is ≤ tol·|θ|.
     """
     m = basis_size or min(dim, max(2 * k + 20, 30))
-    m = max(min(m, dim), k)
+    m = max(min(m, dim, max_iter), k)  # never more matvecs than max_iter in the first cycle
     rng = np.random.default_rng(seed)
     basis = ops.zeros((m + 1, dim))
     t = np.zeros((m + 1, m))
@@ -192,7 +192,8 @@ def _power(matvec, dim, k, ops, *, tol, max_iter, seed):
     r"""Subspace (block power) iteration with Rayleigh–Ritz on a block of 2k + 2 vectors;
     converges to the k eigenvalues of largest magnitude at rate |λ_{2k+3}/λ_k| per iteration."""
     rng = np.random.default_rng(seed)
-    k_out, k = k, min(dim, 2 * k + 2)  # guard vectors: rate |λ_{2k+3}/λ_k| instead of |λ_{k+1}/λ_k|
+    # guard vectors: rate |λ_{2k+3}/λ_k| instead of |λ_{k+1}/λ_k| (fewer if max_iter is tiny)
+    k_out, k = k, max(k, min(dim, 2 * k + 2, max_iter))
     x = ops.zeros((k, dim))
     for i in range(k):
         w, _ = _orth_against(ops, x, ops.asarray(_probe(rng, dim)), i)
@@ -213,7 +214,7 @@ def _power(matvec, dim, k, ops, *, tol, max_iter, seed):
         resid = np.sqrt(ops.to_numpy((r * r).sum(1)))[:k_out]
         if np.all(resid <= tol * np.maximum(np.abs(theta[:k_out]), 1e-300)):
             return np.sort(theta[:k_out])[::-1]
-        if n_mv >= max_iter:
+        if n_mv + k > max_iter:  # another block would exceed the budget
             warnings.warn(f"power iteration stopped after {n_mv} matvecs with residual "
                           f"{resid.max():.3g} > tol·|θ|", KrylovConvergenceWarning, stacklevel=3)
             return np.sort(theta[:k_out])[::-1]
@@ -244,9 +245,9 @@ def top_eigenvalues(matvec, dim, k=1, *, method="lanczos", tol=1e-8, max_iter=No
         k: how many eigenvalues, 1 ≤ k ≤ dim.
         method: "lanczos" or "power".
         tol: relative residual tolerance.
-        max_iter: at most this many matvecs (default max(1000, 30·dim) capped at 10⁵); on
-            reaching it a :class:`KrylovConvergenceWarning` is issued and the current
-            estimates returned.
+        max_iter: at most this many matvecs (default max(1000, 30·dim) capped at 10⁵; never
+            fewer than k are made); on reaching it a :class:`KrylovConvergenceWarning` is
+            issued and the current estimates returned.
         seed: seed of the random start vector(s).
         like: an example array giving backend, dtype and device (NumPy float64 if None).
 

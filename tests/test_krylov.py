@@ -89,6 +89,22 @@ def test_not_converged_warns():
                                seed=0)
 
 
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_max_iter_bounds_the_matvecs(method):
+    """The torch path (own Lanczos) and power iteration never exceed max_iter matvecs."""
+    at = torch.tensor(random_psd(60, 5))
+    calls = []
+
+    def mv(v):
+        calls.append(1)
+        return at @ v
+
+    with pytest.warns(krylov.KrylovConvergenceWarning):
+        krylov.top_eigenvalues(mv, 60, 1, like=at[0], method=method, max_iter=5, tol=1e-14,
+                               seed=0)
+    assert len(calls) <= 5
+
+
 def test_hutchinson_within_interval_and_coverage():
     """Hutchinson's 95% interval (± 1.96 stderr) covers tr(A) 92–98% of 1,000 seeds."""
     rng = np.random.default_rng(6)

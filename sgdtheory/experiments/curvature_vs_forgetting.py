@@ -110,6 +110,14 @@ def _best_factor(factors, loss):
     return float(factors[i])
 
 
+def _loglog_slope(n, best) -> float:
+    """Least-squares slope of log(best) against log(N): -1 when best ∝ 1/N (forgetting limit).
+
+    A fit over all dataset sizes, rather than step-by-step monotonicity, so that the check
+    is not decided by the replica noise of one neighbouring pair."""
+    return float(np.polyfit(np.log(n), np.log(best), 1)[0])
+
+
 def compute(config: Config, backend, seed: int = 0) -> dict:
     """Run the sweep; return final losses, limits and checks."""
     lam = spectrum(config)
@@ -179,11 +187,12 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
                                ratio_pred, ratio_meas, 2.0,
                                "[η_c(B)/B]/[η_c(4B)/4B] vs f_inst(B)/f_inst(4B) (base-rate "
                                "limits); pass within a factor 2"))
-    steps_ok = bool(np.all(best[1:, 0] <= 1.2 * best[:-1, 0]))
-    falls = bool(steps_ok and best[0, 0] / best[-1, 0] >= 3.0)
+    slope = _loglog_slope(n_data, best[:, 0])
+    falls = bool(slope <= -0.4 and best[0, 0] / best[-1, 0] >= 3.0)
     checks.append(Check("best factor falls as N grows (B)", float(f_forget[0] / f_forget[-1]),
                         float(best[0, 0] / best[-1, 0]), 3.0, falls,
-                        "best(N_min)/best(N_max) >= 3 and no step up by more than 20%; "
+                        f"best(N_min)/best(N_max) >= 3 and least-squares slope of log best vs "
+                        f"log N <= -0.4 (measured {slope:.2f}; -1 where forgetting-limited); "
                         "predicted: the forgetting-limit ratio N_max/N_min"))
     forget_ok = f_forget <= f_curv[0] / 2.0  # forgetting-limited: well below the curvature limit
     ratios = best[forget_ok, 0] / f_forget[forget_ok]
