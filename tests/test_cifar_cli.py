@@ -1,45 +1,19 @@
 """python -m validate.cifar: end to end on a generated CIFAR-10 archive, and one-line errors."""
 
 import csv
-import hashlib
-import io
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+from cifar_archive import split_into_batches, write_archive
 
 from validate import cifar, data
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_archive(path, images, labels, test_images, test_labels, per_batch):
-    """A cifar-10-python.tar.gz in the official layout (5 training batches of ``per_batch``)."""
-    def rows(x):
-        return np.ascontiguousarray(x.reshape(len(x), 3072))
-
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name, obj):
-            raw = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-
-        for i in range(5):
-            sl = slice(i * per_batch, (i + 1) * per_batch)
-            add(f"data_batch_{i + 1}", {b"data": rows(images[sl]),
-                                        b"labels": [int(v) for v in labels[sl]]})
-        add("test_batch", {b"data": rows(test_images),
-                           b"labels": [int(v) for v in test_labels]})
-        add("batches.meta", {b"label_names": [n.encode() for n in data.CIFAR10_CLASSES]})
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +21,9 @@ def archive(tmp_path_factory):
     """1050 learnable training images (5 × 210) and 200 test images, CIFAR-10 format."""
     root = tmp_path_factory.mktemp("cifar")
     syn = data.synthetic_cifar10(1050, 200, seed=7)
-    md5 = write_archive(root / "cifar-10-python.tar.gz", syn.train_images, syn.train_labels,
-                        syn.test_images, syn.test_labels, per_batch=210)
+    batches = split_into_batches(syn.train_images, syn.train_labels, syn.test_images,
+                                 syn.test_labels, per_batch=210)
+    md5 = write_archive(root / "cifar-10-python.tar.gz", batches)
     return root, md5
 
 

@@ -2,17 +2,14 @@
 synthetic dataset."""
 
 import hashlib
-import io
 import os
-import pickle
 import tarfile
 
 import numpy as np
 import pytest
+from cifar_archive import MEMBERS, write_archive
 
 from validate import data
-
-MEMBERS = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
 def make_batches(seed=0, sizes=(3, 4, 5, 2, 6, 7)):
@@ -23,24 +20,6 @@ def make_batches(seed=0, sizes=(3, 4, 5, 2, 6, 7)):
                [int(v) for v in rng.integers(0, 10, size=n)])
         for name, n in zip(MEMBERS, sizes, strict=True)
     }
-
-
-def write_archive(path, batches, names=data.CIFAR10_CLASSES):
-    """Write a .tar.gz exactly like the official one: cifar-10-batches-py/<member>, each a
-    pickled dict with bytes keys (protocol 2, as the original Python 2 files)."""
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name, obj):
-            raw = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-
-        for name, (x, y) in batches.items():
-            add(name, {b"batch_label": name.encode(), b"labels": y, b"data": x,
-                       b"filenames": [b"img.png"] * len(y)})
-        add("batches.meta", {b"label_names": [n.encode() for n in names],
-                             b"num_cases_per_batch": 10000, b"num_vis": 3072})
-    return hashlib.md5(open(path, "rb").read()).hexdigest()
 
 
 def expected_image(row):
