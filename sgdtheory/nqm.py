@@ -12,7 +12,8 @@ and E[L_t] = ½ Σ_i h_i s_i(t) (every dimension is independent). Options, all e
 
 * ``momentum`` μ: heavy ball as in ``torch.optim.SGD`` (v ← μv + g, θ ← θ − ηv, v₀ = 0);
   the second moments (E[θ²], E[θv], E[v²]) of each dimension follow a 3×3 linear system
-  (see :func:`expected_loss`).
+  (see :func:`expected_loss`). ``nesterov=True``: torch's Nesterov form (v ← μv + g,
+  θ ← θ − η(g + μv)), stable for ηh̃_max < 2(1+μ)/(1+2μ).
 * ``precond_power`` p: preconditioner P = (H/h_max)^{−p}, i.e. θ ← θ − ηP g_B. In the
   eigenbasis p_i = (h_i/h_max)^{−p}, which replaces h_i by p_i h_i and c_i by p_i² c_i in the
   dynamics (the loss keeps the weights h_i). The normalisation by h_max keeps the top
@@ -164,8 +165,12 @@ def _sgd_loss_at(pr: _Problem, logq, omq, noise, t):
     return out
 
 
-def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool):
+def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool,
+                   nesterov: bool = False):
     """Per-dimension linear dynamics z' = A z + g ζ of z = (θ[, v][, θ̄]), Var ζ = c̃/B.
+
+    Heavy ball: θ' = (1 − ηh̃)θ − ημv − ηζ. Nesterov (θ' = θ − η(g + μv'), v' = μv + g):
+    θ' = (1 − ηh̃(1+μ))θ − ημ²v − η(1+μ)ζ. Both: v' = h̃θ + μv + ζ; θ̄' = βθ̄ + (1−β)θ'.
 
     Returns the second-moment map on vec(E[zzᵀ]): S' = M S + b with M = A⊗A, b = n·(g⊗g),
     shapes S+(d, k², k²) and S+(d, k²), plus the index of the loss component.
@@ -180,7 +185,12 @@ def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool
     g[..., 0] = -eta
     if has_v:
         m = np.broadcast_to(mu[..., None], shape)
-        A[..., 0, 1] = -eta * m
+        if nesterov:
+            A[..., 0, 0] = 1.0 - eta * hd * (1.0 + m)
+            A[..., 0, 1] = -eta * m * m
+            g[..., 0] = -eta * (1.0 + m)
+        else:
+            A[..., 0, 1] = -eta * m
         A[..., 1, 0] = hd
         A[..., 1, 1] = m
         g[..., 1] = 1.0
@@ -188,7 +198,7 @@ def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool
         b_ = np.broadcast_to(beta[..., None], shape)
         A[..., -1, :] = (1.0 - b_)[..., None] * A[..., 0, :]
         A[..., -1, -1] = b_
-        g[..., -1] = -(1.0 - b_) * eta
+        g[..., -1] = (1.0 - b_) * g[..., 0]
     M = np.einsum("...ik,...jl->...ijkl", A, A).reshape(shape + (k * k, k * k))
     noise = np.broadcast_to(pr.cd / batch[..., None], shape)
     b = noise[..., None] * np.einsum("...i,...j->...ij", g, g).reshape(shape + (k * k,))
@@ -230,11 +240,13 @@ def _stationary_moments(M, b) -> np.ndarray:
     return np.linalg.solve(eye - M, b[..., None])[..., 0]
 
 
-def _unstable(pr: _Problem, lr, mu):
-    """True where some dimension has ηh̃_i ≥ 2(1+μ) (the moment system diverges)."""
+def _unstable(pr: _Problem, lr, mu, nesterov: bool = False):
+    """True where some dimension has ηh̃_i ≥ 2(1+μ) (Nesterov: 2(1+μ)/(1+2μ)): there the
+    deterministic map has an eigenvalue ≤ −1 and the moment system diverges."""
     if pr.h.size == 0:
         return np.zeros(np.broadcast_shapes(lr.shape, mu.shape), dtype=bool)
-    return lr * pr.hd.max() >= 2.0 * (1.0 + mu)
+    limit = 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu) if nesterov else 2.0 * (1.0 + mu)
+    return lr * pr.hd.max() >= limit
 
 
 # --------------------------------------------------------------------------- public API
@@ -250,7 +262,7 @@ def _configs(lr, batch, momentum, ema_decay, *, schedule: bool):
 
 
 def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
-                  ema_decay=None):
+                  ema_decay=None, nesterov=False):
     r"""Exact expected NQM loss E[L_t], t = 0..steps, of SGD / heavy ball / preconditioned SGD.
 
     SGD, with q_i = (1 − ηh̃_i)², h̃ = ph, c̃ = p²c, s_i(0) = ``init_sq``:
@@ -264,6 +276,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
         E[v²]'  = h̃² E[θ²] + 2h̃μ E[θv] + μ² E[v²] + n
 
     (it is computed as the moment map of the linear dynamics, M = A⊗A, by repeated squaring).
+    Nesterov replaces a by 1 − ηh̃(1+μ), ημ by ημ² in the θ row and the noise gain η by η(1+μ).
 
     Args:
         h: curvatures h_i > 0, shape (d,) (eigenvalues of H).
@@ -277,6 +290,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
         init_sq: E[θ_i(0)²] ≥ 0, scalar or (d,).
         precond_power: p of P = (H/h_max)^{−p} (0: plain SGD; 1: Newton-like).
         ema_decay: β ∈ [0, 1) to report the loss at the EMA iterate θ̄ instead of θ_t.
+        nesterov: torch's Nesterov momentum, θ ← θ − η(g + μv) after v ← μv + g.
 
     Returns:
         E[L_t], shape S + (T+1,) where S is the broadcast shape of (lr, batch, momentum,
@@ -299,7 +313,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
         if lr.ndim == 0:
             raise ValueError("lr must be an array whose last axis is the schedule when "
                              "steps=None (pass steps=T for a constant rate)")
-        return _schedule_loss(pr, lr, batch, mu, beta, ema_decay is not None)
+        return _schedule_loss(pr, lr, batch, mu, beta, ema_decay is not None, nesterov)
     shape = lr.shape
     if pr.h.size == 0:
         return np.zeros(shape + (steps + 1,))
@@ -316,7 +330,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
         d = pr.h.size
         dchunk = max(1, _CHUNK // ((steps + 1) * k * k))
         for ci in range(flat[0].size):
-            M, b, idx = _linear_system(pr, *(a[ci] for a in flat), has_v, has_ema)
+            M, b, idx = _linear_system(pr, *(a[ci] for a in flat), has_v, has_ema, nesterov)
             acc = np.zeros(steps + 1)
             for d0 in range(0, d, dchunk):
                 sl = slice(d0, d0 + dchunk)
@@ -324,12 +338,12 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
                 with np.errstate(over="ignore", invalid="ignore"):
                     acc += 0.5 * pr.h[sl] @ traj
             out[ci] = acc
-    unstable = _unstable(pr, flat[0], flat[2])
+    unstable = _unstable(pr, flat[0], flat[2], nesterov)
     out[unstable] = np.where(np.isnan(out[unstable]), np.inf, out[unstable])
     return out.reshape(shape + (steps + 1,))
 
 
-def _schedule_loss(pr: _Problem, lr, batch, mu, beta, has_ema: bool):
+def _schedule_loss(pr: _Problem, lr, batch, mu, beta, has_ema: bool, nesterov: bool):
     """Step-by-step moment recursion for a schedule (time on the last axis of the configs)."""
     T = lr.shape[-1]
     shape = lr.shape[:-1]
@@ -345,18 +359,20 @@ def _schedule_loss(pr: _Problem, lr, batch, mu, beta, has_ema: bool):
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(T):
             M, b, _ = _linear_system(pr, lr[..., t], batch[..., t], mu[..., t], beta[..., t],
-                                     has_v, has_ema)
+                                     has_v, has_ema, nesterov)
             s = np.einsum("...ij,...j->...i", M, s) + b
             out[..., t + 1] = 0.5 * s[..., idx] @ pr.h
     return out
 
 
-def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_decay=None):
+def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_decay=None,
+                    nesterov=False):
     r"""Limit of E[L_t] as t → ∞ at a constant rate (``inf`` when unstable).
 
     SGD: s_i* = η c̃_i / (B h̃_i (2 − ηh̃_i)), L* = ½ Σ h_i s_i*. Heavy ball (fixed point of the
-    3×3 system): s_i* = η c̃_i (1+μ) / (B h̃_i (1−μ)(2(1+μ) − ηh̃_i)). With ``ema_decay`` the
-    stationary moments of the joint system are solved for. Unstable (ηh̃_max ≥ 2(1+μ)) → inf.
+    3×3 system): s_i* = η c̃_i (1+μ) / (B h̃_i (1−μ)(2(1+μ) − ηh̃_i)). With ``ema_decay`` or
+    ``nesterov`` the stationary moments of the joint system are solved for. Unstable
+    (ηh̃_max ≥ 2(1+μ), Nesterov 2(1+μ)/(1+2μ)) → inf.
 
     Args: as :func:`expected_loss` (``lr`` > 0 constant; all configuration arguments broadcast).
 
@@ -373,21 +389,22 @@ def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_dec
     """
     lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=False)
     pr = _problem(h, c, 0.0, precond_power)
-    out = _stationary(pr, lr, batch, mu, beta, ema_decay is not None)
+    out = _stationary(pr, lr, batch, mu, beta, ema_decay is not None, nesterov)
     return float(out) if out.ndim == 0 else out
 
 
-def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool) -> np.ndarray:
-    unstable = _unstable(pr, lr, mu)
+def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool,
+                nesterov: bool = False) -> np.ndarray:
+    unstable = _unstable(pr, lr, mu, nesterov)
     eta, m = lr[..., None], mu[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        if not has_ema:
+        if not (has_ema or nesterov):
             s = eta * pr.cd * (1 + m) / (batch[..., None] * pr.hd * (1 - m)
                                          * (2 * (1 + m) - eta * pr.hd))
             out = 0.5 * s @ pr.h
         else:
             has_v = bool(np.any(mu > 0))
-            M, b, idx = _linear_system(pr, lr, batch, mu, beta, has_v, True)
+            M, b, idx = _linear_system(pr, lr, batch, mu, beta, has_v, has_ema, nesterov)
             M = np.where(unstable[..., None, None, None], 0.0, M)
             out = 0.5 * _stationary_moments(M, b)[..., idx] @ pr.h
     return np.where(unstable, np.inf, out)
@@ -397,7 +414,7 @@ def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool) -> np.ndarray:
 
 
 def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
-                    ema_decay=None, max_steps=10**7):
+                    ema_decay=None, nesterov=False, max_steps=10**7):
     r"""First step t ≤ ``max_steps`` with E[L_t] ≤ ``target``, vectorised over configurations.
 
     Returns ``inf`` where the target is not reached within ``max_steps`` and for unstable
@@ -410,7 +427,7 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
     whose remaining deviation from L* provably cannot reach the target stops early.
 
     Args:
-        h, c, lr, batch, momentum, init_sq, precond_power, ema_decay: as
+        h, c, lr, batch, momentum, init_sq, precond_power, ema_decay, nesterov: as
             :func:`expected_loss` (constant ``lr`` > 0).
         target: loss to reach (> 0); broadcasts with the configurations.
         max_steps: largest step count searched (integer ≥ 0).
@@ -439,7 +456,7 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
         return float(out[0]) if not shape else out.reshape(shape)
     has_v, has_ema = bool(np.any(flat[2] > 0)), ema_decay is not None
     l0 = 0.5 * pr.h @ pr.x0
-    unstable = _unstable(pr, flat[0], flat[2])
+    unstable = _unstable(pr, flat[0], flat[2], nesterov)
     out[(l0 <= flat[4])] = 0.0
     todo = np.flatnonzero(~unstable & (l0 > flat[4]))
     if todo.size:
@@ -448,7 +465,7 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
         else:
             scan = _sgd_newton(pr, [a[todo] for a in flat], max_steps, out, todo)
         if scan.size:
-            _scan(pr, [a[scan] for a in flat], max_steps, out, scan, has_v, has_ema)
+            _scan(pr, [a[scan] for a in flat], max_steps, out, scan, has_v, has_ema, nesterov)
     return float(out[0]) if not shape else out.reshape(shape)
 
 
@@ -605,7 +622,7 @@ def _power_bound(M) -> np.ndarray:
     return np.full(M.shape[0], np.inf)
 
 
-def _scan(pr: _Problem, cfg, max_steps, out, where, has_v, has_ema):
+def _scan(pr: _Problem, cfg, max_steps, out, where, has_v, has_ema, nesterov=False):
     """Exact first crossing by scanning the moment trajectory in blocks (stable configs only).
 
     Blocks grow geometrically from 32 steps. Early exit when the target lies below the
@@ -618,7 +635,8 @@ def _scan(pr: _Problem, cfg, max_steps, out, where, has_v, has_ema):
     s0 = _initial_state(pr, k, has_ema)
     k_max = int(min(1 << 16, max(32, _CHUNK // (d * k * k))))
     for ci, oi in enumerate(where):
-        M, b, idx = _linear_system(pr, lr[ci], batch[ci], mu[ci], beta[ci], has_v, has_ema)
+        M, b, idx = _linear_system(pr, lr[ci], batch[ci], mu[ci], beta[ci], has_v, has_ema,
+                                   nesterov)
         sstar = _stationary_moments(M, b)
         lstar = 0.5 * pr.h @ sstar[:, idx]
         amp = _power_bound(M) if lstar > target[ci] else None
@@ -660,7 +678,8 @@ class OptimalSteps(NamedTuple):
 
 
 def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0,
-                        precond_power=0.0, ema_decay=None, max_steps=10**7) -> OptimalSteps:
+                        precond_power=0.0, ema_decay=None, nesterov=False,
+                        max_steps=10**7) -> OptimalSteps:
     r"""Steps to target at the best learning rate for each batch size (Zhang et al. 2019).
 
     S(B) = min_η steps_to_target(η, B): it falls like 1/B below the critical batch and
@@ -668,7 +687,7 @@ def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0
     (B_crit = E_min/S_min).
 
     Args:
-        h, c, init_sq, momentum, precond_power, ema_decay, max_steps: as
+        h, c, init_sq, momentum, precond_power, ema_decay, nesterov, max_steps: as
             :func:`steps_to_target` (``momentum`` a scalar here).
         batches: batch sizes (n_b,), > 0. target: loss to reach. lrs: candidate rates (n_lr,).
 
@@ -685,7 +704,7 @@ def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0
         raise ValueError("batches and lrs must be 1-D arrays")
     grid = steps_to_target(h, c, lrs[None, :], batches[:, None], target, momentum=momentum,
                            init_sq=init_sq, precond_power=precond_power, ema_decay=ema_decay,
-                           max_steps=max_steps)
+                           nesterov=nesterov, max_steps=max_steps)
     grid = np.asarray(grid, dtype=float).reshape(batches.size, lrs.size)
     best = np.argmin(grid, axis=1)
     steps = grid[np.arange(batches.size), best]

@@ -492,16 +492,22 @@ def scaled_lr(lr_ref, batch_ref, batch, rule: str = "linear"):
 # --------------------------------------------------------------------------- stability limits
 
 
-def gd_stability_limit(lambda_max, momentum=0.0):
+def gd_stability_limit(lambda_max, momentum=0.0, *, nesterov=False):
     r"""Largest stable ``lr`` of gradient descent on a quadratic: 2(1+μ)/λ_max.
 
     Heavy-ball momentum in torch form (v ← μv + g, θ ← θ − ηv) is stable on the mode λ
-    iff 0 < ηλ < 2(1+μ). Also the stability limit of the additive-noise NQM.
+    iff 0 < ηλ < 2(1+μ). Nesterov in torch form (v ← μv + g, θ ← θ − η(g + μv)) iff
+    0 < ηλ < 2(1+μ)/(1+2μ): its map [[1 − ηλ(1+μ), −ημ²], [λ, μ]] has the eigenvalue −1
+    there. Also the stability limits of the additive-noise NQM.
 
     >>> gd_stability_limit(4.0), gd_stability_limit(4.0, momentum=0.9)
     (0.5, 0.95)
+    >>> round(gd_stability_limit(4.0, momentum=0.9, nesterov=True), 12)  # 3.8/(4·2.8)
+    0.339285714286
     """
-    return _out(2.0 * (1.0 + _momentum(momentum)) / _positive("lambda_max", lambda_max))
+    mu = _momentum(momentum)
+    limit = 2.0 * (1.0 + mu) / _positive("lambda_max", lambda_max)
+    return _out(limit / (1.0 + 2.0 * mu) if nesterov else limit)
 
 
 def _eigenvalues(eigenvalues):

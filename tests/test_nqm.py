@@ -386,3 +386,111 @@ def test_bad_input_other_functions():
         nqm.linreg_expected_loss([1.0, 2.0], 0.1, 1, 3, init_m=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="batches"):
         nqm.optimal_steps_curve([1.0], 1.0, [0, 1], 0.1, [0.1])
+
+
+# --------------------------------------------------------------------------- Nesterov momentum
+
+
+def recursion_nesterov(h, c, lrs, batches, mu, x0):
+    """Moments of v ← μv + g, θ ← θ − η(g + μv) with g = hθ + ζ, Var ζ = c/B, written out.
+
+    Substituting v' gives θ' = aθ − ημ²v − η(1+μ)ζ with a = 1 − ηh(1+μ), and v' = hθ + μv + ζ;
+    the products of these two lines, averaged, are the three equations below.
+    """
+    x = np.broadcast_to(np.asarray(x0, float), h.shape).copy()  # E[θ²]
+    y, z = np.zeros_like(x), np.zeros_like(x)  # E[θv], E[v²]
+    out = [0.5 * h @ x]
+    for lr, b in zip(lrs, batches, strict=True):
+        a, p, q, n = 1 - lr * h * (1 + mu), -lr * mu**2, -lr * (1 + mu), c / b
+        x, y, z = (a * a * x + 2 * a * p * y + p * p * z + q * q * n,
+                   a * h * x + (a * mu + p * h) * y + p * mu * z + q * n,
+                   h * h * x + 2 * h * mu * y + mu**2 * z + n)
+        out.append(0.5 * h @ x)
+    return np.array(out)
+
+
+@pytest.mark.parametrize(("mu", "lr"), [(0.5, 0.6), (0.9, 0.3), (0.3, 1.4)])
+def test_nesterov_closed_form_equals_recursion(mu, lr):
+    got = nqm.expected_loss(H, C, lr, 2, 300, momentum=mu, init_sq=1.5, nesterov=True)
+    ref = recursion_nesterov(H, C, [lr] * 300, [2] * 300, mu, 1.5)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    sched = nqm.expected_loss(H, C, np.full(300, lr), 2, momentum=mu, init_sq=1.5,
+                              nesterov=True)
+    np.testing.assert_allclose(sched, ref, rtol=1e-12)
+
+
+def test_nesterov_convention_matches_torch_sgd():
+    torch = pytest.importorskip("torch")
+    h = torch.tensor([1.0, 0.3, 0.05], dtype=torch.float64)
+    theta = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=0.7, momentum=0.6, nesterov=True)
+    losses = []
+    for _ in range(40):
+        loss = 0.5 * (h * theta**2).sum()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    losses.append(0.5 * (h * theta.detach() ** 2).sum().item())
+    got = nqm.expected_loss(h.numpy(), 0.0, 0.7, 1, 40, momentum=0.6, init_sq=[1.0, 4.0, 9.0],
+                            nesterov=True)
+    np.testing.assert_allclose(got, losses, rtol=1e-12)
+
+
+def test_nesterov_matches_monte_carlo():
+    """Brute-force Nesterov SGD (Rademacher per-example noise) within 3 s.e. at every step."""
+    rng = np.random.default_rng(11)
+    lr, batch, steps, mu, n_rep = 0.5, 4, 30, 0.7, 20000
+    theta = rng.standard_normal((n_rep, H.size))
+    v = np.zeros_like(theta)
+    losses = [0.5 * (theta**2) @ H]
+    for _ in range(steps):
+        g = H * theta + (rng.choice([-1.0, 1.0], size=(n_rep, batch, H.size))
+                         * np.sqrt(C)).mean(axis=1)
+        v = mu * v + g
+        theta = theta - lr * (g + mu * v)
+        losses.append(0.5 * (theta**2) @ H)
+    losses = np.array(losses)
+    mean, se = losses.mean(axis=1), losses.std(axis=1, ddof=1) / np.sqrt(n_rep)
+    exact = nqm.expected_loss(H, C, lr, batch, steps, momentum=mu, nesterov=True)
+    assert np.all(np.abs(mean - exact)[1:] <= 3 * se[1:])
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
+def test_nesterov_stability_limit_is_the_spectral_radius_threshold(mu):
+    """theory.gd_stability_limit(nesterov=True) is where ρ of the 2×2 map reaches 1, and the
+    NQM's stationary loss is finite just below it and inf just above."""
+    lam = 2.0
+    limit = theory.gd_stability_limit(lam, mu, nesterov=True)
+
+    def rho(lr):
+        a = np.array([[1 - lr * lam * (1 + mu), -lr * mu**2], [lam, mu]])
+        return np.abs(np.linalg.eigvals(a)).max()
+
+    assert rho(limit * (1 - 1e-6)) < 1 < rho(limit * (1 + 1e-6))
+    h = np.array([lam, 0.1])
+    assert np.isfinite(nqm.stationary_loss(h, h, limit * 0.999, 4, momentum=mu, nesterov=True))
+    assert nqm.stationary_loss(h, h, limit * 1.001, 4, momentum=mu, nesterov=True) == np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tail = nqm.expected_loss(h, h, limit * 1.05, 4, 5000, momentum=mu, nesterov=True)[-1]
+    assert tail == np.inf
+
+
+def test_nesterov_stationary_and_steps_to_target():
+    lr, b, mu = 0.8, 3, 0.6
+    long_run = nqm.expected_loss(H, C, lr, b, 20000, momentum=mu, nesterov=True)[-1]
+    stat = nqm.stationary_loss(H, C, lr, b, momentum=mu, nesterov=True)
+    assert stat == pytest.approx(long_run, rel=1e-10)
+    # μ = 0: Nesterov is plain SGD
+    assert nqm.stationary_loss(H, C, lr, b, momentum=0.0, nesterov=True) == pytest.approx(
+        nqm.stationary_loss(H, C, lr, b), rel=1e-12)
+    h = 1.0 / np.arange(1, 31)
+    target = 0.2 * 0.5 * h.sum()
+    lrs = np.array([0.2, 0.6, 1.0])
+    got = nqm.steps_to_target(h, h, lrs, 8, target, momentum=mu, nesterov=True,
+                              max_steps=2000)
+    for lr_i, g in zip(lrs, got, strict=True):
+        curve = recursion_nesterov(h, h, [lr_i] * 2000, [8] * 2000, mu, 1.0)
+        hits = np.flatnonzero(curve <= target)
+        assert g == (hits[0] if hits.size else np.inf)

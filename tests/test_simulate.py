@@ -20,13 +20,14 @@ def _within_3se(res, expected, name="train_loss"):
     assert np.all(np.abs(z) <= 3), np.abs(z).max()
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.6])
-def test_nqm_mean_loss_matches_exact_expectation(momentum):
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.0, False), (0.6, False), (0.6, True)])
+def test_nqm_mean_loss_matches_exact_expectation(momentum, nesterov):
     lrs, batches = np.array([0.3, 0.9]), np.array([[2], [8]])
-    res = simulate.run(NQM, lr=lrs, batch=batches, momentum=momentum, steps=60,
-                       replicas=4000, seed=2, record_every=15, progress=False)
+    res = simulate.run(NQM, lr=lrs, batch=batches, momentum=momentum, nesterov=nesterov,
+                       steps=60, replicas=4000, seed=2, record_every=15, progress=False)
     assert res.train_loss.shape == (2, 2, 4000, 5)
-    exact = nqm.expected_loss(H, H, lrs, batches, 60, momentum=momentum)[..., res.steps]
+    exact = nqm.expected_loss(H, H, lrs, batches, 60, momentum=momentum,
+                              nesterov=nesterov)[..., res.steps]
     _within_3se(res, exact)
 
 
