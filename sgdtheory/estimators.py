@@ -28,6 +28,7 @@ import numpy as np
 from scipy import stats as _stats
 
 from sgdtheory import theory
+from sgdtheory._checks import integer
 from sgdtheory.backend import array_module
 
 __all__ = [
@@ -108,7 +109,7 @@ def _float(name: str, x) -> float:
         if x - x == 0.0:
             return float(x)
         raise ValueError(f"{name} must be finite, got {x!r}")
-    if isinstance(x, bool):
+    if isinstance(x, (bool, str, bytes)):
         raise ValueError(f"{name} must be a real number, got {x!r}")
     try:
         if _is_torch(x):
@@ -544,7 +545,9 @@ def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
     >>> round(est.grad_sq, 6), round(est.tr_sigma, 6)
     (4.333333, 2.0)
     """
-    shape = getattr(grads, "shape", ())
+    shape = getattr(grads, "shape", None)
+    if shape is None:  # a list: its shape as an array
+        shape = np.shape(grads)
     if len(shape) >= 2 and shape[-2] == 2:
         raise ValueError("per_sample_stats needs at least three samples for a standard error, "
                          "got n=2")
@@ -915,9 +918,7 @@ class SequentialNoiseScale:
     """
 
     def __init__(self, window: int, batch, *, beta: float = 0.99, n_data=None):
-        if int(window) != window or window < 2:
-            raise ValueError(f"window must be an integer >= 2, got {window!r}")
-        self.window = int(window)
+        self.window = integer("window", window, 2)
         self.batch = _float("batch", batch)
         if self.batch <= 0:
             raise ValueError(f"batch must be positive, got {batch!r}")
@@ -1095,13 +1096,19 @@ def advise_batch_size(b_noise, eps_max, batch, *, b_noise_stderr=None, lr=None,
         raise ValueError(f"need 0 < min_batch <= max_batch and multiple_of > 0, got "
                          f"min_batch={min_batch!r}, max_batch={max_batch!r}, "
                          f"multiple_of={multiple_of!r}")
-    rec = max(step, round(b_noise / step) * step)
-    rec = min(max(rec, lo), hi)
+    # the multiple of ``step`` nearest B_noise inside [min_batch, max_batch]
+    k_lo, k_hi = math.ceil(lo / step), math.floor(hi / step) if math.isfinite(hi) else math.inf
+    if k_hi < max(k_lo, 1):
+        raise ValueError(f"no multiple of {multiple_of!r} lies in [min_batch={min_batch!r}, "
+                         f"max_batch={max_batch!r}]")
+    rec = min(max(round(b_noise / step), k_lo, 1), k_hi) * step
     mu = float(theory._momentum(momentum))
     lr_v = math.nan if lr is None else _float("lr", lr)
     if lr is not None and lr_v <= 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     se = math.nan if b_noise_stderr is None else _float("b_noise_stderr", b_noise_stderr)
+    if se < 0:
+        raise ValueError(f"b_noise_stderr must be non-negative, got {b_noise_stderr!r}")
     s_now = 1.0 + b_noise / batch
     s_rec = 1.0 + b_noise / rec
     e_now = 1.0 + batch / b_noise

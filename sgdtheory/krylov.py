@@ -25,8 +25,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
+from sgdtheory._checks import integer
 from sgdtheory.backend import array_module
 
 __all__ = [
@@ -97,11 +98,10 @@ class _Ops:
 
 
 def _check_args(dim, like):
-    if int(dim) != dim or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    dim = integer("dim", dim)
     if like is not None and getattr(like, "shape", None) is None:
         raise ValueError(f"like must be an array (NumPy, CuPy or torch), got {like!r}")
-    return int(dim), _Ops(like)
+    return dim, _Ops(like)
 
 
 def _probe(rng, dim, kind="normal"):
@@ -259,15 +259,14 @@ def top_eigenvalues(matvec, dim, k=1, *, method="lanczos", tol=1e-8, max_iter=No
     array([5., 3.])
     """
     dim, ops = _check_args(dim, like)
-    if int(k) != k or not 1 <= k <= dim:
+    k = integer("k", k)
+    if k > dim:
         raise ValueError(f"k must be an integer in [1, dim={dim}], got {k!r}")
-    k = int(k)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     if max_iter is None:
         max_iter = min(max(1000, 30 * dim), 100_000)
-    if int(max_iter) != max_iter or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    max_iter = integer("max_iter", max_iter)
     if method == "power":
         return _power(matvec, dim, k, ops, tol=tol, max_iter=max_iter, seed=seed)
     if method != "lanczos":
@@ -288,6 +287,9 @@ def top_eigenvalues(matvec, dim, k=1, *, method="lanczos", tol=1e-8, max_iter=No
             warnings.warn(f"eigsh did not converge: {exc}", KrylovConvergenceWarning,
                           stacklevel=2)
             vals = exc.eigenvalues
+        except ArpackError:  # e.g. A v₀ = 0 (a zero matrix): ARPACK cannot start
+            return _lanczos_restarted(matvec, dim, k, ops, tol=tol, max_iter=max_iter,
+                                      seed=seed)
         return np.sort(np.asarray(vals, dtype=float))[::-1]
     return _lanczos_restarted(matvec, dim, k, ops, tol=tol, max_iter=max_iter, seed=seed)
 
@@ -328,9 +330,7 @@ def hutchinson_trace(matvec, dim, n_samples, *, seed=None, like=None, method="hu
     (55.0, 0.0)
     """
     dim, ops = _check_args(dim, like)
-    if int(n_samples) != n_samples or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}")
-    n_samples = int(n_samples)
+    n_samples = integer("n_samples", n_samples, 2)
     rng = np.random.default_rng(seed)
     if method == "hutchinson":
         vals = np.empty(n_samples)
@@ -426,11 +426,8 @@ def spectral_density(matvec, dim, *, n_probes=8, n_steps=40, seed=None,
     array([1., 2., 3., 4.])
     """
     dim, ops = _check_args(dim, like)
-    if int(n_probes) != n_probes or n_probes < 1:
-        raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
-    if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
-    m = min(int(n_steps), dim)
+    n_probes = integer("n_probes", n_probes)
+    m = min(integer("n_steps", n_steps), dim)
     rng = np.random.default_rng(seed)
     nodes = np.empty((int(n_probes), m))
     weights = np.empty((int(n_probes), m))

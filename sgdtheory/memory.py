@@ -58,6 +58,7 @@ from __future__ import annotations
 import numpy as np
 
 from sgdtheory import theory
+from sgdtheory._checks import integer, real
 
 __all__ = [
     "forgetting_horizon",
@@ -69,20 +70,26 @@ __all__ = [
 
 
 def _check_inputs(eigenvalues, lr, batch, noise_var):
-    lam = np.asarray(eigenvalues, dtype=float)
+    try:
+        lam = np.asarray(eigenvalues, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"eigenvalues must be real numbers, got {eigenvalues!r}") from exc
     if lam.ndim != 1 or lam.size == 0:
         raise ValueError(f"eigenvalues must be a non-empty 1-D array, got shape {lam.shape}")
     if not np.all(np.isfinite(lam)) or np.any(lam < 0) or not np.any(lam > 0):
         raise ValueError("eigenvalues must be finite, non-negative, with a positive entry")
-    lr = float(lr)
-    if not (np.isfinite(lr) and lr > 0):
+    lr = real("lr", lr)
+    if not lr > 0:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if isinstance(batch, bool) or int(batch) != batch or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    noise_var = float(noise_var)
-    if not (np.isfinite(noise_var) and noise_var >= 0):
+    batch = integer("batch", batch)
+    noise_var = real("noise_var", noise_var)
+    if not noise_var >= 0:
         raise ValueError(f"noise_var must be a non-negative finite number, got {noise_var!r}")
-    return lam, lr, int(batch), noise_var
+    limit = theory.linreg_stability_limit(lam, batch)
+    if lr >= limit:
+        raise ValueError(f"lr={lr} is at or above the curvature limit {limit:.6g} of "
+                         f"batch {batch}: SGD diverges (no stationary state, no memory curve)")
+    return lam, lr, batch, noise_var
 
 
 def stationary_moments(eigenvalues, lr, batch, *, noise_var):
@@ -103,9 +110,6 @@ def stationary_moments(eigenvalues, lr, batch, *, noise_var):
     0.0588235294
     """
     lam, lr, batch, noise_var = _check_inputs(eigenvalues, lr, batch, noise_var)
-    if lr >= theory.linreg_stability_limit(lam, batch):
-        raise ValueError(f"lr={lr} is at or above the curvature limit "
-                         f"{theory.linreg_stability_limit(lam, batch):.6g}: no stationary state")
     a = theory.linreg_moment_matrix(lam, lr, batch)
     return np.linalg.solve(np.eye(lam.size) - a, (lr**2 / batch) * noise_var * lam)
 
@@ -119,7 +123,7 @@ def memory_gap(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
 
     Args:
         eigenvalues: λ (d,), feature covariance spectrum (H = diag λ).
-        lr: η, multiplier of the mean minibatch gradient.
+        lr: η, multiplier of the mean minibatch gradient, below the curvature limit η_c(B).
         batch: B, examples per step (integer ≥ 1), fresh examples every step.
         lags: k (integer ≥ 1), scalar or array.
         noise_var: σ², label-noise variance.
@@ -135,8 +139,9 @@ def memory_gap(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
     """
     lam, lr, batch, noise_var = _check_inputs(eigenvalues, lr, batch, noise_var)
     lags_arr = np.asarray(lags)
-    if not np.issubdtype(lags_arr.dtype, np.number) or np.any(lags_arr < 1) or np.any(
-            lags_arr != np.round(lags_arr)):
+    if (not np.issubdtype(lags_arr.dtype, np.number) or not np.all(np.isfinite(lags_arr))
+            or np.any(lags_arr < 1) or np.any(lags_arr > 2**53)
+            or np.any(lags_arr != np.round(lags_arr))):
         raise ValueError(f"lags must be integers >= 1, got {lags!r}")
     k = lags_arr.astype(np.int64).ravel()
     if moments is None:

@@ -124,8 +124,12 @@ def _problem(h, c, init_sq=0.0, precond_power=0.0) -> _Problem:
     d = h.shape[0]
     c = _per_dim("c", c, d)
     x0 = _per_dim("init_sq", init_sq, d)
-    p = float(_array("precond_power", precond_power))
-    scale = (h / h.max()) ** (-p)
+    p = _array("precond_power", precond_power)
+    if p.ndim != 0:
+        raise ValueError(f"precond_power must be a scalar, got shape {p.shape}")
+    p = float(p)
+    with np.errstate(over="ignore"):
+        scale = (h / h.max()) ** (-p)
     if not np.all(np.isfinite(scale)):
         raise ValueError(f"precond_power={precond_power!r} overflows the preconditioner")
     keep = (c > 0) | (x0 > 0)
@@ -252,6 +256,12 @@ def _unstable(pr: _Problem, lr, mu, nesterov: bool = False):
 # --------------------------------------------------------------------------- public API
 
 
+def _flag(name: str, x) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {x!r}")
+    return bool(x)
+
+
 def _configs(lr, batch, momentum, ema_decay, *, schedule: bool):
     lr = _positive("lr", lr, allow_zero=schedule)
     batch = _positive("batch", batch)
@@ -304,6 +314,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
     >>> expected_loss(h, h, [0.5, 0.5], 10)  # a schedule of two steps
     array([0.55      , 0.18275   , 0.08783813])
     """
+    nesterov = _flag("nesterov", nesterov)
     schedule = steps is None
     if not schedule:
         steps = _steps("steps", steps)
@@ -387,6 +398,7 @@ def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_dec
     >>> stationary_loss(h, h, 2.0, 10)
     inf
     """
+    nesterov = _flag("nesterov", nesterov)
     lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=False)
     pr = _problem(h, c, 0.0, precond_power)
     out = _stationary(pr, lr, batch, mu, beta, ema_decay is not None, nesterov)
@@ -442,6 +454,7 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
     >>> steps_to_target(h, h, [0.5, 1.0, 1.9], 100, 0.1 * l0, momentum=0.5)
     array([28., 15., 10.])
     """
+    nesterov = _flag("nesterov", nesterov)
     lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=False)
     target = _positive("target", target)
     max_steps = _steps("max_steps", max_steps)
@@ -689,7 +702,9 @@ def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0
     Args:
         h, c, init_sq, momentum, precond_power, ema_decay, nesterov, max_steps: as
             :func:`steps_to_target` (``momentum`` a scalar here).
-        batches: batch sizes (n_b,), > 0. target: loss to reach. lrs: candidate rates (n_lr,).
+        batches: batch sizes B (n_b,), examples per step, > 0. target: loss to reach.
+        lrs: candidate rates η (n_lr,), multipliers of the mean minibatch gradient (not base
+            rates η/B; the same grid is tried at every B).
 
     >>> h = 1.0 / np.arange(1, 51)
     >>> r = optimal_steps_curve(h, h, [1, 4, 64], 0.05, np.geomspace(0.01, 1.9, 30))
@@ -719,7 +734,10 @@ def _linreg_inputs(lam, lr, batch, steps, noise_var, init_m):
     lam = _positive("lam", lam, allow_zero=True)
     if lam.ndim != 1 or lam.size == 0:
         raise ValueError(f"lam must be a non-empty 1-D array of eigenvalues, got {lam.shape}")
-    noise_var = float(_positive("noise_var", noise_var, allow_zero=True))
+    noise_var = _positive("noise_var", noise_var, allow_zero=True)
+    if noise_var.ndim != 0:
+        raise ValueError(f"noise_var must be a scalar, got shape {noise_var.shape}")
+    noise_var = float(noise_var)
     m0 = _per_dim("init_m", init_m, lam.size)
     schedule = steps is None
     lr = _positive("lr", lr, allow_zero=schedule)

@@ -96,6 +96,13 @@ def _momentum(momentum):
     return mu
 
 
+def _scalar(name: str, x) -> float:
+    """A checked value that must be a single number, as a float."""
+    if getattr(x, "ndim", 0) != 0:
+        raise ValueError(f"{name} must be a scalar here, got shape {tuple(x.shape)}")
+    return float(x)
+
+
 def _out(value):
     """Scalars in, scalars out: 0-d NumPy results become Python floats."""
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
@@ -187,6 +194,13 @@ def eps_opt(batch, eps_max, b_noise):
 def delta_loss_max(grad_sq, g_h_g):
     r"""Largest one-step loss decrease of noiseless GD: ΔL_max = ½ |G|⁴ / GᵀHG.
 
+    Args:
+        grad_sq: |G|², squared norm of the mean-loss gradient (≥ 0).
+        g_h_g: GᵀHG, curvature along G (> 0).
+
+    Returns:
+        ΔL_max, in loss units (of the mean loss), reached at ``lr`` = ε_max.
+
     >>> delta_loss_max(2.0, 4.0)
     0.5
     """
@@ -198,6 +212,14 @@ def delta_loss_max(grad_sq, g_h_g):
 def delta_loss_opt(batch, delta_loss_max, b_noise):
     r"""Expected one-step decrease at ε_opt(B): ΔL_opt(B) = ΔL_max / (1 + B_noise/B).
 
+    Args:
+        batch: B, examples per step (> 0, drawn with replacement).
+        delta_loss_max: ΔL_max, in loss units (≥ 0).
+        b_noise: B_noise, in examples (≥ 0).
+
+    Returns:
+        ΔL_opt(B), in loss units: −E[ΔL] of one SGD step at ``lr`` = ε_opt(B).
+
     >>> delta_loss_opt(5.0, 3.0, 10.0)
     1.0
     """
@@ -207,17 +229,32 @@ def delta_loss_opt(batch, delta_loss_max, b_noise):
     return _out(dl / (1.0 + b_noise_ / batch))
 
 
+def _n_data(n_data):
+    """A dataset size N > 1 (the factor (N−B)/(N−1) needs N ≠ 1)."""
+    n_data = _arr("n_data", n_data)
+    if bool(_module(n_data).any(n_data <= 1)):
+        raise ValueError(f"n_data must be > 1 (examples in the dataset), got {n_data!r}")
+    return n_data
+
+
 def effective_batch(batch, n_data):
     r"""Batch size with replacement that has the noise of B drawn *without* replacement from N.
 
     Without replacement Cov(G_B) = (Σ/B)(N−B)/(N−1), so B_eff = B (N−1)/(N−B)
     (infinite when B = N: full-batch GD has no noise).
 
+    Args:
+        batch: B, examples per step, drawn without replacement (0 < B ≤ N).
+        n_data: N, examples in the dataset (> 1).
+
+    Returns:
+        B_eff, in examples: use it wherever a formula assumes sampling with replacement.
+
     >>> effective_batch(10, 19)
     20.0
     """
     batch = _positive("batch", batch)
-    n_data = _positive("n_data", n_data)
+    n_data = _n_data(n_data)
     xp = _module(batch)
     if bool(xp.any(batch > n_data)):
         raise ValueError(f"batch ({batch!r}) must not exceed n_data ({n_data!r})")
@@ -240,7 +277,7 @@ def expected_loss_change(lr, batch, grad_sq, g_h_g, tr_h_sigma, *, n_data=None):
         lr: ε, multiplier of the mean minibatch gradient (> 0).
         batch: B, examples per step (> 0).
         grad_sq: |G|² (≥ 0). g_h_g: GᵀHG. tr_h_sigma: tr(HΣ) (≥ 0).
-        n_data: optional dataset size N ≥ B for sampling without replacement.
+        n_data: optional dataset size N ≥ B (N > 1) for sampling without replacement.
 
     >>> expected_loss_change(0.5, 10.0, 1.0, 1.0, 10.0)
     -0.25
@@ -252,7 +289,7 @@ def expected_loss_change(lr, batch, grad_sq, g_h_g, tr_h_sigma, *, n_data=None):
     tr_h_sigma = _positive("tr_h_sigma", tr_h_sigma, allow_zero=True)
     noise = tr_h_sigma / batch
     if n_data is not None:
-        n_data = _positive("n_data", n_data)
+        n_data = _n_data(n_data)
         if bool(_module(batch).any(batch > n_data)):
             raise ValueError(f"batch ({batch!r}) must not exceed n_data ({n_data!r})")
         noise = noise * (n_data - batch) / (n_data - 1.0)
@@ -286,10 +323,15 @@ class QuadraticStats:
 
     @property
     def delta_loss_max(self) -> float:
-        return 0.5 * self.grad_sq * self.eps_max
+        """ΔL_max = ½|G|⁴/GᵀHG (0 at G = 0; ``inf`` when GᵀHG ≤ 0 < |G|²)."""
+        return 0.5 * self.grad_sq * self.eps_max if self.grad_sq > 0 else 0.0
 
     def eps_opt(self, batch):
-        """ε_opt(B) = ε_max/(1 + B_noise/B) for this point (``lr`` units)."""
+        """ε_opt(B) = ε_max/(1 + B_noise/B) for this point (``lr`` units; ``inf`` when
+        GᵀHG ≤ 0: the quadratic model has no optimal step)."""
+        if self.g_h_g <= 0:
+            batch = _positive("batch", batch)
+            return _out(batch * 0.0 + float("inf"))
         return eps_opt(batch, self.eps_max, self.b_noise)
 
 
@@ -407,11 +449,14 @@ def fit_steps_examples(steps, examples):
         raise ValueError(f"steps and examples must have the same shape, got {s.shape}, {e.shape}")
     if s.size < 2:
         raise ValueError("fit_steps_examples needs at least two (steps, examples) points")
+    batch = e / s
+    if np.ptp(np.log(batch)) < 1e-9:
+        raise ValueError("fit_steps_examples needs at least two different batch sizes "
+                         "(examples/steps); S_min and E_min are not identifiable from one")
     a = np.stack([1.0 / s, 1.0 / e], axis=1)
     (s0, e0), *_ = np.linalg.lstsq(a, np.ones_like(s), rcond=None)
     if not (s0 > 0 and e0 > 0):
         s0, e0 = s.min() * 0.5, e.min() * 0.5
-    batch = e / s
 
     def residual(log_params):
         s_min, e_min = np.exp(log_params)
@@ -536,8 +581,7 @@ def linreg_moment_matrix(eigenvalues, lr, batch):
     array([[0.75]])
     """
     lam = _eigenvalues(eigenvalues)
-    lr = float(_positive("lr", lr))
-    batch = float(_positive("batch", batch))
+    lr, batch = _scalar("lr", _positive("lr", lr)), _scalar("batch", _positive("batch", batch))
     diag = 1.0 - 2.0 * lr * lam + lr**2 * lam**2 * (1.0 + 1.0 / batch)
     return np.diag(diag) + (lr**2 / batch) * np.outer(lam, lam)
 

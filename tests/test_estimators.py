@@ -521,7 +521,25 @@ def test_sequential_window_matches_explicit_mean_over_long_runs(backend):
     (lambda: est.advise_batch_size(10.0, 1.0, 8, min_batch=16, max_batch=8), "min_batch"),
     (lambda: est.advise_batch_size(10.0, 1.0, 8, momentum=1.0), "momentum"),
     (lambda: est.two_batch_stats([1.0, 2.0], [0.5, 0.6], 1, 10).ci("lr"), "name"),
+    (lambda: est.per_sample_stats([[1.0, 2.0], [3.0, 4.0]]), "at least three"),  # a list
+    (lambda: est.NoiseScaleEMA().update("1", 1.0), "grad_sq must be a real number"),
+    (lambda: est.SequentialNoiseScale(None, 10), "window"),
+    (lambda: est.advise_batch_size(10.0, 1.0, 8, b_noise_stderr=-1.0), "b_noise_stderr"),
+    (lambda: est.advise_batch_size(1e3, 1.0, 8, min_batch=65, max_batch=100, multiple_of=64),
+     "no multiple of 64"),
 ])
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_advise_batch_size_respects_multiple_of_within_limits():
+    """The recommendation is a multiple of ``multiple_of`` inside [min_batch, max_batch],
+    the one nearest B_noise (checked against a brute-force search over the multiples)."""
+    for b_noise, lo, hi, step in [(1000, 1, 100, 64), (1000, 1, 1e5, 64), (30, 100, 1e4, 8),
+                                  (3, 1, None, 1), (90, 10, 500, 32)]:
+        rec = est.advise_batch_size(b_noise, 1.0, 8, min_batch=lo, max_batch=hi,
+                                    multiple_of=step).recommended_batch
+        top = 10**6 if hi is None else hi
+        cands = [m * step for m in range(1, int(top // step) + 1) if lo <= m * step <= top]
+        assert rec == min(cands, key=lambda c: (abs(c - b_noise), c))

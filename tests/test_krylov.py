@@ -190,6 +190,9 @@ def test_spectral_density_quadrature_against_dense():
     (lambda: krylov.hutchinson_trace(lambda v: v, 4, 3, method="hutch++"), ">= 4"),
     (lambda: krylov.hutchinson_trace(lambda v: v, 4, 5, distribution="cauchy"), "rademacher"),
     (lambda: krylov.spectral_density(lambda v: v, 4, n_probes=0), "n_probes"),
+    (lambda: krylov.spectral_density(lambda v: v, 4, n_probes=None), "n_probes"),
+    (lambda: krylov.top_eigenvalues(lambda v: v, None), "dim"),
+    (lambda: krylov.hutchinson_trace(lambda v: v, 3, None), "n_samples"),
     (lambda: krylov.spectral_density(lambda v: v, 4).density([0.0], width=0), "width"),
 ])
 def test_bad_input_raises_value_error(call, match):
@@ -197,3 +200,10 @@ def test_bad_input_raises_value_error(call, match):
         warnings.simplefilter("ignore", krylov.KrylovConvergenceWarning)
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_zero_matrix_has_top_eigenvalue_zero():
+    """A v₀ = 0 stops ARPACK (error -9); the Lanczos fallback returns the exact 0."""
+    for k in (1, 2):
+        np.testing.assert_array_equal(krylov.top_eigenvalues(lambda v: 0 * v, 50, k=k),
+                                      np.zeros(k))

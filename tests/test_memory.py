@@ -120,6 +120,9 @@ def test_forgetting_horizon_and_limit():
     ({"lr": -0.1}, "lr"), ({"batch": 0}, "batch"), ({"batch": 1.5}, "batch"),
     ({"lags": 0}, "lags"), ({"noise_var": -1.0}, "noise_var"), ({"lr": 5.0}, "curvature"),
     ({"eigenvalues": [[1.0]]}, "eigenvalues"), ({"moments": [1.0]}, "moments"),
+    ({"lags": np.inf}, "lags"), ({"lr": [0.1, 0.2]}, "lr"), ({"batch": np.inf}, "batch"),
+    ({"eigenvalues": ["a", "b"]}, "eigenvalues"),
+    ({"lr": 5.0, "moments": [1.0, 1.0]}, "curvature"),  # as memory_curve: no state to remember
 ])
 def test_bad_input_raises(kwargs, match):
     args = {"eigenvalues": [1.0, 0.5], "lr": 0.1, "batch": 2, "lags": [1, 2],

@@ -356,6 +356,8 @@ def test_optimal_steps_curve_is_argmin_of_grid():
     ({"momentum": 1.0}, "momentum"), ({"ema_decay": -0.5}, "ema_decay"),
     ({"steps": -1}, "steps"), ({"steps": 2.5}, "steps"),
     ({"lr": [0.1, 0.2], "batch": [1, 2, 3]}, "lr"),
+    ({"precond_power": [1.0, 2.0]}, "precond_power"), ({"precond_power": 1e6}, "precond_power"),
+    ({"nesterov": "no"}, "nesterov"),
 ])
 def test_bad_input_raises_naming_argument(kwargs, name):
     args = {"h": [1.0, 0.5], "c": 1.0, "lr": 0.1, "batch": 4, "steps": 3}

@@ -231,8 +231,20 @@ def test_torch_arrays_pass_through():
         (lambda: theory.linreg_stability_limit([-1.0, 1.0], 1), "eigenvalues"),
         (lambda: theory.effective_batch(10, 5), "batch"),
         (lambda: theory.eps_opt("abc", 1.0, 1.0), "batch"),
+        (lambda: theory.fit_steps_examples([10.0, 10.0], [100.0, 100.0]), "different batch"),
+        (lambda: theory.expected_loss_change(0.1, 1, 1, 1, 1, n_data=1), "n_data"),
+        (lambda: theory.effective_batch(0.5, 0.7), "n_data"),
+        (lambda: theory.linreg_moment_matrix([1.0], [0.1, 0.2], 1), "lr"),
     ],
 )
 def test_bad_input_names_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_quadratic_stats_without_curvature_along_g():
+    """GᵀHG ≤ 0: no optimal step (ε_max = ε_opt = inf); G = 0: nothing to gain (ΔL_max = 0)."""
+    s = theory.quadratic_stats([1.0, -2.0], [1.0, 1.0], [0.1, 1.0])
+    assert s.g_h_g < 0 and s.eps_max == np.inf and s.eps_opt(10) == np.inf
+    assert s.delta_loss_max == np.inf
+    assert theory.quadratic_stats([1.0, 2.0], [1.0, 1.0], [0.0, 0.0]).delta_loss_max == 0.0
