@@ -338,13 +338,28 @@ def array_module(x):
     return np
 
 
+def _cupy_index(device) -> int:
+    """A CuPy GPU index from None (0), an int, "3", "cuda" (0) or "cuda:3"."""
+    if device is None:
+        return 0
+    text = str(device).strip().lower()
+    if text == "cuda":
+        return 0
+    text = text.removeprefix("cuda:")
+    if not text.isdigit():
+        raise ValueError(f"invalid CuPy device {device!r}: give a GPU index (0, 1, …), "
+                         f"'cuda' or 'cuda:N'")
+    return int(text)
+
+
 def get_backend(name: str | Backend | None = None, device=None) -> Backend:
     """The array backend called ``name`` (None: ``$SGDTHEORY_BACKEND`` or ``"numpy"``).
 
     Args:
         name: ``"numpy"``, ``"cupy"``, ``"torch"`` (or ``"torch:cuda"``-style shorthand
             ``"torch:<device>"``), or a :class:`Backend` (returned unchanged).
-        device: torch device (default ``"cpu"``), or a CuPy GPU index (default 0).
+        device: torch device (default ``"cpu"``), or a CuPy GPU index (default 0; ``"cuda"``
+            and ``"cuda:N"`` are accepted too).
 
     Raises:
         ValueError: unknown name; CuPy asked for where CuPy or a GPU is unusable; torch asked
@@ -375,7 +390,7 @@ def get_backend(name: str | Backend | None = None, device=None) -> Backend:
         if cp is None:
             raise ValueError(f"backend 'cupy' needs a usable CUDA GPU: {why}. "
                              f"Available here: {_describe_available()}")
-        return Backend("cupy", cp, 0 if device is None else int(device))
+        return Backend("cupy", cp, _cupy_index(device))
     torch, why = _torch_status()
     if torch is None:
         raise ValueError(f"backend 'torch' is unusable: {why}. "

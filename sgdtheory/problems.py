@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from . import theory
+from ._checks import integer, real
 from .backend import Backend, get_backend
 
 __all__ = [
@@ -75,8 +76,22 @@ __all__ = [
 # --------------------------------------------------------------------------- validation
 
 
+def _floats(name, x) -> np.ndarray:
+    try:
+        return np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be real numbers, got {x!r}") from exc
+
+
+def _noise_std(value) -> float:
+    sigma = real("noise_std", value)
+    if sigma < 0:
+        raise ValueError(f"noise_std must be finite and ≥ 0, got {value!r}")
+    return sigma
+
+
 def _vector(name, x, p=None):
-    a = np.asarray(x, dtype=float)
+    a = _floats(name, x)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D vector, got shape {a.shape}")
     if p is not None and a.shape[0] != p:
@@ -88,7 +103,9 @@ def _vector(name, x, p=None):
 
 def _psd(name, x, p=None):
     """A diagonal (p,) with entries ≥ 0, or a symmetric PSD (p, p) matrix."""
-    a = np.asarray(x, dtype=float)
+    a = _floats(name, x)
+    if a.size == 0:
+        raise ValueError(f"{name} must not be empty")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite")
     if a.ndim == 1:
@@ -485,10 +502,9 @@ class FiniteSumQuadratic(Problem):
     def random(cls, h, n_data: int, spread=1.0, seed=0, theta0=None):
         """N centres θ_i ~ N(0, spread²·I) (spread scalar or (p,)), drawn from ``seed``."""
         h = _psd("h", h)
-        if int(n_data) < 1:
-            raise ValueError(f"n_data must be ≥ 1, got {n_data!r}")
-        rng = np.random.default_rng(seed)
-        ctr = rng.standard_normal((int(n_data), h.shape[0])) * np.asarray(spread, dtype=float)
+        n_data = integer("n_data", n_data)
+        rng = np.random.default_rng(integer("seed", seed, 0))
+        ctr = rng.standard_normal((n_data, h.shape[0])) * _floats("spread", spread)
         return cls(h, ctr, theta0)
 
     @property
@@ -615,8 +631,7 @@ class LinearRegression(Problem):
             raise ValueError("lam must be the 1-D spectrum (d,) of the feature covariance")
         object.__setattr__(self, "lam", lam)
         d = lam.shape[0]
-        if not np.isfinite(self.noise_std) or self.noise_std < 0:
-            raise ValueError(f"noise_std must be finite and ≥ 0, got {self.noise_std!r}")
+        object.__setattr__(self, "noise_std", _noise_std(self.noise_std))
         ws = np.zeros(d) if self.w_star is None else _vector("w_star", self.w_star, d)
         object.__setattr__(self, "w_star", ws)
         t0 = ws + 1.0 if self.theta0 is None else _vector("theta0", self.theta0, d)
@@ -743,14 +758,10 @@ class LinearRegressionData(Problem):
         d = lam.shape[0]
         object.__setattr__(self, "lam", lam)
         for name in ("n_data", "n_test"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < (1 if name == "n_data" else 0):
-                raise ValueError(f"{name} must be an integer ≥ {1 if name == 'n_data' else 0}, "
-                                 f"got {v!r}")
-            object.__setattr__(self, name, int(v))
-        if not np.isfinite(self.noise_std) or self.noise_std < 0:
-            raise ValueError(f"noise_std must be finite and ≥ 0, got {self.noise_std!r}")
-        rng = np.random.default_rng(self.seed)
+            v = integer(name, getattr(self, name), 1 if name == "n_data" else 0)
+            object.__setattr__(self, name, v)
+        object.__setattr__(self, "noise_std", _noise_std(self.noise_std))
+        rng = np.random.default_rng(integer("seed", self.seed, 0))
         ws = rng.standard_normal(d) if self.w_star is None else _vector("w_star", self.w_star, d)
         object.__setattr__(self, "w_star", ws)
         t0 = np.zeros(d) if self.theta0 is None else _vector("theta0", self.theta0, d)
@@ -946,9 +957,11 @@ class LogisticRegression(Problem):
         if (self.x_test is None) != (self.y_test is None):
             raise ValueError("give both x_test and y_test, or neither")
         if self.x_test is not None:
-            xt = np.asarray(self.x_test, dtype=float)
-            if xt.ndim != 2 or xt.shape[1] != d:
-                raise ValueError(f"x_test must have shape (n, {d}), got {xt.shape}")
+            xt = _floats("x_test", self.x_test)
+            if xt.ndim != 2 or xt.shape[1] != d or xt.shape[0] == 0:
+                raise ValueError(f"x_test must have shape (n ≥ 1, {d}), got {xt.shape}")
+            if not np.all(np.isfinite(xt)):
+                raise ValueError("x_test must be finite")
             object.__setattr__(self, "x_test", xt)
             object.__setattr__(self, "y_test", self._labels("y_test", self.y_test, xt.shape[0]))
 
@@ -968,9 +981,9 @@ class LogisticRegression(Problem):
                          seed=0):
         """Two Gaussian classes N(±(separation/2)·u, I) in ``dim`` dims (u a fixed unit
         vector), equal priors; N training examples and ``n_test`` held out, from ``seed``."""
-        if int(n_data) < 1 or int(dim) < 1 or int(n_test) < 0:
-            raise ValueError("n_data and dim must be ≥ 1 and n_test ≥ 0")
-        rng = np.random.default_rng(seed)
+        n_data, dim = integer("n_data", n_data), integer("dim", dim)
+        n_test = integer("n_test", n_test, 0)
+        rng = np.random.default_rng(integer("seed", seed, 0))
         u = rng.standard_normal(dim)
         u /= np.linalg.norm(u)
 

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._checks import integer, real
 from .backend import Backend, get_backend, to_numpy
 from .problems import Layout
 
@@ -277,9 +278,13 @@ def _grid(lr, batch, momentum):
         mu_a = np.asarray(momentum, dtype=float)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"lr, batch and momentum must be numbers or arrays: {exc}") from exc
+    for name, a in (("lr", lr_a), ("batch", b_a), ("momentum", mu_a)):
+        if a.size == 0:
+            raise ValueError(f"{name} must not be empty")
     if not np.all(np.isfinite(lr_a)) or np.any(lr_a <= 0):
         raise ValueError(f"lr must be finite and > 0, got {lr!r}")
-    if not np.all(np.isfinite(b_a)) or np.any(b_a < 1) or np.any(b_a != np.round(b_a)):
+    if (np.asarray(batch).dtype == bool or not np.all(np.isfinite(b_a)) or np.any(b_a < 1)
+            or np.any(b_a > 2**62) or np.any(b_a != np.round(b_a))):
         raise ValueError(f"batch must hold positive integers, got {batch!r}")
     if not np.all(np.isfinite(mu_a)) or np.any(mu_a < 0) or np.any(mu_a >= 1):
         raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
@@ -293,9 +298,7 @@ def _grid(lr, batch, momentum):
 
 
 def _pos_int(name, v, minimum=1):
-    if isinstance(v, bool) or not float(v).is_integer() or v < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {v!r}")
-    return int(v)
+    return integer(name, v, minimum)
 
 
 def _record_plan(steps, record_every, record_steps):
@@ -350,7 +353,7 @@ def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov
         replicas: independent runs per configuration. seed: int ≥ 0.
         record_every / record_steps: record after these numbers of updates (default ≈ 100
             records, always 0 and T). With ``epochs`` use ``record_epochs`` (default each
-            epoch 0, 1, …).
+            epoch 0, 1, …, and the last step when ``epochs`` is fractional).
         record_stats: also record |G|², GᵀHG, tr Σ, tr HΣ (→ B_noise, B_simple, ε_max).
         init: initial parameters (p,), default ``problem.theta0``.
         replace: finite data: draw batches with replacement instead of shuffled epochs.
@@ -359,7 +362,9 @@ def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov
             or NumPy).
         chunk_size: at most this many (replica, configuration) rows are simulated at once
             (default: what fits in ~256 MiB of state, counting one pass over a finite dataset
-            per row for the losses).
+            per row for the losses). Each chunk of replicas draws from its own random stream,
+            so the numbers depend on ``chunk_size`` (fix it to compare runs that differ in
+            arguments that change the default, e.g. momentum or ``ema``).
         divergence_factor: a replica diverges when its loss is non-finite or above this times
             its initial loss (or this value itself when the initial loss is 0).
         check_every: steps between divergence checks (also checked at every record).
@@ -402,13 +407,18 @@ def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov
             raise ValueError("batch_schedule needs steps, not epochs")
         if record_every is not None or record_steps is not None:
             raise ValueError("with epochs, give record_epochs (not record_every/record_steps)")
-        if not (np.isfinite(epochs) and epochs > 0):
+        epochs = real("epochs", epochs)
+        if not epochs > 0:
             raise ValueError(f"epochs must be > 0, got {epochs!r}")
     else:
         steps = _pos_int("steps", steps, 0)
         if record_epochs is not None:
             raise ValueError("record_epochs needs epochs")
 
+    for name, fn in (("schedule", schedule), ("batch_schedule", batch_schedule)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be a function of the training fraction f ∈ [0, 1) "
+                             f"(e.g. simulate.linear_decay(0.1)), got {fn!r}")
     flat_b = b_g.ravel()
     groups = []
     for b in np.unique(flat_b):
@@ -419,13 +429,21 @@ def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov
         if epochs is not None:
             spe = n_data // b
             t_g = int(math.floor(epochs * spe + 1e-9))
-            rec_e = np.arange(0, math.floor(epochs) + 1) if record_epochs is None else \
-                np.asarray(record_epochs, dtype=float).ravel()
-            if rec_e.size == 0 or np.any(rec_e < 0) or np.any(rec_e > epochs + 1e-9):
+            if t_g == 0:
+                raise ValueError(f"epochs={epochs} is less than one step of batch {b} on "
+                                 f"{n_data} examples")
+            if record_epochs is None:  # every whole epoch, and the end of a fractional one
+                rec_e = np.unique(np.r_[np.arange(0, math.floor(epochs) + 1), epochs])
+            else:
+                rec_e = np.asarray(record_epochs, dtype=float).ravel()
+            if (rec_e.size == 0 or not np.all(np.isfinite(rec_e)) or np.any(rec_e < 0)
+                    or np.any(rec_e > epochs + 1e-9)):
                 raise ValueError(f"record_epochs must lie in [0, epochs={epochs}]")
             rec = np.unique(np.floor(rec_e * spe + 1e-9).astype(np.int64))
             if rec.size != np.unique(rec_e).size:
-                raise ValueError("record_epochs closer together than one step")
+                raise ValueError(f"record epochs {np.unique(rec_e).tolist()} are closer together "
+                                 f"than one step of batch {b} ({spe} steps per epoch): pass "
+                                 "record_epochs")
         else:
             t_g = steps
             rec = _record_plan(steps, record_every, record_steps)

@@ -29,6 +29,17 @@ def test_unknown_backend_lists_available():
         B.get_backend("jax")
 
 
+@pytest.mark.parametrize(("device", "index"), [(None, 0), (1, 1), ("2", 2), ("cuda", 0),
+                                               ("cuda:3", 3), ("CUDA:1", 1)])
+def test_cupy_device_spellings(device, index):
+    assert B._cupy_index(device) == index
+
+
+def test_cupy_bad_device_is_rejected():
+    with pytest.raises(ValueError, match="GPU index"):
+        B._cupy_index("cpu")
+
+
 def test_cupy_without_gpu_says_so():
     if HAS_GPU:
         assert B.get_backend("cupy").name == "cupy"

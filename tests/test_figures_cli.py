@@ -134,6 +134,54 @@ def test_bad_options_one_line_error(argv, needle, capsys):
     assert "choose from" in err[0]
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    (["--seed", "abc"], "argument --seed: must be an integer >= 0"),
+])
+def test_bad_seed_one_line_error(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_unwritable_out_fails_before_any_experiment(tmp_path, capsys, monkeypatch):
+    """--out naming a file: one line, exit 2, and no experiment computed first."""
+    import sgdtheory.figures.__main__ as cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an experiment ran before --out was checked")
+
+    monkeypatch.setattr(cli, "run_experiment", must_not_run)
+    target = tmp_path / "a_file"
+    target.write_text("")
+    assert main(["--only", "eps_opt_vs_batch", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write to --out" in err[0]
+
+
+def test_code_fingerprint_covers_the_package():
+    """Editing the simulator (not only the experiment's own module) changes the fingerprint."""
+    from pathlib import Path
+
+    import sgdtheory.figures.__main__ as cli
+
+    module = cli.load_experiment("eps_opt_vs_batch")
+    before = cli.code_fingerprint(module)
+    assert before == cli.code_fingerprint(module) and len(before) == 16
+    sim = Path(cli.__file__).resolve().parents[1] / "simulate.py"
+    real_read = Path.read_bytes
+
+    def edited(self):
+        data = real_read(self)
+        return data + b"# edited" if self.resolve() == sim else data
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "read_bytes", edited)
+        assert cli.code_fingerprint(module) != before
+
+
 def test_unavailable_backend_one_line(tmp_path, capsys, monkeypatch):
     """CuPy without a GPU (here: forced failure) gives a one-line error and exit status 2."""
     import sgdtheory.backend as backend_mod

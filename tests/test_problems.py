@@ -234,6 +234,24 @@ def test_one_step_logistic_close_for_small_steps():
 # --------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: P.NoisyQuadratic([], []), "h must not be empty"),
+    (lambda: P.LogisticRegression(np.ones((3, 2)), [0, 1, 0], x_test=[[np.nan, 1.0]],
+                                  y_test=[1]), "x_test must be finite"),
+    (lambda: P.LogisticRegression(np.ones((3, 2)), [0, 1, 0], x_test=np.zeros((0, 2)),
+                                  y_test=[]), "x_test must have shape"),
+    (lambda: P.LinearRegression([1.0], noise_std=None), "noise_std"),
+    (lambda: P.LinearRegressionData([1.0], n_data=None), "n_data"),
+    (lambda: P.LinearRegressionData([1.0], 5, seed=-1), "seed"),
+    (lambda: P.FiniteSumQuadratic.random([1.0], 2.5), "n_data"),
+    (lambda: P.LogisticRegression.gaussian_mixture(2.7, 2), "n_data"),
+    (lambda: P.NoisyQuadratic(["a"], [1.0]), "h must be real numbers"),
+])
+def test_constructors_reject_bad_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="positive semi-definite"):
         P.NoisyQuadratic([[1.0, 2.0], [2.0, 1.0]], [1.0, 1.0])

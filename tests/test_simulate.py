@@ -273,6 +273,31 @@ def test_bad_input_raises_value_error():
         simulate.run(NQM, lr=0.1, steps=5, ema=1.0)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"lr": [], "steps": 3}, "lr must not be empty"),
+    ({"batch": 2**70, "steps": 3}, "batch must hold positive integers"),
+    ({"batch": True, "steps": 3}, "batch must hold positive integers"),
+    ({"schedule": 0.5, "steps": 3}, "schedule must be a function"),
+    ({"batch_schedule": "double", "steps": 3}, "batch_schedule must be a function"),
+    ({"epochs": "a"}, "epochs must be a real number"),
+    ({"epochs": 0.05}, "less than one step"),
+    ({"epochs": 1, "record_epochs": [np.nan]}, "record_epochs must lie in"),
+    ({"replicas": "3", "steps": 3}, "replicas must be an integer"),
+    ({"seed": None, "steps": 3}, "seed must be an integer"),
+])
+def test_more_bad_input_raises_value_error(kwargs, match):
+    data = P.FiniteSumQuadratic.random([1.0, 0.5], 20)
+    with pytest.raises(ValueError, match=match):
+        simulate.run(data, **({"lr": 0.1, "batch": 2, "progress": False} | kwargs))
+
+
+def test_fractional_epochs_record_the_last_step():
+    data = P.FiniteSumQuadratic.random([1.0, 0.5], 20)
+    res = simulate.run(data, lr=0.1, batch=3, epochs=2.5, progress=False)
+    assert res.steps.tolist() == [0, 6, 12, 15]  # 6 steps per epoch; ⌊2.5·6⌋ = 15
+    assert np.all(np.isfinite(res.train_loss[..., -1]))
+
+
 def test_one_step_at_eps_opt_and_twice_eps_opt():
     """Divergence beyond 2ε_opt: the expected one-step change is ≈ 0 there, < 0 below."""
     theta = np.array([1.0, -1.0, 1.0, 1.0])

@@ -246,8 +246,9 @@ def plot(data: dict):
             se = np.asarray(data[f"{key}_se"])[:, b]
             if key == "test":
                 mean = mean - noise_floor  # excess test loss ½ eᵀHe
-            finite = mean[np.isfinite(mean)]
-            lo, hi = finite.min(), finite.max()
+            finite = np.isfinite(mean)
+            lo = mean[finite].min()
+            hi = (mean + np.nan_to_num(se))[finite].max()  # room for the error bars
             top = hi * 1.6 if key == "test" else hi + 0.12 * (hi - lo)
             for i, n in enumerate(n_data):
                 c = P.color(i)

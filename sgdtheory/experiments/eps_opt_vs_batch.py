@@ -213,7 +213,8 @@ def plot(data: dict):
     P.legend(ax, key=False, loc="upper left")
     ax.set_title("line search on the Monte Carlo mean loss (±1 s.e.)", fontsize=9)
     tol = max(c.tolerance for c in data["checks"] if c.name.startswith("eps_opt h_i"))
-    ax2.axhspan(-100 * tol, 100 * tol, color="0.88", zorder=0, label=f"±{100 * tol:g}% tolerance")
+    ax2.axhspan(-100 * tol, 100 * tol, facecolor="0.88", edgecolor="0.55", lw=0.8, zorder=0,
+                label=f"±{100 * tol:g}% tolerance")
     ax2.axhline(0, color="0.2", lw=1.2)
     ax2.set_xscale("log")
     ax2.set_xlabel(r"$B/B_{noise}$")

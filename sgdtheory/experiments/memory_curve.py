@@ -260,7 +260,7 @@ def plot(data: dict):
     ax0.set_xscale("log")
     ax0.axhline(0.0, color="0.3", lw=0.8)
     ax0.set_xlabel("k: steps since the batch was used")
-    ax0.set_ylabel("(seen-batch loss − unseen loss) / unseen loss  [%]")
+    ax0.set_ylabel("seen-batch vs unseen loss (% difference)")
     top = ax0.secondary_xaxis("top", functions=(lambda k: k / spe, lambda ep: ep * spe))
     top.set_xlabel(f"epochs (N = {int(data['n_data'])} examples)", fontsize=8.5)
     P.legend(ax0, loc="lower right")

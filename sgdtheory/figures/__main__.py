@@ -9,7 +9,7 @@ the CLI resolves the preset's config, runs ``compute(config, backend, seed)`` an
 * ``<name>.json`` — the checks (predicted, measured, relative error, tolerance, pass), the
   resolved config, preset, backend, device, seed, package version, run time, the non-array
   data, and a hash of (experiment, config, preset, backend, device, seed, version, and a
-  fingerprint of the experiment's source file).
+  fingerprint of the package's source files: editing the simulator invalidates outputs too).
 
 An experiment whose JSON already holds the same hash (and whose PNG and NPZ exist) is skipped
 unless ``--force``, so an interrupted run resumes where it stopped. The run continues past a
@@ -118,12 +118,23 @@ def config_hash(name: str, config, preset: str, backend: str, device, seed: int,
 
 
 def code_fingerprint(module) -> str:
-    """SHA-256 (first 16 hex digits) of an experiment module's source file ("" if unknown)."""
+    """SHA-256 (first 16 hex digits) of the code behind an experiment's outputs: its module
+    and every other source file of the ``sgdtheory`` package except this CLI (so a fix in the
+    simulator or the plotting also invalidates stored outputs). "" if the sources are unknown.
+    """
     path = getattr(module, "__file__", None)
+    if not path:
+        return ""
+    root = Path(__file__).resolve().parents[1]  # the sgdtheory package
+    files = sorted({Path(path).resolve(), *root.rglob("*.py")} - {Path(__file__).resolve()})
+    h = hashlib.sha256()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
+        for f in files:
+            h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
+            h.update(f.read_bytes())
     except OSError:
         return ""
+    return h.hexdigest()[:16]
 
 
 def _split(data: dict, prefix: str, arrays: dict):
@@ -321,6 +332,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return seed
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sgdtheory.figures",
                 description="Draw every theory figure with simulation overlaid and checked "
@@ -330,18 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these experiments (choices: %(choices)s)")
     p.add_argument("--preset", choices=PRESET_NAMES, default="default",
                    help="size of every experiment (default: %(default)s)")
-    default_backend = os.environ.get("SGDTHEORY_BACKEND", "numpy")
-    if default_backend not in BACKENDS:
-        default_backend = "numpy"
-    p.add_argument("--backend", choices=BACKENDS, default=default_backend,
-                   help="array backend of the simulations (default: %(default)s, or "
-                        "$SGDTHEORY_BACKEND)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="array backend of the simulations (default: $SGDTHEORY_BACKEND if set, "
+                        "else numpy)")
     p.add_argument("--device", default=None,
-                   help="device for cupy/torch, e.g. cuda, cuda:1, cpu (default: backend's)")
+                   help="torch: cpu, cuda, cuda:1; cupy: a GPU index or cuda:N "
+                        "(default: the backend's, cpu for torch and GPU 0 for cupy)")
     p.add_argument("--out", default="figures", type=Path,
                    help="output directory, relative to the current directory "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="random seed, an integer >= 0 (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="recompute even when outputs for the same config exist")
     return p
@@ -370,11 +390,19 @@ def main(argv=None) -> int:
     try:
         from sgdtheory.backend import get_backend
 
-        backend = get_backend(args.backend, device=args.device)
+        backend = get_backend(args.backend, device=args.device)  # None: $SGDTHEORY_BACKEND
     except Exception as exc:  # noqa: BLE001 - e.g. CuPy without a GPU: one line, exit 2
         print(f"{parser.prog}: error: backend {args.backend!r} (device {args.device!r}) is not "
               f"available: {_one_line(exc)} (choose from {', '.join(BACKENDS)})",
               file=sys.stderr)
+        return 2
+    try:  # before any experiment runs: a bad --out must not cost a whole run
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as exc:
+        print(f"{parser.prog}: error: cannot write to --out {str(args.out)!r}: "
+              f"{_one_line(exc)}", file=sys.stderr)
         return 2
     names = list(dict.fromkeys(args.only)) if args.only else list(EXPERIMENTS)
     from tqdm.auto import tqdm
