@@ -402,3 +402,91 @@ def test_bad_input_raises_value_error():
         NoiseMonitor(model, every=0)
     with pytest.raises(ValueError, match="lr"):
         NoiseMonitor(model, every=1).step(lr=0.0, batch_size=8)
+
+
+def test_more_bad_input_named_clearly(tmp_path):
+    """Review findings: each of these used to give a wrong number or an unhelpful error."""
+    import functools
+
+    model = mlp()
+    x, y = data(8)
+    summed = functools.partial(nn.functional.cross_entropy, reduction="sum")
+    with pytest.raises(ValueError, match="reduction='mean'"):
+        gradient_noise(model, summed, x, y, micro_batch=2)
+    with pytest.raises(ValueError, match="reduction='mean'"):
+        hessian_noise(model, summed, x, y)
+    broken = mlp()
+    with torch.no_grad():
+        broken[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="parameters are not finite"):
+        gradient_noise(broken, CE, x, y)
+    reg = nn.Linear(4, 1).to(DT)
+    with pytest.raises(ValueError, match="targets must be finite"):
+        gradient_noise(reg, nn.MSELoss(), x, torch.full((8, 1), float("nan"), dtype=DT))
+    bn = SmallResNet().train()
+    xi = torch.randn(8, 1, 5, 5, dtype=DT)
+    for fn in (gradient_noise, hessian_noise):
+        with pytest.raises(ValueError, match="BatchNorm"):
+            fn(bn, CE, xi, y, micro_batch=1)
+    with pytest.raises(ValueError, match="hessian_micro_batch"):
+        NoiseMonitor(model, criterion=CE, hessian_micro_batch=0)
+    with pytest.raises(ValueError, match="lanczos_iters"):
+        NoiseMonitor(model, criterion=CE, lanczos_iters=1)
+    with pytest.raises(ValueError, match="csv_path"):
+        NoiseMonitor(model, csv_path=tmp_path / "missing" / "x.csv")
+    with pytest.raises(ValueError, match="grad_scale"):
+        NoiseMonitor(model, every=1).step(lr=0.1, batch_size=8, grad_scale=0.0)
+
+
+def test_batchnorm_without_running_stats_counts_as_batch_statistics():
+    """BatchNorm(track_running_stats=False) normalises by the batch even in eval mode, so
+    per-example gradients are of another function: auto mode must use micro-batches."""
+    model = SmallResNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    model.eval()
+    x, y = torch.randn(16, 1, 5, 5, dtype=DT), data(16)[1]
+    assert gradient_noise(model, CE, x, y).method == "micro_batch"
+    with pytest.raises(ValueError, match="BatchNorm"):
+        gradient_noise(model, CE, x, y, method="per_sample")
+
+
+def test_hessian_noise_eps_opt_is_inf_without_positive_curvature():
+    est = hessian_noise(mlp(), CE, *data(16), micro_batch=4)
+    no_curv = type(est)(**{**est.__dict__, "g_h_g": -1.0})
+    assert no_curv.eps_opt(32) == math.inf
+
+
+def test_monitor_momentum_limits_csv_restart_and_grad_scale(tmp_path):
+    """gd_limit and lr_over_eps_opt use the optimiser's momentum (effective step η/(1−μ));
+    a new monitor starts a new CSV; grad_scale undoes a GradScaler-style factor exactly."""
+    x, y = data(16)
+    path = tmp_path / "m.csv"
+
+    def run(mom, nesterov, scale, append=False):
+        model = mlp()
+        mon = NoiseMonitor(model, criterion=CE, every=1, curvature_every=1, csv_path=path,
+                           lanczos_iters=20, momentum=mom, nesterov=nesterov,
+                           hessian_micro_batch=4, csv_append=append)
+        for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
+            (scale * CE(model(xb), yb) / 4).backward()
+            mon.after_backward()
+        rec = mon.step(lr=0.1, inputs=x, targets=y, grad_scale=scale)
+        mon.close()
+        return rec
+
+    plain = run(0.0, False, 1.0)
+    heavy = run(0.9, False, 1.0)
+    nest = run(0.9, True, 1024.0, append=True)
+    lam = plain["lambda_max"]
+    assert plain["gd_limit"] == pytest.approx(2 / lam, rel=1e-12)
+    assert heavy["gd_limit"] == pytest.approx(2 * 1.9 / lam, rel=1e-12)
+    assert nest["gd_limit"] == pytest.approx(2 * 1.9 / (2.8 * lam), rel=1e-12)
+    assert heavy["lr_over_eps_opt"] == pytest.approx(10 * plain["lr_over_eps_opt"], rel=1e-9)
+    assert nest["grad_sq"] == pytest.approx(plain["grad_sq"], rel=1e-9)
+    assert nest["tr_sigma"] == pytest.approx(plain["tr_sigma"], rel=1e-9)
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [0, 0]  # restarted by the 2nd run, appended by 3rd

@@ -27,7 +27,10 @@ def check_criterion(criterion) -> None:
     """
     if not callable(criterion):
         raise ValueError(f"criterion must be callable (a torch loss), got {criterion!r}")
-    reduction = getattr(criterion, "reduction", "mean")
+    # functools.partial(F.cross_entropy, reduction=...) carries its reduction in .keywords
+    reduction = getattr(criterion, "reduction", None)
+    if reduction is None:
+        reduction = (getattr(criterion, "keywords", None) or {}).get("reduction", "mean")
     if reduction != "mean":
         raise ValueError(
             f"criterion must use reduction='mean' (L = mean of per-example losses), "
@@ -50,11 +53,15 @@ def check_batch(inputs, targets) -> int:
         raise ValueError("inputs must hold at least one example")
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         raise ValueError("inputs must be finite")
+    if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+        raise ValueError("targets must be finite")
     return n
 
 
-def check_micro_batch(micro_batch, n: int, *, name: str = "micro_batch", min_units: int = 2):
-    """Check that ``micro_batch`` is a positive integer dividing n into ≥ min_units parts."""
+def check_micro_batch(micro_batch, n: int, *, name: str = "micro_batch", min_units: int = 2,
+                      batch_stats: bool = False):
+    """Check that ``micro_batch`` is a positive integer dividing n into ≥ min_units parts
+    (and ≥ 2 examples when ``batch_stats``: BatchNorm normalising by batch statistics)."""
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int):
         raise ValueError(f"{name} must be a positive integer, got {micro_batch!r}")
     if micro_batch < 1:
@@ -65,13 +72,22 @@ def check_micro_batch(micro_batch, n: int, *, name: str = "micro_batch", min_uni
         raise ValueError(
             f"{name} ({micro_batch}) must split the batch ({n}) into at least {min_units} parts"
         )
+    if micro_batch == 1 and batch_stats:
+        raise ValueError(
+            f"{name}=1 with BatchNorm normalising by batch statistics: the statistics of one "
+            "example are undefined; use micro-batches of at least 2 examples (or model.eval())"
+        )
     return micro_batch
 
 
 def has_training_batchnorm(model: nn.Module) -> bool:
-    """True when some BatchNorm layer of ``model`` is in training mode (batch statistics)."""
+    """True when some BatchNorm layer of ``model`` normalises with batch statistics: in
+    training mode, or in eval mode without running statistics (``track_running_stats=False``).
+    Per-example gradients of such a model are those of a different function."""
     return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (m.training or m.running_mean is None)
+        for m in model.modules()
     )
 
 
@@ -107,6 +123,10 @@ class ModelFunction:
         named = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters (requires_grad=True)")
+        bad = [k for k, v in named if not bool(torch.isfinite(v.detach()).all())]
+        if bad:
+            raise ValueError(f"model parameters are not finite (diverged?): {', '.join(bad[:3])}"
+                             + (" …" if len(bad) > 3 else ""))
         self.names = [k for k, _ in named]
         self.params = [v for _, v in named]
         self.frozen = {k: v for k, v in self.model.named_parameters() if not v.requires_grad}

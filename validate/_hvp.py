@@ -141,9 +141,12 @@ class HessianNoise:
     hessian_batch: int
 
     def eps_opt(self, batch) -> float:
-        """Predicted optimal step ε_opt(B) = ε_max/(1 + B_noise/B) (``lr`` units)."""
+        """Predicted optimal step ε_opt(B) = ε_max/(1 + B_noise/B) (``lr`` units); ``inf`` when
+        the GᵀHG estimate is not positive (no curvature resolved along G: no optimum)."""
         from sgdtheory import theory
 
+        if not self.g_h_g > 0:
+            return float("inf")
         return theory.eps_opt(batch, self.eps_max, self.b_noise)
 
 
@@ -204,7 +207,7 @@ def hessian_noise(
     bn = has_training_batchnorm(model)
     if micro_batch is None:
         micro_batch = default_micro_batch(n_g, max_units=_MAX_UNITS, min_size=2 if bn else 1)
-    b = check_micro_batch(micro_batch, n_g)
+    b = check_micro_batch(micro_batch, n_g, batch_stats=bn)
     units = torch.stack(list(_noise.micro_batch_gradients(fn, gx, gy, b)))  # (M, p)
     op = HessianOperator(model, criterion, hx, hy)
     h_units = torch.stack([op(u) for u in units])

@@ -260,7 +260,7 @@ def gradient_noise(
     else:
         if micro_batch is None:
             micro_batch = default_micro_batch(n, max_units=_MAX_UNITS, min_size=2 if bn else 1)
-        b = check_micro_batch(micro_batch, n)
+        b = check_micro_batch(micro_batch, n, batch_stats=bn)
         acc = _GroupSums(n // b, fn.numel, fn.dtype, fn.device, n_groups)
         for k, g in enumerate(micro_batch_gradients(fn, inputs, targets, b)):
             acc.add(g.unsqueeze(0), k)

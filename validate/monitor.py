@@ -72,7 +72,13 @@ class NoiseMonitor:
         csv_path: append one row per measured step (columns :data:`COLUMNS`).
         tensorboard_dir: also log scalars with ``torch.utils.tensorboard`` (when installed).
         hessian_micro_batch: micro-batch size for :func:`hessian_noise` (default: automatic).
-        lanczos_iters: Lanczos iterations for λ_max (0: skip λ_max).
+        lanczos_iters: Lanczos iterations for λ_max (0: skip λ_max; else ≥ 3).
+        momentum, nesterov: the optimiser's momentum μ (torch form) and Nesterov flag, for the
+            stability limit ``gd_limit`` (2(1+μ)/λ_max, Nesterov 2(1+μ)/((1+2μ)λ_max), in
+            ``lr`` units) and ``lr_over_eps_opt``, which compares the effective step
+            η/(1−μ) with ε_opt(B).
+        csv_append: append to an existing ``csv_path`` (e.g. a resumed run) instead of
+            starting a new file.
 
     Attributes:
         records: list of dicts, one per measured step. ``noise_ema``, ``curvature_ema``: the
@@ -92,7 +98,11 @@ class NoiseMonitor:
         tensorboard_dir: str | os.PathLike | None = None,
         hessian_micro_batch: int | None = None,
         lanczos_iters: int = 20,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        csv_append: bool = False,
     ):
+        from sgdtheory import theory
         from sgdtheory.estimators import CurvatureEMA, NoiseScaleEMA
 
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -110,6 +120,17 @@ class NoiseMonitor:
             raise ValueError(f"accumulation must be 'mean' or 'sum', got {accumulation!r}")
         if criterion is not None:
             check_criterion(criterion)
+        if hessian_micro_batch is not None and (
+                isinstance(hessian_micro_batch, bool) or not isinstance(hessian_micro_batch, int)
+                or hessian_micro_batch < 1):
+            raise ValueError(f"hessian_micro_batch must be a positive integer or None, got "
+                             f"{hessian_micro_batch!r}")
+        if (isinstance(lanczos_iters, bool) or not isinstance(lanczos_iters, int)
+                or lanczos_iters < 0 or 0 < lanczos_iters < 3):
+            raise ValueError(f"lanczos_iters must be 0 (skip λ_max) or an integer ≥ 3, got "
+                             f"{lanczos_iters!r}")
+        self.momentum = float(theory._momentum(momentum))
+        self.nesterov = bool(nesterov)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters (requires_grad=True)")
@@ -119,7 +140,7 @@ class NoiseMonitor:
         self.curvature_every = curvature_every
         self.accumulation = accumulation
         self.hessian_micro_batch = hessian_micro_batch
-        self.lanczos_iters = int(lanczos_iters)
+        self.lanczos_iters = lanczos_iters
         self.noise_ema = NoiseScaleEMA(beta)
         self.curvature_ema = CurvatureEMA(beta)
         self.lambda_max = math.nan
@@ -131,6 +152,16 @@ class NoiseMonitor:
         self._csv_file = None
         self._writer = None
         self._tb = None
+        if csv_path is not None:  # open now: a bad path fails here, not mid-training
+            new = not (csv_append and os.path.exists(csv_path) and os.path.getsize(csv_path))
+            try:
+                self._csv_file = open(csv_path, "w" if new else "a", newline="")  # noqa: SIM115
+            except OSError as exc:
+                raise ValueError(f"cannot write csv_path {os.fspath(csv_path)!r}: {exc}") from exc
+            self._writer = csv.DictWriter(self._csv_file, fieldnames=COLUMNS)
+            if new:
+                self._writer.writeheader()
+                self._csv_file.flush()
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -165,7 +196,8 @@ class NoiseMonitor:
             self._prev = cur
 
     # ------------------------------------------------------------------ step
-    def step(self, lr: float, *, batch_size: int | None = None, inputs=None, targets=None):
+    def step(self, lr: float, *, batch_size: int | None = None, inputs=None, targets=None,
+             grad_scale: float = 1.0):
         """Finish the step (before ``optimizer.step()``/``zero_grad()``); returns the record.
 
         Args:
@@ -173,6 +205,9 @@ class NoiseMonitor:
             batch_size: B, examples in the step (default: ``inputs.shape[0]``).
             inputs, targets: the step's batch, used for curvature measurements and when the
                 step had a single micro-batch.
+            grad_scale: the factor ``p.grad`` carries, e.g. ``scaler.get_scale()`` under
+                ``torch.amp.GradScaler`` (call before ``scaler.unscale_``/``scaler.step``);
+                squared norms are divided by its square.
 
         Returns:
             The dict written to the CSV on measured steps, else None.
@@ -186,6 +221,12 @@ class NoiseMonitor:
             batch_size = int(inputs.shape[0])
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        grad_scale = float(grad_scale)
+        if not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be positive and finite, got {grad_scale!r}")
+        if grad_scale != 1.0 and self._sq:
+            self._sq = [s / grad_scale**2 for s in self._sq]
+            self._prev = self._prev / grad_scale
         record = None
         try:
             if self.measuring:
@@ -245,9 +286,10 @@ class NoiseMonitor:
                        b_noise_ema_stderr=est.b_noise_stderr, lambda_max=self.lambda_max)
             if 0 < est.eps_max < math.inf and 0 <= est.b_noise < math.inf:
                 rec["eps_opt"] = theory.eps_opt(batch, est.eps_max, est.b_noise)
-                rec["lr_over_eps_opt"] = lr / rec["eps_opt"]
+                rec["lr_over_eps_opt"] = theory.effective_lr(lr, self.momentum) / rec["eps_opt"]
             if self.lambda_max > 0:
-                rec["gd_limit"] = theory.gd_stability_limit(self.lambda_max)
+                rec["gd_limit"] = theory.gd_stability_limit(self.lambda_max, self.momentum,
+                                                            nesterov=self.nesterov)
         rec = {k: (float(v) if k not in ("step", "batch", "micro_batches") else int(v))
                for k, v in rec.items()}
         self.records.append(rec)
@@ -256,13 +298,7 @@ class NoiseMonitor:
 
     # ------------------------------------------------------------------ output
     def _write(self, rec: dict) -> None:
-        if self._csv_path is not None:
-            if self._writer is None:
-                new = not os.path.exists(self._csv_path) or os.path.getsize(self._csv_path) == 0
-                self._csv_file = open(self._csv_path, "a", newline="")  # noqa: SIM115
-                self._writer = csv.DictWriter(self._csv_file, fieldnames=COLUMNS)
-                if new:
-                    self._writer.writeheader()
+        if self._writer is not None:
             self._writer.writerow(rec)
             self._csv_file.flush()
         if self._tb is not None:
