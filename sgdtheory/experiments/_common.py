@@ -34,6 +34,10 @@ class Check:
     tolerance: float
     passed: bool
     note: str = ""
+    #: how ``tolerance`` is applied: "relative" (|measured − predicted| ≤ tolerance·|predicted|),
+    #: "factor" (measured/predicted within [1/tolerance, tolerance]) or "custom" (a bound or
+    #: a qualitative test, described in ``note``; ``rel_error`` is then only informative)
+    rule: str = "custom"
 
     @property
     def rel_error(self) -> float:
@@ -54,7 +58,7 @@ def relative_check(name: str, predicted: float, measured: float, tolerance: floa
     """A check that passes when ``|measured - predicted| <= tolerance * |predicted|``."""
     predicted, measured = float(predicted), float(measured)
     ok = math.isfinite(measured) and abs(measured - predicted) <= tolerance * abs(predicted)
-    return Check(name, predicted, measured, tolerance, ok, note)
+    return Check(name, predicted, measured, tolerance, ok, note, "relative")
 
 
 def factor_check(name: str, predicted: float, measured: float, factor: float,
@@ -66,7 +70,7 @@ def factor_check(name: str, predicted: float, measured: float, factor: float,
     predicted, measured = float(predicted), float(measured)
     ratio = measured / predicted if predicted else math.inf
     ok = math.isfinite(ratio) and 1.0 / factor <= ratio <= factor
-    return Check(name, predicted, measured, factor, ok, note)
+    return Check(name, predicted, measured, factor, ok, note, "factor")
 
 
 def minibatch_grads(problem, backend, gen, theta, batch: int, n_draws: int, *,

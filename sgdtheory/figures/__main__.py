@@ -169,7 +169,7 @@ def _join(node, arrays):
 
 def _check_from_dict(d: dict) -> Check:
     return Check(d["name"], d["predicted"], d["measured"], d["tolerance"], bool(d["passed"]),
-                 d.get("note", ""))
+                 d.get("note", ""), d.get("rule", "custom"))
 
 
 def load_data(out, name: str) -> dict:
@@ -297,10 +297,22 @@ def _fmt(x) -> str:
     return f"{x:.4g}"
 
 
+def _rule(check: dict) -> str:
+    """The pass rule of a check in a few characters: rel ≤ t, within ×t, or see its note."""
+    rule, tol = check.get("rule", "custom"), _fmt(check["tolerance"])
+    if rule == "relative":
+        return f"rel_err <= {tol}"
+    if rule == "factor":
+        return f"within x{tol}"
+    return "see note"
+
+
 def summary_table(results: list[ExperimentResult]) -> str:
-    """Plain-text table of every check (and every error) of a run."""
+    """Plain-text table of every check (and every error) of a run; the ``rule`` column says
+    how each passed: rel_err ≤ t, measured/predicted within a factor t, or a custom test
+    (a bound or qualitative comparison, described in the check's note in the JSON)."""
     head = ("experiment", "status", "time_s", "check", "predicted", "measured", "rel_err",
-            "tol", "result")
+            "rule", "result")
     rows = []
     for r in results:
         status_time = (r.status, f"{r.elapsed_s:.1f}")
@@ -312,7 +324,7 @@ def summary_table(results: list[ExperimentResult]) -> str:
         for i, c in enumerate(r.checks):
             first = (r.name, *status_time) if i == 0 else ("", "", "")
             rows.append((*first, c["name"], _fmt(c["predicted"]), _fmt(c["measured"]),
-                         _fmt(c.get("rel_error", float("nan"))), _fmt(c["tolerance"]),
+                         _fmt(c.get("rel_error", float("nan"))), _rule(c),
                          "pass" if c["passed"] else "FAIL"))
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
     widths[3] = min(widths[3], 60)
