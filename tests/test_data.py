@@ -1,6 +1,7 @@
 """validate.data: the CIFAR-10 python-archive loader (on archives generated here) and the
 synthetic dataset."""
 
+import gzip
 import hashlib
 import os
 import tarfile
@@ -182,3 +183,30 @@ def test_synthetic_is_deterministic_balanced_and_learnable():
         data.synthetic_cifar10(10, 10, noise=float("nan"))
     with pytest.raises(ValueError, match="colour_jitter"):
         data.synthetic_cifar10(10, 10, colour_jitter=-1.0)
+
+
+def test_unrelated_file_is_not_called_a_corrupt_archive(tmp_path):
+    """--data-dir pointing at some other file: say it is not the archive; advise deleting and
+    re-downloading only the file at DIR/cifar-10-python.tar.gz (where --download puts it)."""
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(data.DatasetError) as e:
+        data.load_cifar10(text)
+    msg = str(e.value)
+    assert "is not a cifar-10-python.tar.gz archive" in msg and "folder" in msg
+    assert "delete" not in msg and "\n" not in msg
+    assert text.read_text().startswith("root:")  # untouched
+    other = tmp_path / "other.tar.gz"  # gzip data, wrong checksum, another name
+    with gzip.open(other, "wb") as f:
+        f.write(b"not cifar")
+    with pytest.raises(data.DatasetError, match="not the cifar-10-python.tar.gz archive") as e:
+        data.load_cifar10(other)
+    assert "delete" not in str(e.value)
+    with pytest.raises(data.DatasetError, match="not a readable") as e:  # checksum skipped
+        data.load_cifar10(other, md5=None)
+    assert "delete" not in str(e.value)
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    (folder / "cifar-10-python.tar.gz").write_bytes(other.read_bytes())
+    with pytest.raises(data.DatasetError, match="delete it and use --download"):
+        data.load_cifar10(folder)

@@ -82,10 +82,14 @@ def test_bad_hyperparameters():
         train.check_hyperparameters(train.hyperparameters("quick", subset=10**6), 5000)
 
 
-def test_first_step_is_lr_times_mean_gradient(dataset):
-    """θ₁ = θ₀ − η₀ ∇L_B(θ₀) with L_B the MEAN loss over the batch and η₀ from the base rate."""
-    hyp = train.hyperparameters("quick", **TINY, momentum=0.0, weight_decay=0.0,
-                                label_smoothing=0.0, base_lr=1e-3, lr_factor=2.0, warmup=0.5)
+@pytest.mark.parametrize(("momentum", "nesterov", "factor"),
+                         [(0.0, True, 1.0), (0.5, True, 1.5), (0.5, False, 1.0)])
+def test_first_step_is_lr_times_mean_gradient(dataset, momentum, nesterov, factor):
+    """θ₁ = θ₀ − η₀ ∇L_B(θ₀) with L_B the MEAN loss over the batch and η₀ from the base rate;
+    torch-form momentum from v₀ = 0: heavy ball steps η₀g, Nesterov η₀(g + μg) = η₀(1+μ)g."""
+    hyp = train.hyperparameters("quick", **TINY, momentum=momentum, nesterov=nesterov,
+                                weight_decay=0.0, label_smoothing=0.0, base_lr=1e-3,
+                                lr_factor=2.0, warmup=0.5)
     snaps = {}
 
     def cb(state):
@@ -117,7 +121,8 @@ def test_first_step_is_lr_times_mean_gradient(dataset):
     eta0 = 1e-3 * 2.0 * 32 * (1 / 4)  # base · factor · B, warm-up step 1 of ceil(0.5·8) = 4
     assert snaps["lr0"] == pytest.approx(eta0)
     for (name, p), g in zip(params.items(), grads, strict=True):
-        torch.testing.assert_close(snaps[1][name], p.detach() - eta0 * g, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(snaps[1][name], p.detach() - factor * eta0 * g, atol=1e-6,
+                                   rtol=1e-5)
 
 
 def test_resume_after_interruption_reproduces_the_run(dataset, tmp_path):
@@ -156,8 +161,33 @@ def test_resume_after_interruption_reproduces_the_run(dataset, tmp_path):
                                                   strict=True)]
     assert resumed["extra"]["steps"] == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # 0–4 from the checkpoint
     assert resumed["test_acc"] == full["test_acc"]
-    with pytest.raises(ValueError, match="different hyperparameters"):
+    with pytest.raises(ValueError, match=r"different hyperparameters: seed \(0 → 1\)"):
         train.train({**hyp, "seed": 1}, dataset, progress=False, checkpoint=ckpt, resume=True)
+
+
+def test_resume_compares_run_info(dataset, tmp_path):
+    """The caller's other settings are saved with the checkpoint; resuming with different ones,
+    or from a checkpoint that does not record them, is refused naming the difference."""
+    hyp = train.hyperparameters("quick", **{**TINY, "epochs": 1})
+    ckpt = tmp_path / "c.pt"
+    info = {"command": "noise", "noise_config": {"points": 2, "measure_mode": "train"}}
+    first = train.train(hyp, dataset, progress=False, checkpoint=ckpt, run_info=info)
+    assert torch.load(ckpt, weights_only=True)["run_info"] == info
+    again = train.train(hyp, dataset, progress=False, checkpoint=ckpt, resume=True,
+                        run_info=copy.deepcopy(info))
+    assert again["test_acc"] == first["test_acc"] and again["steps"] == first["steps"]
+    other = {"command": "noise", "noise_config": {"points": 3, "measure_mode": "eval"}}
+    with pytest.raises(ValueError, match=r"noise_config.measure_mode \('train' → 'eval'\); "
+                                         r"noise_config.points \(2 → 3\)"):
+        train.train(hyp, dataset, progress=False, checkpoint=ckpt, resume=True, run_info=other)
+    with pytest.raises(ValueError, match=r"command \('noise' → 'train'\)"):
+        train.train(hyp, dataset, progress=False, checkpoint=ckpt, resume=True,
+                    run_info={**info, "command": "train"})
+    old = torch.load(ckpt, weights_only=True)
+    del old["run_info"]  # a checkpoint written before run settings were recorded
+    torch.save(old, ckpt)
+    with pytest.raises(ValueError, match="does not record its run settings"):
+        train.train(hyp, dataset, progress=False, checkpoint=ckpt, resume=True, run_info=info)
 
 
 def test_training_learns_the_synthetic_task(dataset):
@@ -174,3 +204,38 @@ def test_divergence_is_a_result(dataset):
     hyp = train.hyperparameters("quick", **TINY, lr=1e6, warmup=0.0)
     r = train.train(hyp, dataset, progress=False)
     assert r["diverged_at_step"] is not None and np.isnan(r["test_acc"])
+
+
+def test_callback_can_stop_a_diverged_run(dataset, tmp_path):
+    """A callback that finds the model non-finite sets state.diverged: training stops at that
+    step, reports it like a loss divergence, and does not checkpoint the bad weights."""
+    hyp = train.hyperparameters("quick", **TINY)
+    seen = []
+
+    def cb(state):
+        seen.append(state.step)
+        if state.step == 3:
+            with torch.no_grad():
+                next(state.model.parameters()).fill_(float("nan"))
+            state.diverged = True
+
+    ckpt = tmp_path / "c.pt"
+    r = train.train({**hyp, "checkpoint_every": 1}, dataset, callback=cb, progress=False,
+                    checkpoint=ckpt)
+    assert seen == [0, 1, 2, 3] and r["diverged_at_step"] == 3 and r["steps"] == 3
+    assert np.isnan(r["test_acc"]) and np.isnan(r["test_loss"])
+    assert torch.load(ckpt, weights_only=True)["step"] == 2  # the last finite one
+    # with a callback (which syncs anyway) the loss is checked after every step, not only every
+    # 10 steps and at epoch ends: the callback never sees the step with the non-finite loss
+    seen.clear()
+    long_epoch = {**TINY, "epochs": 1, "batch_size": 16, "subset": 256}  # 16 steps per epoch
+    r = train.train(train.hyperparameters("quick", **long_epoch, lr=1e6, warmup=0.0),
+                    dataset, callback=lambda state: seen.append(state.step), progress=False)
+    d = r["diverged_at_step"]
+    assert d is not None and d < 10 and seen == list(range(d))
+
+
+def test_bad_seed_and_nesterov_are_rejected():
+    for key, value in (("seed", -1), ("seed", 1.5), ("nesterov", "yes")):
+        with pytest.raises(ValueError, match=key):
+            train.check_hyperparameters(train.hyperparameters("quick", **{key: value}), 5000)

@@ -12,7 +12,14 @@ Units: ``--lr`` (η) multiplies the mean minibatch gradient; ``--base-lr`` (η̃
 step per example, the peak step then being η = base_lr · lr_factor · B. Measurements use the
 training loss (mean cross-entropy with the run's label smoothing), BatchNorm in training mode
 with micro-batches as the units (``--measure-mode eval`` uses running statistics and
-per-example gradients instead).
+per-example gradients instead, i.e. micro-batches of one example, unless ``--micro-batch`` is
+given). If training diverges (non-finite loss or weights), ``noise`` stops measuring there and
+still saves what it measured, with ``diverged_at_step``, like ``train``; both exit with status 0
+then (a divergence is a result), 2 on bad input.
+
+``--resume`` continues from OUT/checkpoint.pt only if the checkpoint was written by the same
+command with the same resolved hyperparameters, measurement settings, data, device type and
+number of ranks; otherwise it stops with a one-line error naming what differs.
 
 Under ``torchrun --nproc_per_node W`` training is data parallel (gloo on CPU, nccl on GPU) with
 ``--batch-size`` the global batch, and ``noise`` also records the data-parallel estimate in
@@ -41,8 +48,10 @@ units:
   --base-lr η̃       peak step per example, η̃ = η/B (sum convention of Myrtle/airbench);
                     the peak step is then η = base_lr × lr_factor × B.
   --lr-factor       multiplies --base-lr (learning-rate sweeps); ignored with --lr.
-  --momentum μ      heavy ball as torch.optim.SGD (Nesterov by default); effective rate η/(1-μ).
+  --momentum μ      torch.optim.SGD form v ← μv + g, θ ← θ − ηv, with Nesterov look-ahead
+                    unless --no-nesterov; effective rate η/(1−μ).
   --weight-decay λ  adds λθ to the mean-loss gradient.
+  --label-smoothing probability mass spread uniformly over the 10 classes (0: plain cross-entropy).
   schedule          linear warm-up over --warmup (fraction of all steps), then linear decay.
 
 data:
@@ -53,6 +62,8 @@ data:
 
 outputs (in --out):
   train: train.json, history.csv, checkpoint.pt      noise: noise.json, noise.csv, noise.png
+  A diverged run (non-finite loss or weights) still writes them, with diverged_at_step; exit 0.
+  --resume refuses a checkpoint written by another command or with other settings.
 """
 
 # Noise-measurement settings per preset: points along the run, examples whose gradients are
@@ -66,6 +77,45 @@ NOISE_PRESETS = {
 }
 SYNTHETIC_SIZES = {"default": (50_000, 10_000), "quick": (2048, 512)}
 
+
+def presets_help() -> str:
+    """The epilog table of each preset's values (hyperparameters, noise settings, data sizes)."""
+    from . import train as train_mod
+
+    lines = ["presets (the defaults that flags override):"]
+    for name in ("quick", "default"):
+        h = train_mod.hyperparameters(name)
+        peak, b = train_mod.peak_lr(h), h["batch_size"]
+        n = NOISE_PRESETS[name]
+        subset = f"a {h['subset']}-image subset" if h["subset"] else "all training images"
+        nesterov = " (Nesterov)" if h["nesterov"] and h["momentum"] > 0 else ""
+        lines += [
+            f"  {name:<8} batch size B = {b}, {h['epochs']} epochs on {subset}, width "
+            f"{h['width']:g}, whitening {'on' if h['whiten'] else 'off'}, "
+            f"TTA {'on' if h['tta'] else 'off'}",
+            f"           peak lr η = {peak:.4g} (mean gradient); base rate η/B = "
+            f"{peak / b:.3g} (--base-lr {h['base_lr']:.3g} × --lr-factor {h['lr_factor']:g})",
+            f"           momentum {h['momentum']:g}{nesterov}, weight decay "
+            f"{h['weight_decay']:g}, label smoothing {h['label_smoothing']:g}, warm-up "
+            f"{h['warmup']:g}, seed {h['seed']}",
+            f"           noise: {n['points']} points, measure batch {n['measure_batch']}, "
+            f"micro-batch {n['micro_batch']}, Hessian batch {n['hessian_batch']}, "
+            f"{n['lanczos_iters']} Lanczos HVPs",
+            f"           --data synthetic: {SYNTHETIC_SIZES[name][0]} training / "
+            f"{SYNTHETIC_SIZES[name][1]} test images",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Appends the preset table to the epilog when help is shown (it imports torch, so it is not
+    built for ordinary runs)."""
+
+    def format_help(self) -> str:
+        if self.epilog == HERE_HELP:
+            self.epilog = HERE_HELP + "\n" + presets_help()
+        return super().format_help()
+
 MEASURE_KEYS = (
     "grad_sq", "grad_sq_stderr", "tr_sigma", "tr_sigma_stderr", "b_simple", "b_simple_stderr",
     "g_h_g", "g_h_g_stderr", "tr_h_sigma", "tr_h_sigma_stderr", "eps_max", "eps_max_stderr",
@@ -75,7 +125,7 @@ MEASURE_KEYS = (
 
 # ---------------------------------------------------------------------------- argument parsing
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m validate.cifar",
         description="Train a fast ResNet on CIFAR-10 (GPU; --device cpu --preset quick for small "
                     "machines) and measure gradient noise and curvature during training.",
@@ -94,20 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--measure-batch", type=int, help="examples whose gradients are "
                            "measured (per rank)")
             g.add_argument("--micro-batch", type=int, help="examples per unit of the two-batch "
-                           "estimator (must divide --measure-batch)")
+                           "estimator (must divide --measure-batch; default: the preset's with "
+                           "--measure-mode train, 1 with eval)")
             g.add_argument("--hessian-batch", type=int, help="examples of the independent "
                            "batch defining Ĥ (GᵀHG, tr(HΣ), λ_max)")
             g.add_argument("--lanczos-iters", type=int, help="Lanczos matvecs (HVPs) for λ_max")
             g.add_argument("--measure-mode", choices=("train", "eval"), default="train",
-                           help="BatchNorm with batch statistics (micro-batches; default) or "
-                                "running statistics (per-example gradients)")
+                           help="train: BatchNorm with batch statistics, gradients of "
+                                "micro-batches of --micro-batch examples (default); eval: "
+                                "BatchNorm with running statistics, per-example gradients "
+                                "(micro-batch 1: one HVP per measured example, so lower "
+                                "--measure-batch on big runs) unless --micro-batch is given")
     return parser
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("quick", "default"), default="default",
                    help="quick: narrow net, 1024 images, 2 epochs (CPU, CI); default: the full "
-                        "10-epoch GPU recipe")
+                        "10-epoch GPU recipe (all values: end of --help)")
     p.add_argument("--data", choices=("cifar", "synthetic"), default="cifar",
                    help="real CIFAR-10 or a synthetic learnable dataset of the same shape")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -120,20 +174,29 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/cifar-CMD)")
-    p.add_argument("--seed", type=int, default=None, help="model init, subset, shuffles")
+    p.add_argument("--seed", type=_seed_arg, default=None,
+                   help="integer ≥ 0: model init, subset, shuffles, measurement batches")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt (same hyperparameters)")
+                   help="continue from OUT/checkpoint.pt; refused (one-line error naming what "
+                        "differs) unless it was written by the same command with the same "
+                        "resolved settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     h = p.add_argument_group("hyperparameters (defaults from the preset; units in the epilog)")
-    h.add_argument("--epochs", type=int)
+    h.add_argument("--epochs", type=int, help="passes over the training subset (integer ≥ 1)")
     h.add_argument("--batch-size", type=int, help="B, examples per step (global across ranks)")
     lr = h.add_mutually_exclusive_group()
     lr.add_argument("--lr", type=float, help="η, peak step on the MEAN minibatch gradient")
     lr.add_argument("--base-lr", type=float, help="η̃ = η/B, peak step per example")
     h.add_argument("--lr-factor", type=float, help="multiplies --base-lr")
-    h.add_argument("--momentum", type=float, help="μ (0 → plain SGD)")
+    h.add_argument("--momentum", type=float, help="μ in [0, 1), torch.optim.SGD form "
+                   "(v ← μv + g, θ ← θ − ηv); 0 → plain SGD")
+    h.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov look-ahead (torch form; on in both presets); --no-nesterov "
+                        "for plain heavy ball")
     h.add_argument("--weight-decay", type=float, help="λ, added as λθ to the mean gradient")
-    h.add_argument("--label-smoothing", type=float)
+    h.add_argument("--label-smoothing", type=float,
+                   help="probability mass in [0, 1] spread uniformly over the classes (0: plain "
+                        "cross-entropy); the measurements use the same loss")
     h.add_argument("--warmup", type=float, help="fraction of steps with linear warm-up")
     h.add_argument("--subset", type=int, help="training examples used (seeded random subset)")
     h.add_argument("--width", type=float, help="channel multiplier of the ResNet")
@@ -146,6 +209,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _seed_arg(text: str) -> int:
+    """argparse type of --seed: an integer ≥ 0 (argparse names the option in its error)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {v}")
+    return v
+
+
 def _finite(x):
     """JSON-safe float: None for nan/inf."""
     try:
@@ -242,6 +316,12 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
       the small batch (``validate.measure.distributed_gradient_noise``).
 
     Records go to ``state.extra['noise']`` (saved in checkpoints, so a resumed run keeps them).
+
+    Divergence: before measuring, the weights, BatchNorm statistics and the loss on the
+    measurement batch must be finite, and the measurement itself must not fail for non-finite
+    values; otherwise the callback stores ``state.extra['noise_diverged'] = {'step', 'reason'}``
+    and sets ``state.diverged`` so that training stops there (under ``torchrun`` the ranks agree
+    first).
     """
     import torch
     from torch import nn
@@ -250,6 +330,29 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
 
     criterion = nn.CrossEntropyLoss(label_smoothing=hyp["label_smoothing"])
     seed = int(hyp["seed"])
+
+    def loss_on(model, x, y) -> float:
+        """Loss of the model as measured (buffers restored: running statistics unchanged)."""
+        saved = {k: b.clone() for k, b in model.named_buffers()}
+        with torch.no_grad():
+            value = float(criterion(model(x).float(), y))
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+        return value
+
+    def stop(state, reason: str) -> None:
+        state.extra["noise_diverged"] = {"step": state.step, "reason": reason}
+        state.diverged = True
+
+    def agree(state, bad: bool) -> bool:
+        """Whether any rank found the run non-finite (all ranks take the same branch)."""
+        if world == 1:
+            return bad
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bad)], device=state.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def callback(state) -> None:
         records = state.extra.setdefault("noise", [])
@@ -260,15 +363,27 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
         t0 = time.perf_counter()
         model = state.model
         model.train(cfg["measure_mode"] == "train")
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        if agree(state, not finite):
+            return stop(state, "weights or BatchNorm statistics not finite")
         x, y = state.sample(cfg["measure_batch"], _seed(seed, state.step, rank, 0))
         xh, yh = state.sample(cfg["hessian_batch"], _seed(seed, state.step, rank, 1))
         b = cfg["micro_batch"]
-        with torch.no_grad():
-            loss = float(criterion(model(x).float(), y)) if cfg["measure_mode"] == "eval" \
-                else float("nan")
+        loss = loss_on(model, x, y)
+        if agree(state, not math.isfinite(loss)):
+            return stop(state, "loss on the measurement batch not finite")
         # one pass gives both sides: M micro-batch gradients g_k (|G|², tr(Σ)) and Ĥg_k
-        hn = measure.hessian_noise(model, criterion, x, y, micro_batch=b,
-                                   hessian_inputs=xh, hessian_targets=yh)
+        try:
+            hn = measure.hessian_noise(model, criterion, x, y, micro_batch=b,
+                                       hessian_inputs=xh, hessian_targets=yh)
+            failed = None
+        except ValueError as e:  # the estimators reject non-finite gradients or HVPs
+            if "finite" not in str(e):
+                raise
+            failed = f"measurement not finite ({e})"
+        if agree(state, failed is not None):
+            return stop(state, failed or "measurement not finite on another rank")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             lam = measure.top_hessian_eigenvalue(model, criterion, xh, yh, tol=1e-3,
@@ -295,8 +410,9 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
             "stability_limit": stability_limit(lam, state.momentum,
                                                bool(hyp["nesterov"])),
             "measure_batch": hn.batch, "micro_batch": hn.micro_batch,
+            "method": "per_sample" if hn.micro_batch == 1 else "micro_batch",
             "hessian_batch": hn.hessian_batch,
-            "measure_mode": cfg["measure_mode"], "measure_loss_eval": loss,
+            "measure_mode": cfg["measure_mode"], "measure_loss": loss,
         }
         if world > 1:
             fn_grad = _flat_grad(model, criterion, x, y)
@@ -387,6 +503,8 @@ def _noise_cfg(args) -> dict:
         if v is not None:
             cfg[k] = v
     cfg["measure_mode"] = args.measure_mode
+    if args.measure_mode == "eval" and args.micro_batch is None:
+        cfg["micro_batch"] = 1  # running statistics: per-example gradients are well defined
     if cfg["points"] < 2:
         raise ValueError(f"--points must be at least 2, got {cfg['points']}")
     if cfg["measure_batch"] < 4:
@@ -401,6 +519,7 @@ def _noise_cfg(args) -> dict:
         raise ValueError(f"--hessian-batch must be at least 2, got {cfg['hessian_batch']}")
     if cfg["lanczos_iters"] < 2:
         raise ValueError(f"--lanczos-iters must be at least 2, got {cfg['lanczos_iters']}")
+    cfg["method"] = "per_sample" if cfg["micro_batch"] == 1 else "micro_batch"
     return cfg
 
 
@@ -415,7 +534,7 @@ def run(args, log=print) -> dict:
     overrides = {k: getattr(args, k) for k in (
         "epochs", "batch_size", "lr", "base_lr", "lr_factor", "momentum", "weight_decay",
         "label_smoothing", "warmup", "subset", "width", "whiten", "tta", "checkpoint_every",
-        "seed")}
+        "seed", "nesterov")}
     hyp = train_mod.hyperparameters(args.preset, **overrides)
     cfg = _noise_cfg(args) if args.command == "noise" else None
 
@@ -464,16 +583,37 @@ def run(args, log=print) -> dict:
         f"momentum {hyp['momentum']}, {hyp['epochs']} epochs")
     callback = make_noise_callback(cfg, hyp, rank=rank, world=world, log=say) \
         if cfg is not None else None
+    # everything besides hyp that changes the results: --resume must find the same in the
+    # checkpoint (data identified by kind, md5 and sizes, not by where it lies)
+    run_info = {
+        "command": args.command,
+        "data": data.source if args.data == "synthetic"
+        else f"cifar10 (archive md5 {(args.md5 or data_mod.default_md5()).strip().lower()})",
+        "train_images": int(data.train_images.shape[0]),
+        "test_images": int(data.test_images.shape[0]),
+        "device_type": str(device).split(":")[0],
+        "world_size": world,
+        "noise_config": cfg,
+    }
     result = train_mod.train(hyp, data, device=device, checkpoint=out / "checkpoint.pt",
                              resume=args.resume, callback=callback,
-                             progress=not args.no_progress and not quiet)
+                             progress=not args.no_progress and not quiet, run_info=run_info)
     result.pop("model")
     extra = result.pop("extra")
     meta = {"command": args.command, "argv": sys.argv[1:], "device": device, "world_size": world,
-            "data": data.source, "torch": torch.__version__, "hyp": hyp, "noise_config": cfg}
+            "data": data.source, "torch": torch.__version__, "hyp": hyp, "noise_config": cfg,
+            "run_info": run_info}
     summary = {**meta, **result}
-    if result["diverged_at_step"] is not None:
-        say(f"diverged at step {result['diverged_at_step']} (loss not finite)")
+    diverged = result["diverged_at_step"]
+    if diverged is not None:
+        why = extra.get("noise_diverged", {}).get("reason", "training loss not finite")
+        summary["diverged_reason"] = why
+        note = f"diverged at step {diverged} of {result['total_steps']} ({why})"
+        if cfg is not None:
+            planned = len(measurement_steps(result["total_steps"], cfg["points"]))
+            note += (f"; measurements stopped there: {len(extra.get('noise', []))} of "
+                     f"{planned} saved")
+        say(note + "; no test accuracy")
     else:
         say(f"test accuracy {result['test_acc']:.4f}  test loss {result['test_loss']:.4f}  "
             f"train time {result['time_s']:.1f} s  {result['examples_per_s']:.0f} examples/s  "

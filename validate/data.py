@@ -210,6 +210,29 @@ def _assemble(read, source: str) -> ImageData:
     )
 
 
+def _archive_advice(path: Path) -> str:
+    """What to do about a bad archive: re-download only where --download would put it (never
+    advise deleting a file the user pointed at under another name)."""
+    if path.name == CIFAR10_ARCHIVE:
+        return "delete it and use --download"
+    return (f"is --data-dir meant to be a folder holding {CIFAR10_ARCHIVE} or "
+            f"{CIFAR10_FOLDER}/, or that archive itself?")
+
+
+def _check_is_archive(path: Path) -> None:
+    """Reject, with a one-line message, a file that is not gzip data at all (e.g. --data-dir
+    pointing at some unrelated file) before checksumming or unpickling anything."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic != b"\x1f\x8b":
+        raise DatasetError(f"{path} is not a {CIFAR10_ARCHIVE} archive (not gzip data) nor a "
+                           f"CIFAR-10 folder; point --data-dir at a folder holding "
+                           f"{CIFAR10_ARCHIVE} or {CIFAR10_FOLDER}/, or at the archive itself")
+
+
 def _read_archive(path: Path) -> ImageData:
     try:
         with tarfile.open(path, "r:gz") as tar:
@@ -225,8 +248,8 @@ def _read_archive(path: Path) -> ImageData:
 
             return _assemble(read, str(path))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DatasetError(f"{path}: not a readable .tar.gz archive "
-                           f"({type(e).__name__}: {e}); delete it and download again") from None
+        raise DatasetError(f"{path}: not a readable {CIFAR10_ARCHIVE} archive "
+                           f"({type(e).__name__}: {e}); {_archive_advice(path)}") from None
 
 
 def _read_folder(path: Path, member_md5: dict[str, str] | None) -> ImageData:
@@ -264,13 +287,15 @@ def load_cifar10(data_dir, *, md5: str | None = CIFAR10_MD5,
     md5 = _check_md5_string(md5)
     path = find_cifar10(data_dir)
     if path.is_file():
+        _check_is_archive(path)
         if md5 is not None:
             got = file_md5(path)
             if got != md5:
+                what = ("the file is corrupt or incomplete" if path.name == CIFAR10_ARCHIVE
+                        else f"it is not the {CIFAR10_ARCHIVE} archive, or is corrupt")
                 raise DatasetError(
-                    f"{path}: md5 {got} does not match the expected {md5}; the file is corrupt or "
-                    f"incomplete (delete it and use --download), or pass --md5 / ${MD5_ENV} for a "
-                    "mirror"
+                    f"{path}: md5 {got} does not match the expected {md5}; {what} "
+                    f"({_archive_advice(path)}), or pass --md5 / ${MD5_ENV} for a mirror"
                 )
         return _read_archive(path)
     if member_md5 is None and md5 == CIFAR10_MD5:

@@ -338,14 +338,71 @@ def higher_order_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer ≥ lo (argparse names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _reason(e: OSError) -> str:
+    """One-line reason of an OSError, naming the path it concerns when there is one."""
+    if e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    return str(e)
+
+
+def _prepare_out(ap: argparse.ArgumentParser, out: str) -> None:
+    """Create the parent folder of ``out`` and check it can be written, before the long run;
+    failures end with a one-line error."""
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        if os.path.isdir(out):
+            raise IsADirectoryError(f"{out} is a folder")
+        os.makedirs(parent, exist_ok=True)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"folder {parent} is not writable")
+    except OSError as e:
+        ap.error(f"argument --out: cannot write {out}: {_reason(e)}")
+
+
+def _write_result(ap: argparse.ArgumentParser, out: str, res: dict) -> None:
+    """Atomic JSON write (temporary file, then os.replace); a one-line error if it fails."""
+    tmp = f"{out}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=1)
+        os.replace(tmp, out)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        ap.exit(1, f"{ap.prog}: error: cannot write {out}: {_reason(e)}\n")
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description="ε_opt(B) on load_digits: prediction vs line search")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    ap = argparse.ArgumentParser(prog="python -m validate.digits_check",
+                                 description="ε_opt(B) on load_digits: prediction vs line search")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                    help="; ".join(f"{k}: {c.line_batches} batches per B in the line search, "
+                                   f"{c.est_reps} hessian_noise calls"
+                                   for k, c in PRESETS.items()))
     ap.add_argument("--out", default=os.path.join("figures", "digits_check.json"),
-                    help="JSON output path")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
-    ap.add_argument("--seed", type=int, default=None)
+                    help="JSON output path (its folder is created); '' to skip saving")
+    ap.add_argument("--threads", type=_int_at_least(1), default=None,
+                    help="torch threads, integer ≥ 1 (default 1)")
+    ap.add_argument("--seed", type=_int_at_least(0), default=None,
+                    help="integer ≥ 0: training batches, estimator batches, line-search batches")
     args = ap.parse_args(argv)
+    if args.out:
+        _prepare_out(ap, args.out)
     cfg = PRESETS[args.preset]
     if args.threads is not None:
         cfg = replace(cfg, threads=args.threads)
@@ -371,9 +428,7 @@ def main(argv=None) -> dict:
         print()
         print(higher_order_table(res))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+        _write_result(ap, args.out, res)
         print(f"\nsaved {args.out} ({res['seconds']:.0f} s)")
     return res
 

@@ -144,6 +144,11 @@ def check_hyperparameters(hyp: dict, n_train: int) -> None:
         raise ValueError(f"weight_decay must be finite and ≥ 0, got {hyp['weight_decay']!r}")
     if hyp["crop_pad"] < 0 or int(hyp["crop_pad"]) != hyp["crop_pad"] or hyp["crop_pad"] > 16:
         raise ValueError(f"crop_pad must be an integer in 0..16, got {hyp['crop_pad']!r}")
+    seed = hyp["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer ≥ 0, got {seed!r}")
+    if not isinstance(hyp["nesterov"], (bool, np.bool_)):
+        raise ValueError(f"nesterov must be True or False, got {hyp['nesterov']!r}")
     if int(hyp["checkpoint_every"]) != hyp["checkpoint_every"] or hyp["checkpoint_every"] < 0:
         raise ValueError(f"checkpoint_every must be an integer ≥ 0, got "
                          f"{hyp['checkpoint_every']!r}")
@@ -306,7 +311,8 @@ class TrainState:
     extra: dict = field(default_factory=dict)
     sample: object = None          # sample(n, seed) -> (x, y): n augmented training examples
     #                                drawn with replacement, normalised, on the device
-
+    diverged: bool = False         # a callback sets this when it finds the model non-finite:
+    #                                training stops and reports diverged_at_step = step
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -322,8 +328,23 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """``'key (old → new)'`` for each differing entry of two (nested) dicts, sorted by key."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [f"{prefix or 'value'} ({old!r} → {new!r})"]
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({a!r} → {b!r})")
+    return out
+
+
 def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.PathLike | None = None,
-          resume: bool = False, callback=None, progress: bool = True) -> dict:
+          resume: bool = False, callback=None, progress: bool = True,
+          run_info: dict | None = None) -> dict:
     """Train FastResNet on ``data`` with hyperparameters ``hyp`` (see :data:`HYP` for units).
 
     Args:
@@ -331,10 +352,19 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
       data: the dataset (uint8 images).
       device: ``"cpu"``, ``"cuda"`` or a torch device.
       checkpoint: file to write checkpoints to (None: no checkpoints).
-      resume: continue from ``checkpoint`` if it exists (its hyperparameters must match).
+      resume: continue from ``checkpoint`` if it exists; its hyperparameters and ``run_info``
+        must equal these (``ValueError`` naming what differs otherwise).
       callback: ``callback(state: TrainState)`` called before the first step and after every
         step; it may measure the model (it must leave it unchanged) and write to ``state.extra``.
+        Setting ``state.diverged = True`` stops training there (reported as a divergence).
       progress: show a tqdm bar (rank 0 only).
+      run_info: JSON-like dict of the other settings that affect the results (the command, the
+        measurement settings, the data, …); saved in checkpoints and compared on ``resume``.
+
+    Divergence: the training loss is checked every 10 steps and at epoch ends (every step when
+    there is a callback, which synchronises anyway); a non-finite loss, or a callback setting
+    ``state.diverged``, ends the run with ``diverged_at_step`` set, ``test_acc``/``test_loss``
+    nan and no checkpoint of the non-finite weights.
 
     Returns:
       dict with ``test_acc``, ``test_loss``, ``history`` (one entry per epoch: train loss/acc,
@@ -395,10 +425,17 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ck["hyp"] != hyp:
-            diff = sorted(k for k in hyp if ck["hyp"].get(k) != hyp[k])
-            raise ValueError(f"checkpoint {ckpt_path} was written with different hyperparameters "
-                             f"({', '.join(diff)}); use another --out or drop --resume")
+        if "hyp" not in ck or "run_info" not in ck:
+            raise ValueError(f"checkpoint {ckpt_path} does not record its run settings (written "
+                             "by an older version); use another --out or drop --resume")
+        diff = _differences(ck["hyp"], hyp)
+        if diff:
+            raise ValueError(f"checkpoint {ckpt_path} was written with different hyperparameters: "
+                             f"{'; '.join(diff)}; use another --out or drop --resume")
+        diff = _differences(ck["run_info"], run_info)
+        if diff:
+            raise ValueError(f"checkpoint {ckpt_path} was written by a different run: "
+                             f"{'; '.join(diff)}; use another --out or drop --resume")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["torch_rng"].cpu())
@@ -411,7 +448,8 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
             return
         _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                       "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
-                      "extra": extra, "sums": sums.cpu(), "history": history, "hyp": hyp},
+                      "extra": extra, "sums": sums.cpu(), "history": history, "hyp": hyp,
+                      "run_info": run_info},
                      ckpt_path)
 
     def sample(count: int, sample_seed: int):
@@ -448,8 +486,10 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
     model.train()
     if start == 0:
         notify(0)
+    if state.diverged:  # the callback rejected the starting point (e.g. non-finite weights)
+        diverged = start
     t0 = clock()
-    for step in range(start, total):
+    for step in range(start, total if diverged is None else start):
         epoch, i = divmod(step, steps_per_epoch)
         if plan is None or plan.epoch != epoch:
             plan = epoch_plan(seed, epoch, n, pad, bool(hyp["flip"]), device)
@@ -476,11 +516,12 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
         save_due = end_of_epoch or (hyp["checkpoint_every"] and done % hyp["checkpoint_every"] == 0)
-        if end_of_epoch or done % 10 == 0:
-            now = elapsed + clock() - t0
+        if end_of_epoch or done % 10 == 0 or callback is not None:
             loss_v, acc_v = float(sums[0] / sums[2]), float(sums[1] / sums[2])
-            bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}",
-                            ex_s=f"{B * (done - start) / max(now - elapsed, 1e-9):.0f}")
+            if end_of_epoch or done % 10 == 0:
+                now = elapsed + clock() - t0
+                bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}",
+                                ex_s=f"{B * (done - start) / max(now - elapsed, 1e-9):.0f}")
             if not math.isfinite(loss_v):
                 diverged = done
                 break
@@ -499,6 +540,9 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
                             "time_s": elapsed, "examples_per_s": B * done / max(elapsed, 1e-9)})
             sums.zero_()
         notify(done)
+        if state.diverged:
+            diverged, t0 = done, clock()  # time up to here is already counted
+            break
         if save_due:
             save(done)
         t0 = clock()
