@@ -361,8 +361,9 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
       run_info: JSON-like dict of the other settings that affect the results (the command, the
         measurement settings, the data, …); saved in checkpoints and compared on ``resume``.
 
-    Divergence: the training loss is checked every 10 steps and at epoch ends (every step when
-    there is a callback, which synchronises anyway); a non-finite loss, or a callback setting
+    Divergence: the training loss is checked every 10 steps and at epoch ends (each check is a
+    host synchronisation, so not every step); a callback that measures must check the model
+    itself (as ``validate.cifar``'s does). A non-finite loss, or a callback setting
     ``state.diverged``, ends the run with ``diverged_at_step`` set, ``test_acc``/``test_loss``
     nan and no checkpoint of the non-finite weights.
 
@@ -516,12 +517,11 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
         save_due = end_of_epoch or (hyp["checkpoint_every"] and done % hyp["checkpoint_every"] == 0)
-        if end_of_epoch or done % 10 == 0 or callback is not None:
+        if end_of_epoch or done % 10 == 0:  # a host sync: not every step on a GPU
             loss_v, acc_v = float(sums[0] / sums[2]), float(sums[1] / sums[2])
-            if end_of_epoch or done % 10 == 0:
-                now = elapsed + clock() - t0
-                bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}",
-                                ex_s=f"{B * (done - start) / max(now - elapsed, 1e-9):.0f}")
+            now = elapsed + clock() - t0
+            bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}",
+                            ex_s=f"{B * (done - start) / max(now - elapsed, 1e-9):.0f}")
             if not math.isfinite(loss_v):
                 diverged = done
                 break
