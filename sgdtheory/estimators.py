@@ -1,6 +1,6 @@
 r"""Unbiased estimators of the gradient noise scale and of the curvature along the gradient.
 
-Conventions (DESIGN §2): L is the *mean* loss over examples, G = ∇L, H = ∇²L, Σ the
+Conventions (docs/design.md §2): L is the *mean* loss over examples, G = ∇L, H = ∇²L, Σ the
 covariance of per-example gradients (1/N normalisation on a finite set of N examples).
 A minibatch gradient G_B = (1/B) Σ_{i∈batch} ∇ℓ_i is the *mean* over its B examples, and
 

@@ -1,6 +1,6 @@
 r"""Monte Carlo SGD: many replicas × a grid of configurations in one vectorised computation.
 
-Units (DESIGN §2): ``lr`` (η) multiplies the **mean** minibatch gradient
+Units (docs/design.md §2): ``lr`` (η) multiplies the **mean** minibatch gradient
 G_B = (1/B) Σ_{i∈batch} ∇ℓ_i (the base rate is η/B). Heavy-ball momentum is the
 ``torch.optim.SGD`` form (dampening 0, v₀ = 0)::
 

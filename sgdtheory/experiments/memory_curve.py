@@ -21,7 +21,7 @@ gap depends on e only through them). Probe batches are taken every ``probe_every
 standard errors are across independent replicas.
 
 The simulation loop is experiment-specific (it stores probe batches and re-evaluates them);
-data are drawn exactly as in the one-pass linear-regression model of DESIGN §4.3.
+data are drawn exactly as in the one-pass linear-regression model of docs/design.md §4.3.
 """
 
 from __future__ import annotations
