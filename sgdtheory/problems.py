@@ -249,9 +249,7 @@ class _ShuffleState:
     def indices(self, batch):
         if self.replace:
             u = self.be.uniform(self.gen, (self.n_rep, batch), "float64")
-            idx = (u * self.n).long() if self.be.name == "torch" else (u * self.n).astype(
-                np.int64)
-            return idx
+            return self.be.astype(u * self.n, "int64")
         if batch > self.n:
             raise ValueError(f"batch ({batch}) exceeds n_data ({self.n}) for sampling without "
                              f"replacement")

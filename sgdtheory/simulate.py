@@ -236,7 +236,7 @@ class Result:
     def to_numpy(self) -> Result:
         """A copy with every array converted to NumPy."""
         conv = {f.name: (to_numpy(getattr(self, f.name))
-                         if _is_array(getattr(self, f.name)) else getattr(self, f.name))
+                         if hasattr(getattr(self, f.name), "shape") else getattr(self, f.name))
                 for f in fields(self)}
         return dc_replace(self, **conv)
 
@@ -257,10 +257,6 @@ class Result:
         if val is None:
             raise ValueError(f"{name} was not recorded in this run")
         return val
-
-
-def _is_array(x) -> bool:
-    return type(x).__module__.split(".")[0] in ("numpy", "torch", "cupy") and hasattr(x, "shape")
 
 
 def _div(a, b):
@@ -578,8 +574,7 @@ def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
     mu_scalar = float(mu_c[0]) if np.all(mu_c == mu_c[0]) else None
     mu_rows = be.asarray(np.tile(mu_c, n_rep)[:, None], dtype=ctx.dtype)
     v = be.zeros((n, p), ctx.dtype) if use_mom else None
-    avg = theta.clone() if (ctx.ema is not None and be.name == "torch") else (
-        theta.copy() if ctx.ema is not None else None)
+    avg = be.copy(theta) if ctx.ema is not None else None
     layout = Layout(n_rep, n_c, None)
     rep_np = np.repeat(np.arange(n_rep), n_c)
     loss0 = be.to_numpy(k.loss(theta)).astype(float)
@@ -600,17 +595,17 @@ def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
                 i = rec_pos[t]
                 keep_idx = be.asarray(rows[~bad_np], dtype="int64")
                 good = ~bad
-                _write(ctx.rec["train_loss"], keep_idx, i, loss[good])
+                _write(be, ctx.rec["train_loss"], keep_idx, i, loss[good])
                 if ctx.has_test:
-                    _write(ctx.rec["test_loss"], keep_idx, i, k.test_loss(theta)[good])
+                    _write(be, ctx.rec["test_loss"], keep_idx, i, k.test_loss(theta)[good])
                 if avg is not None:
-                    _write(ctx.rec["ema_train_loss"], keep_idx, i, k.loss(avg)[good])
+                    _write(be, ctx.rec["ema_train_loss"], keep_idx, i, k.loss(avg)[good])
                     if ctx.has_test:
-                        _write(ctx.rec["ema_test_loss"], keep_idx, i, k.test_loss(avg)[good])
+                        _write(be, ctx.rec["ema_test_loss"], keep_idx, i, k.test_loss(avg)[good])
                 if ctx.record_stats:
                     st = k.stats(theta)
                     for name in _STATS:
-                        _write(ctx.rec[name], keep_idx, i, st[name][good])
+                        _write(be, ctx.rec[name], keep_idx, i, st[name][good])
             if bad_np.any():
                 ctx.diverged_at[rows[bad_np]] = t
                 keep = ~bad
@@ -667,8 +662,7 @@ def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
     ctx.bar.update(g.steps % ctx.check_every * n)
 
 
-def _write(dst, idx, col, values):
+def _write(be, dst, idx, col, values):
     """dst[idx, col] = values (dst on the backend; rows not listed keep ``inf``)."""
     if values.shape[0]:
-        dst[idx, col] = values.to(dst.dtype) if hasattr(values, "to") else values.astype(
-            dst.dtype, copy=False)
+        dst[idx, col] = be.astype(values, dst.dtype)

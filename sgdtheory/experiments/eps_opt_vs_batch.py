@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sgdtheory import theory
+from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
@@ -137,10 +138,7 @@ def _one_step_moments(backend, gen, h, c, theta, batch, n_pairs, chunk=20_000):
 
 
 def compute(config: Config, backend, seed: int) -> dict:
-    if backend is None:
-        from sgdtheory.backend import get_backend
-
-        backend = get_backend("numpy")
+    backend = get_backend(backend)
     gen = backend.rng(seed)
     ratios = np.geomspace(config.ratio_min, config.ratio_max, config.n_ratios)
     eps_grid_rel = np.logspace(-3.5, 0.5, config.n_eps)  # ε/ε_max

@@ -39,6 +39,7 @@ import numpy as np
 from scipy import stats
 
 from sgdtheory import nqm
+from sgdtheory.backend import get_backend
 from sgdtheory.estimators import NoiseScaleEMA
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check
@@ -90,16 +91,13 @@ def nested_batch_grads(backend, small, rest, theta, layout, b: int, batch: int):
     b' = B − b, so Cov(G_B) = Σ/B and G_b is the mean of b of its examples.
     """
     g_small = small.grad(theta, layout, b)
-    g_small = g_small.clone() if backend.name == "torch" else g_small.copy()
+    g_small = backend.copy(g_small)
     g_big = (b * g_small + (batch - b) * rest.grad(theta, layout, batch - b)) / batch
     return g_small, g_big
 
 
 def compute(config: Config, backend, seed: int) -> dict:
-    if backend is None:
-        from sgdtheory.backend import get_backend
-
-        backend = get_backend("numpy")
+    backend = get_backend(backend)
     if not 0 < config.batch_small < config.batch:
         raise ValueError("batch_small must lie in (0, batch)")
     h = 1.0 / np.arange(1, config.dim + 1)
