@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import optim
 from ._checks import integer, real
 from .backend import Backend, get_backend, to_numpy
 from .problems import Layout
@@ -568,12 +569,9 @@ def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
     # row r·n_c + c  ↔  replica r0 + r, configuration cfg[c]
     rows = (cfg[None, :] * ctx.replicas + (r0 + np.arange(n_rep))[:, None]).ravel()
     theta = be.zeros((n, p), ctx.dtype) + be.asarray(ctx.theta0, dtype=ctx.dtype)
-    lr_scalar = float(lr_c[0]) if np.all(lr_c == lr_c[0]) else None
-    lr_rows = be.asarray(np.tile(lr_c, n_rep)[:, None], dtype=ctx.dtype)
-    use_mom = bool(np.any(mu_c > 0))
-    mu_scalar = float(mu_c[0]) if np.all(mu_c == mu_c[0]) else None
-    mu_rows = be.asarray(np.tile(mu_c, n_rep)[:, None], dtype=ctx.dtype)
-    v = be.zeros((n, p), ctx.dtype) if use_mom else None
+    opt = optim.sgd(_per_row(be, lr_c, n_rep, ctx.dtype), _per_row(be, mu_c, n_rep, ctx.dtype),
+                    ctx.nesterov)
+    state = opt.init(theta)
     avg = be.copy(theta) if ctx.ema is not None else None
     layout = Layout(n_rep, n_c, None)
     rep_np = np.repeat(np.arange(n_rep), n_c)
@@ -582,9 +580,8 @@ def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
     thr_b = be.asarray(thr, dtype="float64")
     sampler = k.sampler(be.rng([seed, g.batch, r0]), n_rep, ctx.replace)
     rec_pos = {int(t): i for i, t in enumerate(g.rec)}
-    fused = getattr(sampler, "sgd_step", None) if (not use_mom and lr_scalar is not None) \
-        else None
-    mom = None
+    plain_scalar = state.velocity is None and isinstance(state.lr, float)
+    fused = getattr(sampler, "sgd_step", None) if plain_scalar else None
     for t in range(g.steps + 1):
         is_rec = t in rec_pos
         if is_rec or t % ctx.check_every == 0 or t == g.steps:
@@ -611,10 +608,7 @@ def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
                 keep = ~bad
                 keep_np = ~bad_np
                 rows, rep_np = rows[keep_np], rep_np[keep_np]
-                theta, lr_rows, mu_rows, thr_b = theta[keep], lr_rows[keep], mu_rows[keep], \
-                    thr_b[keep]
-                if v is not None:
-                    v = v[keep]
+                theta, thr_b, state = theta[keep], thr_b[keep], state.take(keep)
                 if avg is not None:
                     avg = avg[keep]
                 layout = Layout(n_rep, n_c, be.asarray(rep_np, dtype="int64"))
@@ -626,40 +620,29 @@ def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
         m_t = float(g.lr_mult[t])
         if fused is not None:
             if m_t != 0.0:
-                fused(theta, layout, int(g.batches[t]), lr_scalar * m_t)
+                fused(theta, layout, int(g.batches[t]), state.lr * m_t)
             else:
                 sampler.grad(theta, layout, int(g.batches[t]))  # keep the random stream
             if avg is not None:
-                avg -= (1.0 - ctx.ema) * (avg - theta)
+                optim.ema_update(avg, theta, ctx.ema)
             if t % ctx.check_every == ctx.check_every - 1:
                 ctx.bar.update(ctx.check_every * n)
             continue
         grad = sampler.grad(theta, layout, int(g.batches[t]))
-        if use_mom:
-            if mu_scalar is not None:
-                v *= mu_scalar
-            else:
-                v *= mu_rows
-            v += grad
-            if ctx.nesterov:
-                mom = grad + (v * mu_scalar if mu_scalar is not None else v * mu_rows)
-                direction, owned = mom, True
-            else:
-                direction, owned = v, False
-        else:
-            direction, owned = grad, True
-        if m_t != 0.0:
-            scale = lr_scalar * m_t if lr_scalar is not None else lr_rows * m_t
-            if owned:
-                direction *= scale
-                theta -= direction
-            else:
-                theta -= direction * scale
+        theta, state = opt.update(grad, state, theta, m_t)
         if avg is not None:
-            avg -= (1.0 - ctx.ema) * (avg - theta)
+            optim.ema_update(avg, theta, ctx.ema)
         if t % ctx.check_every == ctx.check_every - 1:
             ctx.bar.update(ctx.check_every * n)
     ctx.bar.update(g.steps % ctx.check_every * n)
+
+
+def _per_row(be, values, n_rep, dtype):
+    """A hyperparameter of the chunk's configurations: a float when they share it, else a
+    column (n_rep·n_cfg, 1) in row order (replica-major)."""
+    if np.all(values == values[0]):
+        return float(values[0])
+    return be.asarray(np.tile(values, n_rep)[:, None], dtype=dtype)
 
 
 def _write(be, dst, idx, col, values):
