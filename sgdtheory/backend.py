@@ -157,6 +157,8 @@ class Backend:
             if isinstance(x, torch.Tensor):
                 return x.to(device=self.device, dtype=dt if dt is not None else x.dtype)
             arr = np.asarray(_to_numpy_any(x))
+            if not arr.flags.writeable:  # torch cannot share read-only memory: copy
+                arr = arr.copy()
             if dt is None and arr.dtype == np.float64:
                 dt = torch.float64
             return torch.as_tensor(arr, dtype=dt, device=self.device)
