@@ -20,7 +20,7 @@ from sgdtheory.experiments import (
     steps_vs_examples,
 )
 from sgdtheory.experiments._common import minibatch_grads
-from sgdtheory.problems import Layout, LogisticRegression, NoisyQuadratic
+from sgdtheory.problems import Layout, LogisticRegression, NoisyQuadratic, _softplus
 
 NUMPY = get_backend("numpy")
 
@@ -121,7 +121,7 @@ def test_logistic_softplus_loss_equals_problem_loss():
     g = np.random.default_rng(1).normal(size=(6, 4))
     xy = prob.x * prob.y[:, None]
     eps = 0.8
-    fast = loss_change_vs_lr._softplus(-(xy @ theta - eps * (g @ xy.T))).mean(1)
+    fast = _softplus(-(xy @ theta - eps * (g @ xy.T))).mean(1)
     assert np.allclose(fast, prob.loss(theta - eps * g), rtol=1e-12)
 
 
