@@ -53,6 +53,18 @@ from sgdtheory.experiments._common import Check, factor_check
 from sgdtheory.problems import LinearRegressionData
 from sgdtheory.simulate import run
 
+__all__ = [
+    "NAME",
+    "PRESETS",
+    "TITLE",
+    "Config",
+    "base_rate",
+    "compute",
+    "plot",
+    "spectrum",
+    "sweep",
+]
+
 NAME = "curvature_vs_forgetting"
 TITLE = "Final train/test loss vs lr factor for several dataset sizes and two batch sizes"
 

@@ -44,6 +44,18 @@ from sgdtheory.experiments._common import Check, factor_check
 from sgdtheory.problems import LinearRegression
 from sgdtheory.simulate import linear_decay, run
 
+__all__ = [
+    "NAME",
+    "PRESETS",
+    "TITLE",
+    "Config",
+    "compute",
+    "plot",
+    "spectrum",
+    "sweep",
+    "tuned_base_rate",
+]
+
 NAME = "linear_scaling"
 TITLE = "Final loss at fixed examples with η ∝ B and η ∝ √B vs B/B_noise, with warmup"
 

@@ -42,6 +42,17 @@ from sgdtheory.experiments._common import Check, minibatch_grads, relative_check
 from sgdtheory.experiments.eps_opt_vs_batch import noise_for_b_noise, spectrum
 from sgdtheory.problems import LogisticRegression, NoisyQuadratic, _softplus
 
+__all__ = [
+    "NAME",
+    "PRESETS",
+    "TITLE",
+    "Config",
+    "compute",
+    "logistic_point",
+    "plot",
+    "zero_crossing",
+]
+
 NAME = "loss_change_vs_lr"
 TITLE = "Expected one-step loss change vs ε/ε_opt(B): zero crossing at 2ε_opt (NQM, logistic)"
 

@@ -1,0 +1,43 @@
+"""Experiment curvature_vs_forgetting (quick preset): checks, shapes, and the limits recomputed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from experiment_contract import assert_contract
+
+from sgdtheory import theory
+from sgdtheory.backend import get_backend
+from sgdtheory.experiments import curvature_vs_forgetting
+
+
+@pytest.fixture(scope="module")
+def quick():
+    """The quick preset on NumPy, seed 0 (computed once for this file)."""
+    mod = curvature_vs_forgetting
+    return mod.compute(mod.PRESETS["quick"], get_backend("numpy"), 0)
+
+
+def test_quick_preset_checks_pass_and_figure_draws(quick):
+    assert_contract(curvature_vs_forgetting, quick)
+
+
+def test_curvature_vs_forgetting_shapes_and_limits(quick):
+    mod, d = curvature_vs_forgetting, quick
+    cfg = mod.PRESETS["quick"]
+    n_n, n_f = len(cfg.n_data), len(cfg.factors)
+    assert d["test_mean"].shape == (n_n, 2, n_f) == d["train_mean"].shape
+    assert d["f_inst"].shape == (n_n, 2) and d["best_factor"].shape == (n_n, 2)
+    # lr = factor · η̃₀ · B: the 4× batch takes 4× the lr at the same factor
+    np.testing.assert_allclose(d["lr"][1] / d["lr"][0], cfg.batch_ratio)
+    # curvature limit in factor units, recomputed from the spectral radius of the moment matrix
+    for b, batch in enumerate(d["batches"]):
+        lr_c = d["f_curv"][b] * batch * d["base_lr0"]
+        rho_below = np.abs(np.linalg.eigvalsh(
+            theory.linreg_moment_matrix(d["eigenvalues"], lr_c * 0.999, batch))).max()
+        rho_above = np.abs(np.linalg.eigvalsh(
+            theory.linreg_moment_matrix(d["eigenvalues"], lr_c * 1.001, batch))).max()
+        assert rho_below < 1.0 < rho_above
+    # forgetting limit: the memory horizon 1/(η̃ λ_rep) equals N
+    horizon = 1.0 / (d["f_forget"] * d["base_lr0"] * d["lam_rep"])
+    np.testing.assert_allclose(horizon, d["n_data"], rtol=1e-12)
