@@ -1,6 +1,6 @@
 r"""Exact memory curve and forgetting limit of SGD on linear regression with Gaussian features.
 
-Model (DESIGN §3): x ~ N(0, H), H = diag(λ), y = w*ᵀx + ξ with Var ξ = σ², per-example loss
+Model (docs/design.md §3): x ~ N(0, H), H = diag(λ), y = w*ᵀx + ξ with Var ξ = σ², per-example loss
 ℓ = ½(xᵀw − y)², error e = w − w*. One SGD step with ``lr`` η on the *mean* gradient of a
 batch of B examples drawn from an infinite stream (each example is used once, "one pass")::
 

@@ -566,7 +566,7 @@ def linreg_moment_matrix(eigenvalues, lr, batch):
     r"""Transition matrix of E[e_j²] for SGD on linear regression with Gaussian features.
 
     With x ~ N(0, diag(λ)), e = w − w*, m_j = E[e_j²] and batches of B drawn with
-    replacement (DESIGN §3),
+    replacement (docs/design.md §3.4),
 
         m ← A m + (η²/B) σ² λ,   A = diag(1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λλᵀ.
 
