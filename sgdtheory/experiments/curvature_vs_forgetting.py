@@ -54,15 +54,7 @@ from sgdtheory.problems import LinearRegressionData
 from sgdtheory.simulate import run
 
 __all__ = [
-    "NAME",
-    "PRESETS",
-    "TITLE",
-    "Config",
-    "base_rate",
-    "compute",
-    "plot",
-    "spectrum",
-    "sweep",
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "base_rate", "spectrum", "sweep",
 ]
 
 NAME = "curvature_vs_forgetting"

@@ -35,16 +35,8 @@ from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
 __all__ = [
-    "NAME",
-    "PRESETS",
-    "SPECTRA",
-    "TITLE",
-    "Config",
-    "compute",
-    "line_search",
-    "noise_for_b_noise",
-    "plot",
-    "spectrum",
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "SPECTRA", "line_search",
+    "noise_for_b_noise", "spectrum",
 ]
 
 NAME = "eps_opt_vs_batch"

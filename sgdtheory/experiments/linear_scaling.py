@@ -45,14 +45,7 @@ from sgdtheory.problems import LinearRegression
 from sgdtheory.simulate import linear_decay, run
 
 __all__ = [
-    "NAME",
-    "PRESETS",
-    "TITLE",
-    "Config",
-    "compute",
-    "plot",
-    "spectrum",
-    "sweep",
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "spectrum", "sweep",
     "tuned_base_rate",
 ]
 

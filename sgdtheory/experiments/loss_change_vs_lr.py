@@ -43,14 +43,7 @@ from sgdtheory.experiments.eps_opt_vs_batch import noise_for_b_noise, spectrum
 from sgdtheory.problems import LogisticRegression, NoisyQuadratic, _softplus
 
 __all__ = [
-    "NAME",
-    "PRESETS",
-    "TITLE",
-    "Config",
-    "compute",
-    "logistic_point",
-    "plot",
-    "zero_crossing",
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "logistic_point", "zero_crossing",
 ]
 
 NAME = "loss_change_vs_lr"

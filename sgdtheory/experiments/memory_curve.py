@@ -36,16 +36,8 @@ from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
 __all__ = [
-    "NAME",
-    "PRESETS",
-    "TITLE",
-    "Config",
-    "compute",
-    "lag_grid",
-    "learning_rates",
-    "plot",
-    "simulate_gaps",
-    "spectrum",
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "lag_grid", "learning_rates",
+    "simulate_gaps", "spectrum",
 ]
 
 NAME = "memory_curve"

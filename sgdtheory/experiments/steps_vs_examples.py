@@ -43,15 +43,8 @@ from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, factor_check, relative_check
 
 __all__ = [
-    "NAME",
-    "PRESETS",
-    "TITLE",
-    "Config",
-    "b_noise_along_run",
-    "compute",
-    "plot",
-    "run_averaged_b_noise",
-    "sgd_second_moments",
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "b_noise_along_run",
+    "run_averaged_b_noise", "sgd_second_moments",
 ]
 
 NAME = "steps_vs_examples"
