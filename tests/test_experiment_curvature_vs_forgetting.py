@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from experiment_contract import assert_contract
 
 from sgdtheory import theory
-from sgdtheory.backend import get_backend
 from sgdtheory.experiments import curvature_vs_forgetting
 
-
-@pytest.fixture(scope="module")
-def quick():
-    """The quick preset on NumPy, seed 0 (computed once for this file)."""
-    mod = curvature_vs_forgetting
-    return mod.compute(mod.PRESETS["quick"], get_backend("numpy"), 0)
+EXPERIMENT = curvature_vs_forgetting  # run by the ``quick`` fixture (conftest.py)
 
 
 def test_quick_preset_checks_pass_and_figure_draws(quick):
-    assert_contract(curvature_vs_forgetting, quick)
+    assert_contract(EXPERIMENT, quick)
 
 
 def test_curvature_vs_forgetting_shapes_and_limits(quick):
-    mod, d = curvature_vs_forgetting, quick
+    mod, d = EXPERIMENT, quick
     cfg = mod.PRESETS["quick"]
     n_n, n_f = len(cfg.n_data), len(cfg.factors)
     assert d["test_mean"].shape == (n_n, 2, n_f) == d["train_mean"].shape

@@ -7,23 +7,17 @@ import numpy as np
 import pytest
 from experiment_contract import assert_contract
 
-from sgdtheory.backend import get_backend
 from sgdtheory.experiments import linear_scaling
 
-
-@pytest.fixture(scope="module")
-def quick():
-    """The quick preset on NumPy, seed 0 (computed once for this file)."""
-    mod = linear_scaling
-    return mod.compute(mod.PRESETS["quick"], get_backend("numpy"), 0)
+EXPERIMENT = linear_scaling  # run by the ``quick`` fixture (conftest.py)
 
 
 def test_quick_preset_checks_pass_and_figure_draws(quick):
-    assert_contract(linear_scaling, quick)
+    assert_contract(EXPERIMENT, quick)
 
 
 def test_linear_scaling_shapes_and_rules(quick):
-    mod, d = linear_scaling, quick
+    mod, d = EXPERIMENT, quick
     cfg = mod.PRESETS["quick"]
     n_b = len(cfg.batches)
     assert d["excess_mean"].shape == (2, n_b) == d["excess_theory"].shape

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from experiment_contract import assert_contract
 
 from sgdtheory import memory
-from sgdtheory.backend import get_backend
 from sgdtheory.experiments import memory_curve
 
-
-@pytest.fixture(scope="module")
-def quick():
-    """The quick preset on NumPy, seed 0 (computed once for this file)."""
-    mod = memory_curve
-    return mod.compute(mod.PRESETS["quick"], get_backend("numpy"), 0)
+EXPERIMENT = memory_curve  # run by the ``quick`` fixture (conftest.py)
 
 
 def test_quick_preset_checks_pass_and_figure_draws(quick):
-    assert_contract(memory_curve, quick)
+    assert_contract(EXPERIMENT, quick)
 
 
 def test_memory_curve_shapes_and_derived_curve(quick):
-    mod, d = memory_curve, quick
+    mod, d = EXPERIMENT, quick
     k = d["lags"]
     assert k[0] == 1 and np.all(np.diff(k) > 0)
     assert d["gap_sim"].shape == d["gap_se"].shape == d["gap_derived"].shape == (2, k.size)

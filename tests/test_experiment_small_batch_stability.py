@@ -8,23 +8,17 @@ import pytest
 from experiment_contract import assert_contract
 
 from sgdtheory import theory
-from sgdtheory.backend import get_backend
 from sgdtheory.experiments import small_batch_stability
 
-
-@pytest.fixture(scope="module")
-def quick():
-    """The quick preset on NumPy, seed 0 (computed once for this file)."""
-    mod = small_batch_stability
-    return mod.compute(mod.PRESETS["quick"], get_backend("numpy"), 0)
+EXPERIMENT = small_batch_stability  # run by the ``quick`` fixture (conftest.py)
 
 
 def test_quick_preset_checks_pass_and_figure_draws(quick):
-    assert_contract(small_batch_stability, quick)
+    assert_contract(EXPERIMENT, quick)
 
 
 def test_small_batch_stability_shapes_and_theory(quick):
-    mod, d = small_batch_stability, quick
+    mod, d = EXPERIMENT, quick
     cfg = mod.PRESETS["quick"]
     n_b, n_g = len(cfg.batches), d["base_lr"].size
     assert d["excess_mean"].shape == (n_b, n_g) and d["edges_sim"].shape == (n_b, 2)
