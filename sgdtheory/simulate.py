@@ -734,7 +734,8 @@ class _Rows:
         every record and at the end), record. The hot loop of the simulator."""
         g, every = self.group, self.plan.check_every
         rec_pos = {int(t): i for i, t in enumerate(g.record_steps)}
-        n0 = self.n
+        n0, step = self.n, self._step
+        lr_mult, batches = g.lr_mult.tolist(), g.batches.tolist()  # Python floats and ints
         for t in range(g.steps + 1):
             if t in rec_pos or t % every == 0 or t == g.steps:
                 bad = self._check(t, rec_pos.get(t), records, diverged_at)
@@ -743,7 +744,7 @@ class _Rows:
                     return
             if t == g.steps:
                 break
-            self._step(float(g.lr_mult[t]), int(g.batches[t]))
+            step(lr_mult[t], batches[t])
             if t % every == every - 1:
                 bar.update(every * n0)
         bar.update(g.steps % every * n0)
