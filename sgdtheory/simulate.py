@@ -452,9 +452,8 @@ def plan(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nestero
         check_every: steps between divergence checks (also checked at every record).
 
     Raises:
-        ValueError: non-positive lr, non-integer or non-positive batch, batch > N without
-            replacement, momentum outside [0, 1), shapes that do not broadcast, both or neither
-            of steps/epochs, an init of the wrong shape, and every other bad setting (named).
+        ValueError: a bad setting, named (e.g. batch > N without replacement, momentum ∉ [0, 1),
+            shapes that do not broadcast, both or neither of steps/epochs).
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
