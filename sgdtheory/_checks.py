@@ -1,23 +1,57 @@
-"""Argument checks shared by the modules: each raises ValueError naming the argument."""
+"""Argument checks shared by the modules: each raises ValueError naming the argument.
+
+``integer``, ``real``, ``flag`` and ``real_array`` accept NumPy scalars (and 0-d arrays)
+wherever they accept Python numbers, refuse bools used as numbers, strings, None and complex
+values, and never raise anything but ValueError (values beyond float64 included).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
 
-__all__ = ["integer", "real"]
+__all__ = ["fits_in_memory", "flag", "float_dtype", "integer", "known_keywords", "memory_bytes",
+           "optional_real", "real", "real_array"]
 
 
-def integer(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int ≥ ``minimum`` (ints, integral floats and NumPy integers; no bools).
+def _item(value):
+    """A 0-d (or one-element 1-D) NumPy, torch or CuPy array as its Python scalar."""
+    if not isinstance(value, numbers.Number) and (
+            getattr(value, "ndim", None) == 0 or getattr(value, "shape", None) == (1,)):
+        try:
+            return value.item()
+        except (AttributeError, ValueError, RuntimeError, TypeError):
+            return value
+    return value
+
+
+def _is_number(value) -> bool:
+    """A real number that is not a bool (NumPy bools included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as an int in [``minimum``, ``maximum``] (ints, integral floats, NumPy integers
+    and 0-d integer arrays; no bools, strings or None).
 
     >>> integer("steps", 10.0)
     10
+    >>> integer("steps", 10**400)
+    Traceback (most recent call last):
+    ...
+    ValueError: steps must be an integer ≥ 1 that fits in a float64, got 1000000000...00000000000
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    if not (math.isfinite(value) and float(value).is_integer() and value >= minimum):
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    value = _item(value)
+    want = f"an integer ≥ {minimum}" + ("" if maximum is None else f" and ≤ {maximum}")
+    if not _is_number(value):
+        raise ValueError(f"{name} must be {want}, got {_short(value)}")
+    try:
+        ok = math.isfinite(value) and float(value).is_integer()
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{name} must be {want} that fits in a float64, "
+                         f"got {_short(value)}") from None
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {want}, got {_short(value)}")
     return int(value)
 
 
@@ -27,17 +61,22 @@ def real(name: str, value) -> float:
     >>> real("lr", 0.5)
     0.5
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        if getattr(value, "ndim", None) == 0 or getattr(value, "shape", None) == (1,):
-            try:
-                value = value.item()  # 0-d NumPy, torch or CuPy array
-            except (AttributeError, ValueError, RuntimeError):
-                pass
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    value = _item(value)
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a real number, got {_short(value)}")
+    try:
+        out = float(value)
+    except (OverflowError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite real number (within float64), "
+                         f"got {_short(value)}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {_short(value)}")
+    return out
+
+
+def optional_real(name: str, value) -> float | None:
+    """None, or :func:`real`."""
+    return None if value is None else real(name, value)
 
 
 def flag(name: str, value) -> bool:
@@ -53,7 +92,24 @@ def flag(name: str, value) -> bool:
     if type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None \
             and value.dtype.kind == "b" and getattr(value, "ndim", 1) == 0:
         return bool(value)
-    raise ValueError(f"{name} must be True or False, got {value!r}")
+    raise ValueError(f"{name} must be True or False, got {_short(value)}")
+
+
+def known_keywords(what: str, given, known) -> None:
+    """Refuse keywords of ``given`` not in ``known``, naming them and listing the known ones
+    (a misspelt keyword forwarded as ``**settings`` would otherwise be a TypeError).
+
+    >>> known_keywords("run", {"lr": 1, "stpes": 2}, ["lr", "steps"])
+    Traceback (most recent call last):
+    ...
+    ValueError: run got an unknown keyword 'stpes'; the known ones are: lr, steps
+    """
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        s = "s" if len(unknown) > 1 else ""
+        raise ValueError(f"{what} got an unknown keyword{s} "
+                         f"{', '.join(repr(k) for k in unknown)}; the known ones are: "
+                         f"{', '.join(sorted(known))}")
 
 
 def _short(value) -> str:
@@ -102,3 +158,40 @@ def real_array(name: str, value):
         raise ValueError(f"{what}, got {_short(value)}")
     with np.errstate(over="ignore"):  # long doubles beyond float64: inf, caught by callers
         return arr.astype(float)
+
+
+def float_dtype(name: str, value) -> str:
+    """``"float32"`` or ``"float64"`` from that string or a NumPy float dtype.
+
+    >>> float_dtype("dtype", "float32")
+    'float32'
+    """
+    import numpy as np
+
+    try:
+        key = value if isinstance(value, str) else (
+            None if value is None or isinstance(value, bool) else np.dtype(value).name)
+    except TypeError:
+        key = None
+    if key not in ("float32", "float64"):
+        raise ValueError(f"{name} must be 'float32' or 'float64', got {_short(value)}")
+    return key
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (16 GiB when it cannot be told)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 16 << 30
+
+
+def fits_in_memory(name: str, n_bytes: float, fix: str) -> None:
+    """Refuse, naming ``name``, work whose arrays would need more than half of this machine's
+    memory (better a clear error up front than a MemoryError or an OOM kill later)."""
+    total = memory_bytes()
+    if n_bytes > total / 2:
+        raise ValueError(f"{name}: this would need {n_bytes / 2**30:.3g} GiB of arrays, more than "
+                         f"half of this machine's {total / 2**30:.3g} GiB; {fix}")

@@ -59,6 +59,7 @@ kernel class named for it at the end of the module.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from . import theory
-from ._checks import integer, real
+from ._checks import _short, fits_in_memory, flag, float_dtype, integer, real, real_array
 from .backend import Backend, array_module, get_backend
 
 __all__ = [
@@ -83,10 +84,7 @@ __all__ = [
 
 
 def _floats(name, x) -> np.ndarray:
-    try:
-        return np.asarray(x, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be real numbers, got {x!r}") from exc
+    return real_array(name, x)
 
 
 def _noise_std(value) -> float:
@@ -128,12 +126,14 @@ def _psd(name, x, p=None, *, spectrum=False):
         want = f"({p},) or ({p}, {p})" if p is not None else "(p,) or (p, p)"
         raise ValueError(f"{name} must have shape {want}, got {a.shape}")
     scale = max(float(np.abs(a).max()), 1e-300)
-    if not np.allclose(a, a.T, rtol=1e-10, atol=1e-12 * scale):
+    unit = a / scale  # entries in [-1, 1]: the checks cannot overflow
+    if not np.allclose(unit, unit.T, rtol=1e-10, atol=1e-12):
         raise ValueError(f"{name} must be symmetric")
-    a = 0.5 * (a + a.T)
-    lo = np.linalg.eigvalsh(a)[0]
-    if lo < -1e-10 * scale:
-        raise ValueError(f"{name} must be positive semi-definite (smallest eigenvalue {lo:g})")
+    a = 0.5 * a + 0.5 * a.T
+    lo = np.linalg.eigvalsh(0.5 * (unit + unit.T))[0]
+    if lo < -1e-10:
+        raise ValueError(f"{name} must be positive semi-definite (smallest eigenvalue "
+                         f"{lo * scale:g})")
     return a
 
 
@@ -159,10 +159,26 @@ def _assign(obj, **fields) -> None:
         object.__setattr__(obj, name, value)
 
 
+def _representable(prob, *names) -> None:
+    """Refuse a problem whose loss or gradient at θ₀ is beyond float64 (NaN or ±inf): its
+    fields ``names`` are too large to simulate (rescale the problem)."""
+    try:
+        with np.errstate(all="ignore"):
+            values = (prob.loss(prob.theta0), prob.grad(prob.theta0))
+        ok = all(np.all(np.isfinite(v)) for v in values)
+    except ValueError:  # a guarded method found NaN
+        ok = False
+    if not ok:
+        raise ValueError(f"{', '.join(names)}: the loss or its gradient at theta0 overflows "
+                         "float64; rescale the problem (smaller values)")
+
+
 def _theta(theta, p):
-    t = np.asarray(theta, dtype=float)
+    t = real_array("theta", theta)
     if t.ndim == 0 or t.shape[-1] != p:
         raise ValueError(f"theta must have shape (..., {p}), got {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("theta must be finite")
     return t
 
 
@@ -174,9 +190,7 @@ def _point(theta, p):
 
 
 def _batch_arg(batch, n_data, replace):
-    if isinstance(batch, bool) or not float(batch).is_integer() or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    batch = int(batch)
+    batch = integer("batch", batch)
     if n_data is not None and not replace and batch > n_data:
         raise ValueError(f"batch ({batch}) exceeds n_data ({n_data}) for sampling without "
                          f"replacement (pass replace=True, or a smaller batch)")
@@ -184,9 +198,32 @@ def _batch_arg(batch, n_data, replace):
 
 
 def _gen(rng):
+    """A NumPy Generator from a Generator, None (fresh entropy), an int seed ≥ 0 or ints."""
     if isinstance(rng, np.random.Generator):
         return rng
-    return np.random.default_rng(rng)
+    if isinstance(rng, (bool, np.bool_, float, str, bytes)):
+        raise ValueError(f"rng must be a numpy Generator, an int seed ≥ 0 or None, "
+                         f"got {_short(rng)}")
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"rng must be a numpy Generator, an int seed ≥ 0 or None, "
+                         f"got {_short(rng)} ({exc})") from None
+
+
+def _guarded(method):
+    """A problem method on finite θ: no NumPy warnings, and NaN (inf − inf or 0·inf where a
+    huge θ overflows) refused as a ValueError naming theta; ±inf are returned as they are."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with np.errstate(all="ignore"):
+            out = method(self, *args, **kwargs)
+        if out is not None and np.any(np.isnan(out)):
+            raise ValueError(f"theta is too large: float64 overflows evaluating {method.__name__}"
+                             f" at this θ (inf − inf); use a smaller theta")
+        return out
+
+    return wrapper
 
 
 def _sqrt_psd(a):
@@ -206,6 +243,10 @@ def _out(x):
     """0-d results as Python floats (scalars in, scalars out)."""
     x = np.asarray(x)
     return float(x) if x.ndim == 0 else x
+
+
+#: the evaluation methods of a problem, guarded against overflow NaN (:func:`_guarded`)
+_GUARDED = ("loss", "grad", "test_loss", "population_loss", "hessian", "sigma")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -341,6 +382,13 @@ class Problem:
     theta0: np.ndarray
     n_data: int | None = None
 
+    def __init_subclass__(cls, **kwargs):
+        """Guard the evaluation methods of every problem (:func:`_guarded`)."""
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED:
+            if name in cls.__dict__:
+                setattr(cls, name, _guarded(cls.__dict__[name]))
+
     @property
     def dim(self) -> int:
         """p, the number of parameters (the length of ``theta0``)."""
@@ -352,7 +400,11 @@ class Problem:
     def stats(self, theta) -> theory.QuadraticStats:
         """|G|², GᵀHG, tr Σ, tr HΣ (→ ε_max, B_noise, B_simple) at θ (p,), exactly."""
         t = _point(theta, self.dim)
-        return theory.quadratic_stats(self.hessian(t), self.sigma(t), self.grad(t))
+        parts = self.hessian(t), self.sigma(t), self.grad(t)
+        if not all(np.all(np.isfinite(v)) for v in parts):
+            raise ValueError("theta is too large: the gradient or Σ overflows float64 at this "
+                             "θ; use a smaller theta")
+        return theory.quadratic_stats(*parts)
 
     def sample_grad(self, theta, batch, rng, *, replace=False):
         """One minibatch mean gradient G_B per leading index of ``theta`` (..., p).
@@ -364,8 +416,12 @@ class Problem:
             replace: finite data only: draw the B examples with replacement.
         """
         t = _theta(theta, self.dim)
+        replace = flag("replace", replace)
         batch = _batch_arg(batch, self.n_data, replace)
         flat = t.reshape(-1, self.dim)
+        if not isinstance(self, NoisyQuadratic):  # one example per row and batch element
+            fits_in_memory("batch", 8.0 * flat.shape[0] * batch * (self.dim + 2),
+                           "use a smaller batch or fewer points theta")
         k = self.kernel(get_backend("numpy"), "float64")
         s = k.sampler(_gen(rng), flat.shape[0], replace)
         g = s.grad(np.ascontiguousarray(flat), Layout(flat.shape[0], 1), batch)
@@ -374,7 +430,7 @@ class Problem:
     def kernel(self, backend: Backend, dtype):
         """The vectorised form :func:`sgdtheory.simulate.run` runs: arrays on ``backend`` in
         ``dtype`` (each problem's kernel class is named at the end of this module)."""
-        return self._kernel(self, backend, dtype)
+        return self._kernel(self, get_backend(backend), float_dtype("dtype", dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -404,7 +460,10 @@ class NoisyQuadratic(Problem):
         p = h.shape[0]
         c = _psd("c", self.c, p)
         ts = _optional("theta_star", self.theta_star, np.zeros(p))
-        _assign(self, h=h, c=c, theta_star=ts, theta0=_optional("theta0", self.theta0, ts + 1.0))
+        with np.errstate(over="ignore"):
+            _assign(self, h=h, c=c, theta_star=ts,
+                    theta0=_optional("theta0", self.theta0, ts + 1.0))
+        _representable(self, "h", "theta_star", "theta0")
 
     def loss(self, theta):
         """½ (θ−θ*)ᵀH(θ−θ*), shape (...)."""
@@ -551,15 +610,27 @@ class FiniteSumQuadratic(Problem):
     def __post_init__(self):
         h = _psd("h", self.h)
         ctr = _samples("centers", self.centers, h.shape[0])
-        _assign(self, h=h, centers=ctr, theta0=_optional("theta0", self.theta0, ctr.mean(0) + 1.0))
+        with np.errstate(over="ignore", invalid="ignore"):
+            _assign(self, h=h, centers=ctr,
+                    theta0=_optional("theta0", self.theta0, ctr.mean(0) + 1.0))
+        _representable(self, "h", "centers", "theta0")
 
     @classmethod
     def random(cls, h, n_data: int, spread=1.0, seed=0, theta0=None):
         """N centres θ_i ~ N(0, spread²·I) (spread scalar or (p,)), drawn from ``seed``."""
         h = _psd("h", h)
         n_data = integer("n_data", n_data)
+        fits_in_memory("n_data", 8.0 * n_data * h.shape[0], "use a smaller n_data")
         rng = np.random.default_rng(integer("seed", seed, 0))
-        ctr = rng.standard_normal((n_data, h.shape[0])) * _floats("spread", spread)
+        spread = _floats("spread", spread)
+        if spread.shape not in ((), h.shape[:1]) or not np.all(np.isfinite(spread)):
+            raise ValueError(f"spread must be a finite scalar or one per parameter "
+                             f"({h.shape[0]},), got {_short(spread)}")
+        with np.errstate(over="ignore"):
+            ctr = rng.standard_normal((n_data, h.shape[0])) * spread
+        if not np.all(np.isfinite(ctr)):
+            raise ValueError(f"spread is too large: the centres overflow float64, got "
+                             f"{_short(spread)}")
         return cls(h, ctr, theta0)
 
     @property
@@ -659,8 +730,10 @@ class LinearRegression(Problem):
     def __post_init__(self):
         lam = _psd("lam", self.lam, spectrum=True)
         ws = _optional("w_star", self.w_star, np.zeros(lam.shape[0]))
-        _assign(self, lam=lam, noise_std=_noise_std(self.noise_std), w_star=ws,
-                theta0=_optional("theta0", self.theta0, ws + 1.0))
+        with np.errstate(over="ignore"):
+            _assign(self, lam=lam, noise_std=_noise_std(self.noise_std), w_star=ws,
+                    theta0=_optional("theta0", self.theta0, ws + 1.0))
+        _representable(self, "lam", "noise_std", "w_star", "theta0")
 
     def loss(self, theta):
         """½ (eᵀHe + σ²), shape (...)."""
@@ -774,6 +847,8 @@ class LinearRegressionData(Problem):
         d = lam.shape[0]
         _assign(self, lam=lam, n_data=integer("n_data", self.n_data),
                 n_test=integer("n_test", self.n_test, 0), noise_std=_noise_std(self.noise_std))
+        fits_in_memory("n_data", 16.0 * (self.n_data + self.n_test) * (d + 1),
+                       "use smaller n_data and n_test")
         rng = np.random.default_rng(integer("seed", self.seed, 0))
         # w* is drawn (before the data) only when not given
         ws = rng.standard_normal(d) if self.w_star is None else _vector("w_star", self.w_star, d)
@@ -783,8 +858,13 @@ class LinearRegressionData(Problem):
             x = rng.standard_normal((n, d)) * np.sqrt(lam)
             return x, x @ ws + self.noise_std * rng.standard_normal(n)
 
-        (x, y), (xt, yt) = draw(self.n_data), draw(self.n_test)
+        with np.errstate(over="ignore", invalid="ignore"):
+            (x, y), (xt, yt) = draw(self.n_data), draw(self.n_test)
         _assign(self, x=x, y=y, x_test=xt, y_test=yt)
+        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(yt))):
+            raise ValueError("lam, noise_std, w_star: the labels overflow float64; rescale "
+                             "the problem (smaller values)")
+        _representable(self, "lam", "noise_std", "w_star", "theta0")
 
     def _res(self, theta):
         return _theta(theta, self.dim) @ self.x.T - self.y
@@ -941,10 +1021,11 @@ class LogisticRegression(Problem):
         if self.x_test is not None:
             xt = _samples("x_test", self.x_test, x.shape[1])
             _assign(self, x_test=xt, y_test=self._labels("y_test", self.y_test, xt.shape[0]))
+        _representable(self, "x", "l2", "theta0")
 
     @staticmethod
     def _labels(name, y, n):
-        y = np.asarray(y, dtype=float)
+        y = real_array(name, y)
         if y.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {y.shape}")
         if np.all(np.isin(y, (0.0, 1.0))):
@@ -960,6 +1041,9 @@ class LogisticRegression(Problem):
         vector), equal priors; N training examples and ``n_test`` held out, from ``seed``."""
         n_data, dim = integer("n_data", n_data), integer("dim", dim)
         n_test = integer("n_test", n_test, 0)
+        fits_in_memory("n_data", 16.0 * (n_data + n_test) * (dim + 1),
+                       "use smaller n_data, n_test or dim")
+        separation = real("separation", separation)
         rng = np.random.default_rng(integer("seed", seed, 0))
         u = rng.standard_normal(dim)
         u /= np.linalg.norm(u)

@@ -30,6 +30,7 @@ API (a plan, then a loop)::
             grad_sq, g_h_g, tr_sigma, tr_h_sigma, b_noise, b_simple, eps_max (record_stats)
             lr, batch, momentum: the configuration grid (NumPy arrays of shape S)
             .to_numpy() -> Result;  .mean(name="train_loss"), .stderr(name) over replicas
+            (inf where a replica diverged; survivors=True: over the finite ones, .count(name))
 
     Schedules (pure functions of the step fraction f = t/T ∈ [0, 1) → multiplier):
     constant(); warmup(fraction); linear_decay(final=0.0, warmup=0.0);
@@ -46,7 +47,10 @@ numbers.
 A replica diverges when its training loss is non-finite or exceeds ``divergence_factor`` × its
 initial loss (checked every ``check_every`` steps and at each record). It is then frozen:
 ``diverged_at`` holds the step at which that was detected, its later records are ``inf``, and it
-costs no more compute (diverged rows are dropped from the state arrays).
+costs no more compute (diverged rows are dropped from the state arrays). Aggregates over
+replicas are then defined, never NaN: :meth:`Result.mean` and :meth:`Result.stderr` are ``inf``
+where a replica diverged (or, with ``survivors=True``, over the replicas still finite, with
+:meth:`Result.count` of them), and B_noise, B_simple, ε_max are ``inf`` for a diverged replica.
 
 >>> from sgdtheory.problems import NoisyQuadratic
 >>> res = run(NoisyQuadratic([1.0, 0.5], [1.0, 1.0]), lr=[0.1, 5.0], batch=4, steps=20,
@@ -67,8 +71,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import optim
-from ._checks import integer, real
-from .backend import Backend, get_backend, to_numpy
+from ._checks import (
+    _short,
+    fits_in_memory,
+    flag,
+    float_dtype,
+    integer,
+    known_keywords,
+    real,
+    real_array,
+)
+from .backend import Backend, array_module, get_backend, to_numpy
 from .problems import Layout
 
 __all__ = [
@@ -109,6 +122,7 @@ def warmup(fraction: float) -> Schedule:
     >>> warmup(0.5)(np.array([0.25, 0.5, 0.75]))
     array([0.5, 1. , 1. ])
     """
+    fraction = real("fraction", fraction)
     if not 0 < fraction <= 1:
         raise ValueError(f"warmup fraction must lie in (0, 1], got {fraction!r}")
     return lambda f: np.minimum(1.0, np.asarray(f, dtype=float) / fraction)
@@ -122,9 +136,10 @@ def linear_decay(final: float = 0.0, warmup: float = 0.0) -> Schedule:
     >>> linear_decay(0.0, warmup=0.5)(np.array([0.25, 0.5, 0.75]))
     array([0.5, 1. , 0.5])
     """
+    warmup, final = real("warmup", warmup), real("final", final)
     if not 0 <= warmup < 1:
         raise ValueError(f"warmup must lie in [0, 1), got {warmup!r}")
-    if not (np.isfinite(final) and final >= 0):
+    if not final >= 0:
         raise ValueError(f"final must be ≥ 0, got {final!r}")
     if warmup == 0:
         return piecewise_linear([0.0, 1.0], [1.0, final])
@@ -137,11 +152,13 @@ def piecewise_linear(points, values) -> Schedule:
     >>> piecewise_linear([0, 0.5, 1], [1, 1, 0.1])(np.array([0.25, 0.75]))
     array([1.  , 0.55])
     """
-    x = np.asarray(points, dtype=float)
-    y = np.asarray(values, dtype=float)
-    if x.ndim != 1 or x.shape != y.shape or x.size < 1:
-        raise ValueError(f"points and values must be 1-D of equal length, got {x.shape}, "
-                         f"{y.shape}")
+    x = real_array("points", points)
+    y = real_array("values", values)
+    if x.ndim != 1 or x.size < 1:
+        raise ValueError(f"points must be a non-empty 1-D sequence, got shape {x.shape}")
+    if x.shape != y.shape:
+        raise ValueError(f"values must match points, one per point: got shapes {y.shape} and "
+                         f"{x.shape}")
     if np.any(np.diff(x) < 0) or not np.all(np.isfinite(x)):
         raise ValueError("points must be finite and non-decreasing")
     if not np.all(np.isfinite(y)) or np.any(y < 0):
@@ -155,31 +172,53 @@ def step_decay(boundaries, factor: float = 0.1) -> Schedule:
     >>> step_decay([0.5, 0.75], 0.1)(np.array([0.0, 0.5, 0.8]))
     array([1.  , 0.1 , 0.01])
     """
-    b = np.sort(np.asarray(boundaries, dtype=float).ravel())
-    if not (np.isfinite(factor) and factor > 0):
+    b = np.sort(real_array("boundaries", boundaries).ravel())
+    if not np.all(np.isfinite(b)):
+        raise ValueError(f"boundaries must be finite fractions, got {_short(boundaries)}")
+    factor = real("factor", factor)
+    if not factor > 0:
         raise ValueError(f"factor must be > 0, got {factor!r}")
-    return lambda f: factor ** np.searchsorted(b, np.asarray(f, dtype=float), side="right")
+
+    def mult(f):
+        with np.errstate(over="ignore", under="ignore"):  # beyond float64: inf (refused) or 0
+            return factor ** np.searchsorted(b, np.asarray(f, dtype=float), side="right")
+
+    return mult
 
 
 def batch_increase(schedule: Schedule, max_factor: float | None = None) -> Schedule:
     """Batch-size multiplier 1/schedule(f): increase the batch instead of decaying the rate.
 
     Smith et al. (2018): where ``schedule`` would divide the learning rate by k, multiply the
-    batch by k (capped at ``max_factor``). Use as ``run(..., batch_schedule=...)``; the batch of
-    step t is max(1, round(B · multiplier)).
+    batch by k (capped at ``max_factor`` ≥ 1). Use as ``run(..., batch_schedule=...)``; the
+    batch of step t is max(1, round(B · multiplier)).
 
     >>> batch_increase(step_decay([0.5], 0.2))(np.array([0.0, 0.6]))
     array([1., 5.])
     """
+    _schedule_arg("schedule", schedule)
+    if max_factor is not None:
+        max_factor = real("max_factor", max_factor)
+        if not max_factor >= 1:
+            raise ValueError(f"max_factor must be ≥ 1 (a cap on the batch multiplier), got "
+                             f"{max_factor!r}")
 
     def mult(f):
-        s = np.asarray(schedule(f), dtype=float)
-        if np.any(s <= 0):
+        s = real_array("schedule", schedule(f))
+        if np.any(~(s > 0)):
             raise ValueError("batch_increase needs a schedule that stays > 0")
-        m = 1.0 / s
+        with np.errstate(over="ignore"):
+            m = 1.0 / s
         return m if max_factor is None else np.minimum(m, max_factor)
 
     return mult
+
+
+def _schedule_arg(name, fn):
+    if fn is not None and not callable(fn):
+        raise ValueError(f"{name} must be a function of the training fraction f ∈ [0, 1) "
+                         f"(e.g. simulate.linear_decay(0.1)), got {_short(fn)}")
+    return fn
 
 
 # --------------------------------------------------------------------------- result
@@ -233,18 +272,21 @@ class Result:
 
     @property
     def b_noise(self):
-        """B_noise = tr(HΣ)/GᵀHG per record (record_stats), else None."""
-        return None if self.g_h_g is None else _div(self.tr_h_sigma, self.g_h_g)
+        """B_noise = tr(HΣ)/GᵀHG per record (record_stats), else None; ``inf`` where GᵀHG ≤ 0
+        or the replica had diverged (no statistics after divergence)."""
+        return None if self.g_h_g is None else _ratio(self.tr_h_sigma, self.g_h_g)
 
     @property
     def b_simple(self):
-        """B_simple = tr Σ/|G|² per record (record_stats), else None."""
-        return None if self.grad_sq is None else _div(self.tr_sigma, self.grad_sq)
+        """B_simple = tr Σ/|G|² per record (record_stats), else None; ``inf`` where |G|² = 0
+        or the replica had diverged."""
+        return None if self.grad_sq is None else _ratio(self.tr_sigma, self.grad_sq)
 
     @property
     def eps_max(self):
-        """ε_max = |G|²/GᵀHG per record (record_stats), else None."""
-        return None if self.grad_sq is None else _div(self.grad_sq, self.g_h_g)
+        """ε_max = |G|²/GᵀHG per record (record_stats), else None; ``inf`` where GᵀHG ≤ 0 or
+        the replica had diverged."""
+        return None if self.grad_sq is None else _ratio(self.grad_sq, self.g_h_g)
 
     def to_numpy(self) -> Result:
         """A copy with every array converted to NumPy."""
@@ -253,28 +295,67 @@ class Result:
                 for f in fields(self)}
         return dc_replace(self, **conv)
 
-    def mean(self, name: str = "train_loss") -> np.ndarray:
-        """Mean over replicas of a recorded quantity, NumPy (*S, K)."""
-        return to_numpy(self._get(name)).mean(-2)
+    def count(self, name: str = "train_loss") -> np.ndarray:
+        """Replicas with a finite value of ``name`` at each record (those that had not
+        diverged), NumPy int (*S, K)."""
+        return np.isfinite(self._values(name)).sum(-2)
 
-    def stderr(self, name: str = "train_loss") -> np.ndarray:
-        """Standard error of :meth:`mean` (std with ddof=1 over √R), NumPy (*S, K)."""
-        x = to_numpy(self._get(name))
+    def mean(self, name: str = "train_loss", *, survivors: bool = False) -> np.ndarray:
+        """Mean over replicas of a recorded quantity, NumPy (*S, K).
+
+        A diverged replica records ``inf`` from its divergence on, so the mean over all
+        replicas is ``inf`` there: the configuration diverged (``diverged`` says which
+        replicas). With ``survivors=True`` it is the mean over the replicas still finite at
+        that record (:meth:`count` of them), ``inf`` where none is.
+        """
+        x, fin, n = self._finite(name, flag("survivors", survivors))
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            m = np.where(fin, x, 0.0).sum(-2) / n
+        return np.where(n > 0, m, np.inf)
+
+    def stderr(self, name: str = "train_loss", *, survivors: bool = False) -> np.ndarray:
+        """Standard error of :meth:`mean` (std with ddof=1 over √n), NumPy (*S, K).
+
+        Over all R replicas (R ≥ 2): ``inf`` where the mean is ``inf`` (a replica diverged).
+        With ``survivors=True``: over the n = :meth:`count` replicas still finite, ``inf``
+        where n < 2. Never NaN.
+        """
+        survivors = flag("survivors", survivors)
+        x, fin, n = self._finite(name, survivors)
         if x.shape[-2] < 2:
-            raise ValueError("stderr needs at least 2 replicas")
-        with np.errstate(invalid="ignore"):
-            return x.std(-2, ddof=1) / math.sqrt(x.shape[-2])
+            raise ValueError(f"stderr needs at least 2 replicas, this run has {x.shape[-2]}")
+        m = self.mean(name, survivors=survivors)
+        ok = (n >= 2) & np.isfinite(m)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            d = np.where(fin & ok[..., None, :], x - np.where(ok, m, 0.0)[..., None, :], 0.0)
+            se = np.sqrt((d * d).sum(-2) / (n - 1)) / np.sqrt(n)
+        return np.where(ok, se, np.inf)
 
-    def _get(self, name):
+    def _values(self, name) -> np.ndarray:
+        if not isinstance(name, str) or name not in _RECORDS:
+            raise ValueError(f"name must be one of {', '.join(_RECORDS)}, got {_short(name)}")
         val = getattr(self, name)
         if val is None:
             raise ValueError(f"{name} was not recorded in this run")
-        return val
+        return np.asarray(to_numpy(val), dtype=float)
+
+    def _finite(self, name, survivors: bool):
+        """(values, mask of the replicas counted, their number per record)."""
+        x = self._values(name)
+        fin = np.isfinite(x)
+        if not survivors:  # all replicas, or none where one is not finite (inf mean)
+            fin = np.broadcast_to(fin.all(-2, keepdims=True), x.shape)
+            return x, fin, np.where(fin[..., 0, :], x.shape[-2], 0)
+        return x, fin, fin.sum(-2)
 
 
-def _div(a, b):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return a / b
+def _ratio(num, den):
+    """num/den per record of (backend) arrays: ``inf`` where den ≤ 0 or either is not finite
+    (a diverged replica records inf in both)."""
+    xp = array_module(num)
+    ok = (den > 0) & xp.isfinite(num) & xp.isfinite(den)
+    with np.errstate(over="ignore", under="ignore"):
+        return xp.where(ok, num / xp.where(ok, den, 1.0), np.inf)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -455,24 +536,27 @@ def plan(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nestero
         ValueError: a bad setting, named (e.g. batch > N without replacement, momentum ∉ [0, 1),
             shapes that do not broadcast, both or neither of steps/epochs).
     """
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    _problem_arg(problem)
+    dtype = float_dtype("dtype", dtype)
     lr_g, b_g, mu_g = _grid(lr, batch, momentum)
+    nesterov, replace = flag("nesterov", nesterov), flag("replace", replace)
+    record_stats = flag("record_stats", record_stats)
     replicas = integer("replicas", replicas)
     seed = integer("seed", seed, 0)
     check_every = integer("check_every", check_every)
-    if not (np.isfinite(divergence_factor) and divergence_factor > 1):
+    divergence_factor = real("divergence_factor", divergence_factor)
+    if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
-    if ema is not None and not 0 < ema < 1:
-        raise ValueError(f"ema must lie in (0, 1), got {ema!r}")
+    if ema is not None:
+        ema = real("ema", ema)
+        if not 0 < ema < 1:
+            raise ValueError(f"ema must lie in (0, 1), got {ema!r}")
     n_data = getattr(problem, "n_data", None)
     theta0 = _initial_point(problem, init)
     steps, epochs = _duration(steps, epochs, n_data, batch_schedule, record_every, record_steps,
                               record_epochs)
-    for name, fn in (("schedule", schedule), ("batch_schedule", batch_schedule)):
-        if fn is not None and not callable(fn):
-            raise ValueError(f"{name} must be a function of the training fraction f ∈ [0, 1) "
-                             f"(e.g. simulate.linear_decay(0.1)), got {fn!r}")
+    _schedule_arg("schedule", schedule)
+    _schedule_arg("batch_schedule", batch_schedule)
     groups = []
     for b in np.unique(b_g):
         b = int(b)
@@ -489,31 +573,58 @@ def plan(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nestero
                                  _step_batches(batch_schedule, frac, b, n_data, replace)))
     if any(g.record_steps.size != groups[0].record_steps.size for g in groups):
         raise ValueError("record plans differ between batch sizes")
-    if chunk_size is None:
-        chunk_size = _default_chunk_size(theta0.size, n_data, dtype, np.any(mu_g > 0), ema)
-    return Plan(lr_g, b_g, mu_g, bool(nesterov), tuple(groups), theta0, n_data, replicas, seed,
-                bool(replace), dtype, ema, bool(record_stats), integer("chunk_size", chunk_size),
-                float(divergence_factor), check_every)
+    auto_chunk = _default_chunk_size(theta0.size, n_data, dtype, np.any(mu_g > 0), ema)
+    chunk_size = auto_chunk if chunk_size is None else integer("chunk_size", chunk_size)
+    out = Plan(lr_g, b_g, mu_g, nesterov, tuple(groups), theta0, n_data, replicas, seed,
+               replace, dtype, ema, record_stats, chunk_size, divergence_factor, check_every)
+    _check_memory(out, auto_chunk)
+    return out
+
+
+#: the settings :func:`plan` takes (and :func:`run` forwards), for run's keyword check
+_PLAN_SETTINGS = ("lr", "batch", "steps", "epochs", "momentum", "nesterov", "schedule",
+                  "batch_schedule", "ema", "replicas", "seed", "record_every", "record_steps",
+                  "record_epochs", "record_stats", "init", "replace", "dtype", "chunk_size",
+                  "divergence_factor", "check_every")
+
+#: most steps one run may plan (its per-step rates and batches take 16 bytes a step)
+MAX_STEPS = 2**26
+
+
+def _problem_arg(problem) -> None:
+    missing = [a for a in ("kernel", "dim", "theta0") if not hasattr(problem, a)]
+    if missing:
+        raise ValueError(f"problem must be a model of sgdtheory.problems (with kernel, dim and "
+                         f"theta0), got {_short(problem)}")
+
+
+def _check_memory(plan: Plan, auto_chunk: int) -> None:
+    """Refuse, before any work, a plan whose records or one chunk's state would not fit in
+    half of this machine's memory, with the estimate."""
+    rows = plan.n_configs * plan.replicas
+    n_rec = 1 + 1 + 2 * (plan.ema is not None) + 4 * plan.record_stats  # ≤ train, test, …
+    fits_in_memory("replicas", rows * plan.n_records * n_rec * 8,
+                   "use fewer replicas, configurations (lr, batch, momentum) or records")
+    per_row = (256 << 20) / auto_chunk
+    fits_in_memory("chunk_size", min(plan.chunk_size, rows) * per_row,
+                   "use a smaller chunk_size")
 
 
 def _grid(lr, batch, momentum):
     """lr, batch (int64) and momentum checked and broadcast to one shape S (NumPy copies)."""
-    try:
-        lr_a = np.asarray(lr, dtype=float)
-        b_a = np.asarray(batch, dtype=float)
-        mu_a = np.asarray(momentum, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"lr, batch and momentum must be numbers or arrays: {exc}") from exc
+    lr_a = real_array("lr", lr)
+    b_a = real_array("batch", batch)
+    mu_a = real_array("momentum", momentum)
     for name, a in (("lr", lr_a), ("batch", b_a), ("momentum", mu_a)):
         if a.size == 0:
             raise ValueError(f"{name} must not be empty")
     if not np.all(np.isfinite(lr_a)) or np.any(lr_a <= 0):
-        raise ValueError(f"lr must be finite and > 0, got {lr!r}")
-    if (np.asarray(batch).dtype == bool or not np.all(np.isfinite(b_a)) or np.any(b_a < 1)
-            or np.any(b_a > 2**62) or np.any(b_a != np.round(b_a))):
-        raise ValueError(f"batch must hold positive integers, got {batch!r}")
+        raise ValueError(f"lr must be finite and > 0, got {_short(lr)}")
+    if (not np.all(np.isfinite(b_a)) or np.any(b_a < 1) or np.any(b_a > 2**53)
+            or np.any(b_a != np.round(b_a))):
+        raise ValueError(f"batch must hold positive integers (≤ 2**53), got {_short(batch)}")
     if not np.all(np.isfinite(mu_a)) or np.any(mu_a < 0) or np.any(mu_a >= 1):
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        raise ValueError(f"momentum must lie in [0, 1), got {_short(momentum)}")
     try:
         shape = np.broadcast_shapes(lr_a.shape, b_a.shape, mu_a.shape)
     except ValueError as exc:
@@ -525,9 +636,10 @@ def _grid(lr, batch, momentum):
 
 def _initial_point(problem, init) -> np.ndarray:
     p = problem.dim
-    theta0 = np.array(problem.theta0 if init is None else init, dtype=float)  # a copy
+    theta0 = real_array("init", problem.theta0 if init is None else init)  # a copy
     if theta0.shape != (p,) or not np.all(np.isfinite(theta0)):
-        raise ValueError(f"init must be a finite vector of shape ({p},), got {theta0.shape}")
+        raise ValueError(f"init must be a finite vector of shape ({p},), got "
+                         f"{_short(init) if init is not None else theta0.shape}")
     return theta0
 
 
@@ -537,7 +649,7 @@ def _duration(steps, epochs, n_data, batch_schedule, record_every, record_steps,
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps and epochs")
     if epochs is None:
-        steps = integer("steps", steps, 0)
+        steps = integer("steps", steps, 0, MAX_STEPS)
         if record_epochs is not None:
             raise ValueError("record_epochs needs epochs")
         return steps, None
@@ -548,8 +660,8 @@ def _duration(steps, epochs, n_data, batch_schedule, record_every, record_steps,
     if record_every is not None or record_steps is not None:
         raise ValueError("with epochs, give record_epochs (not record_every/record_steps)")
     epochs = real("epochs", epochs)
-    if not epochs > 0:
-        raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    if not 0 < epochs <= MAX_STEPS:
+        raise ValueError(f"epochs must be > 0 (and ≤ {MAX_STEPS}), got {epochs!r}")
     return None, epochs
 
 
@@ -557,14 +669,15 @@ def _record_steps(steps, record_every, record_steps) -> np.ndarray:
     if record_steps is not None and record_every is not None:
         raise ValueError("give record_steps or record_every, not both")
     if record_steps is not None:
-        rs = np.unique(np.asarray(record_steps, dtype=float).ravel())
+        rs = np.unique(real_array("record_steps", record_steps).ravel())
         if rs.size == 0 or np.any(rs != np.round(rs)) or rs[0] < 0 or rs[-1] > steps:
             raise ValueError(f"record_steps must be integers in [0, steps={steps}], "
-                             f"got {record_steps!r}")
+                             f"got {_short(record_steps)}")
         return rs.astype(np.int64)
     every = (max(1, steps // 100) if record_every is None
              else integer("record_every", record_every))
-    return np.unique(np.append(np.arange(0, steps + 1, every), steps)).astype(np.int64)
+    return np.unique(np.append(np.arange(0, steps + 1, min(every, steps + 1)), steps)).astype(
+        np.int64)
 
 
 def _epoch_records(b, n_data, epochs, record_epochs):
@@ -574,10 +687,13 @@ def _epoch_records(b, n_data, epochs, record_epochs):
     if t_g == 0:
         raise ValueError(f"epochs={epochs} is less than one step of batch {b} on "
                          f"{n_data} examples")
+    if t_g > MAX_STEPS:
+        raise ValueError(f"epochs={epochs} is {t_g} steps of batch {b}, more than the "
+                         f"{MAX_STEPS} one run may plan")
     if record_epochs is None:  # every whole epoch, and the end of a fractional one
         rec_e = np.unique(np.r_[np.arange(0, math.floor(epochs) + 1), epochs])
     else:
-        rec_e = np.asarray(record_epochs, dtype=float).ravel()
+        rec_e = real_array("record_epochs", record_epochs).ravel()
     if (rec_e.size == 0 or not np.all(np.isfinite(rec_e)) or np.any(rec_e < 0)
             or np.any(rec_e > epochs + 1e-9)):
         raise ValueError(f"record_epochs must lie in [0, epochs={epochs}]")
@@ -589,9 +705,22 @@ def _epoch_records(b, n_data, epochs, record_epochs):
     return t_g, rec
 
 
+def _call_schedule(name, fn, frac) -> np.ndarray:
+    """``fn(frac)`` as real numbers, one per step (ValueError naming ``name`` otherwise)."""
+    try:
+        out = fn(frac)
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise ValueError(f"{name}(f) failed on the step fractions: {exc}") from exc
+    out = real_array(name, out)
+    if out.shape != frac.shape:
+        raise ValueError(f"{name} must return one multiplier per step fraction, shape "
+                         f"{frac.shape}, got {out.shape}")
+    return out
+
+
 def _multipliers(schedule, frac) -> np.ndarray:
-    mult = np.ones(frac.size) if schedule is None else np.asarray(schedule(frac), dtype=float)
-    if mult.shape != frac.shape or not np.all(np.isfinite(mult)) or np.any(mult < 0):
+    mult = np.ones(frac.size) if schedule is None else _call_schedule("schedule", schedule, frac)
+    if not np.all(np.isfinite(mult)) or np.any(mult < 0):
         raise ValueError("schedule must return finite multipliers ≥ 0, one per step")
     return mult
 
@@ -599,9 +728,9 @@ def _multipliers(schedule, frac) -> np.ndarray:
 def _step_batches(batch_schedule, frac, b, n_data, replace) -> np.ndarray:
     if batch_schedule is None:
         return np.full(frac.size, b, dtype=np.int64)
-    bm = np.asarray(batch_schedule(frac), dtype=float)
-    if bm.shape != frac.shape or not np.all(np.isfinite(bm)) or np.any(bm <= 0):
-        raise ValueError("batch_schedule must return finite multipliers > 0")
+    bm = _call_schedule("batch_schedule", batch_schedule, frac)
+    if not np.all(np.isfinite(bm)) or np.any(bm <= 0) or np.any(b * bm > 2**53):
+        raise ValueError("batch_schedule must return finite multipliers > 0 (batches ≤ 2**53)")
     bs = np.maximum(1, np.round(b * bm)).astype(np.int64)
     if n_data is not None and not replace and bs.max() > n_data:
         raise ValueError(f"batch_schedule reaches batch {bs.max()} > n_data ({n_data})")
@@ -642,16 +771,26 @@ def run(problem, *, backend: str | Backend | None = None, device=None,
         :class:`Result`.
 
     Raises:
-        ValueError: an unknown backend, or a bad setting (see :func:`plan`).
+        ValueError: an unknown backend, an unknown (e.g. misspelt) setting, naming it and
+            listing the known ones, or a bad setting (see :func:`plan`).
     """
+    known_keywords("run", settings, _PLAN_SETTINGS)
     be = get_backend(backend, device)
     return execute(problem, plan(problem, **settings), backend=be, progress=progress)
+
+
+def _progress_arg(progress):
+    return None if progress is None else flag("progress", progress)
 
 
 def execute(problem, plan: Plan, *, backend: str | Backend | None = None, device=None,
             progress: bool | None = None) -> Result:
     """Run a :class:`Plan` on ``problem`` (the problem it was planned for, or one of the same
     dimension and dataset size) on ``backend``; returns the :class:`Result`."""
+    _problem_arg(problem)
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a Plan (from simulate.plan), got {_short(plan)}")
+    progress = _progress_arg(progress)
     be = get_backend(backend, device)
     if plan.theta0.shape != (problem.dim,) or getattr(problem, "n_data", None) != plan.n_data:
         raise ValueError(f"plan is for dim={plan.theta0.size}, n_data={plan.n_data}; problem "

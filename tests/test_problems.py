@@ -245,7 +245,7 @@ def test_one_step_logistic_close_for_small_steps():
     (lambda: P.LinearRegressionData([1.0], 5, seed=-1), "seed"),
     (lambda: P.FiniteSumQuadratic.random([1.0], 2.5), "n_data"),
     (lambda: P.LogisticRegression.gaussian_mixture(2.7, 2), "n_data"),
-    (lambda: P.NoisyQuadratic(["a"], [1.0]), "h must be real numbers"),
+    (lambda: P.NoisyQuadratic(["a"], [1.0]), "h must be a real number or an array of real numbers"),
 ])
 def test_constructors_reject_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
@@ -267,7 +267,7 @@ def test_bad_input_raises_value_error():
         P.FiniteSumQuadratic([1.0, 1.0], np.zeros((3, 3)))
     with pytest.raises(ValueError, match="exceeds n_data"):
         PROBLEMS["linreg_data"].sample_grad(np.zeros(3), 16, 0)
-    with pytest.raises(ValueError, match="batch must be a positive integer"):
+    with pytest.raises(ValueError, match="batch must be an integer ≥ 1"):
         PROBLEMS["linreg"].sample_grad(np.zeros(3), 0, 0)
     with pytest.raises(ValueError, match="labels"):
         P.LogisticRegression(np.zeros((2, 1)), [1.0, 3.0])

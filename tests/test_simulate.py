@@ -276,7 +276,7 @@ def test_bad_input_raises_value_error():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"lr": [], "steps": 3}, "lr must not be empty"),
     ({"batch": 2**70, "steps": 3}, "batch must hold positive integers"),
-    ({"batch": True, "steps": 3}, "batch must hold positive integers"),
+    ({"batch": True, "steps": 3}, "batch must be a real number .* not bools"),
     ({"schedule": 0.5, "steps": 3}, "schedule must be a function"),
     ({"batch_schedule": "double", "steps": 3}, "batch_schedule must be a function"),
     ({"epochs": "a"}, "epochs must be a real number"),
