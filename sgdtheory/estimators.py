@@ -29,7 +29,7 @@ import numpy as np
 from scipy import stats as _stats
 
 from sgdtheory import theory
-from sgdtheory._checks import integer
+from sgdtheory._checks import _short, fits_in_memory, integer, real, real_array
 from sgdtheory.backend import backend_of
 
 __all__ = [
@@ -72,38 +72,43 @@ def _any(cond) -> bool:
     return bool(cond.any()) if hasattr(cond, "any") else bool(cond)
 
 
-def _value(name: str, x):
-    """``x`` checked finite: backend arrays pass through, the rest becomes float / ndarray."""
-    if isinstance(x, bool):
-        raise ValueError(f"{name} must be a real number or array, got {x!r}")
-    if not _is_array(x):
-        try:
-            x = np.asarray(x, dtype=float)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} must be a real number or array, got {x!r}") from exc
-        x = float(x) if x.ndim == 0 else x
+def _backend_real(name: str, x):
+    """A torch/CuPy array ``x`` checked to hold finite real numbers (no bool or complex)."""
+    dtype = x.dtype
+    kind = getattr(dtype, "kind", None)  # CuPy: NumPy dtypes; torch: is_complex/is_floating
+    real = kind in ("i", "u", "f") if kind is not None else not (
+        dtype.is_complex or str(dtype) == "torch.bool")
+    if not real:
+        raise ValueError(f"{name} must hold real numbers (not bool or complex), got {dtype}")
     if not _all_finite(x):
-        raise ValueError(f"{name} must be finite, got {x!r}")
+        raise ValueError(f"{name} must be finite")
     return x
 
 
+def _value(name: str, x):
+    """``x`` checked finite and real: backend arrays pass through, the rest becomes a float or
+    a float64 ndarray (strings, bools, complex values, None and ragged lists refused)."""
+    if _is_array(x):
+        return _backend_real(name, x)
+    a = real_array(name, x)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got {_short(x)}")
+    return float(a) if a.ndim == 0 else a
+
+
 def _float(name: str, x) -> float:
-    """A Python float from a float, NumPy scalar or 0-d (or 1-element) torch/CuPy tensor."""
+    """A finite Python float from a float, NumPy scalar or 0-d (or 1-element) array/tensor."""
     if type(x) is float or type(x) is np.float64:  # fast path for per-step updates
         if x - x == 0.0:
             return float(x)
         raise ValueError(f"{name} must be finite, got {x!r}")
-    if isinstance(x, (bool, str, bytes)):
-        raise ValueError(f"{name} must be a real number, got {x!r}")
-    try:
-        if _is_array(x):
-            x = x.item()  # a 0-d (or 1-element) torch/CuPy array: one copy to the host
-        v = float(x)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{name} must be a real scalar, got {x!r}") from exc
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v!r}")
-    return v
+    if _is_array(x):
+        if getattr(x, "ndim", 0) > 1 or math.prod(getattr(x, "shape", ())) != 1:
+            raise ValueError(f"{name} must be a real scalar, got shape {tuple(x.shape)}")
+        x = _backend_real(name, x).item()  # one copy to the host
+    elif isinstance(x, np.ndarray) and x.size != 1:
+        raise ValueError(f"{name} must be a real scalar, got shape {x.shape}")
+    return real(name, x)
 
 
 def _out(x):
@@ -124,12 +129,18 @@ def _noise_factor(name: str, batch, n_data):
     return (n - batch) / ((n - 1.0) * batch)
 
 
+#: largest batch size the two-batch formulas take (B_small·B_big stays within float64)
+MAX_BATCH = 2.0**53
+
+
 def _batches(b_small, b_big, n_data):
     bs = _value("b_small", b_small)
     bb = _value("b_big", b_big)
     bs_np, bb_np = _to_numpy(bs), _to_numpy(bb)
     if np.any(bs_np <= 0):
-        raise ValueError(f"b_small must be positive, got {b_small!r}")
+        raise ValueError(f"b_small must be positive, got {_short(b_small)}")
+    if np.any(bb_np > MAX_BATCH):
+        raise ValueError(f"b_big must be at most 2**53 examples, got {_short(b_big)}")
     if np.any(bb_np <= bs_np):
         raise ValueError(f"b_small must be smaller than b_big, got b_small={b_small!r}, "
                          f"b_big={b_big!r}")
@@ -154,11 +165,27 @@ def _like(value, ref):
     return backend_of(ref).asarray(value, dtype=ref.dtype)
 
 
+def _pow2_scale(*arrays) -> float:
+    """A power of two s ≈ max |x| over ``arrays`` when that is beyond 2^±400 (else 1): dividing
+    by s is exact, and squares and sums of the scaled values cannot overflow or underflow."""
+    m = max((float(abs(a).max()) if math.prod(getattr(a, "shape", ())) else 0.0)
+            if hasattr(a, "shape") else abs(float(a)) for a in arrays)
+    if m == 0.0 or 2.0**-400 < m < 2.0**400:
+        return 1.0
+    return math.ldexp(1.0, min(math.frexp(m)[1], 1023))
+
+
 def _two_batch_solve(small, big, a_small, a_big):
-    """Solve E[small] = x + a_s·y, E[big] = x + a_b·y for (x, y).
+    """Solve E[small] = x + a_s·y, E[big] = x + a_b·y for (x, y), in the scaled form of
+    :func:`_pow2_scale` (a solution beyond float64 is ±inf, never NaN).
 
     ``a_small``/``a_big`` are ("factor", a) or ("batch", B) with a = 1/B.
     """
+    s = _pow2_scale(small, big)
+    if s != 1.0:
+        x, y = _two_batch_solve(small / s, big / s, a_small, a_big)
+        with np.errstate(over="ignore"):
+            return _out(x * s), _out(y * s)
     if a_small[0] == "batch":
         b_s, b_b = _like(a_small[1], small), _like(a_big[1], big)
         y = (small - big) * (b_s * b_b) / (b_b - b_s)
@@ -174,6 +201,7 @@ def _two_batch_solve(small, big, a_small, a_big):
 
 
 def _t_quantile(confidence: float, df):
+    confidence = _float("confidence", confidence)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
     df = np.maximum(np.asarray(df, dtype=float), 1.0)
@@ -181,13 +209,36 @@ def _t_quantile(confidence: float, df):
 
 
 def _ratio(num, den, var_num, var_den, cov):
-    """r = num/den and its delta-method variance (var_num − 2r·cov + r²·var_den)/den²."""
+    """r = max(num, 0)/den and its delta-method standard error (``inf`` when den ≤ 0).
+
+    Var(r) = (var_num − 2r·cov + r²·var_den)/den², computed as m²·(a'² − 2ρa'b' + b'²) with
+    a = σ_num/den, b = r·σ_den/den, ρ = cov/(σ_num σ_den) ∈ [−1, 1], m = max(a, b) and
+    a' = a/m, b' = b/m: no intermediate overflows or cancels to a negative variance, so the
+    error is finite, or ``inf`` when it is beyond float64 (or unknown: an infinite variance),
+    never NaN.
+    """
     num, den = np.asarray(num, float), np.asarray(den, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(den > 0, np.maximum(num, 0.0) / np.where(den > 0, den, 1.0), np.inf)
-        var = (var_num - 2.0 * r * cov + r * r * var_den) / np.where(den > 0, den, 1.0) ** 2
-        var = np.where(np.isfinite(r), np.maximum(var, 0.0), np.inf)
-    return _out(r), _out(np.sqrt(var))
+    var_num, var_den, cov = (np.asarray(v, float) for v in (var_num, var_den, cov))
+    with np.errstate(all="ignore"):
+        pos = den > 0
+        d = np.where(pos, den, 1.0)
+        r = np.where(pos, np.maximum(num, 0.0) / d, np.inf)
+        s_num = np.sqrt(np.maximum(var_num, 0.0))
+        s_den = np.sqrt(np.maximum(var_den, 0.0))
+        a = s_num / d
+        b = np.where(np.isfinite(r), r, 0.0) * (s_den / d)
+        known = np.isfinite(a) & np.isfinite(b) & np.isfinite(cov)
+        both = known & (s_num > 0) & (s_den > 0)
+        rho = np.clip(np.where(both, cov / np.where(both, s_num, 1.0)
+                               / np.where(both, s_den, 1.0), 0.0), -1.0, 1.0)
+        m = np.maximum(a, b)
+        big = known & (m > 0)
+        ap, bp = np.where(big, a / np.where(big, m, 1.0), 0.0), np.where(
+            big, b / np.where(big, m, 1.0), 0.0)
+        rel = np.maximum(ap * ap - 2.0 * rho * ap * bp + bp * bp, 0.0)
+        se = np.where(known, m * np.sqrt(rel), np.inf)
+        se = np.where(np.isfinite(r), se, np.inf)
+    return _out(r), _out(se)
 
 
 class _Intervals:
@@ -230,7 +281,7 @@ class CurvatureEstimate(_Intervals):
         cov: covariance of the two estimates.
         b_noise, b_noise_stderr: max(tr_h_sigma, 0)/g_h_g (``inf`` when g_h_g ≤ 0), examples.
         eps_max, eps_max_stderr: max(grad_sq, 0)/g_h_g in ``lr`` units (multiplier of the mean
-            minibatch gradient); NaN when no |G|² estimate was given.
+            minibatch gradient); None when no |G|² estimate was given.
         df: degrees of freedom of the standard errors.
     """
 
@@ -241,15 +292,18 @@ class CurvatureEstimate(_Intervals):
     cov: float
     b_noise: float
     b_noise_stderr: float
-    eps_max: float
-    eps_max_stderr: float
+    eps_max: float | None
+    eps_max_stderr: float | None
     df: float
 
 
 def _ci(obj, name, confidence):
-    if name not in obj.__dataclass_fields__ or name + "_stderr" not in obj.__dataclass_fields__:
+    if (not isinstance(name, str) or name not in obj.__dataclass_fields__
+            or name + "_stderr" not in obj.__dataclass_fields__):
         raise ValueError(f"name must be an estimated quantity of {type(obj).__name__}, "
-                         f"got {name!r}")
+                         f"got {_short(name)}")
+    if getattr(obj, name) is None:
+        raise ValueError(f"name: {name} was not estimated (no grad_sq was given)")
     return _interval(getattr(obj, name), getattr(obj, name + "_stderr"), confidence, obj.df)
 
 
@@ -263,19 +317,35 @@ def _interval(value, stderr, confidence, df):
     return _out(lo), _out(hi)
 
 
+def _axis(axis, ndim: int) -> int:
+    return integer("axis", axis, -max(ndim, 1), max(ndim, 1) - 1)
+
+
 def _mean_stats(x, y, axis):
-    """Means of paired unbiased draws x, y along ``axis`` with standard errors and covariance."""
-    x, y = np.moveaxis(_to_numpy(x), axis, -1), np.moveaxis(_to_numpy(y), axis, -1)
-    x, y = np.broadcast_arrays(x, y)
-    m = x.shape[-1]
+    """Means of paired unbiased draws x, y along ``axis`` with standard errors and covariance.
+
+    Each of x, y is divided by a power of two (:func:`_pow2_scale`) first, so the squares
+    cannot overflow; a variance beyond float64 comes back as ``inf``."""
+    x, y = _to_numpy(x), _to_numpy(y)
+    try:
+        x, y = np.broadcast_arrays(x, y)
+    except ValueError:
+        raise ValueError(f"the paired measurements must have broadcastable shapes, got "
+                         f"{x.shape} and {y.shape}") from None
+    axis = _axis(axis, x.ndim)
+    x, y = np.moveaxis(x, axis, -1), np.moveaxis(y, axis, -1)
+    m = x.shape[-1] if x.ndim else 0
     if m < 2:
         raise ValueError(f"need at least two repeated measurements along axis {axis}, got {m}")
+    sx, sy = _pow2_scale(x), _pow2_scale(y)
+    x, y = x / sx, y / sy
     mx, my = x.mean(-1), y.mean(-1)
     dx, dy = x - mx[..., None], y - my[..., None]
     vx = (dx * dx).sum(-1) / (m - 1) / m
     vy = (dy * dy).sum(-1) / (m - 1) / m
     cxy = (dx * dy).sum(-1) / (m - 1) / m
-    return mx, my, vx, vy, cxy, m - 1
+    with np.errstate(over="ignore"):
+        return mx * sx, my * sy, vx * sx * sx, vy * sy * sy, cxy * sx * sy, m - 1
 
 
 # --------------------------------------------------------------------------- two batch sizes
@@ -390,7 +460,7 @@ def two_batch_curvature_stats(ghg_small, ghg_big, b_small, b_big, *, grad_sq=Non
     mg, mt, vg, vt, c, df = _mean_stats(ghg, thS, axis)
     b, b_se = _ratio(mt, mg, vt, vg, c)
     if grad_sq is None:
-        e, e_se = _out(np.full_like(mg, np.nan)), _out(np.full_like(mg, np.nan))
+        e, e_se = None, None
     else:
         ms, _, vs, _, csg, _ = _mean_stats(_value("grad_sq", grad_sq), ghg, axis)
         e, e_se = _ratio(ms, mg, vs, vg, csg)
@@ -438,6 +508,9 @@ def _per_sample_parts(grads, n_data):
     n = grads.shape[-2]
     if n < 2:
         raise ValueError(f"grads must hold at least two per-example gradients, got n={n}")
+    scale = _pow2_scale(grads)  # scaled form: |g|² of gradients near 1e200 cannot overflow
+    if scale != 1.0:
+        grads = grads / scale
     if n_data is not None:
         nd = _float("n_data", n_data)
         if nd < n:
@@ -457,7 +530,17 @@ def _per_sample_parts(grads, n_data):
         c = grads[..., start:start + chunk, :] - mean[..., None, :]
         a.append(be.xp.einsum("...ij,...ij->...i", c, c))
         b.append(be.xp.einsum("...ij,...j->...i", c, mean))
-    return n, mean, be.concatenate(a, -1), be.concatenate(b, -1), fpc, sig
+    return n, mean, be.concatenate(a, -1), be.concatenate(b, -1), fpc, sig, scale
+
+
+def _unscale(x, scale: float, power: int):
+    """x·scale^power (the scaled form back in the gradients' units; beyond float64: ±inf)."""
+    if scale == 1.0:
+        return x
+    with np.errstate(over="ignore", under="ignore"):
+        for _ in range(power):
+            x = x * scale
+    return x
 
 
 def per_sample(grads, *, n_data=None):
@@ -480,9 +563,10 @@ def per_sample(grads, *, n_data=None):
     >>> per_sample(np.array([[1.0, 0.0], [3.0, 2.0]]))  # ḡ = (2, 1), tr(Σ) = 4
     (3.0, 4.0)
     """
-    n, mean, a, _, fpc, sig = _per_sample_parts(grads, n_data)
+    n, mean, a, _, fpc, sig, scale = _per_sample_parts(grads, n_data)
     s2 = a.sum(-1) / (n - 1)
-    return _out((mean * mean).sum(-1) - s2 * (fpc / n)), _out(s2 * sig)
+    return (_out(_unscale((mean * mean).sum(-1) - s2 * (fpc / n), scale, 2)),
+            _out(_unscale(s2 * sig, scale, 2)))
 
 
 def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
@@ -521,7 +605,7 @@ def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
     if len(shape) >= 2 and shape[-2] == 2:
         raise ValueError("per_sample_stats needs at least three samples for a standard error, "
                          "got n=2")
-    n, mean, a, b, fpc, sig = _per_sample_parts(grads, n_data)
+    n, mean, a, b, fpc, sig, scale = _per_sample_parts(grads, n_data)
     a, b = _to_numpy(a), _to_numpy(b)  # |c_i|² and c_i·ḡ, (..., n)
     m2 = _to_numpy((mean * mean).sum(-1))[..., None]
     ss = a.sum(-1, keepdims=True)
@@ -531,7 +615,7 @@ def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
     m2_loo = m2 - 2.0 * b / (n - 1) + a / (n - 1) ** 2
     tr_loo = ss_loo / (n - 2) * sig
     if n_data is not None:
-        fpc_loo = (float(n_data) - (n - 1)) / float(n_data)
+        fpc_loo = (_float("n_data", n_data) - (n - 1)) / _float("n_data", n_data)
     else:
         fpc_loo = 1.0
     gs_loo = m2_loo - ss_loo / (n - 2) * (fpc_loo / (n - 1))
@@ -540,8 +624,10 @@ def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
     k = (n - 1) / n * fpc
     vg, vt, c = k * (dg * dg).sum(-1), k * (dt * dt).sum(-1), k * (dg * dt).sum(-1)
     gs, tr = gs[..., 0], tr[..., 0]
-    b_s, b_se = _ratio(tr, gs, vt, vg, c)
-    return NoiseEstimate(_out(gs), _out(tr), _out(np.sqrt(vg)), _out(np.sqrt(vt)), _out(c),
+    b_s, b_se = _ratio(tr, gs, vt, vg, c)  # a ratio: the same in the scaled form
+    return NoiseEstimate(_out(_unscale(gs, scale, 2)), _out(_unscale(tr, scale, 2)),
+                         _out(_unscale(np.sqrt(vg), scale, 2)),
+                         _out(_unscale(np.sqrt(vt), scale, 2)), _out(_unscale(c, scale, 4)),
                          b_s, b_se, float(n - 1))
 
 
@@ -557,7 +643,14 @@ class _EWMoments:
     M₂ ← β M₂ + (1 − 1/W)(x − m_old)(x − m_old)ᵀ. Treating the draws as independent with a
     common covariance C, Ĉ = M₂/(W − W₂/W) is unbiased and Cov(m) = C·W₂/W², i.e. the
     effective number of draws is n_eff = W²/W₂ (→ (1+β)/(1−β)). O(k²) memory and time.
+
+    Scaled form: component i is stored divided by a power of two s_i (1 until a draw beyond
+    2⁴⁰⁰ arrives, then about its magnitude), so squares and sums never overflow even for
+    draws near the float64 limit; results are returned in the original units (a variance
+    beyond float64 as ``inf``, never NaN). Rescaling by powers of two is exact.
     """
+
+    _SAFE = 2.0**400  # |draw| / s_i up to this: (x − m)² and M₂ stay far below 2¹⁰²⁴
 
     def __init__(self, beta: float, k: int):
         beta = _float("beta", beta)
@@ -570,8 +663,14 @@ class _EWMoments:
         self.n = 0
         self._mean = [0.0] * k  # plain floats: k ≤ 3, so Python beats NumPy's call overhead
         self._m2 = [[0.0] * k for _ in range(k)]
+        self._scale = [1.0] * k
+        self._scaled = False
 
     def update(self, x) -> None:
+        if self._scaled or any(abs(xi) > self._SAFE for xi in x):
+            self._rescale(x)
+        if self._scaled:
+            x = [xi / si for xi, si in zip(x, self._scale, strict=True)]
         beta = self.beta
         self.w = w = beta * self.w + 1.0
         self.w2 = beta * beta * self.w2 + 1.0
@@ -582,20 +681,66 @@ class _EWMoments:
                     for row, di in zip(self._m2, d, strict=True)]
         self.n += 1
 
+    def _rescale(self, x) -> None:
+        """Scales s_i (powers of two) for the magnitude of component i: raised to ≈ |x_i| when a
+        draw leaves the safe range, lowered again (never below 1) once the draws, the mean and
+        its spread have all fallen far below s_i (the huge draws have decayed away)."""
+        for i, (xi, si) in enumerate(zip(x, self._scale, strict=True)):
+            size = max(abs(xi), abs(self._mean[i]) * si, math.sqrt(abs(self._m2[i][i])) * si)
+            if not (size > self._SAFE * si or (si > 1.0 and size < si * 2.0**-200)):
+                continue
+            new = math.ldexp(1.0, min(math.frexp(size)[1], 1023)) if size > 1.0 else 1.0
+            f = si / new
+            self._mean[i] *= f
+            for j in range(self.k):
+                self._m2[i][j] *= f
+                self._m2[j][i] *= f
+            self._scale[i] = new
+        self._scaled = any(s != 1.0 for s in self._scale)
+
     @property
     def mean(self) -> np.ndarray:
-        return np.array(self._mean)
+        return np.array(self._mean) * np.array(self._scale)
+
+    def mean_of(self, i) -> float:
+        return self._mean[i] * self._scale[i]
 
     @property
     def n_eff(self) -> float:
         return self.w * self.w / self.w2 if self.n else 0.0
 
-    @property
-    def cov_of_mean(self) -> np.ndarray:
+    def _scaled_cov(self) -> np.ndarray:
+        """Cov(m) in the scaled units (inf before two draws)."""
         denom = self.w - self.w2 / self.w if self.n else 0.0
         if self.n < 2 or denom <= 0:
             return np.full((self.k, self.k), np.inf)
         return np.array(self._m2) / denom * (self.w2 / self.w**2)
+
+    @property
+    def cov_of_mean(self) -> np.ndarray:
+        """Cov(m) in the original units (entries beyond float64 are ±inf)."""
+        s = np.array(self._scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            c = self._scaled_cov() * s[:, None] * s[None, :]
+        return np.where(np.isnan(c), np.inf, c)
+
+    def stderr(self, i) -> float:
+        """Standard error of component i's mean: √Cov(m)_ii (computed scaled: no overflow)."""
+        return float(np.sqrt(self._scaled_cov()[i, i]) * self._scale[i])
+
+    def cov(self, i, j) -> float:
+        return float(self.cov_of_mean[i, j])
+
+    def ratio(self, i, j):
+        """(r, se) of max(mean_i, 0)/mean_j by the delta method (:func:`_ratio`), in the scaled
+        form: the ratio of the scaled means times s_i/s_j."""
+        c = self._scaled_cov()
+        r, se = _ratio(self._mean[i], self._mean[j], c[i, i], c[j, j], c[i, j])
+        f = self._scale[i] / self._scale[j]
+        if f == 1.0:
+            return r, se
+        with np.errstate(over="ignore"):
+            return float(np.float64(r) * f), float(np.float64(se) * f)
 
 
 def _alias(path: str, doc: str) -> property:
@@ -632,10 +777,10 @@ class _StreamingMeans:
         return max(self._m.n_eff - 1.0, 1.0)
 
     def _mean(self, i) -> float:
-        return self._m._mean[i] if self._m.n else math.nan
+        return self._m.mean_of(i) if self._m.n else math.nan
 
     def _stderr(self, i) -> float:
-        return float(np.sqrt(self._m.cov_of_mean[i, i]))
+        return self._m.stderr(i)
 
     def _significant(self, i) -> bool:
         """Average i exceeds z standard errors (z: Student's t quantile of ``confidence``)."""
@@ -686,14 +831,13 @@ class RatioEMA(_StreamingMeans):
         """max(numerator, 0)/denominator; ``inf`` while the denominator is ≤ 0."""
         if not self._m.n:
             return math.nan
-        return float(_ratio(self.numerator, self.denominator, 0.0, 0.0, 0.0)[0])
+        return self._m.ratio(0, 1)[0]
 
     @property
     def ratio_stderr(self) -> float:
         if not self._m.n:
             return math.nan
-        c = self._m.cov_of_mean
-        return float(_ratio(self.numerator, self.denominator, c[0, 0], c[1, 1], c[0, 1])[1])
+        return self._m.ratio(0, 1)[1]
 
     @property
     def reliable(self) -> bool:
@@ -745,9 +889,8 @@ class NoiseScaleEMA(RatioEMA):
 
     def estimate(self) -> NoiseEstimate:
         """The current averages as a :class:`NoiseEstimate`."""
-        c = self._m.cov_of_mean
         return NoiseEstimate(self.grad_sq, self.tr_sigma, self.grad_sq_stderr,
-                             self.tr_sigma_stderr, float(c[0, 1]), self.b_simple,
+                             self.tr_sigma_stderr, self._m.cov(0, 1), self.b_simple,
                              self.b_simple_stderr, self.df)
 
 
@@ -787,15 +930,11 @@ class CurvatureEMA(_StreamingMeans):
         """The current averages as a :class:`CurvatureEstimate`."""
         if not self._m.n:
             raise ValueError("CurvatureEMA has no updates yet")
-        m, c = self._m.mean, self._m.cov_of_mean
-        b, b_se = _ratio(m[0], m[1], c[0, 0], c[1, 1], c[0, 1])
-        if self._with_grad:
-            e, e_se = _ratio(m[2], m[1], c[2, 2], c[1, 1], c[2, 1])
-        else:
-            e, e_se = math.nan, math.nan
-        return CurvatureEstimate(float(m[1]), float(m[0]), float(np.sqrt(c[1, 1])),
-                                 float(np.sqrt(c[0, 0])), float(c[0, 1]), float(b),
-                                 float(b_se), float(e), float(e_se), self.df)
+        m = self._m
+        b, b_se = m.ratio(0, 1)
+        e, e_se = m.ratio(2, 1) if self._with_grad else (None, None)
+        return CurvatureEstimate(m.mean_of(1), m.mean_of(0), m.stderr(1), m.stderr(0),
+                                 m.cov(0, 1), float(b), float(b_se), e, e_se, self.df)
 
     @property
     def g_h_g(self) -> float:
@@ -872,12 +1011,15 @@ class SequentialNoiseScale:
     """
 
     def __init__(self, window: int, batch, *, beta: float = 0.99, n_data=None):
-        self.window = integer("window", window, 2)
+        self.window = integer("window", window, 2, 2**20)
         self.batch = _float("batch", batch)
         if self.batch <= 0:
             raise ValueError(f"batch must be positive, got {batch!r}")
-        self.n_data = n_data
-        _batches(self.batch, self.batch * self.window, n_data)
+        if self.batch * self.window > MAX_BATCH:
+            raise ValueError(f"batch × window must be at most 2**53 examples, got batch="
+                             f"{batch!r}, window={window!r}")
+        self.n_data = None if n_data is None else _float("n_data", n_data)
+        _batches(self.batch, self.batch * self.window, self.n_data)
         self.ema = NoiseScaleEMA(beta)
         self._grads: list = []
         self._oldest = 0
@@ -936,25 +1078,33 @@ class Advice:
 
     Attributes:
         batch: current batch size B_now (examples per step).
-        recommended_batch: B_rec ≈ B_noise (rounded, within the given limits).
-        b_noise: B_noise used (examples); b_noise_stderr: its standard error (NaN if unknown).
+        recommended_batch: B_rec ≈ the noise scale (rounded, within the given limits).
+        b_noise: the noise scale used (examples): B_noise, or B_simple as its stand-in
+            (``estimate`` says which); b_noise_stderr: its standard error (None if unknown).
+        estimate: "B_noise" or "B_simple", the estimate the caller passed as ``b_noise``.
         eps_max: ε_max (``lr`` units: multiplier of the MEAN minibatch gradient).
-        eps_opt_now, eps_opt_rec: ε_opt(B) = ε_max/(1 + B_noise/B) at B_now and B_rec.
+        eps_opt_now, eps_opt_rec: ε_opt(B) = ε_max/(1 + B_noise/B) at B_now and B_rec: the
+            best lr of plain SGD (no momentum).
+        lr_opt_now, lr_opt_rec: the lr to set with heavy-ball momentum μ, ε_opt·(1 − μ) (its
+            effective rate lr/(1 − μ) is then ε_opt); equal to eps_opt_* when μ = 0.
         step_speedup: S(B_now)/S(B_rec), fewer optimisation steps by this factor.
         example_cost: E(B_rec)/E(B_now), more examples (compute) by this factor.
-        lr: the current ``lr`` if given (NaN otherwise); momentum: its heavy-ball μ.
+        lr: the current ``lr`` if given (None otherwise); momentum: its heavy-ball μ.
     """
 
     batch: float
     recommended_batch: float
     b_noise: float
-    b_noise_stderr: float
+    b_noise_stderr: float | None
+    estimate: str
     eps_max: float
     eps_opt_now: float
     eps_opt_rec: float
+    lr_opt_now: float
+    lr_opt_rec: float
     step_speedup: float
     example_cost: float
-    lr: float
+    lr: float | None
     momentum: float
 
     def __str__(self) -> str:
@@ -964,16 +1114,23 @@ class Advice:
         def n(b):  # a batch size, in examples
             return f"{b:,.0f}" if b >= 10 else f"{b:.3g}"
 
-        err = "" if math.isnan(self.b_noise_stderr) else f" ± {n(self.b_noise_stderr)}"
+        err = "" if self.b_noise_stderr is None else f" ± {n(self.b_noise_stderr)}"
+        what = ("Gradient noise scale B_noise" if self.estimate == "B_noise" else
+                "Simple noise scale B_simple (standing in for B_noise)")
         lines = [
-            f"Gradient noise scale B_noise ≈ {n(self.b_noise)}{err} examples "
-            f"(current batch: {n(self.batch)} examples).",
+            f"{what} ≈ {n(self.b_noise)}{err} examples (current batch: {n(self.batch)} "
+            f"examples).",
             f"Recommended batch: {n(self.recommended_batch)} examples per step.",
-            f"Best lr (multiplier of the MEAN minibatch gradient, without momentum): "
+            f"Best lr without momentum (eps_opt, multiplier of the MEAN minibatch gradient): "
             f"{fmt(self.eps_opt_rec)} at batch {n(self.recommended_batch)}, "
             f"{fmt(self.eps_opt_now)} at batch {n(self.batch)} "
             f"(large-batch limit eps_max = {fmt(self.eps_max)}).",
         ]
+        if self.momentum > 0:
+            lines.append(
+                f"With momentum {fmt(self.momentum)} set lr = eps_opt*(1-momentum) = "
+                f"{fmt(self.lr_opt_rec)} at batch {n(self.recommended_batch)}, "
+                f"{fmt(self.lr_opt_now)} at batch {n(self.batch)}.")
         if self.step_speedup >= 1.0:
             lines.append(
                 f"Batch {n(self.recommended_batch)} should need {fmt(self.step_speedup)}x "
@@ -983,45 +1140,57 @@ class Advice:
                 f"Batch {n(self.recommended_batch)} should need "
                 f"{fmt(1.0 / self.example_cost)}x fewer examples (compute) for "
                 f"{fmt(1.0 / self.step_speedup)}x the steps.")
-        if not math.isnan(self.lr):
-            eff = self.lr / (1.0 - self.momentum)
-            what = f"lr = {fmt(eff)}" if self.momentum == 0 else (
-                f"effective lr/(1-momentum) = {fmt(eff)}")
-            lines.append(f"Your {what} is {fmt(eff / self.eps_opt_now)}x eps_opt at the "
-                         f"current batch (beyond 2x a step raises the loss on average).")
+        if self.lr is not None:
+            mom = f" with momentum {fmt(self.momentum)}" if self.momentum > 0 else ""
+            lines.append(f"Your lr = {fmt(self.lr)} is {fmt(self.lr / self.lr_opt_now)}x the "
+                         f"best lr{mom} at the current batch (beyond 2x a step raises the "
+                         f"loss on average).")
         lines.append("These are local (quadratic-model) estimates, and B_noise grows as the "
                      "loss falls: re-measure during training.")
         return "\n".join(lines)
 
 
-def advise_batch_size(b_noise, eps_max, batch, *, b_noise_stderr=None, lr=None,
-                      momentum=0.0, min_batch=1, max_batch=None, multiple_of=1) -> Advice:
+#: the noise-scale estimates :func:`advise_batch_size` takes as ``b_noise``
+ESTIMATES = ("B_noise", "B_simple")
+
+
+def advise_batch_size(b_noise, eps_max, batch, *, b_noise_stderr=None, estimate="B_noise",
+                      lr=None, momentum=0.0, min_batch=1, max_batch=None,
+                      multiple_of=1) -> Advice:
     r"""Recommend a batch size near B_noise and the matching step size.
 
     On the steps/examples trade-off S = S_min(1 + B_noise/B), E = E_min(1 + B/B_noise)
     (McCandlish et al. eq. 2.11 with B_crit ≈ B_noise) the batch B_noise costs twice the minimal
     number of steps and twice the minimal number of examples: the balanced choice. Returns
-    ε_opt(B) = ε_max/(1 + B_noise/B) at the current and recommended batch, the speed-up in
-    steps S(B_now)/S(B_rec) = (1 + B_noise/B_now)/(1 + B_noise/B_rec), and the extra cost in
-    examples E(B_rec)/E(B_now) = (1 + B_rec/B_noise)/(1 + B_now/B_noise).
+    ε_opt(B) = ε_max/(1 + B_noise/B) at the current and recommended batch, the lr to set with
+    heavy-ball momentum μ, ε_opt·(1 − μ) (torch's v ← μv + g, θ ← θ − lr·v has the effective
+    rate lr/(1 − μ)), the speed-up in steps S(B_now)/S(B_rec) =
+    (1 + B_noise/B_now)/(1 + B_noise/B_rec), and the extra cost in examples
+    E(B_rec)/E(B_now) = (1 + B_rec/B_noise)/(1 + B_now/B_noise).
 
     Args:
-        b_noise: B_noise = tr(HΣ)/GᵀHG in examples (B_simple is a common stand-in), > 0.
+        b_noise: the noise scale in examples, > 0: B_noise = tr(HΣ)/GᵀHG, or B_simple =
+            tr(Σ)/|G|² as a common stand-in (say which in ``estimate``).
         eps_max: ε_max = |G|²/GᵀHG, in ``lr`` units: the multiplier of the MEAN minibatch
             gradient, > 0.
         batch: the current batch size B_now (examples per step), > 0.
         b_noise_stderr: optional standard error of b_noise (reported only).
-        lr: optional current ``lr`` (multiplier of the mean minibatch gradient) to compare with
-            ε_opt(B_now); with heavy-ball ``momentum`` μ the effective lr/(1−μ) is compared.
+        estimate: "B_noise" (default) or "B_simple": which estimate ``b_noise`` is (the advice
+            names it).
+        lr: optional current ``lr`` (multiplier of the mean minibatch gradient), compared with
+            the best lr at B_now for the given ``momentum`` (ε_opt·(1 − μ)).
+        momentum: heavy-ball μ ∈ [0, 1) of the optimiser (0: plain SGD).
         min_batch, max_batch: limits on the recommendation (e.g. memory); multiple_of: round
             the recommendation to a multiple of this (e.g. 8 or the number of devices).
 
     Returns:
         :class:`Advice` (``str(advice)`` explains it in words).
 
-    >>> a = advise_batch_size(b_noise=1000.0, eps_max=2.0, batch=100)
-    >>> a.recommended_batch, round(a.eps_opt_rec, 3), round(a.step_speedup, 3)
-    (1000.0, 1.0, 5.5)
+    >>> a = advise_batch_size(b_noise=1000.0, eps_max=2.0, batch=100, momentum=0.9)
+    >>> a.recommended_batch, round(a.eps_opt_rec, 3), round(a.lr_opt_rec, 3)
+    (1000.0, 1.0, 0.1)
+    >>> round(a.step_speedup, 3)
+    5.5
     """
     b_noise = _float("b_noise", b_noise)
     eps_max = _float("eps_max", eps_max)
@@ -1029,33 +1198,52 @@ def advise_batch_size(b_noise, eps_max, batch, *, b_noise_stderr=None, lr=None,
     for name, v in (("b_noise", b_noise), ("eps_max", eps_max), ("batch", batch)):
         if v <= 0:
             raise ValueError(f"{name} must be positive, got {v!r}")
+    if not isinstance(estimate, str) or estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {', '.join(ESTIMATES)}, got "
+                         f"{_short(estimate)}")
     lo = _float("min_batch", min_batch)
     hi = math.inf if max_batch is None else _float("max_batch", max_batch)
     step = _float("multiple_of", multiple_of)
-    if lo <= 0 or hi < lo or step <= 0:
-        raise ValueError(f"need 0 < min_batch <= max_batch and multiple_of > 0, got "
-                         f"min_batch={min_batch!r}, max_batch={max_batch!r}, "
-                         f"multiple_of={multiple_of!r}")
+    for name, v in (("min_batch", lo), ("max_batch", hi), ("multiple_of", step)):
+        if not v > 0:
+            raise ValueError(f"{name} must be positive, got {v!r}")
+    if hi < lo:
+        raise ValueError(f"max_batch must be at least min_batch, got min_batch={min_batch!r}, "
+                         f"max_batch={max_batch!r}")
     # the multiple of ``step`` nearest B_noise inside [min_batch, max_batch]
     k_lo, k_hi = math.ceil(lo / step), math.floor(hi / step) if math.isfinite(hi) else math.inf
     if k_hi < max(k_lo, 1):
-        raise ValueError(f"no multiple of {multiple_of!r} lies in [min_batch={min_batch!r}, "
-                         f"max_batch={max_batch!r}]")
+        raise ValueError(f"multiple_of: no multiple of {multiple_of!r} lies in "
+                         f"[min_batch={min_batch!r}, max_batch={max_batch!r}]")
     rec = min(max(round(b_noise / step), k_lo, 1), k_hi) * step
-    mu = float(theory._momentum(momentum))
-    lr_v = math.nan if lr is None else _float("lr", lr)
-    if lr is not None and lr_v <= 0:
+    if not math.isfinite(rec):
+        raise ValueError(f"multiple_of: the recommended batch {b_noise:g} rounded to a multiple "
+                         f"of {multiple_of!r} overflows float64")
+    mu = _float("momentum", momentum)
+    if not 0.0 <= mu < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    lr_v = None if lr is None else _float("lr", lr)
+    if lr_v is not None and lr_v <= 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    se = math.nan if b_noise_stderr is None else _float("b_noise_stderr", b_noise_stderr)
-    if se < 0:
+    se = None if b_noise_stderr is None else _float("b_noise_stderr", b_noise_stderr)
+    if se is not None and se < 0:
         raise ValueError(f"b_noise_stderr must be non-negative, got {b_noise_stderr!r}")
-    s_now = 1.0 + b_noise / batch
-    s_rec = 1.0 + b_noise / rec
-    e_now = 1.0 + batch / b_noise
-    e_rec = 1.0 + rec / b_noise
-    return Advice(batch=batch, recommended_batch=float(rec), b_noise=b_noise,
-                  b_noise_stderr=se, eps_max=eps_max,
-                  eps_opt_now=float(theory.eps_opt(batch, eps_max, b_noise)),
-                  eps_opt_rec=float(theory.eps_opt(rec, eps_max, b_noise)),
-                  step_speedup=s_now / s_rec, example_cost=e_rec / e_now, lr=lr_v,
-                  momentum=mu)
+    with np.errstate(over="ignore", under="ignore"):
+        s_now = 1.0 + b_noise / batch
+        s_rec = 1.0 + b_noise / rec
+        e_now = 1.0 + batch / b_noise
+        e_rec = 1.0 + rec / b_noise
+        eps_now = float(theory.eps_opt(batch, eps_max, b_noise))
+        eps_rec = float(theory.eps_opt(rec, eps_max, b_noise))
+        return Advice(batch=batch, recommended_batch=float(rec), b_noise=b_noise,
+                      b_noise_stderr=se, estimate=estimate, eps_max=eps_max,
+                      eps_opt_now=eps_now, eps_opt_rec=eps_rec, lr_opt_now=eps_now * (1.0 - mu),
+                      lr_opt_rec=eps_rec * (1.0 - mu), step_speedup=_safe_div(s_now, s_rec),
+                      example_cost=_safe_div(e_rec, e_now), lr=lr_v, momentum=mu)
+
+
+def _safe_div(a: float, b: float) -> float:
+    """a/b for a, b ≥ 1 that may be inf: inf/inf (both beyond float64) is taken as 1."""
+    if math.isinf(a) and math.isinf(b):
+        return 1.0
+    return a / b

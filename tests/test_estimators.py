@@ -438,7 +438,9 @@ def test_advise_batch_size_against_steps_examples():
     assert a.eps_opt_now == pytest.approx(e_max / (1 + b_noise / 64.0), rel=1e-12)
     text = str(a)
     assert "MEAN minibatch gradient" in text and "800 examples" in text
-    assert f"{a.step_speedup:.3g}x fewer steps" in text and "lr/(1-momentum) = 1 " in text
+    assert f"{a.step_speedup:.3g}x fewer steps" in text
+    # lr 0.1 with μ = 0.9 is the effective rate 1 = lr/(1 − μ), compared with ε_opt(64)
+    assert f"{1.0 / a.eps_opt_now:.3g}x the best lr with momentum 0.9" in text
     # limits and rounding
     assert est.advise_batch_size(b_noise, e_max, 64, max_batch=512).recommended_batch == 512
     assert est.advise_batch_size(b_noise, e_max, 64, multiple_of=96).recommended_batch == 768
@@ -562,3 +564,29 @@ def test_noise_scale_ema_is_a_ratio_ema_of_tr_sigma_over_grad_sq():
     assert a.b_simple_ci() == b.ratio_ci()
     w = 0.8 ** np.arange(30)[::-1]  # brute force: the weighted means, then their ratio
     assert a.b_simple == pytest.approx((w @ ts) / (w @ gs), rel=1e-12)
+
+
+def test_advice_names_the_estimate_it_was_given_and_the_lr_to_set_with_momentum():
+    """Issue 13, item 16: advice from B_simple says B_simple; momentum users get their lr."""
+    b_simple, e_max, mu = 1000.0, 2.0, 0.9
+    a = est.advise_batch_size(b_simple, e_max, 100, estimate="B_simple", momentum=mu)
+    text = str(a)
+    assert a.estimate == "B_simple"
+    assert "B_simple" in text.splitlines()[0] and "B_noise ≈" not in text
+    assert "B_noise" in str(est.advise_batch_size(b_simple, e_max, 100)).splitlines()[0]
+    # heavy ball v ← μv + g, θ ← θ − lr·v: at a fixed point of v the step is lr·g/(1 − μ), so
+    # lr = ε_opt·(1 − μ) takes the step ε_opt·g that plain SGD takes at its best rate
+    assert a.lr_opt_rec == pytest.approx(a.eps_opt_rec * (1 - mu), rel=1e-12)
+    assert a.lr_opt_now == pytest.approx(a.eps_opt_now * (1 - mu), rel=1e-12)
+    assert f"set lr = eps_opt*(1-momentum) = {a.lr_opt_rec:.3g} at batch 1,000" in text
+    # brute force: heavy ball at that lr on L = ½hθ² (a slow direction, lr·h ≪ (1 − μ)²)
+    # decays at the rate of plain SGD at ε_opt, ln(1 − ε_opt·h) per step
+    h, theta, v, lr, logs = 0.001, 1.0, 0.0, a.lr_opt_rec, []
+    for _ in range(6000):
+        v = mu * v + h * theta
+        theta -= lr * v
+        logs.append(np.log(abs(theta)))
+    rate = (logs[-1] - logs[2999]) / 3000
+    assert rate == pytest.approx(np.log1p(-a.eps_opt_rec * h), rel=0.02)
+    with pytest.raises(ValueError, match="estimate"):
+        est.advise_batch_size(b_simple, e_max, 100, estimate="noise")
