@@ -7,6 +7,7 @@ values, and never raise anything but ValueError (values beyond float64 included)
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -15,9 +16,11 @@ __all__ = ["fits_in_memory", "flag", "float_dtype", "integer", "known_keywords",
 
 
 def _item(value):
-    """A 0-d (or one-element 1-D) NumPy, torch or CuPy array as its Python scalar."""
-    if not isinstance(value, numbers.Number) and (
-            getattr(value, "ndim", None) == 0 or getattr(value, "shape", None) == (1,)):
+    """A NumPy scalar, or a 0-d (or one-element 1-D) NumPy, torch or CuPy array, as its Python
+    scalar (NumPy's float16 or uint64 would otherwise overflow in comparisons)."""
+    if type(value) in (int, float):
+        return value
+    if getattr(value, "ndim", None) == 0 or getattr(value, "shape", None) == (1,):
         try:
             return value.item()
         except (AttributeError, ValueError, RuntimeError, TypeError):
@@ -42,6 +45,10 @@ def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> i
     ValueError: steps must be an integer ≥ 1 that fits in a float64, got 1000000000...00000000000
     """
     value = _item(value)
+    if type(minimum) is not int or abs(minimum) > 2**62 or (
+            maximum is not None and (type(maximum) is not int or abs(maximum) > 2**62)):
+        minimum, maximum = _bound("minimum", minimum), (
+            None if maximum is None else _bound("maximum", maximum))
     want = f"an integer ≥ {minimum}" + ("" if maximum is None else f" and ≤ {maximum}")
     if not _is_number(value):
         raise ValueError(f"{name} must be {want}, got {_short(value)}")
@@ -52,6 +59,13 @@ def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> i
                          f"got {_short(value)}") from None
     if not ok or value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {want}, got {_short(value)}")
+    return int(value)
+
+
+def _bound(name: str, value) -> int:
+    value = _item(value)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or abs(value) > 2**62:
+        raise ValueError(f"{name} must be an int within ±2**62, got {_short(value)}")
     return int(value)
 
 
@@ -178,6 +192,7 @@ def float_dtype(name: str, value) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=1)
 def memory_bytes() -> int:
     """This machine's physical memory in bytes (16 GiB when it cannot be told)."""
     import os
@@ -193,5 +208,9 @@ def fits_in_memory(name: str, n_bytes: float, fix: str) -> None:
     memory (better a clear error up front than a MemoryError or an OOM kill later)."""
     total = memory_bytes()
     if n_bytes > total / 2:
-        raise ValueError(f"{name}: this would need {n_bytes / 2**30:.3g} GiB of arrays, more than "
-                         f"half of this machine's {total / 2**30:.3g} GiB; {fix}")
+        try:
+            need = f"{float(n_bytes) / 2**30:.3g} GiB"
+        except OverflowError:  # an int beyond float64
+            need = "more than 1e308 bytes"
+        raise ValueError(f"{name}: this would need {need} of arrays, more than half of this "
+                         f"machine's {total / 2**30:.3g} GiB; {fix}")

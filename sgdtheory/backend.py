@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from sgdtheory._checks import _short, fits_in_memory, integer
+
 __all__ = [
     "BACKENDS",
     "Backend",
@@ -135,11 +137,13 @@ class Backend:
         if self.name == "torch" and isinstance(name, self.xp.dtype):
             return name
         try:
-            key = name if isinstance(name, str) else np.dtype(name).name
+            key = name if isinstance(name, str) else (
+                None if name is None or isinstance(name, (bool, np.bool_, np.generic))
+                else np.dtype(name).name)
         except TypeError:
             key = None
-        if key not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {name!r}")
+        if not isinstance(key, str) or key not in _DTYPES:
+            raise ValueError(f"dtype name must be one of {_DTYPES}, got {_short(name)}")
         if self.name == "torch":
             return getattr(self.xp, key)
         return np.dtype(key)
@@ -153,6 +157,17 @@ class Backend:
     def asarray(self, x, dtype=None):
         """``x`` (scalar, list, NumPy or backend array) as an array of this backend."""
         dt = None if dtype is None else self.dtype(dtype)
+        if x is None or isinstance(x, (str, bytes)):
+            raise ValueError(f"x must be real numbers or an array, got {_short(x)}")
+        kind = getattr(getattr(x, "dtype", None), "kind", None)  # NumPy and CuPy arrays
+        if kind is None and not self.is_array(x):
+            try:
+                kind = np.asarray(_to_numpy_any(x)).dtype.kind
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"x must be numbers or an array of a regular shape, got "
+                                 f"{_short(x)}") from exc
+        if kind is not None and kind in "cOSU":
+            raise ValueError(f"x must be real numbers (or bools), got {_short(x)}")
         if self.name == "torch":
             torch = self.xp
             if isinstance(x, torch.Tensor):
@@ -205,11 +220,13 @@ class Backend:
         return bool(self.xp.isfinite(x).all())
 
     def zeros(self, shape, dtype="float64"):
+        shape = _shape(shape, self.dtype(dtype))
         if self.name == "torch":
             return self.xp.zeros(shape, dtype=self.dtype(dtype), device=self.device)
         return self.xp.zeros(shape, dtype=self.dtype(dtype))
 
     def empty(self, shape, dtype="float64"):
+        shape = _shape(shape, self.dtype(dtype))
         if self.name == "torch":
             return self.xp.empty(shape, dtype=self.dtype(dtype), device=self.device)
         return self.xp.empty(shape, dtype=self.dtype(dtype))
@@ -240,6 +257,8 @@ class Backend:
         ``torch.randn``; CuPy its generator's ``standard_normal``. ``scale`` (broadcast
         along the last axis, e.g. standard deviations per parameter) multiplies the draws.
         """
+        if out is None:
+            shape = _shape(shape, self._float_dtype(dtype))
         if self.name == "torch":
             if out is not None:
                 z = self.xp.randn(out.shape, generator=gen, out=out)
@@ -263,6 +282,7 @@ class Backend:
 
     def uniform(self, gen, shape, dtype="float64"):
         """U[0, 1) draws of ``shape``."""
+        shape = _shape(shape, self._float_dtype(dtype))
         if self.name == "torch":
             return self.xp.rand(shape, generator=gen, dtype=self.dtype(dtype),
                                 device=self.device)
@@ -270,6 +290,8 @@ class Backend:
 
     def permutations(self, gen, rows: int, n: int):
         """``rows`` independent uniform permutations of ``range(n)``, shape (rows, n), int64."""
+        rows, n = integer("rows", rows, 0), integer("n", n, 0)
+        fits_in_memory("rows", 16.0 * rows * n, "use fewer rows or a smaller n")
         if self.name == "numpy":
             base = np.broadcast_to(np.arange(n, dtype=np.int64), (rows, n))
             return gen.permuted(base, axis=1)
@@ -278,6 +300,14 @@ class Backend:
             return self.xp.argsort(keys, dim=1)
         keys = gen.random((rows, n))
         return self.xp.argsort(keys, axis=1).astype(self.xp.int64)
+
+    def _float_dtype(self, dtype):
+        """A floating dtype of this backend (float16/32/64), ValueError naming dtype."""
+        dt = self.dtype(dtype)
+        if "float" not in str(dt):
+            raise ValueError(f"dtype must be a floating dtype (float16, float32, float64), "
+                             f"got {_short(dtype)}")
+        return dt
 
     def synchronize(self) -> None:
         """Wait for queued GPU work (no-op on CPU); use before timing."""
@@ -335,17 +365,26 @@ def _box_muller_f32(gen, out: np.ndarray, scale=None) -> None:
 def _seed_entropy(seed):
     if isinstance(seed, (bool, np.bool_)):
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(seed, (int, np.integer)):
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        return int(seed)
-    try:
-        vals = [int(s) for s in seed]
-    except TypeError as exc:
-        raise ValueError(f"seed must be a non-negative int or ints, got {seed!r}") from exc
-    if any(v < 0 for v in vals):
-        raise ValueError(f"seed entries must be non-negative, got {seed!r}")
+    if isinstance(seed, (int, np.integer)) or (isinstance(seed, np.ndarray) and seed.ndim == 0):
+        return integer("seed", seed, 0)
+    if isinstance(seed, (str, bytes)) or not hasattr(seed, "__iter__"):
+        raise ValueError(f"seed must be a non-negative int or ints, got {_short(seed)}")
+    vals = [integer("seed entries", s, 0) for s in seed]
+    if not vals:
+        raise ValueError("seed must be a non-negative int or a non-empty sequence of ints")
     return vals
+
+
+def _shape(shape, dtype) -> tuple:
+    """An array shape (int ≥ 0 or a sequence of them) that fits in memory, as a tuple."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list, range)):
+        raise ValueError(f"shape must be an int or a sequence of ints ≥ 0, got {_short(shape)}")
+    out = tuple(integer("shape", n, 0) for n in shape)
+    item = getattr(dtype, "itemsize", 8)
+    fits_in_memory("shape", math.prod(out) * item, "use a smaller shape")
+    return out
 
 
 def _to_numpy_any(x) -> np.ndarray:
@@ -361,12 +400,22 @@ def _to_numpy_any(x) -> np.ndarray:
 
 
 def to_numpy(x) -> np.ndarray:
-    """A NumPy copy/view of a NumPy, CuPy or torch array (or anything ``np.asarray`` takes).
+    """A NumPy copy/view of a NumPy, CuPy or torch array (or anything ``np.asarray`` takes,
+    except None and strings).
 
     >>> to_numpy([1.0, 2.0])
     array([1., 2.])
     """
-    return _to_numpy_any(x)
+    if x is None or isinstance(x, (str, bytes)):
+        raise ValueError(f"x must be an array or numbers, got {_short(x)}")
+    try:
+        out = _to_numpy_any(x)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"x must be an array or numbers (a regular shape), got {_short(x)}"
+                         ) from exc
+    if out.dtype.kind in "cOSU":
+        raise ValueError(f"x must be real numbers (or bools), got {_short(x)}")
+    return out
 
 
 def backend_of(x) -> Backend:
@@ -437,12 +486,16 @@ def get_backend(name: str | Backend | None = None, device=None) -> Backend:
     if name is None:
         name = os.environ.get(_ENV, "") or "numpy"
     if not isinstance(name, str):
-        raise ValueError(f"backend name must be a string, got {name!r}")
+        raise ValueError(f"backend name must be a string, got {_short(name)}")
+    if device is not None and not isinstance(device, (str, int, np.integer)) or isinstance(
+            device, (bool, np.bool_)):
+        raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0' (or a GPU index), "
+                         f"got {_short(device)}")
     key = name.strip().lower()
     if key.startswith("torch:"):
         key, device = "torch", key.split(":", 1)[1]
     if key not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} "
+        raise ValueError(f"unknown backend name {name!r}: choose one of {', '.join(BACKENDS)} "
                          f"(available here: {_describe_available()})")
     if key == "numpy":
         if device not in (None, "cpu"):

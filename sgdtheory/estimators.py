@@ -89,8 +89,13 @@ def _value(name: str, x):
     """``x`` checked finite and real: backend arrays pass through, the rest becomes a float or
     a float64 ndarray (strings, bools, complex values, None and ragged lists refused)."""
     if _is_array(x):
-        return _backend_real(name, x)
+        x = _backend_real(name, x)
+        if math.prod(x.shape) == 0:
+            raise ValueError(f"{name} must not be empty")
+        return x
     a = real_array(name, x)
+    if a.size == 0:
+        raise ValueError(f"{name} must not be empty")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite, got {_short(x)}")
     return float(a) if a.ndim == 0 else a
@@ -125,8 +130,8 @@ def _noise_factor(name: str, batch, n_data):
     if n < 2:
         raise ValueError(f"n_data must be at least 2, got {n_data!r}")
     if np.any(np.asarray(batch) > n):
-        raise ValueError(f"{name} ({batch!r}) must not exceed n_data ({n_data!r})")
-    return (n - batch) / ((n - 1.0) * batch)
+        raise ValueError(f"{name} ({_short(batch)}) must not exceed n_data ({n_data!r})")
+    return (n - batch) / (n - 1.0) / batch
 
 
 #: largest batch size the two-batch formulas take (B_small·B_big stays within float64)
@@ -137,13 +142,18 @@ def _batches(b_small, b_big, n_data):
     bs = _value("b_small", b_small)
     bb = _value("b_big", b_big)
     bs_np, bb_np = _to_numpy(bs), _to_numpy(bb)
-    if np.any(bs_np <= 0):
-        raise ValueError(f"b_small must be positive, got {_short(b_small)}")
+    if np.any(bs_np < 1):
+        raise ValueError(f"b_small must be at least 1 example, got {_short(b_small)}")
     if np.any(bb_np > MAX_BATCH):
         raise ValueError(f"b_big must be at most 2**53 examples, got {_short(b_big)}")
     if np.any(bb_np <= bs_np):
         raise ValueError(f"b_small must be smaller than b_big, got b_small={b_small!r}, "
                          f"b_big={b_big!r}")
+    try:
+        np.broadcast_shapes(np.shape(bs_np), np.shape(bb_np))
+    except ValueError:
+        raise ValueError(f"b_small and b_big must broadcast together, got shapes "
+                         f"{np.shape(bs_np)} and {np.shape(bb_np)}") from None
     if n_data is None:  # exact in floating point for integer batches: ("batch", B)
         return ("batch", _out(bs_np)), ("batch", _out(bb_np))
     a_small = _noise_factor("b_small", bs_np, n_data)
@@ -175,15 +185,20 @@ def _pow2_scale(*arrays) -> float:
     return math.ldexp(1.0, min(math.frexp(m)[1], 1023))
 
 
-def _two_batch_solve(small, big, a_small, a_big):
+def _two_batch_solve(small, big, a_small, a_big, names="grad_sq_small, grad_sq_big"):
     """Solve E[small] = x + a_s·y, E[big] = x + a_b·y for (x, y), in the scaled form of
     :func:`_pow2_scale` (a solution beyond float64 is ±inf, never NaN).
 
     ``a_small``/``a_big`` are ("factor", a) or ("batch", B) with a = 1/B.
     """
+    try:
+        np.broadcast_shapes(*(tuple(getattr(v, "shape", ())) for v in (small, big, a_small[1],
+                                                                       a_big[1])))
+    except ValueError:
+        raise ValueError(f"{names}, b_small and b_big must broadcast together") from None
     s = _pow2_scale(small, big)
     if s != 1.0:
-        x, y = _two_batch_solve(small / s, big / s, a_small, a_big)
+        x, y = _two_batch_solve(small / s, big / s, a_small, a_big, names)
         with np.errstate(over="ignore"):
             return _out(x * s), _out(y * s)
     if a_small[0] == "batch":
@@ -310,10 +325,11 @@ def _ci(obj, name, confidence):
 def _interval(value, stderr, confidence, df):
     """value ± t·stderr; (0, ∞) where the value (a clamped ratio) or its error is infinite."""
     v, se = np.asarray(value, float), np.asarray(stderr, float)
-    half = _t_quantile(confidence, df) * se
-    ok = np.isfinite(v) & np.isfinite(half)
-    lo = np.where(ok, v - np.where(ok, half, 0.0), 0.0)
-    hi = np.where(ok, v + np.where(ok, half, 0.0), np.inf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = _t_quantile(confidence, df) * se
+        ok = np.isfinite(v) & np.isfinite(half)
+        lo = np.where(ok, v - np.where(ok, half, 0.0), 0.0)
+        hi = np.where(ok, v + np.where(ok, half, 0.0), np.inf)
     return _out(lo), _out(hi)
 
 
@@ -321,7 +337,13 @@ def _axis(axis, ndim: int) -> int:
     return integer("axis", axis, -max(ndim, 1), max(ndim, 1) - 1)
 
 
-def _mean_stats(x, y, axis):
+def _finite_estimates(names: str, *arrays) -> None:
+    """Refuse per-step estimates that overflowed float64 (inputs near its limit)."""
+    if not all(_all_finite(a) for a in arrays):
+        raise ValueError(f"{names}: the per-step estimates overflow float64; rescale the loss")
+
+
+def _mean_stats(x, y, axis, names="the paired measurements"):
     """Means of paired unbiased draws x, y along ``axis`` with standard errors and covariance.
 
     Each of x, y is divided by a power of two (:func:`_pow2_scale`) first, so the squares
@@ -330,8 +352,8 @@ def _mean_stats(x, y, axis):
     try:
         x, y = np.broadcast_arrays(x, y)
     except ValueError:
-        raise ValueError(f"the paired measurements must have broadcastable shapes, got "
-                         f"{x.shape} and {y.shape}") from None
+        raise ValueError(f"{names} must have broadcastable shapes, got {x.shape} and "
+                         f"{y.shape}") from None
     axis = _axis(axis, x.ndim)
     x, y = np.moveaxis(x, axis, -1), np.moveaxis(y, axis, -1)
     m = x.shape[-1] if x.ndim else 0
@@ -403,6 +425,7 @@ def two_batch_stats(grad_sq_small, grad_sq_big, b_small, b_big, *, n_data=None, 
     (1.0, 20.0, 20.0)
     """
     g, t = two_batch(grad_sq_small, grad_sq_big, b_small, b_big, n_data=n_data)
+    _finite_estimates("grad_sq_small, grad_sq_big", g, t)
     mg, mt, vg, vt, c, df = _mean_stats(g, t, axis)
     b, b_se = _ratio(mt, mg, vt, vg, c)
     return NoiseEstimate(_out(mg), _out(mt), _out(np.sqrt(vg)), _out(np.sqrt(vt)), _out(c),
@@ -437,7 +460,7 @@ def two_batch_curvature(ghg_small, ghg_big, b_small, b_big, *, n_data=None):
     a_small, a_big = _batches(b_small, b_big, n_data)
     small = _value("ghg_small", ghg_small)
     big = _value("ghg_big", ghg_big)
-    return _two_batch_solve(small, big, a_small, a_big)
+    return _two_batch_solve(small, big, a_small, a_big, "ghg_small, ghg_big")
 
 
 def two_batch_curvature_stats(ghg_small, ghg_big, b_small, b_big, *, grad_sq=None,
@@ -457,12 +480,14 @@ def two_batch_curvature_stats(ghg_small, ghg_big, b_small, b_big, *, grad_sq=Non
     (2.0, 15.0, 0.5)
     """
     ghg, thS = two_batch_curvature(ghg_small, ghg_big, b_small, b_big, n_data=n_data)
+    _finite_estimates("ghg_small, ghg_big", ghg, thS)
     mg, mt, vg, vt, c, df = _mean_stats(ghg, thS, axis)
     b, b_se = _ratio(mt, mg, vt, vg, c)
     if grad_sq is None:
         e, e_se = None, None
     else:
-        ms, _, vs, _, csg, _ = _mean_stats(_value("grad_sq", grad_sq), ghg, axis)
+        ms, _, vs, _, csg, _ = _mean_stats(_value("grad_sq", grad_sq), ghg, axis,
+                                           "grad_sq and ghg_small, ghg_big")
         e, e_se = _ratio(ms, mg, vs, vg, csg)
     return CurvatureEstimate(_out(mg), _out(mt), _out(np.sqrt(vg)), _out(np.sqrt(vt)), _out(c),
                              b, b_se, e, e_se, df)
@@ -599,9 +624,8 @@ def per_sample_stats(grads, *, n_data=None) -> NoiseEstimate:
     >>> round(est.grad_sq, 6), round(est.tr_sigma, 6)
     (4.333333, 2.0)
     """
-    shape = getattr(grads, "shape", None)
-    if shape is None:  # a list: its shape as an array
-        shape = np.shape(grads)
+    grads = _value("grads", grads)
+    shape = getattr(grads, "shape", ())
     if len(shape) >= 2 and shape[-2] == 2:
         raise ValueError("per_sample_stats needs at least three samples for a standard error, "
                          "got n=2")
@@ -876,7 +900,11 @@ class NoiseScaleEMA(RatioEMA):
     def update_two_batch(self, grad_sq_small, grad_sq_big, b_small, b_big, *, n_data=None):
         """:func:`two_batch` on this step's squared norms, then :meth:`update`."""
         gs, ts = two_batch(_float("grad_sq_small", grad_sq_small),
-                           _float("grad_sq_big", grad_sq_big), b_small, b_big, n_data=n_data)
+                           _float("grad_sq_big", grad_sq_big), _float("b_small", b_small),
+                           _float("b_big", b_big), n_data=n_data)
+        if not (math.isfinite(gs) and math.isfinite(ts)):
+            raise ValueError("grad_sq_small, grad_sq_big: the two-batch estimates overflow "
+                             "float64; rescale the loss")
         return self.update(gs, ts)
 
     grad_sq = _alias("denominator", "|G|²: the average of the per-step estimates.")
@@ -1013,8 +1041,8 @@ class SequentialNoiseScale:
     def __init__(self, window: int, batch, *, beta: float = 0.99, n_data=None):
         self.window = integer("window", window, 2, 2**20)
         self.batch = _float("batch", batch)
-        if self.batch <= 0:
-            raise ValueError(f"batch must be positive, got {batch!r}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be positive, at least 1 example, got {batch!r}")
         if self.batch * self.window > MAX_BATCH:
             raise ValueError(f"batch × window must be at most 2**53 examples, got batch="
                              f"{batch!r}, window={window!r}")
@@ -1056,8 +1084,12 @@ class SequentialNoiseScale:
             self._since_refresh = 0
         if len(self._grads) < self.window:
             return None
-        gs_small = _float("grad", g @ g)
-        gs_big = _float("grad", self._sum @ self._sum) / self.window**2
+        with np.errstate(over="ignore"):
+            gs_small, gs_big = g @ g, self._sum @ self._sum
+        if not (_all_finite(gs_small) and _all_finite(gs_big)):
+            raise ValueError("grad is too large: |g|² overflows float64; rescale the loss")
+        gs_small = _float("grad", gs_small)
+        gs_big = _float("grad", gs_big) / self.window**2
         est = two_batch(gs_small, gs_big, self.batch, self.batch * self.window,
                         n_data=self.n_data)
         self.ema.update(*est)
@@ -1210,6 +1242,9 @@ def advise_batch_size(b_noise, eps_max, batch, *, b_noise_stderr=None, estimate=
     if hi < lo:
         raise ValueError(f"max_batch must be at least min_batch, got min_batch={min_batch!r}, "
                          f"max_batch={max_batch!r}")
+    if not math.isfinite(lo / step) or not math.isfinite(b_noise / step):
+        raise ValueError(f"multiple_of is too small for min_batch and b_noise, got "
+                         f"{multiple_of!r}")
     # the multiple of ``step`` nearest B_noise inside [min_batch, max_batch]
     k_lo, k_hi = math.ceil(lo / step), math.floor(hi / step) if math.isfinite(hi) else math.inf
     if k_hi < max(k_lo, 1):

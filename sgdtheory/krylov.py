@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
-from sgdtheory._checks import integer
+from sgdtheory._checks import _short, fits_in_memory, integer, real, real_array
 from sgdtheory.backend import backend_of
 
 __all__ = [
@@ -83,19 +83,39 @@ class _Ops:
         return float(self.to_numpy((x * x).sum())) ** 0.5
 
 
-def _check_args(dim, like):
+def _check_args(matvec, dim, like, seed):
+    """(dim, ops, seed) after checking the arguments every solver shares."""
+    if not callable(matvec):
+        raise ValueError(f"matvec must be a function v -> A v, got {_short(matvec)}")
     dim = integer("dim", dim)
-    if like is not None and getattr(like, "shape", None) is None:
-        raise ValueError(f"like must be an array (NumPy, CuPy or torch), got {like!r}")
-    return dim, _Ops(like)
+    if like is not None:
+        dtype = getattr(like, "dtype", None)
+        kind = getattr(dtype, "kind", None)
+        if getattr(like, "shape", None) is None or isinstance(like, np.generic) or (
+                kind is not None and kind not in "iuf") or (
+                kind is None and (dtype.is_complex or str(dtype) == "torch.bool")):
+            raise ValueError(f"like must be a real array (NumPy, CuPy or torch), got "
+                             f"{_short(like)}")
+    seed = None if seed is None else integer("seed", seed, 0)
+    fits_in_memory("dim", 8.0 * dim * 4, "use a smaller dim")
+    return dim, _Ops(like), seed
+
+
+def _choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got "
+                         f"{_short(value)}")
+    return value
+
+
+#: most matvecs any solver is asked for (ARPACK counts in 32-bit integers)
+MAX_ITER = 2**31 - 1
 
 
 def _probe(rng, dim, kind="normal"):
     if kind == "rademacher":
         return rng.integers(0, 2, size=dim).astype(float) * 2.0 - 1.0
-    if kind == "normal":
-        return rng.standard_normal(dim)
-    raise ValueError(f"distribution must be 'rademacher' or 'normal', got {kind!r}")
+    return rng.standard_normal(dim)
 
 
 def _orth_against(ops, basis, w, j):
@@ -244,19 +264,20 @@ def top_eigenvalues(matvec, dim, k=1, *, method="lanczos", tol=1e-8, max_iter=No
     >>> top_eigenvalues(lambda v: a @ v, 4, k=2, seed=0).round(10)
     array([5., 3.])
     """
-    dim, ops = _check_args(dim, like)
+    dim, ops, seed = _check_args(matvec, dim, like, seed)
     k = integer("k", k)
     if k > dim:
         raise ValueError(f"k must be an integer in [1, dim={dim}], got {k!r}")
+    fits_in_memory("k", 8.0 * dim * (3 * k + 30), "use a smaller k")
+    tol = real("tol", tol)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     if max_iter is None:
         max_iter = min(max(1000, 30 * dim), 100_000)
-    max_iter = integer("max_iter", max_iter)
+    max_iter = integer("max_iter", max_iter, 1, MAX_ITER)
+    method = _choice("method", method, ("lanczos", "power"))
     if method == "power":
         return _power(matvec, dim, k, ops, tol=tol, max_iter=max_iter, seed=seed)
-    if method != "lanczos":
-        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     if ops.be.numpy_native and k < dim - 1:
         rng = np.random.default_rng(seed)
 
@@ -315,8 +336,12 @@ def hutchinson_trace(matvec, dim, n_samples, *, seed=None, like=None, method="hu
     >>> hutchinson_trace(lambda v: a @ v, 10, 20, seed=0)
     (55.0, 0.0)
     """
-    dim, ops = _check_args(dim, like)
-    n_samples = integer("n_samples", n_samples, 2)
+    dim, ops, seed = _check_args(matvec, dim, like, seed)
+    n_samples = integer("n_samples", n_samples, 2, MAX_ITER)
+    method = _choice("method", method, ("hutchinson", "hutch++"))
+    distribution = _choice("distribution", distribution, ("rademacher", "normal"))
+    fits_in_memory("n_samples", 8.0 * (n_samples + 2 * dim * (n_samples // 3)),
+                   "use fewer n_samples")
     rng = np.random.default_rng(seed)
     if method == "hutchinson":
         vals = np.empty(n_samples)
@@ -324,9 +349,7 @@ def hutchinson_trace(matvec, dim, n_samples, *, seed=None, like=None, method="hu
             z = ops.asarray(_probe(rng, dim, distribution))
             az = ops.check("matvec", matvec(z), dim)
             vals[i] = float(ops.to_numpy((z * az).sum()))
-        return float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(n_samples))
-    if method != "hutch++":
-        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
+        return _mean_se(vals)
     if n_samples < 4:
         raise ValueError(f"hutch++ needs n_samples >= 4, got {n_samples}")
     q = n_samples // 3
@@ -352,7 +375,18 @@ def hutchinson_trace(matvec, dim, n_samples, *, seed=None, like=None, method="hu
         if rank:
             z = z - (basis @ z) @ basis
         vals[i] = float(ops.to_numpy((z * ops.check("matvec", matvec(z), dim)).sum()))
-    return top + float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(r))
+    mean, se = _mean_se(vals)
+    with np.errstate(over="ignore"):
+        return float(np.float64(top) + mean), se
+
+
+def _mean_se(vals: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error std(ddof=1)/√n of the probe values, scaled by a power of two
+    so that the squares cannot overflow (beyond float64: ±inf, never NaN)."""
+    m = float(np.abs(vals).max())
+    s = math.ldexp(1.0, math.frexp(m)[1]) if m > 2.0**400 else 1.0
+    v = vals / s
+    return float(v.mean() * s), float(v.std(ddof=1) / math.sqrt(vals.size) * s)
 
 
 # --------------------------------------------------------------------------- spectral density
@@ -377,16 +411,33 @@ class SpectralDensity:
     def density(self, grid, width):
         r"""ρ on ``grid``, each node broadened to a Gaussian of standard deviation ``width``:
         ρ(x) ≈ mean_p Σ_j τ_pj N(x; θ_pj, width²). Integrates to 1."""
-        grid = np.asarray(grid, dtype=float)
+        grid = real_array("grid", grid)
+        if not np.all(np.isfinite(grid)):
+            raise ValueError("grid must be finite")
+        width = real("width", width)
         if not width > 0:
             raise ValueError(f"width must be positive, got {width!r}")
-        d = (grid[..., None, None] - self.nodes) / width
-        g = np.exp(-0.5 * d * d) / (width * math.sqrt(2.0 * math.pi))
+        fits_in_memory("grid", 8.0 * grid.size * self.nodes.size, "use a smaller grid")
+        with np.errstate(over="ignore", under="ignore"):
+            d = (grid[..., None, None] - self.nodes) / width
+            g = np.exp(-0.5 * d * d) / (width * math.sqrt(2.0 * math.pi))
         return (g * self.weights).sum(-1).mean(-1)
 
     def trace(self, f=lambda x: x):
         r"""tr f(A) ≈ dim · mean_p Σ_j τ_pj f(θ_pj) (e.g. f = identity: the trace)."""
-        return float(self.dim * (self.weights * f(self.nodes)).sum(-1).mean())
+        if not callable(f):
+            raise ValueError(f"f must be a function of the eigenvalues, got {_short(f)}")
+        with np.errstate(all="ignore"):
+            values = real_array("f", f(self.nodes))
+        if values.shape != self.nodes.shape or np.any(np.isnan(values)):
+            raise ValueError("f must map the Ritz values (an array) to real numbers, elementwise"
+                             ", without NaN")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = float(self.dim * (self.weights * values).sum(-1).mean())
+        if math.isnan(out):  # +inf and −inf values of f
+            raise ValueError("f takes both +inf and -inf on the Ritz values: the trace is "
+                             "undefined")
+        return out
 
 
 def spectral_density(matvec, dim, *, n_probes=8, n_steps=40, seed=None,
@@ -411,9 +462,10 @@ def spectral_density(matvec, dim, *, n_probes=8, n_steps=40, seed=None,
     >>> np.sort(sd.nodes[0]).round(8)
     array([1., 2., 3., 4.])
     """
-    dim, ops = _check_args(dim, like)
+    dim, ops, seed = _check_args(matvec, dim, like, seed)
     n_probes = integer("n_probes", n_probes)
     m = min(integer("n_steps", n_steps), dim)
+    fits_in_memory("n_probes", 16.0 * n_probes * m + 8.0 * m * dim, "use fewer n_probes")
     rng = np.random.default_rng(seed)
     nodes = np.empty((int(n_probes), m))
     weights = np.empty((int(n_probes), m))

@@ -37,9 +37,13 @@ CuPy or torch; nothing here names a backend.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
+
+from sgdtheory._checks import _short, flag, real
 from sgdtheory.backend import array_module
 
 __all__ = ["Optimizer", "SGDState", "ema_update", "sgd"]
@@ -92,11 +96,30 @@ def sgd(lr, momentum=0.0, nesterov: bool = False) -> Optimizer:
         ``scale = 0`` (e.g. the first step of a warmup) leaves θ unchanged and still updates v.
     """
 
+    lr, momentum = _hyper("lr", lr, 0.0, None), _hyper("momentum", momentum, 0.0, 1.0)
+    nesterov = flag("nesterov", nesterov)
+
     def init(params) -> SGDState:
         plain = not _any_nonzero(momentum)
         return SGDState(lr, momentum, None if plain else array_module(params).zeros_like(params))
 
     def update(grad, state: SGDState, params, scale=1.0):
+        _float_array("params", params)
+        if _float_array("grad", grad).shape != params.shape:
+            raise ValueError(f"grad must have the shape of params {tuple(params.shape)}, got "
+                             f"{tuple(grad.shape)}")
+        for name in ("lr", "momentum"):
+            col = getattr(state, name)
+            if getattr(col, "ndim", 0) and (len(params.shape) != 2
+                                            or col.shape[0] != params.shape[0]):
+                raise ValueError(f"{name} is a column of {col.shape[0]} rows: params must have "
+                                 f"shape ({col.shape[0]}, p), got {tuple(params.shape)}")
+        if not (type(scale) is float and math.isfinite(scale)):
+            scale = real("scale", scale)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run: inf, detected
+            return _step(grad, state, params, scale)  # by the caller (simulate checks losses)
+
+    def _step(grad, state, params, scale):
         v = state.velocity
         if v is None:
             direction = grad  # θ ← θ − η g
@@ -130,5 +153,55 @@ def ema_update(average, params, decay: float):
     >>> ema_update(np.array([1.0]), np.array([0.0]), 0.75).tolist()
     [0.75]
     """
-    average -= (1.0 - decay) * (average - params)
+    decay = real("decay", decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay!r}")
+    if _float_array("average", average).shape != _float_array("params", params).shape:
+        raise ValueError(f"average must have the shape of params {tuple(params.shape)}, got "
+                         f"{tuple(average.shape)}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        average -= (1.0 - decay) * (average - params)
     return average
+
+
+_FLOATS = (np.dtype("float32"), np.dtype("float64"))
+
+
+def _float_array(name, x):
+    """``x`` if it is a floating-point array (NumPy, CuPy or torch), else ValueError."""
+    dtype = getattr(x, "dtype", None)
+    if dtype in _FLOATS and hasattr(x, "shape"):  # the common case, fast
+        return x
+    kind = getattr(dtype, "kind", None)
+    floating = kind == "f" if kind is not None else bool(getattr(dtype, "is_floating_point",
+                                                                 False))
+    if not floating or not hasattr(x, "shape"):
+        raise ValueError(f"{name} must be a floating-point array, got {_short(x)}")
+    return x
+
+
+def _hyper(name, value, low, high):
+    """A hyperparameter: a real number in the range (lr > 0; 0 ≤ μ < 1), or a column of
+    per-row values (a NumPy, CuPy or torch array, checked by the caller that built it)."""
+    if hasattr(value, "shape") and getattr(value, "ndim", 0) >= 1:
+        dtype = getattr(value, "dtype", None)
+        kind = getattr(dtype, "kind", None)
+        if kind is not None and kind != "f" or kind is None and not dtype.is_floating_point:
+            raise ValueError(f"{name} must hold floats, got dtype {dtype}")
+        if len(value.shape) != 2 or value.shape[1] != 1 or value.shape[0] < 1:
+            raise ValueError(f"{name} must be a number or a column (n, 1), got shape "
+                             f"{tuple(value.shape)}")
+        lo = -1.0 if low is None else low
+        ok = (value == value) & (value >= lo) & (value > 0 if name == "lr" else value >= lo)
+        if high is not None:
+            ok = ok & (value < high)
+        if not bool(ok.all()):
+            raise ValueError(f"{name} values must lie in the range ({name} > 0; momentum in "
+                             f"[0, 1)), got {_short(value)}")
+        return value
+    value = real(name, value)
+    if (low is not None and not value >= low) or (high is not None and not value < high) or (
+            name == "lr" and not value > 0):
+        what = "> 0" if name == "lr" else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value

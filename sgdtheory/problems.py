@@ -137,9 +137,14 @@ def _psd(name, x, p=None, *, spectrum=False):
     return a
 
 
-def _optional(name, x, default):
+def _optional(name, x, default, what="one per parameter"):
     """A finite vector shaped like ``default`` (its length p), or ``default`` when x is None."""
-    return default if x is None else _vector(name, x, default.shape[0])
+    if x is None:
+        return default
+    a = _vector(name, x)
+    if a.shape != default.shape:
+        raise ValueError(f"{name} must have shape {default.shape} ({what}), got {a.shape}")
+    return a
 
 
 def _samples(name, x, d=None):
@@ -160,12 +165,13 @@ def _assign(obj, **fields) -> None:
 
 
 def _representable(prob, *names) -> None:
-    """Refuse a problem whose loss or gradient at θ₀ is beyond float64 (NaN or ±inf): its
-    fields ``names`` are too large to simulate (rescale the problem)."""
+    """Refuse a problem whose loss, gradient or test loss at θ₀ is beyond float64 (NaN or
+    ±inf): its fields ``names`` are too large to simulate (rescale the problem)."""
     try:
         with np.errstate(all="ignore"):
-            values = (prob.loss(prob.theta0), prob.grad(prob.theta0))
-        ok = all(np.all(np.isfinite(v)) for v in values)
+            values = [prob.loss(prob.theta0), prob.grad(prob.theta0),
+                      prob.test_loss(prob.theta0)]
+        ok = all(np.all(np.isfinite(v)) for v in values if v is not None)
     except ValueError:  # a guarded method found NaN
         ok = False
     if not ok:
@@ -180,6 +186,12 @@ def _theta(theta, p):
     if not np.all(np.isfinite(t)):
         raise ValueError("theta must be finite")
     return t
+
+
+def _optional_theta(theta, p) -> None:
+    """Check θ where a quantity does not depend on it (None allowed)."""
+    if theta is not None:
+        _theta(theta, p)
 
 
 def _point(theta, p):
@@ -201,7 +213,12 @@ def _gen(rng):
     """A NumPy Generator from a Generator, None (fresh entropy), an int seed ≥ 0 or ints."""
     if isinstance(rng, np.random.Generator):
         return rng
-    if isinstance(rng, (bool, np.bool_, float, str, bytes)):
+    if isinstance(rng, np.ndarray) and rng.ndim == 0:
+        rng = rng.item()
+    ints = list(rng) if isinstance(rng, (list, tuple)) else [rng]
+    if rng is not None and not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            for v in ints):
         raise ValueError(f"rng must be a numpy Generator, an int seed ≥ 0 or None, "
                          f"got {_short(rng)}")
     try:
@@ -395,17 +412,22 @@ class Problem:
         return self.theta0.shape[0]
 
     def test_loss(self, theta):
+        """None: this problem has no test loss (θ is still checked)."""
+        _theta(theta, self.dim)
         return None
 
     def stats(self, theta) -> theory.QuadraticStats:
         """|G|², GᵀHG, tr Σ, tr HΣ (→ ε_max, B_noise, B_simple) at θ (p,), exactly."""
         t = _point(theta, self.dim)
         parts = self.hessian(t), self.sigma(t), self.grad(t)
-        if not all(np.all(np.isfinite(v)) for v in parts):
-            raise ValueError("theta is too large: the gradient or Σ overflows float64 at this "
-                             "θ; use a smaller theta")
-        return theory.quadratic_stats(*parts)
+        try:
+            if not all(np.all(np.isfinite(v)) for v in parts):
+                raise ValueError("the gradient or Σ overflows float64 at this θ")
+            return theory.quadratic_stats(*parts)
+        except ValueError as exc:  # every part derives from θ (the problem's fields are fine)
+            raise ValueError(f"theta is too large: {exc}; use a smaller theta") from None
 
+    @_guarded
     def sample_grad(self, theta, batch, rng, *, replace=False):
         """One minibatch mean gradient G_B per leading index of ``theta`` (..., p).
 
@@ -476,10 +498,12 @@ class NoisyQuadratic(Problem):
 
     def hessian(self, theta=None):
         """H: the diagonal (p,) or the matrix (p, p) as given."""
+        _optional_theta(theta, self.dim)
         return self.h
 
     def sigma(self, theta=None):
         """Σ (constant): the diagonal (p,) or the matrix (p, p) as given."""
+        _optional_theta(theta, self.dim)
         return self.c
 
 
@@ -609,7 +633,10 @@ class FiniteSumQuadratic(Problem):
 
     def __post_init__(self):
         h = _psd("h", self.h)
-        ctr = _samples("centers", self.centers, h.shape[0])
+        ctr = _samples("centers", self.centers)
+        if ctr.shape[1] != h.shape[0]:
+            raise ValueError(f"centers must have shape (n, {h.shape[0]}) (one column per entry "
+                             f"of h), got {ctr.shape}")
         with np.errstate(over="ignore", invalid="ignore"):
             _assign(self, h=h, centers=ctr,
                     theta0=_optional("theta0", self.theta0, ctr.mean(0) + 1.0))
@@ -631,7 +658,12 @@ class FiniteSumQuadratic(Problem):
         if not np.all(np.isfinite(ctr)):
             raise ValueError(f"spread is too large: the centres overflow float64, got "
                              f"{_short(spread)}")
-        return cls(h, ctr, theta0)
+        try:
+            return cls(h, ctr, theta0)
+        except ValueError as exc:
+            if "overflows float64" in str(exc):
+                raise ValueError(f"spread is too large: {exc}") from None
+            raise
 
     @property
     def n_data(self) -> int:
@@ -652,10 +684,12 @@ class FiniteSumQuadratic(Problem):
         return _mat(self.h, _theta(theta, self.dim) - self.center_mean)
 
     def hessian(self, theta=None):
+        _optional_theta(theta, self.dim)
         return self.h
 
     def sigma(self, theta=None):
         """Σ = (1/N) Σ_i (H(θ_i − θ̄))(H(θ_i − θ̄))ᵀ, a (p, p) matrix (independent of θ)."""
+        _optional_theta(theta, self.dim)
         a = _mat(self.h, self.centers - self.center_mean)
         return a.T @ a / self.n_data
 
@@ -729,7 +763,7 @@ class LinearRegression(Problem):
 
     def __post_init__(self):
         lam = _psd("lam", self.lam, spectrum=True)
-        ws = _optional("w_star", self.w_star, np.zeros(lam.shape[0]))
+        ws = _optional("w_star", self.w_star, np.zeros(lam.shape[0]), "one per entry of lam")
         with np.errstate(over="ignore"):
             _assign(self, lam=lam, noise_std=_noise_std(self.noise_std), w_star=ws,
                     theta0=_optional("theta0", self.theta0, ws + 1.0))
@@ -738,7 +772,7 @@ class LinearRegression(Problem):
     def loss(self, theta):
         """½ (eᵀHe + σ²), shape (...)."""
         e = _theta(theta, self.dim) - self.w_star
-        return _out(0.5 * (np.sum(self.lam * e * e, axis=-1) + self.noise_std**2))
+        return _out(0.5 * (np.sum(self.lam * e * e, axis=-1) + (self.noise_std * self.noise_std)))
 
     def test_loss(self, theta):
         """Population loss (= :meth:`loss` for online data)."""
@@ -748,11 +782,12 @@ class LinearRegression(Problem):
         return self.lam * (_theta(theta, self.dim) - self.w_star)
 
     def hessian(self, theta=None):
+        _optional_theta(theta, self.dim)
         return self.lam
 
     def sigma(self, theta):
         e = _point(theta, self.dim) - self.w_star
-        return _linreg_gaussian_sigma(self.lam, e, self.noise_std**2)
+        return _linreg_gaussian_sigma(self.lam, e, (self.noise_std * self.noise_std))
 
 
 class _LinRegOnlineKernel(_Kernel):
@@ -763,7 +798,7 @@ class _LinRegOnlineKernel(_Kernel):
         self.lam = self.arr(prob.lam)
         self.sqrt_lam = self.arr(np.sqrt(prob.lam))
         self.ws = self.arr(prob.w_star)
-        self.noise_var = float(prob.noise_std) ** 2
+        self.noise_var = float(prob.noise_std) * float(prob.noise_std)
         self.noise_std = float(prob.noise_std)
         self.sum_lam = float(prob.lam.sum())
         self.sum_lam2 = float((prob.lam**2).sum())
@@ -846,12 +881,15 @@ class LinearRegressionData(Problem):
         lam = _psd("lam", self.lam, spectrum=True)
         d = lam.shape[0]
         _assign(self, lam=lam, n_data=integer("n_data", self.n_data),
-                n_test=integer("n_test", self.n_test, 0), noise_std=_noise_std(self.noise_std))
+                n_test=integer("n_test", self.n_test, 0), noise_std=_noise_std(self.noise_std),
+                seed=integer("seed", self.seed, 0))
         fits_in_memory("n_data", 16.0 * (self.n_data + self.n_test) * (d + 1),
                        "use smaller n_data and n_test")
-        rng = np.random.default_rng(integer("seed", self.seed, 0))
+        rng = np.random.default_rng(self.seed)
         # w* is drawn (before the data) only when not given
-        ws = rng.standard_normal(d) if self.w_star is None else _vector("w_star", self.w_star, d)
+        ws = _optional("w_star", self.w_star, np.zeros(d), "one per entry of lam")
+        if self.w_star is None:
+            ws = rng.standard_normal(d)
         _assign(self, w_star=ws, theta0=_optional("theta0", self.theta0, np.zeros(d)))
 
         def draw(n):
@@ -876,7 +914,7 @@ class LinearRegressionData(Problem):
     def population_loss(self, theta):
         """½ (eᵀ diag(λ) e + σ²): the expected loss on a fresh example."""
         e = _theta(theta, self.dim) - self.w_star
-        return _out(0.5 * (np.sum(self.lam * e * e, axis=-1) + self.noise_std**2))
+        return _out(0.5 * (np.sum(self.lam * e * e, axis=-1) + (self.noise_std * self.noise_std)))
 
     def test_loss(self, theta):
         if self.n_test == 0:
@@ -888,6 +926,7 @@ class LinearRegressionData(Problem):
         return self._res(theta) @ self.x / self.n_data
 
     def hessian(self, theta=None):
+        _optional_theta(theta, self.dim)
         return self.x.T @ self.x / self.n_data
 
     def sigma(self, theta):
@@ -942,7 +981,7 @@ class _LinRegDataKernel(_DataKernel):
             self._test = _QuadForm(self, prob.x_test, prob.y_test)
         else:
             self.lam, self.ws = self.arr(prob.lam), self.arr(prob.w_star)
-            self.noise_var = float(prob.noise_std) ** 2
+            self.noise_var = float(prob.noise_std) * float(prob.noise_std)
 
     def test_loss(self, theta):
         if self.prob.n_test:
@@ -1027,7 +1066,9 @@ class LogisticRegression(Problem):
     def _labels(name, y, n):
         y = real_array(name, y)
         if y.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},), got {y.shape}")
+            rows = "x_test" if name == "y_test" else "x"
+            raise ValueError(f"{name} must have shape ({n},) (one label per row of {rows}), got "
+                             f"{y.shape}")
         if np.all(np.isin(y, (0.0, 1.0))):
             y = 2.0 * y - 1.0
         if not np.all(np.isin(y, (-1.0, 1.0))):
@@ -1071,9 +1112,10 @@ class LogisticRegression(Problem):
         return _out(np.mean(np.logaddexp(0.0, -m), axis=-1) + 0.5 * self.l2 * np.sum(t * t, -1))
 
     def test_loss(self, theta):
+        t = _theta(theta, self.dim)
         if self.x_test is None:
             return None
-        m = self._margins(theta, self.x_test, self.y_test)
+        m = self._margins(t, self.x_test, self.y_test)
         return _out(np.mean(np.logaddexp(0.0, -m), axis=-1))
 
     def _per_example(self, theta):

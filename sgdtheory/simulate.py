@@ -125,7 +125,11 @@ def warmup(fraction: float) -> Schedule:
     fraction = real("fraction", fraction)
     if not 0 < fraction <= 1:
         raise ValueError(f"warmup fraction must lie in (0, 1], got {fraction!r}")
-    return lambda f: np.minimum(1.0, np.asarray(f, dtype=float) / fraction)
+    def mult(f):
+        with np.errstate(over="ignore"):  # a tiny fraction: f/w = inf, capped at 1
+            return np.minimum(1.0, np.asarray(f, dtype=float) / fraction)
+
+    return mult
 
 
 def linear_decay(final: float = 0.0, warmup: float = 0.0) -> Schedule:
@@ -196,7 +200,8 @@ def batch_increase(schedule: Schedule, max_factor: float | None = None) -> Sched
     >>> batch_increase(step_decay([0.5], 0.2))(np.array([0.0, 0.6]))
     array([1., 5.])
     """
-    _schedule_arg("schedule", schedule)
+    if not callable(schedule):
+        _schedule_arg("schedule", schedule if schedule is not None else "None")
     if max_factor is not None:
         max_factor = real("max_factor", max_factor)
         if not max_factor >= 1:
@@ -474,6 +479,8 @@ class Plan:
     def record_axis(self, values: str = "steps") -> np.ndarray:
         """Recorded ``"steps"`` (int) or ``"examples"`` (float): (K,) when every configuration
         shares them, else (*S, K)."""
+        if not isinstance(values, str) or values not in ("steps", "examples"):
+            raise ValueError(f"values must be 'steps' or 'examples', got {_short(values)}")
         per = [g.record_steps if values == "steps" else g.record_examples for g in self.groups]
         dtype = np.int64 if values == "steps" else float
         if all(np.array_equal(x, per[0]) for x in per):

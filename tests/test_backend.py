@@ -95,7 +95,7 @@ def test_asarray_and_to_numpy_roundtrip():
     assert be.asarray(np.arange(3.0)).dtype == torch.float64
     np.testing.assert_array_equal(B.to_numpy(t), [1.0, 2.0])
     assert be.is_array(t) and not be.is_array(np.ones(2))
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="dtype name must be one of"):
         be.dtype("complex64")
     nb = B.get_backend("numpy")
     assert nb.asarray(t).dtype == np.float32

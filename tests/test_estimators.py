@@ -499,7 +499,7 @@ def test_sequential_window_matches_explicit_mean_over_long_runs(backend):
 @pytest.mark.parametrize("call, match", [
     (lambda: est.two_batch(1.0, 0.5, 10, 10), "b_small must be smaller than b_big"),
     (lambda: est.two_batch(1.0, 0.5, 20, 10), "b_small must be smaller"),
-    (lambda: est.two_batch(1.0, 0.5, 0, 10), "b_small must be positive"),
+    (lambda: est.two_batch(1.0, 0.5, 0, 10), "b_small must be at least 1"),
     (lambda: est.two_batch(float("nan"), 0.5, 1, 10), "grad_sq_small must be finite"),
     (lambda: est.two_batch(1.0, -0.5, 1, 10), "grad_sq_big must be non-negative"),
     (lambda: est.two_batch(1.0, 0.5, 1, 10, n_data=5), "must not exceed n_data"),

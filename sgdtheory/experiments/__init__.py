@@ -39,6 +39,6 @@ def load(name: str) -> ModuleType:
         ValueError: ``name`` is not in :data:`EXPERIMENTS`.
         ImportError: the module (or something it needs) cannot be imported.
     """
-    if name not in EXPERIMENTS:
+    if not isinstance(name, str) or name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     return importlib.import_module(f"{__name__}.{name}")

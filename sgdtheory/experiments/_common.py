@@ -14,9 +14,12 @@ Every experiment module ``sgdtheory.experiments.<name>`` defines
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from sgdtheory._checks import _short, fits_in_memory, flag, integer, real_array
 
 __all__ = ["Check", "factor_check", "minibatch_grads", "relative_check"]
 
@@ -41,12 +44,29 @@ class Check:
     #: a qualitative test, described in ``note``; ``rel_error`` is then only informative)
     rule: str = "custom"
 
+    def __post_init__(self):
+        """Plain Python values; no NaN (a quantity that could not be measured is ``inf`` with
+        the reason in ``note``, and the check fails)."""
+        for name in ("name", "note"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {_short(getattr(self, name))}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {_short(self.rule)}")
+        for name in ("predicted", "measured", "tolerance"):
+            object.__setattr__(self, name, _number(name, getattr(self, name)))
+        object.__setattr__(self, "passed", flag("passed", self.passed))
+
     @property
     def rel_error(self) -> float:
-        """|measured - predicted| / |predicted| (inf when predicted is 0 and measured is not)."""
-        if self.predicted == 0:
-            return 0.0 if self.measured == 0 else math.inf
-        return abs(self.measured - self.predicted) / abs(self.predicted)
+        """|measured - predicted| / |predicted| (inf when predicted is 0 and measured is not,
+        or when either is infinite, unless both are the same infinity: 0)."""
+        if self.measured == self.predicted:
+            return 0.0
+        if self.predicted == 0 or not (math.isfinite(self.predicted)
+                                       and math.isfinite(self.measured)):
+            return math.inf
+        with np.errstate(over="ignore"):
+            return float(np.float64(abs(self.measured - self.predicted)) / abs(self.predicted))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,11 +75,42 @@ class Check:
         return d
 
 
+#: the ways a check's tolerance is applied (see :attr:`Check.rule`)
+RULES = ("relative", "factor", "custom")
+
+
+def _number(name: str, value) -> float:
+    """A real number as a float: ±inf allowed (e.g. a diverged measurement), NaN refused."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {_short(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float64, got {_short(value)}") from None
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN: record a quantity that could not be measured "
+                         "as inf, with the reason in the note, and fail the check")
+    return value
+
+
+def _tolerance(name: str, value) -> float:
+    value = _number(name, value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
 def relative_check(name: str, predicted: float, measured: float, tolerance: float,
                    note: str = "") -> Check:
-    """A check that passes when ``|measured - predicted| <= tolerance * |predicted|``."""
-    predicted, measured = float(predicted), float(measured)
-    ok = math.isfinite(measured) and abs(measured - predicted) <= tolerance * abs(predicted)
+    """A check that passes when ``|measured - predicted| <= tolerance * |predicted|``
+    (never when either is infinite)."""
+    predicted, measured = _number("predicted", predicted), _number("measured", measured)
+    tolerance = _tolerance("tolerance", tolerance)
+    with np.errstate(over="ignore"):
+        ok = bool(math.isfinite(measured) and math.isfinite(predicted)
+                  and np.float64(abs(measured - predicted)) <= tolerance * abs(predicted))
     return Check(name, predicted, measured, tolerance, ok, note, "relative")
 
 
@@ -67,10 +118,14 @@ def factor_check(name: str, predicted: float, measured: float, factor: float,
                  note: str = "") -> Check:
     """A check that passes when ``measured / predicted`` lies in ``[1/factor, factor]``.
 
-    ``tolerance`` is recorded as the allowed factor.
+    ``tolerance`` is recorded as the allowed factor (≥ 1).
     """
-    predicted, measured = float(predicted), float(measured)
-    ratio = measured / predicted if predicted else math.inf
+    predicted, measured = _number("predicted", predicted), _number("measured", measured)
+    factor = _tolerance("factor", factor)
+    if factor < 1:
+        raise ValueError(f"factor must be ≥ 1, got {factor!r}")
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        ratio = float(np.float64(measured) / predicted) if predicted else math.inf
     ok = math.isfinite(ratio) and 1.0 / factor <= ratio <= factor
     return Check(name, predicted, measured, factor, ok, note, "factor")
 
@@ -96,8 +151,16 @@ def minibatch_grads(problem, backend, gen, theta, batch: int, n_draws: int, *,
     """
     from sgdtheory.problems import Layout
 
+    batch, n_draws = integer("batch", batch), integer("n_draws", n_draws)
+    max_elements = integer("max_elements", max_elements)
+    replace = flag("replace", replace)
     kernel = problem.kernel(backend, dtype)
-    theta = np.asarray(theta, dtype=float).reshape(1, -1)
+    theta = real_array("theta", theta)
+    if theta.shape != (problem.dim,) or not np.all(np.isfinite(theta)):
+        raise ValueError(f"theta must be a finite point of shape ({problem.dim},), got "
+                         f"{_short(theta)}")
+    fits_in_memory("n_draws", 8.0 * n_draws * problem.dim, "use fewer n_draws")
+    theta = theta.reshape(1, -1)
     per_draw = theta.shape[1] * (1 if problem.n_data is None else int(batch))
     chunk = max(1, min(n_draws, max_elements // max(per_draw, 1)))
     parts = []
