@@ -267,7 +267,7 @@ GOOD = {
     be_uniform: dict(shape=(2,), dtype="float64"),
     be_permutations: dict(rows=2, n=4),
     backend.to_numpy: dict(x=[1.0, 2.0]),
-    check_integer: dict(value=3, minimum=1),
+    check_integer: dict(value=10**6, minimum=1),
     check_real: dict(value=2.5),
     check_flag: dict(flag_value=True),
     check_real_array: dict(value=[1.0, 2.0]),
