@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from sgdtheory.experiments import PRESET_NAMES, _common
@@ -26,7 +27,25 @@ def assert_contract(mod, data=None) -> None:
         return
     checks = data["checks"]
     assert checks and all(isinstance(c, _common.Check) for c in checks)
+    nan = nan_paths(data)
+    assert not nan, f"NaN in the saved data of {mod.NAME}: {nan}"
     failed = [(c.name, c.predicted, c.measured, c.note) for c in checks if not c.passed]
     assert not failed, failed
     fig = mod.plot(data)
     assert len(fig.axes) >= 2
+
+
+def nan_paths(node, path="") -> list:
+    """Where a data tree (dicts, lists, arrays, numbers, checks) holds NaN: a saved output
+    never does (issue 13, item 6: inf with the reason, or statistics over the survivors)."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in nan_paths(v, f"{path}/{k}")]
+    if isinstance(node, (list, tuple)):
+        return [p for i, v in enumerate(node) for p in nan_paths(v, f"{path}[{i}]")]
+    if isinstance(node, _common.Check):
+        return nan_paths(node.to_dict(), f"{path}<{node.name}>")
+    if isinstance(node, (float, np.floating, np.ndarray)):
+        a = np.asarray(node)
+        if a.dtype.kind in "fc" and np.isnan(a).any():
+            return [f"{path} ({int(np.isnan(a).sum())} of {a.size})"]
+    return []

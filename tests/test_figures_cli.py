@@ -93,11 +93,11 @@ def test_rerun_skips_and_force_recomputes(tmp_path, capsys, monkeypatch):
     mtime = js.stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0
-    assert js.stat().st_mtime_ns == mtime  # skipped: same hash, outputs untouched
-    assert "skipped" in capsys.readouterr().out
+    assert js.stat().st_mtime_ns == mtime  # reused: same hash, outputs untouched
+    assert "reused" in capsys.readouterr().out
     assert main([*args, "--force"]) == 0
     assert js.stat().st_mtime_ns != mtime
-    assert "ran" in capsys.readouterr().out
+    assert "drawn in" in capsys.readouterr().out
     # a different seed changes the hash, so the experiment is recomputed
     assert main([*args, "--seed", "1"]) == 0
     assert json.loads(js.read_text())["hash"] != first["hash"]

@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sgdtheory import _checks, backend, estimators, krylov, optim, problems, simulate
 from sgdtheory.experiments import _common
@@ -416,3 +418,37 @@ def test_numpy_integers_are_accepted_wherever_ints_are(fn, arg):
     for value in (np.int64(good[arg]), *unsigned, np.array(good[arg])):
         got = fn(**{**good, arg: value})
         assert repr(got) == repr(want), f"{fn.__name__}({arg}={value!r})"
+
+
+NUMBERS = [0.0, 5e-324, 1e-300, 1e-155, 0.3, 1.0, 7.0, 1e155, 1e300, 1e308, -1.0, -1e308, 2,
+           10**30]
+ARRAYS = [[1.0, 0.5, 2.0], [1e308, 1e308, -1e308], [5e-324, 1.0, 0.0], [1e-300, 1e300, 1.0],
+          [0.0, 0.0, 0.0], [1e155, 1e-155, -1e155]]
+NUMERIC = [estimators.two_batch, estimators.two_batch_stats, estimators.two_batch_curvature,
+           estimators.two_batch_curvature_stats, estimators.curvature_scales,
+           estimators.advise_batch_size, ratio_ema, noise_ema, noise_ema_two_batch,
+           curvature_ema, estimators.per_sample, estimators.per_sample_stats,
+           simulate.warmup, simulate.linear_decay, simulate.step_decay, _common.relative_check,
+           _common.factor_check]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.data())
+@pytest.mark.parametrize("fn", NUMERIC, ids=lambda f: f.__name__)
+def test_extreme_values_in_every_argument_together(fn, data):
+    """Several numeric arguments extreme at once (overflow, underflow, 0·inf, inf − inf): a
+    named refusal or a NaN-free result, without RuntimeWarning."""
+    kwargs = {}
+    for name, good in GOOD[fn].items():
+        if isinstance(good, (str, bool)) or good is None or not data.draw(st.booleans(),
+                                                                          label=name):
+            kwargs[name] = good
+        elif isinstance(good, list):
+            if isinstance(good[0], list):  # per-example gradients (n, p)
+                kwargs[name] = [data.draw(st.sampled_from(ARRAYS), label=f"{name}[{i}]")
+                                for i in range(3)]
+            else:
+                kwargs[name] = data.draw(st.sampled_from(ARRAYS), label=name)
+        else:
+            kwargs[name] = data.draw(st.sampled_from(NUMBERS), label=name)
+    _outcome(fn, kwargs, list(GOOD[fn]))

@@ -39,6 +39,10 @@ it drops by about the batch ratio at 4B (compared: f_inst(B)/f_inst(4B) vs the p
 grid) falls as N grows and lies within a factor 3 of the forgetting limit for every N whose
 forgetting limit is below half the curvature limit (near the curvature limit the loss
 already rises from curvature effects, which pull the optimum down).
+
+Saved means and standard errors are over datasets × shuffles; a configuration in which a run
+blew up has mean and standard error ``inf`` (``frac_blown`` gives the fraction that did),
+never NaN.
 """
 
 from __future__ import annotations
@@ -174,11 +178,13 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
                 f_inst[i, b] = factors[idx[0]]
     f_inst_pred = np.array([factors[np.flatnonzero(factors >= fc)[0]]
                             if np.any(factors >= fc) else np.inf for fc in f_curv])
+    # a configuration where a run blew up has an infinite mean, and so an infinite standard
+    # error (``frac_blown`` says how many runs did); never NaN
     with np.errstate(invalid="ignore", over="ignore"):
         test_mean = np.where(blown.any(axis=-1), np.inf, test.mean(axis=-1))
         train_mean = np.where(blown.any(axis=-1), np.inf, train.mean(axis=-1))
-        test_se = np.where(blown.any(axis=-1), np.nan, test.std(axis=-1, ddof=1) / np.sqrt(reps))
-        train_se = np.where(blown.any(axis=-1), np.nan,
+        test_se = np.where(blown.any(axis=-1), np.inf, test.std(axis=-1, ddof=1) / np.sqrt(reps))
+        train_se = np.where(blown.any(axis=-1), np.inf,
                             train.std(axis=-1, ddof=1) / np.sqrt(reps))
     best = np.array([[_best_factor(factors, test_mean[i, b]) for b in range(2)]
                      for i in range(n_n)])
@@ -237,12 +243,14 @@ def _checks(config: Config, batches, n_data, f_inst, f_curv, f_forget, best) -> 
                         "predicted: the forgetting-limit ratio N_max/N_min"))
     forget_ok = f_forget <= f_curv[0] / 2.0  # forgetting-limited: well below the curvature limit
     ratios = best[forget_ok, 0] / f_forget[forget_ok]
-    worst = float(ratios[np.argmax(np.abs(np.log(ratios)))]) if ratios.size else np.nan
+    worst = float(ratios[np.argmax(np.abs(np.log(ratios)))]) if ratios.size else float("inf")
     checks.append(factor_check("best factor vs forgetting limit (B, worst N)", 1.0, worst,
                                config.forget_tol,
                                "best/f_forget for the N whose forgetting limit is below half "
                                "the curvature limit (forgetting-limited); pass within a factor "
-                               f"{config.forget_tol:g}"))
+                               f"{config.forget_tol:g}" + ("" if ratios.size else
+                                                           "; no N is forgetting-limited: "
+                                                           "nothing to compare, failed")))
     return checks
 
 
@@ -266,7 +274,7 @@ def plot(data: dict):
                 mean = mean - noise_floor  # excess test loss ½ eᵀHe
             finite = np.isfinite(mean)
             lo = mean[finite].min()
-            hi = (mean + np.nan_to_num(se))[finite].max()  # room for the error bars
+            hi = (mean + se)[finite].max()  # room for the error bars
             top = hi * 1.6 if key == "test" else hi + 0.12 * (hi - lo)
             for i, n in enumerate(n_data):
                 c = P.color(i)

@@ -24,12 +24,23 @@ run (exact statistics from the simulator, averaged over replicas) — a log aver
 B_noise spans two decades; the value at the start and the arithmetic mean (dominated by the
 noise floor at the end) are recorded too, and the start value is drawn.
 
+**Curvature limit.** The linear rule's peak rate η̃_ref·B meets the stability limit η_c(B)
+of the moment recursion (:func:`sgdtheory.theory.linreg_stability_limit`; → 2/λ_max for
+B ≫ tr H/λ_max) at B_curv. Here B_curv ≈ 0.4·B_noise (run-averaged), so the **curvature
+limit binds before the noise scale**: the loss stays flat up to B = 256 and the runs diverge
+at B = 512 ≈ 0.9·B_noise (the warmup and the decay keep the peak rate above η_c only
+briefly, so the first diverging batch lies a little above B_curv). The figure draws B_curv
+and says which limit binds (``binding``).
+
 Theory lines: the exact expected final loss of the moment recursion with the same schedule
 (:func:`sgdtheory.nqm.linreg_expected_loss`). Checks: with η ∝ B the final loss is flat
 (within ``flat_tol``, up to 3 s.e.) for B ≤ B_noise/8 (run-averaged); the break point (the
-batch, interpolated in log B, where the final excess loss first exceeds (1 + ``margin``)× its
-B = 1 value) lies within a factor 3 of the run-averaged B_noise; beyond 2·B_noise the loss
-is at least that much worse (or diverged); the simulated losses agree with the exact theory.
+batch where the final excess loss first exceeds (1 + ``margin``)× its B = 1 value,
+interpolated in log B when the loss rises gradually, the first such B when it jumps by more
+than 10× the threshold: a divergence) lies within a factor 3 of the run-averaged B_noise;
+beyond 2·B_noise the loss is at least that much worse (or diverged); the simulated losses
+agree with the exact theory. Standard errors are ``inf`` where a replica diverged (the mean
+is then inf too).
 """
 
 from __future__ import annotations
@@ -104,15 +115,33 @@ def tuned_base_rate(config: Config, lam, base_onestep):
 
 
 def _break_point(batches, ratio, threshold):
-    """First B (log-interpolated) where ``ratio`` crosses ``threshold`` (inf ratio allowed)."""
+    """First B where ``ratio`` crosses ``threshold``: log-interpolated between grid points when
+    the loss rises gradually; the first B beyond when it jumps past 10× the threshold (a
+    divergence: interpolating would put the break where the loss is still flat)."""
     lb = np.log(batches)
     for i in range(1, batches.size):
         if not ratio[i] <= threshold:
-            if not np.isfinite(ratio[i]):
+            if not ratio[i] <= 10.0 * threshold:  # inf, or a jump: divergence
                 return float(batches[i])
             t = (threshold - ratio[i - 1]) / (ratio[i] - ratio[i - 1])
             return float(np.exp(lb[i - 1] + t * (lb[i] - lb[i - 1])))
     return np.inf
+
+
+def curvature_batch(lam, base_ref: float) -> float:
+    """B_curv: the batch where the linear rule's peak lr η̃_ref·B reaches the curvature limit
+    η_c(B) (:func:`sgdtheory.theory.linreg_stability_limit`), log-interpolated on a fine grid
+    of B; inf when it never does below 2^30."""
+    b = np.geomspace(1.0, 2.0**30, 1201)
+    gap = np.log(base_ref * b / np.asarray(theory.linreg_stability_limit(lam, b)))
+    above = np.flatnonzero(gap >= 0)
+    if not above.size:
+        return float("inf")
+    i = int(above[0])
+    if i == 0:
+        return 1.0
+    t = gap[i - 1] / (gap[i - 1] - gap[i])
+    return float(np.exp(np.log(b[i - 1]) + t * np.log(b[i] / b[i - 1])))
 
 
 def sweep(config: Config, prob, base_ref: float, backend, seed: int):
@@ -129,7 +158,9 @@ def sweep(config: Config, prob, base_ref: float, backend, seed: int):
     sim = np.empty((2, n_b, config.replicas))
     th = np.empty((2, n_b))
     lr = np.empty((2, n_b))
-    b_noise_run = b_noise_arith = np.nan
+    if batches[0] != 1:
+        raise ValueError(f"batches must start at 1 (the reference run), got {config.batches}")
+    b_noise_run = b_noise_arith = float("inf")  # set by the B = 1 run
     for i, b in enumerate(batches):
         b = int(b)
         lrs = np.array([theory.scaled_lr(base_ref, 1, b, rule=r) for r in rules])
@@ -163,10 +194,11 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
     batches = np.asarray(config.batches)
     sim, th, lr, b_noise_run, b_noise_arith = sweep(config, prob, base_ref, backend, seed)
     blown = ~(sim < 1e6)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # a diverged replica: mean and se inf
         mean = np.where(blown.any(axis=-1), np.inf, sim.mean(axis=-1))
-        se = np.where(blown.any(axis=-1), np.nan, sim.std(axis=-1, ddof=1)
+        se = np.where(blown.any(axis=-1), np.inf, sim.std(axis=-1, ddof=1)
                       / np.sqrt(config.replicas))
+    b_curv = curvature_batch(lam, base_ref)
     rel = mean / mean[:, :1]
     rel_th = th / th[:, :1]
     thr = 1.0 + config.margin
@@ -190,6 +222,8 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
         "excess_theory": th,
         "break_batch": b_break,
         "break_batch_theory": b_break_th,
+        "curvature_batch": b_curv,
+        "binding": "curvature" if b_curv < 2.0 * b_noise_run else "noise",
         "margin": config.margin,
         "checks": checks,
     }
@@ -201,10 +235,11 @@ def _checks(config: Config, batches, mean, se, th, rel, b_noise_run, b_break,
     thr = 1.0 + config.margin
     checks: list[Check] = []
     small = batches <= b_noise_run / 8
-    se_rel = rel[0] * np.sqrt((se[0] / mean[0]) ** 2 + (se[0, 0] / mean[0, 0]) ** 2)
+    se_rel = rel[0, small] * np.sqrt((se[0, small] / mean[0, small]) ** 2
+                                     + (se[0, 0] / mean[0, 0]) ** 2)
     dev_all = np.abs(rel[0, small] - 1.0)
     worst = float(rel[0, small][np.argmax(dev_all)])
-    flat = bool(np.all(dev_all - 3.0 * se_rel[small] <= config.flat_tol))
+    flat = bool(np.all(dev_all - 3.0 * se_rel <= config.flat_tol))
     checks.append(Check("linear rule: loss flat for B <= B_noise/8 (run-averaged)", 1.0, worst,
                         config.flat_tol, flat,
                         "excess/excess(B=1) farthest from 1 over B <= B_noise/8; pass if every "
@@ -214,11 +249,12 @@ def _checks(config: Config, batches, mean, se, th, rel, b_noise_run, b_break,
                                f"first B with excess > {thr:g}x excess(B=1), log-interpolated "
                                f"(exact theory: {b_break_th:.3g}); pass within a factor 3"))
     big = batches >= 2 * b_noise_run
-    worst_big = float(np.min(rel[0, big])) if big.any() else np.nan
+    worst_big = float(np.min(rel[0, big])) if big.any() else float("inf")
     checks.append(Check("linear rule: degraded beyond 2 B_noise", thr, worst_big, thr,
                         bool(big.any()) and worst_big > thr,
                         f"smallest excess/excess(B=1) over B >= 2 B_noise; pass if > {thr:g} "
-                        "(inf: diverged)"))
+                        "(inf: diverged)" + ("" if big.any() else
+                                             "; no B >= 2 B_noise on the grid: failed")))
     ok = np.isfinite(mean) & np.isfinite(th)
     z = np.abs(mean[ok] - th[ok]) / se[ok]
     frac = float(np.mean(z <= 3.0))
@@ -253,9 +289,12 @@ def plot(data: dict):
             ax.plot(x[~ok], np.full((~ok).sum(), top / (1.6 + 2.0 * r)), "x", color=c, ms=6,
                     mew=1.5)
             ax.set_ylim(ref * scale / 2.0, top)
+    b_curv = float(data["curvature_batch"])
     for ax in axes:
         ax.axvline(1.0, color="k", lw=1.2)
         ax.axvline(float(data["b_noise_start"]) / bn, color="0.4", ls="--", lw=1.0)
+        if np.isfinite(b_curv):
+            ax.axvline(b_curv / bn, color=P.color(2), ls="-.", lw=1.4)
         ax.set_xlabel(f"B / B_noise  (run-averaged B_noise = {bn:.3g})")
     axes[0].set_ylabel("final excess loss  L − σ²/2")
     axes[1].set_ylabel("final excess loss / value at B = 1")
@@ -266,11 +305,17 @@ def plot(data: dict):
                Line2D([], [], color="0.35", lw=1.6),
                Line2D([], [], color="0.35", marker="o", mfc="white", ls="none", ms=4),
                Line2D([], [], color="k", lw=1.2), Line2D([], [], color="0.4", ls="--", lw=1.0),
+               Line2D([], [], color=P.color(2), ls="-.", lw=1.4),
                Line2D([], [], color=P.color(0), ls=":", lw=1.2),
                Line2D([], [], color="0.3", marker="x", ls="none", mew=1.5)]
+    brk = float(data["break_batch"])
     names = ["η ∝ B (linear)", "η ∝ √B", "exact theory", "simulation (±1 s.e.)",
              "B = B_noise (run-avg.)", "B = B_noise (start)",
-             f"break: {thr:g}× the B = 1 loss", f"diverged / > {cap:g}×"]
-    fig.legend(handles, names, loc="outside right center", fontsize=8, frameon=False)
+             f"curvature limit: peak lr\n= η_c(B) → 2/λ_max\n(B = {b_curv:.3g})",
+             f"break: loss > {thr:g}× B = 1\n(B = {brk:.3g})", f"diverged / > {cap:g}×"]
+    binding = ("curvature limit binds\nfirst (B_curv < B_noise)"
+               if data["binding"] == "curvature" else "noise scale binds first")
+    fig.legend(handles, names, loc="outside right center", fontsize=8, frameon=False,
+               title=binding, title_fontsize=8)
     P.check_note(fig, data["checks"])
     return fig

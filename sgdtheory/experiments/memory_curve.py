@@ -275,11 +275,16 @@ def plot(data: dict):
     P.legend(ax0, loc="lower right")
     ax1.set_xscale("log")
     ax1.axhline(0.0, color="0.3", lw=0.8)
-    ax1.axvline(data["close_lag"] / spe, color="0.5", ls=":", lw=1.0)
-    ax1.axvline(data["persist_lag"] / spe, color="0.5", ls="--", lw=1.0)
+    close, persist = data["close_lag"] / spe, data["persist_lag"] / spe
+    ax1.axvline(close, color=P.color(0), ls=":", lw=1.0)
+    ax1.axvline(persist, color=P.color(1), ls="--", lw=1.0)
+    ax1.text(close / 1.1, 0.5, f"high lr: gap gone\nafter {close:.2g} epoch", color=P.color(0),
+             fontsize=7, ha="right", va="center")
+    ax1.text(persist * 1.1, 0.8, f"low lr: gap\nleft after\n{persist:.2g} epochs",
+             color=P.color(1), fontsize=7, ha="left", va="center")
     ax1.set_xlabel("k in epochs")
     ax1.set_ylabel("gap relative to the latest batch, Δ_k / Δ_1")
-    ax1.set_title("dotted: check 'closed'; dashed: check 'persists'", fontsize=8)
+    ax1.set_title("how much of a seen batch's advantage is left after k", fontsize=8)
     P.legend(ax1, loc="lower left", bbox_to_anchor=(0.0, 0.06))
     P.check_note(fig, data["checks"])
     return fig

@@ -23,6 +23,10 @@ Checks: the measured good range (decades of base rate; edges interpolated in log
 grid points) shrinks as B grows; its edges agree with the exact theory within a factor 1.7;
 the largest stable base rate matches η_c(B)/B within a factor 2 (one grid step is √2 at the
 default resolution).
+
+Saved means and standard errors are ``inf`` at unstable base rates (never NaN); a batch size
+with no good base rate has edges ``inf`` and width 0, one with no stable grid point a largest
+stable base rate of 0 (both fail their checks).
 """
 
 from __future__ import annotations
@@ -87,13 +91,13 @@ def _edges(x, f):
     ``f`` = log(loss/threshold) (inf where unstable). Each edge is the zero crossing found by
     linear interpolation in (log x, f) between the last good and first bad grid point (the
     grid end, or the last good point next to an unstable one, when there is no crossing).
-    Returns (nan, nan) when no grid point is good.
+    Returns (inf, inf) when no grid point is good (an empty range, width 0: :func:`_width`).
     """
     x = np.asarray(x, dtype=float)
     f = np.asarray(f, dtype=float)
     i0 = int(np.argmin(f))
     if not f[i0] <= 0:
-        return np.nan, np.nan
+        return np.inf, np.inf
     lo = i0
     while lo > 0 and f[lo - 1] <= 0:
         lo -= 1
@@ -134,6 +138,13 @@ def _theory_final_excess(lam, base, batch, examples, noise_var):
     return np.where(unstable, np.inf, out)
 
 
+def _width(edges) -> np.ndarray:
+    """Decades of base rate between the edges (B, 2); 0 for an empty range (edges inf)."""
+    lo, hi = edges[:, 0], edges[:, 1]
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    return np.where(ok, np.log10(np.where(ok, hi, 1.0) / np.where(ok, lo, 1.0)), 0.0)
+
+
 def compute(config: Config, backend, seed: int = 0) -> dict:
     """Scan base rates per batch size (simulation + exact theory); ranges and checks."""
     lam = spectrum(config)
@@ -156,9 +167,9 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
     eta_c = np.asarray(theory.linreg_stability_limit(lam, batches.astype(float)))
     base_c = eta_c / batches
     stable = np.median(excess + noise_var / 2.0, axis=-1) < init_loss  # (B, G)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # unstable: mean and se inf, not NaN
         mean = np.where(stable, excess.mean(axis=-1), np.inf)
-        se = np.where(stable, excess.std(axis=-1, ddof=1) / np.sqrt(config.replicas), np.nan)
+        se = np.where(stable, excess.std(axis=-1, ddof=1) / np.sqrt(config.replicas), np.inf)
     best_sim = float(np.min(mean))
     best_th = float(np.min(theory_fine))
     thr = 1.0 + config.good_tol
@@ -167,13 +178,14 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
         f_th = np.log(theory_fine / (thr * best_th))
     edges_sim = np.array([_edges(base, f_sim[i]) for i in range(n_b)])
     edges_th = np.array([_edges(fine, f_th[i]) for i in range(n_b)])
-    stable_edge = np.array([base[np.flatnonzero(stable[i])[-1]] if stable[i].any() else np.nan
+    # no stable grid point: the largest stable base rate is below the grid, recorded as 0
+    stable_edge = np.array([base[np.flatnonzero(stable[i])[-1]] if stable[i].any() else 0.0
                             for i in range(n_b)])
-    width_sim = np.log10(edges_sim[:, 1] / edges_sim[:, 0])
-    width_th = np.log10(edges_th[:, 1] / edges_th[:, 0])
+    width_sim = _width(edges_sim)
+    width_th = _width(edges_th)
 
     checks: list[Check] = []
-    w = np.nan_to_num(width_sim, nan=0.0)  # no good base rate: an empty range
+    w = width_sim  # no good base rate: an empty range, width 0
     shrinks = bool(np.all(np.diff(w) <= config.max_widen) and w[0] - w[-1] >= config.min_drop)
     checks.append(Check("good base-rate range shrinks as B grows", float(width_th[0] -
                                                                          width_th[-1]),
@@ -181,7 +193,8 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
                         "decades lost from B_min to B_max (theory vs simulated); pass if "
                         f">= {config.min_drop:g} and no widening between neighbouring B by "
                         f"more than {config.max_widen:g} decades"))
-    dev = np.abs(np.log(edges_sim / edges_th))  # (B, 2)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty range: inf, failed
+        dev = np.abs(np.log(edges_sim / edges_th))  # (B, 2)
     dev = np.where(np.isfinite(dev), dev, np.inf)
     j = np.unravel_index(int(np.argmax(dev)), dev.shape)
     checks.append(factor_check("good-range edges vs exact theory (worst edge)",
@@ -189,7 +202,8 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
                                f"B={batches[j[0]]}, {'lower' if j[1] == 0 else 'upper'} edge; "
                                f"pass within a factor {config.edge_tol:g}"))
     ratio = stable_edge / base_c
-    k = int(np.argmax(np.abs(np.log(ratio))))
+    with np.errstate(divide="ignore"):  # no stable point (0): inf, failed
+        k = int(np.argmax(np.abs(np.log(ratio))))
     checks.append(factor_check("largest stable base rate vs η_c(B)/B (worst B)", base_c[k],
                                stable_edge[k], 2.0,
                                f"B={batches[k]}: last stable grid point vs curvature limit; "

@@ -116,15 +116,16 @@ def compute(config: Config, backend, seed: int) -> dict:
     batches = np.geomspace(config.batch_min, config.batch_max, config.n_batches)
     lrs = np.geomspace(config.lr_min, 1.99 / h.max(), config.n_lrs)
     n_t = len(config.targets)
-    steps = np.full((n_t, batches.size), np.nan)
-    best_lr = np.full_like(steps, np.nan)
+    # inf where no learning rate of the grid reaches the target (never NaN)
+    steps = np.full((n_t, batches.size), np.inf)
+    best_lr = np.full_like(steps, np.inf)
     s_min, e_min, b_crit, b_run, fit_err = (np.zeros(n_t) for _ in range(5))
     checks: list[Check] = []
     for k, frac in enumerate(config.targets):
         target = frac * loss0
         r = nqm.optimal_steps_curve(h, c, batches, target, lrs)
-        steps[k], best_lr[k] = r.steps, r.lr
         ok = np.isfinite(r.steps)
+        steps[k, ok], best_lr[k, ok] = r.steps[ok], r.lr[ok]
         s_min[k], e_min[k] = theory.fit_steps_examples(r.steps[ok], r.examples[ok])
         b_crit[k] = theory.critical_batch(s_min[k], e_min[k])
         s_fit, _ = theory.steps_examples(batches[ok], s_min[k], e_min[k])

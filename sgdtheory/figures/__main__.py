@@ -11,10 +11,15 @@ the CLI resolves the preset's config, runs ``compute(config, backend, seed)`` an
   data, and a hash of (experiment, config, preset, backend, device, seed, version, and a
   fingerprint of the package's source files: editing the simulator invalidates outputs too).
 
-An experiment whose JSON already holds the same hash (and whose PNG and NPZ exist) is skipped
-unless ``--force``, so an interrupted run resumes where it stopped. The run continues past a
-failing check or an experiment that raises; at the end a table of all checks is printed and
-the exit status is 1 if any check failed or any experiment errored (2 for bad options).
+An experiment whose JSON already holds the same hash, and whose PNG and NPZ load, is reused
+(not redrawn) unless ``--force``, so an interrupted run resumes where it stopped; the PNG and
+NPZ are written first, each to a temporary file renamed into place, and the JSON (the "done"
+marker) last, so a crash never leaves a half-written file that looks finished. The JSON is
+strict (a non-finite float is written as ``{"nonfinite": "inf"}``; :func:`load_data` restores
+it). The run continues past a failing check or an experiment that raises; at the end every
+check is listed with its rule (at most 100 characters a line), and the exit status is 1 if any
+check failed or any experiment errored, 2 for bad options, 130 when interrupted (Ctrl-C: one
+line says what finished; rerunning the same command resumes).
 
 Examples::
 
@@ -33,6 +38,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -63,7 +69,7 @@ class ExperimentResult:
     """Outcome of one experiment in a CLI run."""
 
     name: str
-    status: str  # "ran" | "skipped" | "error"
+    status: str  # "ran" | "reused" (outputs unchanged: not redrawn) | "error"
     checks: list = field(default_factory=list)  # list of check dicts (Check.to_dict())
     elapsed_s: float = 0.0
     error: str = ""
@@ -161,15 +167,48 @@ def _join(node, arrays):
     if isinstance(node, dict):
         if set(node) == {"__npz__"}:
             return arrays[node["__npz__"]]
+        if set(node) == {"nonfinite"}:
+            return _restore(node)
         return {k: _join(v, arrays) for k, v in node.items()}
     if isinstance(node, list):
         return [_join(v, arrays) for v in node]
     return node
 
 
+def _npz_refs(node) -> set:
+    """The NPZ keys a JSON data tree refers to."""
+    if isinstance(node, dict):
+        if set(node) == {"__npz__"}:
+            return {node["__npz__"]}
+        return set().union(*(_npz_refs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_npz_refs(v) for v in node))
+    return set()
+
+
+def _strict(node):
+    """``node`` with every non-finite float replaced by {"nonfinite": "inf" | "-inf" | "nan"}:
+    strict JSON (``json.dumps(..., allow_nan=False)``), undone by :func:`_join`."""
+    if isinstance(node, dict):
+        return {k: _strict(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_strict(v) for v in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return {"nonfinite": "nan" if math.isnan(node) else ("inf" if node > 0 else "-inf")}
+    return node
+
+
+def _restore(value):
+    """A float from a strict-JSON value (:func:`_strict`)."""
+    if isinstance(value, dict) and set(value) == {"nonfinite"}:
+        return float(value["nonfinite"])
+    return value
+
+
 def _check_from_dict(d: dict) -> Check:
-    return Check(d["name"], d["predicted"], d["measured"], d["tolerance"], bool(d["passed"]),
-                 d.get("note", ""), d.get("rule", "custom"))
+    return Check(d["name"], _restore(d["predicted"]), _restore(d["measured"]),
+                 _restore(d["tolerance"]), bool(d["passed"]), d.get("note", ""),
+                 d.get("rule", "custom"))
 
 
 def load_data(out, name: str) -> dict:
@@ -178,7 +217,7 @@ def load_data(out, name: str) -> dict:
     ``plot(load_data(out, name))`` redraws the figure without recomputing.
     """
     out = Path(out)
-    meta = json.loads((out / f"{name}.json").read_text())
+    meta = json.loads((out / f"{name}.json").read_text())  # strict JSON: nonfinite restored
     with np.load(out / f"{name}.npz", allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     data = _join(meta["data"], arrays)
@@ -186,25 +225,60 @@ def load_data(out, name: str) -> dict:
     return data
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file next to ``path``, then rename it onto ``path``
+    (atomic on POSIX): ``path`` is either its old content or the whole new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" suffix
+            np.savez_compressed(f, **arrays)
+
+    _write_atomic(path, write)
 
 
 # --------------------------------------------------------------------------- running
 
 
+def _outputs_load(out: Path, name: str, meta: dict) -> bool:
+    """Whether the PNG decodes and the NPZ holds every array the JSON refers to."""
+    try:
+        from PIL import Image
+
+        with Image.open(out / f"{name}.png") as im:
+            im.load()
+        with np.load(out / f"{name}.npz", allow_pickle=False) as npz:
+            for key in npz.files:
+                npz[key]  # decompress: a truncated member fails here
+            return _npz_refs(meta.get("data", {})) <= set(npz.files)
+    except Exception:  # noqa: BLE001 - any unreadable output means: draw it again
+        return False
+
+
 def _existing(out: Path, name: str, digest: str):
-    """The stored JSON of ``name`` if its hash is ``digest`` and its PNG and NPZ exist."""
+    """The stored JSON of ``name`` if its hash is ``digest`` and its PNG and NPZ load."""
     js = out / f"{name}.json"
-    if not (js.exists() and (out / f"{name}.png").exists() and (out / f"{name}.npz").exists()):
+    if not js.exists():
         return None
     try:
         meta = json.loads(js.read_text())
     except (OSError, ValueError):
         return None
-    return meta if meta.get("hash") == digest else None
+    if meta.get("hash") != digest or not _outputs_load(out, name, meta):
+        return None
+    return meta
 
 
 def run_experiment(name: str, *, preset: str, backend, out, seed: int = 0,
@@ -238,8 +312,10 @@ def run_experiment(name: str, *, preset: str, backend, out, seed: int = 0,
     if not force:
         meta = _existing(out, name, digest)
         if meta is not None:
-            return ExperimentResult(name, "skipped", meta.get("checks", []),
-                                    float(meta.get("elapsed_s", 0.0)))
+            checks = [{**c, **{k: _restore(c[k]) for k in
+                               ("predicted", "measured", "tolerance", "rel_error") if k in c}}
+                      for c in meta.get("checks", [])]
+            return ExperimentResult(name, "reused", checks, float(meta.get("elapsed_s", 0.0)))
     try:
         data = module.compute(config, backend, seed)
         checks = [c if isinstance(c, Check) else _check_from_dict(c)
@@ -248,10 +324,12 @@ def run_experiment(name: str, *, preset: str, backend, out, seed: int = 0,
         fig = module.plot(data)
         elapsed = time.perf_counter() - t0
         out.mkdir(parents=True, exist_ok=True)
-        _plotting.save(fig, out / f"{name}.png")
+        # PNG and NPZ first, each renamed into place whole; the JSON (the hash that marks the
+        # experiment done) last
+        _write_atomic(out / f"{name}.png", lambda tmp: _plotting.save(fig, tmp))
         arrays: dict = {}
         body = _split({k: v for k, v in data.items() if k != "checks"}, "", arrays)
-        np.savez_compressed(out / f"{name}.npz", **arrays)
+        _write_npz(out / f"{name}.npz", arrays)
         check_dicts = [c.to_dict() for c in checks]
         meta = {
             "experiment": name,
@@ -272,7 +350,8 @@ def run_experiment(name: str, *, preset: str, backend, out, seed: int = 0,
             "files": {"png": f"{name}.png", "npz": f"{name}.npz"},
             "data": body,
         }
-        _write_atomic(out / f"{name}.json", json.dumps(meta, indent=1, default=str))
+        _write_text(out / f"{name}.json",
+                    json.dumps(_strict(meta), indent=1, default=str, allow_nan=False))
     except Exception as exc:  # noqa: BLE001 - reported per experiment, the run goes on
         traceback.print_exc(file=sys.stderr)
         return ExperimentResult(name, "error", elapsed_s=time.perf_counter() - t0,
@@ -289,7 +368,7 @@ def _fmt(x) -> str:
     if isinstance(x, bool):
         return str(x)
     try:
-        x = float(x)
+        x = float(_restore(x))
     except (TypeError, ValueError):
         return str(x)
     if math.isnan(x) or math.isinf(x):
@@ -298,40 +377,55 @@ def _fmt(x) -> str:
 
 
 def _rule(check: dict) -> str:
-    """The pass rule of a check in a few characters: rel ≤ t, within ×t, or see its note."""
+    """The pass rule of a check in words: rel_err ≤ t, within a factor t, or (custom) its note,
+    which states the bound or the comparison."""
     rule, tol = check.get("rule", "custom"), _fmt(check["tolerance"])
     if rule == "relative":
-        return f"rel_err <= {tol}"
+        return f"pass if rel_err <= {tol}"
     if rule == "factor":
-        return f"within x{tol}"
-    return "see note"
+        return f"pass if measured/predicted is within a factor {tol}"
+    return check.get("note", "") or f"custom, tolerance {tol}"
 
 
-def summary_table(results: list[ExperimentResult]) -> str:
-    """Plain-text table of every check (and every error) of a run; the ``rule`` column says
-    how each passed: rel_err ≤ t, measured/predicted within a factor t, or a custom test
-    (a bound or qualitative comparison, described in the check's note in the JSON)."""
-    head = ("experiment", "status", "time_s", "check", "predicted", "measured", "rel_err",
-            "rule", "result")
-    rows = []
+#: width of the results listing printed at the end of a run
+WIDTH = 100
+
+
+def _wrap(text: str, indent: int) -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=" " * indent,
+                         subsequent_indent=" " * (indent + 2), break_on_hyphens=False) or [""]
+
+
+def _status(r: ExperimentResult, out=None) -> str:
+    where = f" from {out}/" if out is not None else ""
+    if r.status == "reused":
+        return (f"reused{where} (unchanged since it was drawn, in {r.elapsed_s:.1f} s; "
+                "--force redraws)")
+    if r.status == "ran":
+        return f"drawn in {r.elapsed_s:.1f} s"
+    return "ERROR"
+
+
+def summary_table(results: list[ExperimentResult], out=None) -> str:
+    """Every check (and every error) of a run, lines of at most :data:`WIDTH` characters.
+
+    Per experiment a line with its status, then per check: pass/FAIL and its name, the
+    predicted and measured values with the relative error, and the rule it was judged by:
+    rel_err ≤ t, measured/predicted within a factor t, or a custom test (a bound or a
+    qualitative comparison) spelt out from the check's note."""
+    lines = []
     for r in results:
-        status_time = (r.status, f"{r.elapsed_s:.1f}")
+        lines += _wrap(f"{r.name}: {_status(r, out)}", 0)
         if r.status == "error":
-            rows.append((r.name, *status_time, r.error, "", "", "", "", "ERROR"))
+            lines += _wrap(f"ERROR {r.error}", 2)
             continue
         if not r.checks:
-            rows.append((r.name, *status_time, "(no checks)", "", "", "", "", ""))
-        for i, c in enumerate(r.checks):
-            first = (r.name, *status_time) if i == 0 else ("", "", "")
-            rows.append((*first, c["name"], _fmt(c["predicted"]), _fmt(c["measured"]),
-                         _fmt(c.get("rel_error", float("nan"))), _rule(c),
-                         "pass" if c["passed"] else "FAIL"))
-    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
-    widths[3] = min(widths[3], 60)
-    lines = ["  ".join(str(v)[:w].ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-             for row in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+            lines += _wrap("(no checks)", 2)
+        for c in r.checks:
+            lines += _wrap(f"{'pass' if c['passed'] else 'FAIL'}  {c['name']}", 2)
+            lines += _wrap(f"predicted {_fmt(c['predicted'])}, measured {_fmt(c['measured'])}, "
+                           f"rel_err {_fmt(c.get('rel_error', float('nan')))}; {_rule(c)}", 8)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -349,10 +443,12 @@ presets: quick (a smoke test, seconds in all), default (all checks at their stat
 tolerances, about 20 s for all nine on a 2-core CPU), paper (more replicas, minutes).
 outputs in --out: <name>.png, <name>.npz (arrays), <name>.json (checks with predicted,
 measured, rel_error, tolerance, rule, pass; the resolved config, backend, seed, version).
-An experiment whose outputs exist for the same config, seed, backend, version and code is
-skipped unless --force (an interrupted run resumes). Learning rates in the figures
-multiply the mean minibatch gradient; base rates are lr/B (per example).
-exit status: 0 all checks passed, 1 a check failed or an experiment errored, 2 bad options.
+An experiment whose outputs exist (and load) for the same config, seed, backend, version
+and code is reused, not redrawn, unless --force: an interrupted run (Ctrl-C) resumes. With
+the default --out the committed figures/ are rewritten by --force. Learning rates in the
+figures multiply the mean minibatch gradient; base rates are lr/B (per example).
+exit status: 0 all checks passed, 1 a check failed or an experiment errored, 2 bad options,
+130 interrupted.
 """
 
 
@@ -364,6 +460,13 @@ def _seed(text: str) -> int:
     if seed < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return seed
+
+
+def _out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory (an empty path would write "
+                                         "into the current directory; use --out . for that)")
+    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="torch: cpu, cuda, cuda:1; cupy: a GPU index or cuda:N "
                         "(default: the backend's, cpu for torch and GPU 0 for cupy)")
-    p.add_argument("--out", default="figures", type=Path,
+    p.add_argument("--out", default="figures", type=_out_dir,
                    help="output directory, relative to the current directory "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=_seed, default=0,
@@ -404,7 +507,8 @@ def _list(stream) -> None:
 
 
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (0 all passed, 1 failures/errors, 2 bad options)."""
+    """Entry point; returns the exit status (0 all passed, 1 failures/errors, 2 bad options,
+    130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
@@ -435,19 +539,27 @@ def main(argv=None) -> int:
 
     results: list[ExperimentResult] = []
     bar = tqdm(names, desc="experiments", unit="exp", file=sys.stderr, dynamic_ncols=True)
-    for name in bar:
-        bar.set_postfix_str(name)
-        res = run_experiment(name, preset=args.preset, backend=backend, out=args.out,
-                             seed=args.seed, force=args.force, device=args.device)
-        results.append(res)
-        if res.status == "error":
-            tqdm.write(f"{name}: ERROR {res.error}", file=sys.stderr)
+    try:
+        for name in bar:
+            bar.set_postfix_str(name)
+            res = run_experiment(name, preset=args.preset, backend=backend, out=args.out,
+                                 seed=args.seed, force=args.force, device=args.device)
+            results.append(res)
+            if res.status == "error":
+                tqdm.write(f"{name}: ERROR {res.error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        bar.close()
+        print(_interrupted(results, names, args.out), file=sys.stderr)
+        return 130
     bar.close()
     print(f"preset={args.preset} backend={getattr(backend, 'name', args.backend)} "
           f"device={args.device} seed={args.seed} out={args.out}")
-    print(summary_table(results))
+    print(summary_table(results, args.out))
     n_fail = sum(1 for r in results for c in r.checks if not c["passed"])
     n_err = sum(1 for r in results if r.status == "error")
+    reused = _reused_line(results, args.out)
+    if reused:
+        print(reused)
     if n_fail or n_err:
         bad = [r.name for r in results if not r.ok]
         print(f"{parser.prog}: {n_fail} check(s) failed and {n_err} experiment(s) errored: "
@@ -456,6 +568,29 @@ def main(argv=None) -> int:
     n_checks = sum(len(r.checks) for r in results)
     print(f"all {n_checks} checks passed in {len(results)} experiment(s); outputs in {args.out}")
     return 0
+
+
+def _reused_line(results: list[ExperimentResult], out) -> str:
+    """What a run that redrew nothing (or only part) did, in plain words, or ""."""
+    reused = [r for r in results if r.status == "reused"]
+    if not reused:
+        return ""
+    redraw = sum(r.elapsed_s for r in reused)
+    which = "All" if len(reused) == len(results) else f"{len(reused)} of {len(results)}"
+    return (f"{which} figures were reused from {out}/, not redrawn: their code, config and "
+            f"seed are unchanged since they were drawn (the hash in each JSON matches). "
+            f"Redrawing them takes about {redraw:.0f} s (the time recorded when they were "
+            f"drawn); add --force to redraw.")
+
+
+def _interrupted(results: list[ExperimentResult], names: list, out) -> str:
+    """One line for Ctrl-C: what finished, and that a rerun resumes."""
+    done = [r.name for r in results if r.status != "error"]
+    left = len(names) - len(done)
+    finished = (f"{len(done)} of {len(names)} experiment(s) finished ({', '.join(done)})"
+                if done else f"none of {len(names)} experiment(s) finished")
+    return (f"python -m sgdtheory.figures: interrupted: {finished}, their outputs are in "
+            f"{out}/; rerun the same command to resume ({left} left; finished ones are reused)")
 
 
 if __name__ == "__main__":
