@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sgdtheory import _threads
+
 from . import data as data_mod
 
 HERE_HELP = """\
@@ -181,6 +183,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "differs) unless it was written by the same command with the same "
                         "resolved settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads.add_threads_argument(p)
     h = p.add_argument_group("hyperparameters (defaults from the preset; units in the epilog)")
     h.add_argument("--epochs", type=int, help="passes over the training subset (integer ≥ 1)")
     h.add_argument("--batch-size", type=int, help="B, examples per step (global across ranks)")
@@ -639,6 +642,7 @@ def run(args, log=print) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _threads.limit_threads(args.threads)  # before torch loads: passive OpenMP waits
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:  # includes data.DatasetError
