@@ -204,11 +204,13 @@ class ModelFunction:
         if declared_reduction(self.criterion) is not None or x.shape[0] < 2:
             return
         n = min(8, x.shape[0])
+        x, y = x[:n], y[:n]
         with torch.no_grad():
             out = functional_call(self.model, (dict(zip(self.names, self.params, strict=True)),
-                                               self.frozen, self.buffers()), (x[:n],))
-            parts = [self.criterion(o, t) for o, t in ((out, y[:n]), (out[: n // 2],
-                     y[: n // 2]), (out[n // 2:], y[n // 2:]))]
+                                               self.frozen, self.buffers()), (x,))
+            h = n // 2
+            parts = [self.criterion(out, y), self.criterion(out[:h], y[:h]),
+                     self.criterion(out[h:], y[h:])]
         if any(not isinstance(v, torch.Tensor) or v.ndim != 0 for v in parts):
             raise ValueError("criterion must return a scalar (reduction='mean'), got "
                              f"{getattr(parts[0], 'shape', type(parts[0]))}")

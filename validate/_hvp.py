@@ -320,8 +320,9 @@ def hessian_noise(
             "b_simple_stderr": se(ratio(lo_g[:, 1], lo_g[:, 0])),
         }
     m = units.shape[0]
-    reasons = [r for r in (_noise.resolution("GᵀHG", g_h_g, errs["g_h_g_stderr"], m),
-                           _noise.resolution("|G|²", grad_sq, errs["grad_sq_stderr"], m)) if r]
+    reasons = [r for r in (_noise.resolution("GᵀHG", g_h_g, errs["g_h_g_stderr"], m - 1),
+                           _noise.resolution("|G|²", grad_sq, errs["grad_sq_stderr"], m - 1))
+               if r]
     return HessianNoise(**values, **errs, batch=n_g, micro_batch=b,
                         hessian_batch=hx.shape[0], resolved=not reasons,
                         reason="; ".join(reasons))
@@ -434,7 +435,9 @@ def top_hessian_eigenvalue(
         start = torch.as_tensor(np.random.default_rng(seed).standard_normal(op.dim))
     else:
         start = op._vector(v0)
-        op.fn.unflatten(start)  # a (p,) vector, or a ValueError naming the expected shape
+        if start.shape != (op.dim,):
+            raise ValueError(f"v0 must be a flat vector of the {op.dim} trainable parameters, "
+                             f"got shape {tuple(start.shape)}")
         if not bool(torch.isfinite(start).all()) or not float(torch.linalg.vector_norm(start)):
             raise ValueError("v0 must be a finite, non-zero vector")
     start = start.to(dtype=op.fn.dtype, device=op.fn.device)

@@ -54,16 +54,16 @@ def _fmt(value: float, stderr: float) -> str:
     return f"{value:.3g} ± {stderr:.2g}"
 
 
-def resolution(name: str, value: float, stderr: float, n_units: int) -> str:
+def resolution(name: str, value: float, stderr: float, df: float, *,
+               hint: str = "use at least 3 micro-batches") -> str:
     """'' when the estimate ``value`` of a positive quantity (a denominator: |G|², GᵀHG) is
-    resolved, i.e. above t₀.₉₇₅(m − 1)·stderr (significantly positive, m jackknife groups);
-    else the reason, e.g. "GᵀHG = -3 ± 5: not resolved; use more examples"."""
+    resolved, i.e. above t₀.₉₇₅(df)·stderr (significantly positive); else the reason, e.g.
+    "GᵀHG = -3 ± 5: not resolved; use more examples". ``hint``: what to do when there is no
+    standard error."""
     if not math.isfinite(stderr):
-        if value > 0:
-            return (f"{name} = {_fmt(value, stderr)}: not resolved (no standard error with "
-                    f"{n_units} unit(s)); use at least 3 micro-batches")
-        return f"{name} = {value:.3g}: not resolved (not positive); use more examples"
-    z = float(_t_dist.ppf(0.975, max(n_units - 1, 1)))
+        state = "" if value > 0 else ", not positive"
+        return f"{name} = {value:.3g}: not resolved (no standard error{state}); {hint}"
+    z = float(_t_dist.ppf(0.975, max(df, 1.0)))
     if value > z * stderr:
         return ""
     return f"{name} = {_fmt(value, stderr)}: not resolved; use more examples"
@@ -201,7 +201,7 @@ def _noise_result(point, leave_out, method, batch, micro_batch, n_units) -> Grad
             _jackknife_se(_ratio(leave_out[:, 1], leave_out[:, 0])),
         )
     n_groups = n_units if leave_out is None else leave_out.shape[0]
-    reason = resolution("|G|²", grad_sq, errs[0], n_groups)
+    reason = resolution("|G|²", grad_sq, errs[0], n_groups - 1)
     return GradientNoise(grad_sq, tr_sigma, b_simple, *errs, method, batch, micro_batch,
                          resolved=not reason, reason=reason)
 
