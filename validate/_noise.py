@@ -143,7 +143,8 @@ def _jackknife_se(leave_out: np.ndarray) -> float:
     return float(np.sqrt((m - 1) / m * np.sum((leave_out - leave_out.mean()) ** 2)))
 
 
-def unit_statistics(total_sq, cross, self_sq, q, counts, b_small: int, combine):
+def unit_statistics(total_sq, cross, self_sq, q, counts, b_small: int, combine, *,
+                    squares: bool | None = None):
     r"""Two-batch estimates and their leave-one-group-out values from inner products.
 
     The M units (mean gradients g_k of b examples each) are grouped into m groups j with
@@ -157,6 +158,8 @@ def unit_statistics(total_sq, cross, self_sq, q, counts, b_small: int, combine):
         counts: (m,) number of units per group.
         b_small: b, examples per unit.
         combine: ``two_batch`` or ``two_batch_curvature`` (small mean, big, b_small, b_big).
+        squares: whether the inner product is a squared norm (default: ``combine`` is
+            ``two_batch``): rounding below 0 (|ḡ|² ≈ 0 at a minimum) is then clipped to 0.
 
     Returns:
         (point, leave_out): point a pair of floats; leave_out an (m, 2) array, or None when a
@@ -165,16 +168,21 @@ def unit_statistics(total_sq, cross, self_sq, q, counts, b_small: int, combine):
     counts = np.asarray(counts, dtype=float)
     q = np.asarray(q, dtype=float)
     n_units = counts.sum()
-    small = q.sum() / n_units
-    big = total_sq / n_units**2
+    from sgdtheory.estimators import two_batch
+
+    if squares is None:
+        squares = combine is two_batch
+    clip = (lambda v: max(float(v), 0.0)) if squares else float
+    small = clip(q.sum() / n_units)
+    big = clip(total_sq / n_units**2)
     point = tuple(float(v) for v in combine(small, big, b_small, int(n_units) * b_small))
     rest = n_units - counts
     if counts.shape[0] < 3 or rest.min() < 2:
         return point, None
     out = np.empty((counts.shape[0], 2))
     for j in range(counts.shape[0]):
-        small_j = (q.sum() - q[j]) / rest[j]
-        big_j = (total_sq - 2.0 * cross[j] + self_sq[j]) / rest[j] ** 2
+        small_j = clip((q.sum() - q[j]) / rest[j])
+        big_j = clip((total_sq - 2.0 * cross[j] + self_sq[j]) / rest[j] ** 2)
         out[j] = combine(float(small_j), float(big_j), b_small, int(rest[j]) * b_small)
     return point, out
 
