@@ -217,6 +217,8 @@ def test_lanczos_warm_start_and_returned_vector():
     assert warm == pytest.approx(evals[-1], rel=1e-9)
     with pytest.warns(krylov.KrylovConvergenceWarning, match="Lanczos stopped after 2"):
         top_hessian_eigenvalue(model, CE, x, y, tol=1e-6, max_iter=2, seed=0)
+    change = top_hessian_eigenvalue(model, CE, x, y, tol=1e-9, max_iter=200, stop="change")
+    assert change == pytest.approx(evals[-1], rel=1e-6)
     with pytest.raises(ValueError, match="v0"):
         top_hessian_eigenvalue(model, CE, x, y, v0=torch.zeros(3, dtype=DT))
     with pytest.raises(ValueError, match="v0"):

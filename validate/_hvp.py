@@ -332,23 +332,29 @@ def hessian_noise(
 
 
 def lanczos_top(matvec, dim: int, *, v0: torch.Tensor, tol: float, max_iter: int,
-                basis_size: int = 30):
+                basis_size: int = 30, criterion: str = "residual"):
     r"""Largest (algebraic) eigenpair (θ, u) of a symmetric operator by Lanczos from ``v0``.
 
     Full reorthogonalisation; when the basis holds ``basis_size`` vectors the iteration
-    restarts from the current Ritz vector (explicit restart: memory basis_size × dim).
-    Converged when the residual ‖Au − θu‖ = β_m |s_m| ≤ tol·|θ| (as
-    :func:`sgdtheory.krylov.top_eigenvalues`). Returns (θ, u, matvecs, converged) with u of
-    unit norm; the tridiagonal eigenproblem is solved in NumPy.
+    restarts from the current Ritz vector (explicit restart: memory basis_size × dim). After
+    every product the Ritz pair of the tridiagonal T is updated (NumPy, at most 30 × 30) and
+    the iteration stops when ``criterion`` is met:
+
+    * ``'residual'``: ‖Au − θu‖ = β_j |s_j| ≤ tol·|θ| (as :func:`sgdtheory.krylov.
+      top_eigenvalues`; the eigenvalue error is then ≲ tol²·θ²/gap);
+    * ``'change'``: |θ_j − θ_{j−1}| ≤ tol·|θ_j| between consecutive products (PyHessian's
+      power-iteration criterion; Lanczos Ritz values increase monotonically to λ_max).
+
+    Returns (θ, u, matvecs, converged) with u of unit norm.
     """
     u = v0 / torch.linalg.vector_norm(v0)
-    n_mv, scale = 0, 0.0
+    n_mv, scale, previous = 0, 0.0, math.nan
     while True:
         m = max(1, min(basis_size, dim, max_iter - n_mv))
         basis = torch.zeros(m + 1, dim, dtype=u.dtype, device=u.device)
         basis[0] = u
         alpha, beta = np.zeros(m), np.zeros(m)
-        j_end = m
+        done = False
         for j in range(m):
             w = matvec(basis[j])
             n_mv += 1
@@ -360,20 +366,24 @@ def lanczos_top(matvec, dim: int, *, v0: torch.Tensor, tol: float, max_iter: int
             alpha[j] = float(h[j] + h2[j])
             beta[j] = float(torch.linalg.vector_norm(w))
             scale = max(scale, abs(alpha[j]), beta[j])
-            if beta[j] <= 1e-12 * scale or j + 1 == dim:  # invariant subspace: exact
-                j_end, beta[j] = j + 1, 0.0
+            off = beta[:j]
+            vals, vecs = np.linalg.eigh(np.diag(alpha[: j + 1]) + np.diag(off, 1)
+                                        + np.diag(off, -1))
+            theta, s = float(vals[-1]), vecs[:, -1]
+            exact = beta[j] <= 1e-12 * scale or j + 1 == dim  # invariant subspace
+            if criterion == "change":
+                done = abs(theta - previous) <= tol * abs(theta)
+            else:
+                done = abs(beta[j] * s[-1]) <= tol * max(abs(theta), 1e-300)
+            previous = theta
+            if done or exact or n_mv >= max_iter or j + 1 == m:
+                done = done or exact
                 break
             basis[j + 1] = w / beta[j]
-        off = beta[: j_end - 1]
-        vals, vecs = np.linalg.eigh(np.diag(alpha[:j_end]) + np.diag(off, 1) + np.diag(off, -1))
-        theta, s = float(vals[-1]), vecs[:, -1]
-        resid = abs(beta[j_end - 1] * s[-1])
-        u = torch.as_tensor(s, dtype=u.dtype, device=u.device) @ basis[:j_end]
+        u = torch.as_tensor(s, dtype=u.dtype, device=u.device) @ basis[: j + 1]
         u = u / torch.linalg.vector_norm(u)
-        if resid <= tol * max(abs(theta), 1e-300) or beta[j_end - 1] == 0.0:
-            return theta, u, n_mv, True
-        if n_mv >= max_iter:
-            return theta, u, n_mv, False
+        if done or n_mv >= max_iter:
+            return theta, u, n_mv, done
 
 
 def top_hessian_eigenvalue(
@@ -389,6 +399,7 @@ def top_hessian_eigenvalue(
     seed: int = 0,
     v0: torch.Tensor | None = None,
     return_vector: bool = False,
+    stop: str = "residual",
 ):
     r"""λ_max of the Hessian of the mean loss on (inputs, targets), by Lanczos on HVPs.
 
@@ -406,6 +417,9 @@ def top_hessian_eigenvalue(
             says when ``max_iter`` stopped it before ``tol``.
         v0: start vector, flat (p,) over the trainable parameters (k = 1, Lanczos only).
         return_vector: also return the unit top eigenvector (flat (p,) tensor; k = 1 only).
+        stop: when ``tol`` is met (k = 1, Lanczos): ``'residual'`` ‖Hu − λu‖ ≤ tol·λ
+            (default; eigenvalue error ≲ tol²λ²/gap) or ``'change'``, a relative change of λ
+            below tol between products (PyHessian's criterion); see :func:`lanczos_top`.
 
     Returns:
         λ_max as a float (loss/param² units), a list of the k largest when k > 1, or
@@ -420,8 +434,11 @@ def top_hessian_eigenvalue(
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-    if (v0 is not None or return_vector) and (k != 1 or method != "lanczos"):
-        raise ValueError("v0 and return_vector need k=1 and method='lanczos'")
+    if stop not in ("residual", "change"):
+        raise ValueError(f"stop must be 'residual' or 'change', got {stop!r}")
+    if (v0 is not None or return_vector or stop != "residual") and (
+            k != 1 or method != "lanczos"):
+        raise ValueError("v0, return_vector and stop='change' need k=1 and method='lanczos'")
     op = HessianOperator(model, criterion, inputs, targets)
     if k > op.dim:
         raise ValueError(f"k ({k}) must not exceed the number of parameters ({op.dim})")
@@ -441,7 +458,8 @@ def top_hessian_eigenvalue(
         if not bool(torch.isfinite(start).all()) or not float(torch.linalg.vector_norm(start)):
             raise ValueError("v0 must be a finite, non-zero vector")
     start = start.to(dtype=op.fn.dtype, device=op.fn.device)
-    lam, vec, n_mv, converged = lanczos_top(op, op.dim, v0=start, tol=tol, max_iter=max_iter)
+    lam, vec, n_mv, converged = lanczos_top(op, op.dim, v0=start, tol=tol, max_iter=max_iter,
+                                            criterion=stop)
     if not converged:
         warnings.warn(f"Lanczos stopped after {n_mv} matvecs before the residual reached "
                       f"tol·|θ| (tol={tol:g})", krylov.KrylovConvergenceWarning, stacklevel=2)

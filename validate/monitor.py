@@ -87,8 +87,9 @@ class NoiseMonitor:
     Unresolved estimates: early in training the averaged |G|² or GᵀHG is often ≤ 0 within its
     error, so B_simple, ε_max, B_noise and ε_opt mean nothing yet. Such a record has
     ``resolved`` False and ``reason`` saying which estimate and its error (e.g. "GᵀHG (EMA) =
-    -3 ± 5: not resolved; use more examples"); the ratios are NaN there, never ±inf, and the
-    first such record raises one ``UserWarning``. ``resolved`` is True once every estimate in
+    -3 ± 5: not resolved; use more examples"); a ratio whose denominator is ≤ 0 is NaN, never
+    ±inf, and the first record unresolved for a reason other than too few measurements raises
+    one ``UserWarning``. ``resolved`` is True once every estimate in
     the record is significantly positive (> t₀.₉₇₅·standard error, which needs ≥ 2
     measurements).
     """
@@ -322,8 +323,8 @@ class NoiseMonitor:
         rec["reason"] = "; ".join(reasons)
         if reasons and not self._warned and any("no standard error" not in r for r in reasons):
             self._warned = True
-            warnings.warn(f"NoiseMonitor step {self.step_count}: {rec['reason']} (ratios are "
-                          "nan until resolved; see the record's 'resolved' and 'reason')",
+            warnings.warn(f"NoiseMonitor step {self.step_count}: {rec['reason']} (records say "
+                          "so in 'resolved' and 'reason' until resolved; warned once)",
                           UserWarning, stacklevel=3)
         rec = {k: (v if k in ("resolved", "reason") else
                    int(v) if k in ("step", "batch", "micro_batches") else float(v))
