@@ -15,8 +15,8 @@ Measurements (gradient batch B in micro-batches of b, M = B/b; Hessian batch h):
 
 * ``noise_micro_batch``: ``gradient_noise(micro_batch=b)`` on B (BatchNorm in training mode
   for the ResNet): count B.
-* ``noise_per_sample``: ``gradient_noise(method='per_sample')`` on B (the ResNet in eval mode):
-  count B.
+* ``noise_per_sample``: ``gradient_noise(method='per_sample')`` on S = min(B,
+  ``--per-sample-batch``) examples (the ResNet in eval mode): count S, priced at c(S).
 * ``hessian_half``: the GᵀHG, tr(HΣ) side of ``hessian_noise``, H on h examples applied to the
   M micro-batch gradients: count h + 2hM.
 * ``hessian_noise``: both halves: count B at c(B) plus h + 2hM at c(h).
@@ -163,12 +163,15 @@ def bench_model(name, make, shape, big, small, hb, args, device) -> dict:
     step_cost = {w: statistics.median(t[f"step_{w}"]) / sizes[w] for w in sizes}
     # eval mode: per-example gradients are defined for every model
     model.eval()
+    ns = min(big, args.per_sample_batch)
+    xs, ys = x[:ns], y[:ns]
     t = interleaved({
-        "step_B": step(x, y),
-        "noise_per_sample": lambda: measure.gradient_noise(model, crit, x, y,
+        "step_S": step(xs, ys),
+        "noise_per_sample": lambda: measure.gradient_noise(model, crit, xs, ys,
                                                            method="per_sample"),
     }, reps, device)
-    counts["noise_per_sample"] = [(big, "B")]
+    counts["noise_per_sample"] = [(ns, "S")]
+    sizes["S"] = ns
     add(t, ["noise_per_sample"])
     model.train()
     if not args.no_monitor:
@@ -245,6 +248,9 @@ def main(argv=None) -> dict:
                     default=["digits", "resnet"])
     ap.add_argument("--lanczos", type=int, default=30, help="Lanczos HVPs (default 30)")
     ap.add_argument("--probes", type=int, default=30, help="Hutchinson probes (default 30)")
+    ap.add_argument("--per-sample-batch", type=int, default=256, help="examples of the "
+                    "per-sample measurement (at most B; default 256: B × p gradients of a big "
+                    "network do not fit)")
     ap.add_argument("--monitor-batch", type=int, default=64, help="training batch of the "
                     "NoiseMonitor runs (default 64)")
     ap.add_argument("--no-monitor", action="store_true", help="skip the NoiseMonitor runs")

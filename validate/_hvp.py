@@ -116,7 +116,8 @@ class HessianOperator:
         """H V for a (k, p) tensor of k vectors (rows), as a (k, p) tensor.
 
         Double backward: ``chunk`` rows per vectorised backward pass (``is_grads_batched``,
-        one pass instead of k Python-level ones); row by row where vmap cannot batch a layer.
+        one pass instead of k Python-level ones; halved while the GPU runs out of memory);
+        row by row where vmap cannot batch a layer.
         """
         vectors = self._vector(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -124,8 +125,9 @@ class HessianOperator:
                              f"{tuple(vectors.shape)}")
         if self.method != "double_backward" or not self._grads or vectors.shape[0] == 1:
             return torch.stack([self(v) for v in vectors]) if vectors.shape[0] else vectors
-        out = []
-        for block in vectors.split(chunk):
+        out, start = [], 0
+        while start < vectors.shape[0]:
+            block = vectors[start:start + chunk]
             k = block.shape[0]
             if self._batched_ok:
                 try:
@@ -136,10 +138,18 @@ class HessianOperator:
                                              allow_unused=True, materialize_grads=True)
                     out.append(torch.cat([h.detach().reshape(k, -1) for h in hv], 1))
                     self.calls += k
+                    start += k
+                    continue
+                except torch.cuda.OutOfMemoryError:  # k copies of the backward pass: fewer
+                    if k == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    chunk = max(1, k // 2)
                     continue
                 except RuntimeError:  # an op without a vmap rule: one product at a time
                     self._batched_ok = False
             out.append(torch.stack([self(v) for v in block]))
+            start += k
         return torch.cat(out)
 
 

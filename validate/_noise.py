@@ -466,12 +466,13 @@ def unit_gradients(fn: ModelFunction, x, y, micro_batch: int, *, chunk_units: in
                    randomness: str = "different"):
     """Yield (first unit index, (k, p) tensor) for the mean gradients of consecutive units of
     ``micro_batch`` examples, k ≤ ``chunk_units`` units at a time (default: keep k·p under
-    2**25 numbers). Fastest available path (hooks, else vmap; ``randomness`` other than
-    'different', e.g. 'same' dropout masks for every unit, forces vmap); model left
-    unchanged."""
+    2**25 numbers on a CPU, 2**28 on a GPU). Fastest available path (hooks, else vmap;
+    ``randomness`` other than 'different', e.g. 'same' dropout masks for every unit, forces
+    vmap); model left unchanged."""
     n_units = x.shape[0] // micro_batch
-    if chunk_units is None:
-        chunk_units = max(1, min(n_units, 2**25 // fn.numel // max(1, micro_batch) or 1))
+    if chunk_units is None:  # (k, p) unit gradients of 128 MB (CPU) or 1 GB (GPU) at most
+        budget = 2**28 if fn.device.type == "cuda" else 2**25
+        chunk_units = max(1, min(n_units, budget // fn.numel))
     mods = None if (has_training_batchnorm(fn.model) or randomness != "different") \
         else _hook_modules(fn.model)
     for start in range(0, n_units, chunk_units):
