@@ -607,6 +607,8 @@ def run(args, log=print) -> dict:
             "data": data.source, "torch": torch.__version__, "hyp": hyp, "noise_config": cfg,
             "run_info": run_info}
     summary = {**meta, **result}
+    if cfg is not None:  # measurement time, apart from the training time time_s
+        summary["measure_time_s"] = sum(r["seconds"] for r in extra.get("noise", []))
     diverged = result["diverged_at_step"]
     if diverged is not None:
         why = extra.get("noise_diverged", {}).get("reason", "training loss not finite")
@@ -620,7 +622,8 @@ def run(args, log=print) -> dict:
     else:
         say(f"test accuracy {result['test_acc']:.4f}  test loss {result['test_loss']:.4f}  "
             f"train time {result['time_s']:.1f} s  {result['examples_per_s']:.0f} examples/s  "
-            f"({result['steps']} steps)")
+            f"({result['steps']} steps)" + (f"  measurement time {summary['measure_time_s']:.1f} s"
+                                            if cfg is not None else ""))
     if rank == 0:
         if args.command == "train":
             _write_json(out / "train.json", summary)
