@@ -5,7 +5,7 @@ parameters (``model.parameters()`` order, requires_grad only). GᵀHG and tr(HΣ
 loss·(loss/param)²/param² ... i.e. (loss/param)²·(loss/param²); ε_max = |G|²/GᵀHG is in ``lr``
 units (the multiplier of the mean minibatch gradient); B_noise = tr(HΣ)/GᵀHG in examples.
 
-The two-batch trick on the quadratic form (this project's estimator; DESIGN §6): with H
+The two-batch trick on the quadratic form (this project's estimator; docs/design.md §6): with H
 estimated on a batch *independent* of the gradients, unit gradients g_k of b examples and the
 big-batch mean ḡ of B = M b examples,
 

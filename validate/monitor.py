@@ -72,7 +72,8 @@ class NoiseMonitor:
         csv_path: append one row per measured step (columns :data:`COLUMNS`).
         tensorboard_dir: also log scalars with ``torch.utils.tensorboard`` (when installed).
         hessian_micro_batch: micro-batch size for :func:`hessian_noise` (default: automatic).
-        lanczos_iters: Lanczos iterations for λ_max (0: skip λ_max; else ≥ 3).
+        lanczos_iters: Lanczos iterations for λ_max (0: skip λ_max; else ≥ 3), each started
+            from the previous measurement's top eigenvector (a warm start).
         momentum, nesterov: the optimiser's momentum μ (torch form) and Nesterov flag, for the
             stability limit ``gd_limit`` (2(1+μ)/λ_max, Nesterov 2(1+μ)/((1+2μ)λ_max), in
             ``lr`` units) and ``lr_over_eps_opt``, which compares the effective step
@@ -162,6 +163,7 @@ class NoiseMonitor:
         self.records: list[dict] = []
         self.step_count = 0
         self._warned = False
+        self._lanczos_vector = None
         self._prev = None
         self._sq: list[float] = []
         self._csv_path = csv_path
@@ -295,9 +297,10 @@ class NoiseMonitor:
             if self.lanczos_iters > 0:
                 with warnings.catch_warnings():  # a few iterations on purpose: approximate
                     warnings.simplefilter("ignore", UserWarning)
-                    self.lambda_max = _hvp.top_hessian_eigenvalue(
+                    self.lambda_max, self._lanczos_vector = _hvp.top_hessian_eigenvalue(
                         self.model, self.criterion, inputs, targets,
-                        max_iter=self.lanczos_iters)
+                        max_iter=self.lanczos_iters, v0=self._lanczos_vector,
+                        return_vector=True)  # warm start: the last point's top eigenvector
         reasons = [_noise.resolution("|G|² (EMA)", self.noise_ema.grad_sq,
                                      self.noise_ema.grad_sq_stderr, self.noise_ema.df,
                                      hint="wait for more measurements")]
