@@ -176,7 +176,7 @@ def bench_model(name, make, shape, big, small, hb, args, device) -> dict:
     model.train()
     if not args.no_monitor:
         rows.update(bench_monitor(model, crit, x[: args.monitor_batch], y[: args.monitor_batch],
-                                  device, max(3, reps // 2)))
+                                  device, max(5, reps)))
     return {"model": name, "params": sum(p.numel() for p in model.parameters()),
             "B": big, "b": small, "h": hb, "lanczos_iters": iters, "probes": probes,
             "step_seconds_per_example": step_cost, "measurements": rows}

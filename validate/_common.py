@@ -152,7 +152,9 @@ class ModelFunction:
         named = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters (requires_grad=True)")
-        bad = [k for k, v in named if not bool(torch.isfinite(v.detach()).all())]
+        finite = torch.stack([torch.isfinite(v.detach()).all() for _, v in named])
+        bad = [] if bool(finite.all()) else [k for (k, _), ok in zip(named, finite.tolist(),
+                                                                     strict=True) if not ok]
         if bad:
             raise ValueError(f"model parameters are not finite (diverged?): {', '.join(bad[:3])}"
                              + (" …" if len(bad) > 3 else ""))

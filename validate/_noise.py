@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import t as _t_dist
+from scipy.special import stdtrit
 from torch import nn
 from torch.func import grad, vmap
 
@@ -63,7 +63,7 @@ def resolution(name: str, value: float, stderr: float, df: float, *,
     if not math.isfinite(stderr):
         state = "" if value > 0 else ", not positive"
         return f"{name} = {value:.3g}: not resolved (no standard error{state}); {hint}"
-    z = float(_t_dist.ppf(0.975, max(df, 1.0)))
+    z = float(stdtrit(max(df, 1.0), 0.975))  # Student's t quantile (a ufunc: µs)
     if value > z * stderr:
         return ""
     return f"{name} = {_fmt(value, stderr)}: not resolved; use more examples"
@@ -179,12 +179,12 @@ def unit_statistics(total_sq, cross, self_sq, q, counts, b_small: int, combine, 
     rest = n_units - counts
     if counts.shape[0] < 3 or rest.min() < 2:
         return point, None
-    out = np.empty((counts.shape[0], 2))
-    for j in range(counts.shape[0]):
-        small_j = clip((q.sum() - q[j]) / rest[j])
-        big_j = clip((total_sq - 2.0 * cross[j] + self_sq[j]) / rest[j] ** 2)
-        out[j] = combine(float(small_j), float(big_j), b_small, int(rest[j]) * b_small)
-    return point, out
+    small_j = (q.sum() - q) / rest  # leave group j out: all m at once (one combine call)
+    big_j = (total_sq - 2.0 * np.asarray(cross, float) + np.asarray(self_sq, float)) / rest**2
+    if squares:
+        small_j, big_j = np.maximum(small_j, 0.0), np.maximum(big_j, 0.0)
+    out = np.stack(combine(small_j, big_j, b_small, (rest * b_small).astype(np.int64)), 1)
+    return point, np.asarray(out, dtype=float)
 
 
 def _gram_statistics(sums: torch.Tensor, q: torch.Tensor, counts):
