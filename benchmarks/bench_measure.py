@@ -118,7 +118,13 @@ def bench_model(name, make, shape, big, small, hb, args, device) -> dict:
     def hessian_half():
         units = torch.randn(n_units, sum(p.numel() for p in model.parameters()),
                             generator=g).to(device)
-        return lambda: measure.HessianOperator(model, crit, xh, yh).matmat(units)
+        def half():
+            op = measure.HessianOperator(model, crit, xh, yh)
+            if hasattr(op, "matmat"):
+                return op.matmat(units)
+            return torch.stack([op(u) for u in units])  # releases before matmat
+
+        return half
 
     def lanczos():
         with warnings.catch_warnings():
