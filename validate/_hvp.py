@@ -393,7 +393,7 @@ def lanczos_top(matvec, dim: int, *, v0: torch.Tensor, tol: float, max_iter: int
         u = torch.as_tensor(s, dtype=u.dtype, device=u.device) @ basis[: j + 1]
         u = u / torch.linalg.vector_norm(u)
         if done or n_mv >= max_iter:
-            return theta, u, n_mv, done
+            return theta, u, n_mv, bool(done)
 
 
 def top_hessian_eigenvalue(
