@@ -495,8 +495,8 @@ def get_backend(name: str | Backend | None = None, device=None) -> Backend:
     if key.startswith("torch:"):
         key, device = "torch", key.split(":", 1)[1]
     if key not in BACKENDS:
-        raise ValueError(f"unknown backend name {name!r}: choose one of {', '.join(BACKENDS)} "
-                         f"(available here: {_describe_available()})")
+        raise ValueError(f"unknown backend {name!r}: the name must be one of "
+                         f"{', '.join(BACKENDS)} (available here: {_describe_available()})")
     if key == "numpy":
         if device not in (None, "cpu"):
             raise ValueError(f"the numpy backend runs on the CPU only, got device={device!r}")

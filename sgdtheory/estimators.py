@@ -29,7 +29,7 @@ import numpy as np
 from scipy import stats as _stats
 
 from sgdtheory import theory
-from sgdtheory._checks import _short, fits_in_memory, integer, real, real_array
+from sgdtheory._checks import _short, integer, real, real_array
 from sgdtheory.backend import backend_of
 
 __all__ = [
