@@ -247,7 +247,9 @@ def _checks(config: Config, batches, mean, se, th, rel, b_noise_run, b_break,
     checks.append(factor_check("linear rule: break point vs run-averaged B_noise",
                                b_noise_run, b_break, 3.0,
                                f"first B with excess > {thr:g}x excess(B=1), log-interpolated "
-                               f"(exact theory: {b_break_th:.3g}); pass within a factor 3"))
+                               "when the loss rises gradually, the first such grid B when it "
+                               f"jumps (a divergence) (exact theory: {b_break_th:.3g}); pass "
+                               "within a factor 3"))
     big = batches >= 2 * b_noise_run
     worst_big = float(np.min(rel[0, big])) if big.any() else float("inf")
     checks.append(Check("linear rule: degraded beyond 2 B_noise", thr, worst_big, thr,

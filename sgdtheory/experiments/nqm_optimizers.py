@@ -171,6 +171,6 @@ def plot(data: dict):
     ax2.set_xlabel("batch size B (examples)")
     ax2.set_ylabel("speed-up of momentum over SGD (×)")
     ax2.set_title("momentum helps only at large batch", fontsize=9)
-    P.legend(ax2, key=False, loc="lower right", frameon=True)  # framed: not a data point
+    P.legend(ax2, key=False, loc="center right", frameon=True)  # framed: not a data point
     P.check_note(fig, data["checks"])
     return fig

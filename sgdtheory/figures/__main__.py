@@ -580,10 +580,11 @@ def _reused_line(results: list[ExperimentResult], out) -> str:
         return ""
     redraw = sum(r.elapsed_s for r in reused)
     which = "All" if len(reused) == len(results) else f"{len(reused)} of {len(results)}"
-    return (f"{which} figures were reused from {out}/, not redrawn: their code, config and "
-            f"seed are unchanged since they were drawn (the hash in each JSON matches). "
-            f"Redrawing them takes about {redraw:.0f} s (the time recorded when they were "
-            f"drawn); add --force to redraw.")
+    return textwrap.fill(
+        f"{which} figures were reused from {out}/, not redrawn: their code, config and seed "
+        f"are unchanged since they were drawn (the hash in each JSON matches). Redrawing them "
+        f"takes about {redraw:.0f} s (the time recorded when they were drawn); add --force to "
+        f"redraw.", WIDTH)
 
 
 def _interrupted(results: list[ExperimentResult], names: list, out) -> str:
