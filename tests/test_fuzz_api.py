@@ -452,3 +452,64 @@ def test_extreme_values_in_every_argument_together(fn, data):
         else:
             kwargs[name] = data.draw(st.sampled_from(NUMBERS), label=name)
     _outcome(fn, kwargs, list(GOOD[fn]))
+
+
+# ------------------------------------------------------------------ experiments and the CLI
+
+from sgdtheory.experiments import EXPERIMENTS, load  # noqa: E402
+from sgdtheory.figures import __main__ as cli  # noqa: E402
+
+#: nqm_optimizers' Config and compute are edited elsewhere (its presets): not checked here
+CHECKED = [name for name in EXPERIMENTS if name != "nqm_optimizers"]
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_experiment_configs_refuse_bad_fields_by_name(name):
+    mod = load(name)
+    good = dataclasses.asdict(mod.PRESETS["default"])
+    assert _outcome(mod.Config, good, list(good)) == "accepted"
+    for field, default in good.items():
+        for label, value in {**MUST_REJECT, **EXTREME}.items():
+            result = _outcome(mod.Config, {**good, field: value}, [field])
+            valid_int = label == "int1" and not isinstance(default, tuple)
+            if label in MUST_REJECT and not valid_int:
+                assert result == "rejected", f"{name}.Config({field}={value!r}) was accepted"
+    # NumPy integers are stored as Python ints (the config hash and JSON see the same values)
+    ints = {k: np.int64(v) for k, v in good.items() if type(v) is int}
+    assert mod.Config(**{**good, **ints}) == mod.PRESETS["default"]
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_experiment_compute_refuses_bad_config_backend_and_seed_by_name(name):
+    mod = load(name)
+    good = dict(config=mod.PRESETS["quick"], backend="numpy", seed=0)
+    for arg in good:
+        for label, value in MUST_REJECT.items():
+            if (label == "None" and arg == "backend") or (label == "int1" and arg == "seed"):
+                continue  # valid: the default backend; seed 1 (would run the experiment)
+            assert _outcome(mod.compute, {**good, arg: value}, [arg]) == "rejected", (
+                f"{name}.compute({arg}={value!r})")
+
+
+@pytest.mark.parametrize(("fn", "good"), [
+    (cli.load_data, dict(out="figures", name="memory_curve")),
+    (cli.config_hash, dict(name="x", config={"a": 1}, preset="quick", backend="numpy",
+                           device=None, seed=0, version="0.1.0", code="")),
+    (cli.summary_table, dict(results=[cli.ExperimentResult("a", "ran", [], 1.0)], out=None)),
+    (cli.run_experiment, dict(name="memory_curve", preset="quick", backend=None, out="/x",
+                              seed=0, force=False, device=None)),
+], ids=["load_data", "config_hash", "summary_table", "run_experiment"])
+def test_cli_functions_refuse_bad_input_by_name(fn, good):
+    names = {"load_data": ("out", "name"), "config_hash": ("seed",),
+             "summary_table": ("results",), "run_experiment": ("name", "preset", "seed",
+                                                                "force", "out")}[fn.__name__]
+    if fn is not cli.run_experiment:
+        assert _outcome(fn, good, list(good)) == "accepted"
+    for arg in names:
+        for label, value in MUST_REJECT.items():
+            if ((label == "int1" and arg == "seed") or (label in ("bool", "npbool")
+                                                          and arg == "force")
+                    or (label in ("str", "str2", "bytes") and arg == "out")):
+                continue  # valid values (they would run the experiment)
+            assert _outcome(fn, {**good, arg: value}, [arg]) == "rejected", (
+                f"{fn.__name__}({arg}={value!r})")

@@ -13,15 +13,17 @@ Every experiment module ``sgdtheory.experiments.<name>`` defines
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sgdtheory._checks import _short, fits_in_memory, flag, integer, real_array
+from sgdtheory._checks import _short, fits_in_memory, flag, integer, real, real_array
 
-__all__ = ["Check", "factor_check", "minibatch_grads", "relative_check"]
+__all__ = ["Check", "ConfigChecks", "check_run", "factor_check", "minibatch_grads",
+           "relative_check"]
 
 
 @dataclass(frozen=True)
@@ -170,3 +172,47 @@ def minibatch_grads(problem, backend, gen, theta, batch: int, n_draws: int, *,
         g = kernel.sampler(gen, n, replace).grad(rows, Layout(n, 1), int(batch))
         parts.append(backend.copy(g))
     return parts[0] if len(parts) == 1 else backend.concatenate(parts)
+
+
+class ConfigChecks:
+    """Base of every experiment's frozen ``Config``: ``__post_init__`` checks each field
+    against the kind of its default, with a ValueError naming the field — ints ≥ 1 (NumPy
+    integers accepted, stored as int), finite floats > 0 (≥ 0 for noise levels), non-empty
+    tuples of those, strings, bools."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _field(f.name, getattr(self, f.name), f.default))
+
+
+def _field(name: str, value, default):
+    if isinstance(default, bool):
+        return flag(name, value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {_short(value)}")
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or not value:
+            raise ValueError(f"{name} must be a non-empty tuple of numbers, got {_short(value)}")
+        real_array(name, list(value))  # refuses bools, complex, strings, ragged nesting
+        return tuple(_field(name, v, default[0]) for v in value)
+    if isinstance(default, int):
+        return integer(name, value, 1)
+    value = real(name, value)
+    low_ok = value >= 0 if "noise" in name else value > 0
+    if not low_ok:
+        raise ValueError(f"{name} must be {'≥' if 'noise' in name else '>'} 0, got {value!r}")
+    return value
+
+
+def check_run(config, config_class, backend, seed):
+    """The arguments of an experiment's ``compute`` checked: a ``config_class`` instance, a
+    backend (a :class:`~sgdtheory.backend.Backend`, a name, or None for the default) and an
+    integer seed ≥ 0. Returns (config, backend, seed)."""
+    from sgdtheory.backend import get_backend
+
+    if not isinstance(config, config_class):
+        raise ValueError(f"config must be a {config_class.__module__}.Config (e.g. "
+                         f"PRESETS['default']), got {_short(config)}")
+    return config, get_backend(backend), integer("seed", seed, 0)

@@ -53,7 +53,7 @@ import numpy as np
 
 from sgdtheory import memory, theory
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check, factor_check
+from sgdtheory.experiments._common import Check, ConfigChecks, check_run, factor_check
 from sgdtheory.problems import LinearRegressionData
 from sgdtheory.simulate import run
 
@@ -66,7 +66,7 @@ TITLE = "Final train/test loss vs lr factor for several dataset sizes and two ba
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 32  # d, features: one outlier + (d-1) bulk directions
     lam_max: float = 1.0  # outlier eigenvalue of H (sets the curvature limit)
     lam_bulk: float = 0.02  # geometric centre of the bulk eigenvalues
@@ -153,6 +153,7 @@ def sweep(config: Config, lam, lr, batches, backend, seed: int):
 
 def compute(config: Config, backend, seed: int = 0) -> dict:
     """Run the sweep; return final losses, limits and checks."""
+    config, backend, seed = check_run(config, Config, backend, seed)
     lam = spectrum(config)
     factors = np.asarray(config.factors, dtype=float)
     batches = np.array([config.batch, config.batch * config.batch_ratio])

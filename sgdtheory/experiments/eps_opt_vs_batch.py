@@ -32,7 +32,7 @@ import numpy as np
 from sgdtheory import theory
 from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check, relative_check
+from sgdtheory.experiments._common import Check, ConfigChecks, check_run, relative_check
 
 __all__ = [
     "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "SPECTRA", "line_search",
@@ -47,7 +47,7 @@ SPECTRA = {r"$h_i \propto 1/i$": 1.0, r"$h_i = 1$ (flat)": 0.0, r"$h_i \propto 1
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 20  # p, number of parameters
     b_noise: float = 1000.0  # B_noise at θ (examples); κ is set to give it
     ratio_min: float = 0.01  # smallest B/B_noise
@@ -143,6 +143,7 @@ def _one_step_moments(backend, gen, h, c, theta, batch, n_pairs, chunk=20_000):
 
 
 def compute(config: Config, backend, seed: int) -> dict:
+    config, backend, seed = check_run(config, Config, backend, seed)
     backend = get_backend(backend)
     gen = backend.rng(seed)
     ratios = np.geomspace(config.ratio_min, config.ratio_max, config.n_ratios)

@@ -51,7 +51,7 @@ import numpy as np
 
 from sgdtheory import nqm, theory
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check, factor_check
+from sgdtheory.experiments._common import Check, ConfigChecks, check_run, factor_check
 from sgdtheory.problems import LinearRegression
 from sgdtheory.simulate import linear_decay, run
 
@@ -65,7 +65,7 @@ TITLE = "Final loss at fixed examples with η ∝ B and η ∝ √B vs B/B_noise
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 32  # d
     lam_max: float = 1.0  # spectrum λ log-spaced from lam_max to lam_min
     lam_min: float = 0.1
@@ -185,6 +185,7 @@ def sweep(config: Config, prob, base_ref: float, backend, seed: int):
 
 
 def compute(config: Config, backend, seed: int = 0) -> dict:
+    config, backend, seed = check_run(config, Config, backend, seed)
     lam = spectrum(config)
     prob = LinearRegression(lam, noise_std=config.noise_std)
     stats0 = prob.stats(prob.theta0)

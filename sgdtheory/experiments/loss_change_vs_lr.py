@@ -38,7 +38,13 @@ import numpy as np
 
 from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check, minibatch_grads, relative_check
+from sgdtheory.experiments._common import (
+    Check,
+    ConfigChecks,
+    check_run,
+    minibatch_grads,
+    relative_check,
+)
 from sgdtheory.experiments.eps_opt_vs_batch import noise_for_b_noise, spectrum
 from sgdtheory.problems import LogisticRegression, NoisyQuadratic, _softplus
 
@@ -51,7 +57,7 @@ TITLE = "Expected one-step loss change vs ε/ε_opt(B): zero crossing at 2ε_opt
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 20  # NQM parameters p
     b_noise: float = 1000.0  # NQM B_noise at θ (examples)
     ratios: tuple = (0.1, 1.0, 10.0)  # B/B_noise of the curves
@@ -225,6 +231,7 @@ def _logistic_panel(config: Config, backend, gen, seed):
 
 
 def compute(config: Config, backend, seed: int) -> dict:
+    config, backend, seed = check_run(config, Config, backend, seed)
     backend = get_backend(backend)
     gen = backend.rng(seed)
     nqm = _nqm_panel(config, backend, gen)

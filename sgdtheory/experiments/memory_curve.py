@@ -33,7 +33,7 @@ import numpy as np
 from sgdtheory import memory, optim, theory
 from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check, relative_check
+from sgdtheory.experiments._common import Check, ConfigChecks, check_run, relative_check
 
 __all__ = [
     "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "lag_grid", "learning_rates",
@@ -45,7 +45,7 @@ TITLE = "Loss of the batch seen k steps ago minus unseen loss, high vs low lr, w
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 16  # d, number of features
     lam_max: float = 1.0  # largest eigenvalue of H (log-spaced spectrum)
     lam_min: float = 0.1  # smallest eigenvalue of H
@@ -177,6 +177,7 @@ def simulate_gaps(lam, lrs, batch, noise_var, lags, *, replicas, n_probes, probe
 
 def compute(config: Config, backend, seed: int = 0) -> dict:
     """Derived and simulated memory gaps at a high and a low learning rate, with checks."""
+    config, backend, seed = check_run(config, Config, backend, seed)
     lam = spectrum(config)
     lrs = learning_rates(config)
     lags = lag_grid(config)

@@ -51,7 +51,7 @@ from sgdtheory import nqm, optim
 from sgdtheory.backend import get_backend
 from sgdtheory.estimators import NoiseScaleEMA
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check
+from sgdtheory.experiments._common import Check, ConfigChecks, check_run
 from sgdtheory.experiments.steps_vs_examples import sgd_second_moments
 from sgdtheory.problems import Layout, NoisyQuadratic
 
@@ -62,7 +62,7 @@ TITLE = "B_noise(t), B_simple(t) along an SGD run and the two-batch EMA estimato
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 50  # d, NQM dimensions (h_i = 1/i, c = h)
     lr: float = 0.1  # η, multiplier of the mean minibatch gradient
     batch: int = 8192  # B, the big (all-reduced) batch used for the step
@@ -108,6 +108,7 @@ def nested_batch_grads(backend, small, rest, theta, layout, b: int, batch: int):
 
 
 def compute(config: Config, backend, seed: int) -> dict:
+    config, backend, seed = check_run(config, Config, backend, seed)
     backend = get_backend(backend)
     if not 0 < config.batch_small < config.batch:
         raise ValueError("batch_small must lie in (0, batch)")

@@ -37,7 +37,7 @@ import numpy as np
 
 from sgdtheory import theory
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check, factor_check
+from sgdtheory.experiments._common import Check, ConfigChecks, check_run, factor_check
 from sgdtheory.problems import LinearRegression
 from sgdtheory.simulate import run
 
@@ -48,7 +48,7 @@ TITLE = "Range of good base learning rates η/B vs batch size, with the curvatur
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 16  # d: one outlier eigenvalue + (d-1) bulk
     lam_max: float = 1.0  # outlier eigenvalue of H
     lam_bulk: tuple = (0.05, 0.2)  # bulk eigenvalues log-spaced in this interval
@@ -147,6 +147,7 @@ def _width(edges) -> np.ndarray:
 
 def compute(config: Config, backend, seed: int = 0) -> dict:
     """Scan base rates per batch size (simulation + exact theory); ranges and checks."""
+    config, backend, seed = check_run(config, Config, backend, seed)
     lam = spectrum(config)
     noise_var = config.noise_std**2
     base = base_grid(config)

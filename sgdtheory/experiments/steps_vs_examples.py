@@ -40,7 +40,13 @@ import numpy as np
 
 from sgdtheory import nqm, theory
 from sgdtheory.experiments import _plotting as P
-from sgdtheory.experiments._common import Check, factor_check, relative_check
+from sgdtheory.experiments._common import (
+    Check,
+    ConfigChecks,
+    check_run,
+    factor_check,
+    relative_check,
+)
 
 __all__ = [
     "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "b_noise_along_run",
@@ -52,7 +58,7 @@ TITLE = "Steps vs examples to a target loss (exact NQM), fitted hyperbolas, B_cr
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigChecks):
     dim: int = 100  # d, NQM dimensions (h_i = 1/i, c = h)
     targets: tuple = (0.1, 0.03, 0.01, 0.003)  # target losses as fractions of L0
     batch_min: float = 1.0  # smallest batch (examples)
@@ -109,6 +115,7 @@ def run_averaged_b_noise(h, c, batch: float, target: float, lrs, near_optimal: f
 
 
 def compute(config: Config, backend, seed: int) -> dict:
+    config, backend, seed = check_run(config, Config, backend, seed)
     del backend, seed  # exact computation: no randomness, NumPy only
     h = 1.0 / np.arange(1, config.dim + 1)
     c = h.copy()

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from sgdtheory import _threads
+from sgdtheory._checks import flag, integer
 from sgdtheory.experiments import EXPERIMENTS, PRESET_NAMES
 from sgdtheory.experiments import load as load_experiment
 from sgdtheory.experiments._common import Check
@@ -119,7 +120,7 @@ def config_hash(name: str, config, preset: str, backend: str, device, seed: int,
     """
     ident = {"experiment": name, "config": _jsonable(config), "preset": preset,
              "backend": backend, "device": None if device is None else str(device),
-             "seed": int(seed), "version": version, "code": code}
+             "seed": integer("seed", seed, 0), "version": version, "code": code}
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -217,13 +218,30 @@ def load_data(out, name: str) -> dict:
 
     ``plot(load_data(out, name))`` redraws the figure without recomputing.
     """
-    out = Path(out)
-    meta = json.loads((out / f"{name}.json").read_text())  # strict JSON: nonfinite restored
-    with np.load(out / f"{name}.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    out, name = _out_arg(out), _name_arg(name)
+    try:
+        meta = json.loads((out / f"{name}.json").read_text())  # strict JSON: nonfinite restored
+        with np.load(out / f"{name}.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"name: no readable saved data for {name!r} in out={str(out)!r} "
+                         f"({_one_line(exc)}); run python -m sgdtheory.figures --only {name} "
+                         f"--out {out} first") from exc
     data = _join(meta["data"], arrays)
     data["checks"] = [_check_from_dict(c) for c in meta["checks"]]
     return data
+
+
+def _out_arg(out) -> Path:
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise ValueError(f"out must name a directory (a str or path, not empty), got {out!r}")
+    return Path(out)
+
+
+def _name_arg(name) -> str:
+    if not isinstance(name, str) or name not in EXPERIMENTS:
+        raise ValueError(f"name must be one of {', '.join(EXPERIMENTS)}, got {name!r}")
+    return name
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -299,7 +317,10 @@ def run_experiment(name: str, *, preset: str, backend, out, seed: int = 0,
     """
     from sgdtheory.experiments import _plotting
 
-    out = Path(out)
+    out, name, seed = _out_arg(out), _name_arg(name), integer("seed", seed, 0)
+    force = flag("force", force)
+    if not isinstance(preset, str) or preset not in PRESET_NAMES:
+        raise ValueError(f"preset must be one of {', '.join(PRESET_NAMES)}, got {preset!r}")
     t0 = time.perf_counter()
     try:
         module = load_experiment(name)
@@ -414,6 +435,9 @@ def summary_table(results: list[ExperimentResult], out=None) -> str:
     predicted and measured values with the relative error, and the rule it was judged by:
     rel_err ≤ t, measured/predicted within a factor t, or a custom test (a bound or a
     qualitative comparison) spelt out from the check's note."""
+    if not isinstance(results, (list, tuple)) or not all(
+            isinstance(r, ExperimentResult) for r in results):
+        raise ValueError(f"results must be a list of ExperimentResult, got {results!r:.80}")
     lines = []
     for r in results:
         lines += _wrap(f"{r.name}: {_status(r, out)}", 0)
