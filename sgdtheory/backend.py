@@ -303,6 +303,8 @@ class Backend:
 
     def _float_dtype(self, dtype):
         """A floating dtype of this backend (float16/32/64), ValueError naming dtype."""
+        if type(dtype) is str and dtype in _FLOAT_NAMES:  # the per-step case, fast
+            return self.dtype(dtype)
         dt = self.dtype(dtype)
         if "float" not in str(dt):
             raise ValueError(f"dtype must be a floating dtype (float16, float32, float64), "
@@ -375,8 +377,14 @@ def _seed_entropy(seed):
     return vals
 
 
+_FLOAT_NAMES = ("float16", "float32", "float64")
+
+
 def _shape(shape, dtype) -> tuple:
     """An array shape (int ≥ 0 or a sequence of them) that fits in memory, as a tuple."""
+    if type(shape) is tuple and all(type(n) is int and 0 <= n < 2**40 for n in shape):
+        if math.prod(shape) < 2**24:  # the per-step case: small, fast
+            return shape
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
         shape = (shape,)
     if not isinstance(shape, (tuple, list, range)):

@@ -104,16 +104,12 @@ def sgd(lr, momentum=0.0, nesterov: bool = False) -> Optimizer:
         return SGDState(lr, momentum, None if plain else array_module(params).zeros_like(params))
 
     def update(grad, state: SGDState, params, scale=1.0):
-        _float_array("params", params)
-        if _float_array("grad", grad).shape != params.shape:
-            raise ValueError(f"grad must have the shape of params {tuple(params.shape)}, got "
-                             f"{tuple(grad.shape)}")
-        for name in ("lr", "momentum"):
-            col = getattr(state, name)
-            if getattr(col, "ndim", 0) and (len(params.shape) != 2
-                                            or col.shape[0] != params.shape[0]):
-                raise ValueError(f"{name} is a column of {col.shape[0]} rows: params must have "
-                                 f"shape ({col.shape[0]}, p), got {tuple(params.shape)}")
+        if not (type(grad) is np.ndarray and type(params) is np.ndarray  # the fast, usual case
+                and grad.dtype in _FLOATS and params.dtype in _FLOATS
+                and grad.shape == params.shape):
+            _same_shape("grad", _float_array("grad", grad), _float_array("params", params))
+        if type(state.lr) is not float or type(state.momentum) is not float:
+            _columns_fit(state, params)
         if not (type(scale) is float and math.isfinite(scale)):
             scale = real("scale", scale)
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run: inf, detected
@@ -153,12 +149,14 @@ def ema_update(average, params, decay: float):
     >>> ema_update(np.array([1.0]), np.array([0.0]), 0.75).tolist()
     [0.75]
     """
-    decay = real("decay", decay)
+    if not (type(decay) is float and 0.0 <= decay <= 1.0):
+        decay = real("decay", decay)
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must lie in [0, 1], got {decay!r}")
-    if _float_array("average", average).shape != _float_array("params", params).shape:
-        raise ValueError(f"average must have the shape of params {tuple(params.shape)}, got "
-                         f"{tuple(average.shape)}")
+    if not (type(average) is np.ndarray and type(params) is np.ndarray
+            and average.dtype in _FLOATS and params.dtype in _FLOATS
+            and average.shape == params.shape):
+        _same_shape("average", _float_array("average", average), _float_array("params", params))
     with np.errstate(over="ignore", invalid="ignore"):
         average -= (1.0 - decay) * (average - params)
     return average
@@ -178,6 +176,22 @@ def _float_array(name, x):
     if not floating or not hasattr(x, "shape"):
         raise ValueError(f"{name} must be a floating-point array, got {_short(x)}")
     return x
+
+
+def _same_shape(name, x, params) -> None:
+    if tuple(x.shape) != tuple(params.shape):
+        raise ValueError(f"{name} must have the shape of params {tuple(params.shape)}, got "
+                         f"{tuple(x.shape)}")
+
+
+def _columns_fit(state: SGDState, params) -> None:
+    """Per-row lr / momentum columns (n, 1) must match params (n, p)."""
+    for name in ("lr", "momentum"):
+        col = getattr(state, name)
+        if getattr(col, "ndim", 0) and (len(params.shape) != 2
+                                        or col.shape[0] != params.shape[0]):
+            raise ValueError(f"{name} is a column of {col.shape[0]} rows: params must have "
+                             f"shape ({col.shape[0]}, p), got {tuple(params.shape)}")
 
 
 def _hyper(name, value, low, high):
