@@ -253,6 +253,211 @@ def _unstable(pr: _Problem, lr, mu, nesterov: bool = False):
     return lr * pr.hd.max() >= limit
 
 
+# --------------------------------------------------------------------------- 2×2 closed form
+
+_LOG_TINY = -700.0  # log of a base that is exactly 0: its powers t ≥ 1 vanish, its 0th is 1
+
+
+class _Pair(NamedTuple):
+    """Per-dimension 2×2 dynamics z' = A z + g ζ of one optimiser setting, arrays of shape (d,).
+
+    ``a`` = (A00, A01, A10, A11); ``e`` = the entries of I − A, computed without cancellation;
+    ``omd`` = 1 − det A (accurate); ``g`` = the noise gain; ``idx`` = the component whose second
+    moment weights the loss; ``hh`` = ½h; ``s0`` / ``sst`` = (S00, S01, S11) of E[zzᵀ] at t = 0
+    and at stationarity for B = 1 (stationary moments scale as 1/B).
+    """
+
+    a: tuple
+    e: tuple
+    omd: np.ndarray
+    g: tuple
+    idx: int
+    hh: np.ndarray
+    s0: tuple
+    sst: tuple
+
+
+def _pair_system(pr: _Problem, eta: float, mu: float, beta: float, kind: str) -> _Pair:
+    """The 2×2 system of SGD (embedded as A = diag(1 − ηh̃, 0)), heavy ball or Nesterov on
+    z = (θ, v), or SGD with an EMA on z = (θ, θ̄) — the same maps as :func:`_linear_system`."""
+    hd, x0 = pr.hd, pr.x0
+    u = eta * hd
+    zero, one = np.zeros_like(hd), np.ones_like(hd)
+    if kind == "sgd":
+        a, e = (1.0 - u, zero, zero, zero), (u, zero, zero, one)
+        g, omd, idx, s0 = (-eta * one, zero), one, 0, (x0, zero, zero)
+    elif kind == "heavy":
+        a = (1.0 - u, -eta * mu * one, hd, mu * one)
+        e = (u, eta * mu * one, -hd, (1.0 - mu) * one)
+        g, omd, idx, s0 = (-eta * one, one), (1.0 - mu) * one, 0, (x0, zero, zero)
+    elif kind == "nesterov":
+        a = (1.0 - u * (1.0 + mu), -eta * mu * mu * one, hd, mu * one)
+        e = (u * (1.0 + mu), eta * mu * mu * one, -hd, (1.0 - mu) * one)
+        g = (-eta * (1.0 + mu) * one, one)
+        omd, idx, s0 = (1.0 - mu) + mu * u, 0, (x0, zero, zero)  # det A = μ(1 − ηh̃)
+    else:  # "ema": θ̄' = βθ̄ + (1 − β)θ', θ̄_0 = θ_0
+        a = (1.0 - u, zero, (1.0 - beta) * (1.0 - u), beta * one)
+        e = (u, zero, -(1.0 - beta) * (1.0 - u), (1.0 - beta) * one)
+        g = (-eta * one, -(1.0 - beta) * eta * one)
+        omd, idx, s0 = (1.0 - beta) + beta * u, 1, (x0, x0, x0)  # det A = β(1 − ηh̃)
+    return _Pair(a, e, omd, g, idx, 0.5 * pr.h, s0, _pair_stationary(a, e, omd, g, pr.cd))
+
+
+def _pair_stationary(a, e, omd, g, cd):
+    """Stationary E[zzᵀ] of z' = Az + gζ, Var ζ = c̃ (B = 1), in closed form.
+
+    A^j = p_{j+1} I + p_j Ā (Cayley–Hamilton; Ā = A − τI, p_j the impulse response of
+    x_j = τx_{j−1} − δx_{j−2}, τ = tr A, δ = det A), so S* = c̃ Σ_j A^j g gᵀ A^jᵀ
+    = c̃ [γ1 (g + ā)(g + ā)ᵀ + (γ0 − γ1)(g gᵀ + ā āᵀ)], ā = Āg, with the AR(2) autocovariances
+    γ1 = τ / ((1 − δ) P Q), γ0 − γ1 = 1 / ((1 − δ) Q), P = det(I − A), Q = det(I + A).
+    """
+    a00, a01, a10, a11 = a
+    e00, e01, e10, e11 = e
+    p_ = e00 * e11 - e01 * e10
+    q_ = (2.0 - e00) * (2.0 - e11) - e01 * e10
+    gamma1 = (a00 + a11) / (omd * p_ * q_)
+    diff = 1.0 / (omd * q_)
+    g0, g1 = g
+    b0, b1 = -a11 * g0 + a01 * g1, a10 * g0 - a00 * g1  # ā = Āg
+    c0, c1 = g0 + b0, g1 + b1
+    return (cd * (gamma1 * c0 * c0 + diff * (g0 * g0 + b0 * b0)),
+            cd * (gamma1 * c0 * c1 + diff * (g0 * g1 + b0 * b1)),
+            cd * (gamma1 * c1 * c1 + diff * (g1 * g1 + b1 * b1)))
+
+
+class _Modes(NamedTuple):
+    r"""One kind of dimension (real or complex roots of A) of a :class:`_Pair`, in closed form.
+
+    The deviation E[z_t z_tᵀ] − S* = A^t D A^tᵀ (D = S0 − S*) has loss component r_t D r_tᵀ,
+    r_t = e_idxᵀ A^t = p_t w + e_t z by Cayley–Hamilton, p_t = (r1^t − r2^t)/(r1 − r2):
+
+    * real roots, |r1| ≥ |r2|, q = r2/r1: p_t = r1^{t−1} X_t, X_t = (1 − q^t)/(1 − q),
+      e_t = r1^{t−1}, Y_t = 1, w = A_{idx,·} − r1 e_idx, z = r1 e_idx;
+    * complex roots ρe^{±iφ}: p_t = ρ^{t−1} X_t, X_t = sin(tφ)/sin φ, e_t = ρ^{t−1} Y_t,
+      Y_t = cos(tφ), w = A_{idx,·} − ρ cos φ e_idx, z = ρ e_idx.
+
+    So ½h r_t D r_tᵀ = env_t (k_a X_t² + 2 k_b X_t Y_t + k_c Y_t²), env_t = e^{−κ(t−1)},
+    κ = −2 log|r1| (or −2 log ρ), with no division by a root gap: exact also where the roots
+    (nearly) coincide, X_t → t.
+    """
+
+    cplx: bool
+    sel: np.ndarray  # indices of these dimensions in the system
+    kappa: np.ndarray
+    sgn: np.ndarray  # sign of r1 (real roots; 1 for complex)
+    scale: np.ndarray  # 1 − q (real) or sin φ (complex)
+    rate: np.ndarray  # log|q| (real, ≥ _LOG_TINY) or φ (complex)
+    qneg: np.ndarray  # q < 0
+    k0: tuple  # (k_a, k_b, k_c) for D = S0
+    k1: tuple  # (k_a, k_b, k_c) for D = S*(B = 1)
+    w: tuple  # w = (w_0, w_1) and z_idx, to rebuild the state row r_t
+    zi: np.ndarray
+
+
+def _sym_form(d, v, w):
+    """v D wᵀ for D = (d00, d01, d11) symmetric and 2-vectors v, w."""
+    return v[0] * (d[0] * w[0] + d[1] * w[1]) + v[1] * (d[1] * w[0] + d[2] * w[1])
+
+
+def _pair_modes(sy: _Pair) -> list[_Modes]:
+    """Roots of each dimension's A and the coefficients of :class:`_Modes` (non-empty kinds)."""
+    a00, a01, a10, a11 = sy.a
+    e00, e01, e10, e11 = sy.e
+    i = sy.idx
+    a_ii, a_io, a_oo = (a00, a01, a11) if i == 0 else (a11, a10, a00)
+    e_ii, e_oo = (e00, e11) if i == 0 else (e11, e00)
+    tau, det = a00 + a11, a00 * a11 - a01 * a10
+    disc = (e11 - e00) ** 2 + 4.0 * a01 * a10
+    out = []
+    for cplx in (False, True):
+        sel = np.flatnonzero(disc < 0) if cplx else np.flatnonzero(disc >= 0)
+        if sel.size == 0:
+            continue
+        ta, de = tau[sel], det[sel]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if not cplx:
+                s = np.sqrt(disc[sel])
+                sgn = np.where(ta >= 0, 1.0, -1.0)
+                r1 = 0.5 * (ta + sgn * s)
+                ar1 = np.abs(r1)
+                zero = ar1 == 0
+                # r1 > 0: 1 − r1 is the small root of det(E − yI) = y² − tr(E) y + det(E)
+                y1 = 2.0 * (e00 * e11 - e01 * e10)[sel] / ((e00 + e11)[sel] + s)
+                log_r1 = np.where(r1 > 0, np.log1p(-np.where(r1 > 0, y1, 0.0)), np.log(ar1))
+                kappa = np.minimum(-2.0 * log_r1, -2.0 * _LOG_TINY)
+                scale = np.where(zero, 1.0, s / np.where(zero, 1.0, ar1))  # 1 − q
+                qneg = de < 0
+                rate = np.where(qneg, np.log(np.abs(de)) - 2.0 * np.log(ar1),
+                                np.log1p(-np.minimum(scale, 1.0)))
+                rate = np.maximum(np.where(zero, _LOG_TINY, rate), _LOG_TINY)
+                # A_ii − r1 and A_oo − r1 multiply to A_io A_oi: take the larger directly
+                d1, d2 = a_ii[sel] - r1, a_oo[sel] - r1
+                wi = np.where(np.abs(d1) >= np.abs(d2), d1,
+                              (a01 * a10)[sel] / np.where(d2 != 0, d2, 1.0))
+                zi = r1
+            else:
+                si, rho = np.sqrt(-disc[sel]), np.sqrt(de)
+                kappa = -np.log1p(-sy.omd[sel])  # ρ² = δ = 1 − (1 − δ)
+                sgn, qneg = np.ones_like(ta), np.zeros(ta.shape, bool)
+                rate, scale = np.arctan2(si, ta), si / (2.0 * rho)  # φ, sin φ
+                wi = 0.5 * (e_oo[sel] - e_ii[sel])  # A_ii − ρ cos φ = (A_ii − A_oo)/2
+                zi = rho
+        wv = (wi, a_io[sel]) if i == 0 else (a_io[sel], wi)
+        zv = (zi, 0.0) if i == 0 else (0.0, zi)
+        hh = sy.hh[sel]
+        ks = []
+        for d in (sy.s0, sy.sst):
+            dd = tuple(x[sel] for x in d)
+            ks.append((hh * _sym_form(dd, wv, wv), hh * _sym_form(dd, wv, zv),
+                       hh * _sym_form(dd, zv, zv)))
+        out.append(_Modes(cplx, sel, kappa, sgn, scale, rate, qneg, ks[0], ks[1], wv, zi))
+    return out
+
+
+def _mode_x(m: _Modes, t):
+    """X_t of :class:`_Modes` (Y_t is 1 for real roots, cos(tφ) for complex), t ≥ 1 real."""
+    if m.cplx:
+        return np.sin(t * m.rate) / m.scale
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        pos = np.where(m.scale > 0, -np.expm1(t * m.rate) / np.where(m.scale > 0, m.scale, 1.0),
+                       t)  # 0 ≤ q ≤ 1; q = 1 (double root): X_t = t
+        sign = np.where(np.remainder(t, 2.0) == 1.0, -1.0, 1.0)
+        neg = (1.0 - sign * np.exp(t * m.rate)) / m.scale  # q < 0
+    return np.where(m.qneg, neg, pos)
+
+
+def _mode_devs(m: _Modes, t):
+    """Σ_i ½h_i r_t D r_tᵀ over the dimensions of ``m`` for D = S0 and D = S*(B = 1).
+
+    ``t`` (n, 1) → two arrays (n,). With these, E[L_t] = dev0 + (L*₁ − dev1)/B.
+    """
+    x = _mode_x(m, t)
+    env = np.exp(-m.kappa * (t - 1.0))
+    xx = env * x * x
+    if m.cplx:
+        y = np.cos(t * m.rate)
+        xy, yy = env * x * y, env * y * y
+    else:
+        xy, yy = env * x, env
+    return tuple((xx * k[0] + 2.0 * xy * k[1] + yy * k[2]).sum(axis=-1) for k in (m.k0, m.k1))
+
+
+def _state_row(sy: _Pair, modes, t: float):
+    """r_t = e_idxᵀ A^t (its two components over all dimensions) at an integer t ≥ 1."""
+    r = np.zeros((2, sy.hh.size))
+    for m in modes:
+        env = np.exp(-0.5 * m.kappa * (t - 1.0))
+        x = _mode_x(m, t)
+        if m.cplx:
+            p, e = env * x, env * np.cos(t * m.rate)
+        else:  # r1^{t−1} = sgn^{t−1} |r1|^{t−1}
+            e = np.where((m.sgn < 0) & ((t - 1.0) % 2.0 == 1.0), -env, env)
+            p = e * x
+        r[:, m.sel] = p * np.asarray(m.w)
+        r[sy.idx, m.sel] += e * m.zi
+    return r
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -472,13 +677,17 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
     unstable = _unstable(pr, flat[0], flat[2], nesterov)
     out[(l0 <= flat[4])] = 0.0
     todo = np.flatnonzero(~unstable & (l0 > flat[4]))
-    if todo.size:
-        if has_v or has_ema:
-            scan = todo
-        else:
-            scan = _sgd_newton(pr, [a[todo] for a in flat], max_steps, out, todo)
-        if scan.size:
-            _scan(pr, [a[scan] for a in flat], max_steps, out, scan, has_v, has_ema, nesterov)
+    if todo.size == 0:
+        pass
+    elif has_v and has_ema:  # a 3×3 map: scanned
+        _scan(pr, [a[todo] for a in flat], max_steps, out, todo, has_v, has_ema, nesterov)
+    elif has_v or has_ema:
+        kind = "ema" if has_ema else ("nesterov" if nesterov else "heavy")
+        _pair_steps(pr, kind, [a[todo] for a in flat], max_steps, out, todo)
+    else:
+        rest = _sgd_newton(pr, [a[todo] for a in flat], max_steps, out, todo)
+        if rest.size:  # loss not monotone, several crossings possible
+            _pair_steps(pr, "sgd", [a[rest] for a in flat], max_steps, out, rest)
     return float(out[0]) if not shape else out.reshape(shape)
 
 
@@ -670,6 +879,256 @@ def _scan(pr: _Problem, cfg, max_steps, out, where, has_v, has_ema, nesterov=Fal
                 break
             s, t0 = traj[:, K], t0 + K
             K = min(2 * K, k_max)
+
+
+def _pair_steps(pr: _Problem, kind: str, cfg, max_steps: int, out: np.ndarray, where):
+    """First crossings of 2×2 systems (:func:`_pair_search`), grouped by (η, μ, β).
+
+    The moment map depends on (η, μ, β) but not on B, and E[L_t] = dev0(t) + (L*₁ − dev1(t))/B,
+    so all batch sizes (and targets) of one (η, μ, β) share the closed form.
+    """
+    lr, batch, mu, beta, target = cfg
+    keys = np.stack([lr, mu, beta], axis=1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(uniq.shape[0] + 1))
+    per = max(1, _CHUNK // max(1, 4 * pr.h.size))
+    for gi, (eta, m_, b_) in enumerate(uniq):
+        members = order[bounds[gi]:bounds[gi + 1]]
+        for k0 in range(0, members.size, per):
+            mem = members[k0:k0 + per]
+            _pair_search(pr, kind, float(eta), float(m_), float(b_), batch[mem], target[mem],
+                         max_steps, out, where[mem])
+
+
+def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, batch, target,
+                 max_steps: int, out: np.ndarray, dest: np.ndarray):
+    r"""Exact first t ≥ 1 with E[L_t] ≤ target for configurations sharing (η, μ, β).
+
+    Each configuration keeps t₁: E[L_t] > target is proven for every t < t₁. From t₁ the loss
+    is bounded below for all t ≥ t₁ by G(t) = L* + Σ_i P_i e^{−κ_i (t−t₁)} − N
+    (:func:`_pair_bound`); G decreases and its exponential sum is log-convex, so Newton's method
+    from below finds the first integer t_G with G(t_G) ≤ target without passing it
+    (:func:`_newton_below`). Every t in [t₁, t_G) is then proven above the target; E[L_{t_G}]
+    is evaluated exactly (closed form): at or below the target it is the answer, otherwise
+    t₁ ← t_G + 1. If G never reaches the target (or only beyond ``max_steps``) the answer is
+    inf. Where the bound makes little progress (an oscillating loss near the target), the
+    exact loss is computed step by step over a block of steps, from the closed-form state at
+    t₁ (:func:`_block_devs`), blocks doubling while that lasts. Writes into ``out[dest]``.
+    """
+    sy = _pair_system(pr, eta, mu, beta, kind)
+    modes = _pair_modes(sy)
+    ls1 = float(sy.hh @ sy.sst[2 * sy.idx])  # L* at B = 1
+    peaks = [None if m.cplx else _peak_times(m) for m in modes]
+    kappa = np.concatenate([m.kappa for m in modes])
+    order = np.argsort(kappa, kind="stable")
+    inv_b = 1.0 / batch
+    lstar = ls1 * inv_b
+    t1 = np.ones(batch.size)
+    live = np.ones(batch.size, bool)
+    block = 64
+
+    def finish(rows, value):
+        out[dest[rows]] = value
+        live[rows] = False
+
+    while np.any(live):
+        idx = np.flatnonzero(live)
+        p, neg = _pair_bound(modes, peaks, t1[idx, None], inv_b[idx, None])
+        gap = target[idx] - lstar[idx] + neg - 1e-11 * lstar[idx]
+        finish(idx[gap <= 0], np.inf)  # G(t) > target for all t ≥ t₁
+        keep = gap > 0
+        idx, p, gap = idx[keep], p[keep], gap[keep]
+        tau = _newton_below(p, kappa, order, gap, max_steps - t1[idx])
+        finish(idx[np.isinf(tau)], np.inf)
+        keep = np.isfinite(tau)
+        idx, tau = idx[keep], tau[keep]
+        if idx.size == 0:
+            continue
+        tg = t1[idx] + tau
+        d0, d1 = np.zeros(idx.size), np.zeros(idx.size)
+        for m in modes:
+            a_, b_ = _mode_devs(m, tg[:, None])
+            d0 += a_
+            d1 += b_
+        hit = d0 + (ls1 - d1) * inv_b[idx] <= target[idx]
+        finish(idx[hit], tg[hit])
+        t1[idx[~hit]] = tg[~hit] + 1.0
+        crawl = idx[~hit & (tau < 8)]
+        finish(np.flatnonzero(live & (t1 > max_steps)), np.inf)
+        crawl = crawl[live[crawl]]
+        if crawl.size == 0:
+            block = 64
+            continue
+        t_s = int(t1[crawl].min())
+        n = int(min(block, max_steps + 1 - t_s))
+        d0, d1 = _block_devs(sy, modes, t_s, n)
+        ts = t_s + np.arange(n)
+        for j in np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n)):
+            ok = (d0 + (ls1 - d1) * inv_b[j] <= target[j]) & (ts >= t1[j])
+            if np.any(ok):
+                finish(j, ts[np.argmax(ok)])
+            else:
+                t1[j] = t_s + n
+        finish(np.flatnonzero(live & (t1 > max_steps)), np.inf)
+        block = min(2 * block, 1 << 14)
+
+
+def _peak_times(m: _Modes):
+    """Continuous maximisers over t of env_t X_t and env_t X_t² (real roots, 0 ≤ q ≤ 1).
+
+    log(env_t X_t^k) = −κ(t−1) + k log(1 − q^t) + const is concave: its maximum is at
+    q^t = κ/(κ + k L_q), L_q = −log q, i.e. t* = log(1 + k L_q/κ)/L_q (→ k/κ as q → 1).
+    """
+    lq = -m.rate
+    out = []
+    for k in (1.0, 2.0):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tp = np.where(lq > 0, np.log1p(k * lq / m.kappa) / np.where(lq > 0, lq, 1.0),
+                          k / m.kappa)
+        out.append(np.where(np.isfinite(tp), tp, 0.0))
+    return out
+
+
+def _quad_min(ka, kb, kc, lo, hi):
+    """min of ka g² + 2kb g + kc over g ∈ [lo, hi] (hi may be inf), elementwise."""
+    f_lo = (ka * lo + 2.0 * kb) * lo + kc
+    fin = np.isfinite(hi)
+    hs = np.where(fin, hi, 0.0)
+    f_hi = np.where(fin, (ka * hs + 2.0 * kb) * hs + kc,
+                    np.where((ka < 0) | ((ka == 0) & (kb < 0)), -np.inf, np.inf))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = -kb / ka
+    inside = (ka > 0) & (v > lo) & (v < hi)
+    vs = np.where(inside, v, lo)
+    f_v = np.where(inside, (ka * vs + 2.0 * kb) * vs + kc, np.inf)
+    return np.minimum(np.minimum(f_lo, f_hi), f_v)
+
+
+def _pair_bound(modes, peaks, t1, inv_b):
+    r"""Lower bound E[L_t] − L* ≥ Σ_i P_i e^{−κ_i (t − t₁)} − N for all t ≥ t₁, per member.
+
+    ``t1``, ``inv_b`` (n, 1). Per dimension dev_t = env_t Q(X_t, Y_t) with env_t > 0
+    decreasing (:class:`_Modes`). Two bounds, the better one kept:
+
+    * Q ≥ Q_lo over the values (X, Y) take for t ≥ t₁ — X_t ∈ [X_{t₁}, 1/(1 − q)] (0 ≤ q < 1,
+      X increasing), between X_{t₁} and X_{t₁+1} (q < 0), any phase (complex: Q_lo is the
+      smallest eigenvalue of the form in (sin θ, cos θ)) — so dev_t ≥ Q_lo env_t: a decaying
+      exponential if Q_lo ≥ 0, else at least Q_lo env_{t₁};
+    * term by term: the positive parts of k_a X², 2k_b X, k_c at X = X_{t₁} times env_t
+      (real roots), the negative ones at their maxima over t ≥ t₁ of env_t X_t^k
+      (:func:`_peak_times`; |X_t| ≤ min(t, 1/sin φ) for complex roots) — finite where the
+      roots (nearly) coincide and the first bound is not.
+
+    Returns P·env_{t₁} (n, d) and N (n,) with a margin of 1e-11 of the terms' magnitude for
+    rounding.
+    """
+    ps, neg = [], 0.0
+    for m, pk in zip(modes, peaks, strict=True):
+        ka = m.k0[0] - inv_b * m.k1[0]
+        kb = m.k0[1] - inv_b * m.k1[1]
+        kc = m.k0[2] - inv_b * m.k1[2]
+        env1 = np.exp(-m.kappa * (t1 - 1.0))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if not m.cplx:
+                x1, x2 = _mode_x(m, t1), _mode_x(m, t1 + 1.0)
+                xinf = np.where(m.scale > 0, 1.0 / m.scale, np.inf)
+                lo = np.where(m.qneg, np.minimum(x1, x2), x1)
+                hi = np.where(m.qneg, np.maximum(x1, x2), xinf)
+                qlo = _quad_min(ka, kb, kc, lo, hi)
+                f = [np.where(m.qneg, env1 * hi**k,
+                              np.exp(-m.kappa * (np.maximum(t1, tp) - 1.0))
+                              * _mode_x(m, np.maximum(t1, tp)) ** k)
+                     for k, tp in zip((1.0, 2.0), pk, strict=True)]
+                p_split = ((np.maximum(ka, 0) * lo + 2.0 * np.maximum(kb, 0)) * lo
+                           + np.maximum(kc, 0))
+                n_split = (np.maximum(-ka, 0) * f[1] + 2.0 * np.maximum(-kb, 0) * f[0]
+                           + np.maximum(-kc, 0) * env1)
+            else:
+                s = m.scale
+                fa, fb = ka / (s * s), kb / s
+                qlo = (0.5 * (fa + kc) - np.hypot(0.5 * (fa - kc), fb)
+                       - 1e-12 * (np.abs(fa) + np.abs(fb) + np.abs(kc)))
+                f = [np.minimum(np.exp(-m.kappa * (np.maximum(t1, k / m.kappa) - 1.0))
+                                * np.maximum(t1, k / m.kappa) ** k, env1 / s**k)
+                     for k in (1.0, 2.0)]
+                p_split = np.zeros_like(qlo)
+                n_split = (np.maximum(-ka, 0) * f[1] + 2.0 * np.abs(kb) * f[0]
+                           + np.maximum(-kc, 0) * env1)
+            mag = np.abs(ka) * f[1] + 2.0 * np.abs(kb) * f[0] + np.abs(kc) * env1
+            n_whole = np.where(qlo < 0, -qlo * env1, 0.0)
+            split = (qlo < 0) & (n_split < n_whole)
+            ps.append(np.where(split, p_split, np.maximum(qlo, 0.0)) * env1)
+            neg = neg + (np.where(split, n_split, n_whole) + 1e-11 * mag).sum(axis=-1)
+    return np.concatenate(ps, axis=1), neg
+
+
+def _newton_below(p, kappa, order, gap, tmax):
+    """First integer τ ≥ 0 with Φ(τ) = Σ_i p_i e^{−κ_i τ} ≤ gap (p ≥ 0, gap > 0), per row.
+
+    Φ is decreasing and log-convex, so Newton's method on log Φ from below never passes the
+    crossing (as :func:`_newton_group`); it starts from the bound Φ(τ) ≥ (Σ_{J_k} p)
+    e^{−max_{J_k} κ τ} over the k slowest dimensions J_k. Returns τ (``inf`` where the
+    crossing lies beyond ``tmax``; lo + 1 with Φ > gap proven up to lo if not converged).
+    """
+    res = np.full(p.shape[0], np.inf)
+    phi0 = p.sum(axis=1)
+    res[phi0 <= gap] = 0.0
+    rows = np.flatnonzero(phi0 > gap)
+    if rows.size == 0:
+        return res
+    ks = np.unique(np.geomspace(1, kappa.size, 48).astype(int)) - 1
+    pr, g = p[rows], gap[rows]
+    cum = np.cumsum(pr[:, order], axis=1)[:, ks]
+    kmax = np.maximum.accumulate(kappa[order])[ks]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tk = np.log(cum / g[:, None]) / kmax
+    lo = np.max(np.where((cum > g[:, None]) & np.isfinite(tk), tk, 0.0), axis=1)
+    lo = np.maximum(np.ceil(lo) - 1.0, 0.0)
+    for _ in range(100):
+        e = pr * np.exp(-np.multiply.outer(lo, kappa))
+        s_lo = e.sum(axis=1)
+        back = s_lo <= g  # rounding put the start past the crossing: restart at 0
+        if np.any(back):
+            lo[back], e[back] = 0.0, pr[back]
+            s_lo[back] = e[back].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = (np.log(s_lo) - np.log(g)) * s_lo / (e @ kappa)
+        step = np.where(np.isfinite(step) & (step > 0), step, 0.0)
+        n = np.maximum(lo + 1.0, np.ceil(lo + step))
+        beyond = n - 1.0 >= tmax[rows]  # proven above the target through n − 1 ≥ tmax
+        hit = ~beyond & ((pr * np.exp(-np.multiply.outer(n, kappa))).sum(axis=1) <= g)
+        res[rows[hit]] = n[hit]
+        keep = ~(beyond | hit)
+        rows, lo, g, pr = rows[keep], n[keep], g[keep], pr[keep]
+        if rows.size == 0:
+            return res
+    res[rows] = lo + 1.0
+    return res
+
+
+def _block_devs(sy: _Pair, modes, t_s: int, n: int):
+    """Exact (dev0, dev1) at t_s … t_s + n − 1: the recursion r ← rA from the closed-form r_{t_s}.
+
+    This is the step-by-step moment recursion itself (E_t = A^t D A^tᵀ, one step per row),
+    started at t_s instead of 0.
+    """
+    a00, a01, a10, a11 = sy.a
+    r0, r1 = _state_row(sy, modes, float(t_s))
+    w = np.stack([sy.hh * sy.s0[0], 2.0 * sy.hh * sy.s0[1], sy.hh * sy.s0[2],
+                  sy.hh * sy.sst[0], 2.0 * sy.hh * sy.sst[1], sy.hh * sy.sst[2]])
+    dev = np.empty((2, n))
+    nb = max(1, _CHUNK // (3 * r0.size))
+    quad = np.empty((min(nb, n), 3, r0.size))
+    for j0 in range(0, n, nb):
+        m = min(nb, n - j0)
+        for j in range(m):
+            quad[j, 0], quad[j, 1], quad[j, 2] = r0 * r0, r0 * r1, r1 * r1
+            r0, r1 = r0 * a00 + r1 * a10, r0 * a01 + r1 * a11
+        dev[0, j0:j0 + m] = np.einsum("tkd,kd->t", quad[:m], w[:3])
+        dev[1, j0:j0 + m] = np.einsum("tkd,kd->t", quad[:m], w[3:])
+    return dev[0], dev[1]
 
 
 # --------------------------------------------------------------------------- critical batch
