@@ -348,6 +348,9 @@ class _Modes(NamedTuple):
     scale: np.ndarray  # 1 − q (real) or sin φ (complex)
     rate: np.ndarray  # log|q| (real, ≥ _LOG_TINY) or φ (complex)
     qneg: np.ndarray  # q < 0
+    neg: np.ndarray  # positions with q < 0
+    dbl: np.ndarray  # positions with a double root (q = 1, X_t = t)
+    safe: np.ndarray  # scale with 0 replaced by 1
     k0: tuple  # (k_a, k_b, k_c) for D = S0
     k1: tuple  # (k_a, k_b, k_c) for D = S*(B = 1)
     w: tuple  # w = (w_0, w_1) and z_idx, to rebuild the state row r_t
@@ -410,7 +413,13 @@ def _pair_modes(sy: _Pair) -> list[_Modes]:
             dd = tuple(x[sel] for x in d)
             ks.append((hh * _sym_form(dd, wv, wv), hh * _sym_form(dd, wv, zv),
                        hh * _sym_form(dd, zv, zv)))
-        out.append(_Modes(cplx, sel, kappa, sgn, scale, rate, qneg, ks[0], ks[1], wv, zi))
+        perm = np.argsort(kappa, kind="stable")  # slowest first (used by _newton_below)
+        sel, kappa, sgn, scale, rate, qneg, k0, k1, wv, zi = (
+            tuple(x[perm] for x in a) if isinstance(a, tuple) else a[perm]
+            for a in (sel, kappa, sgn, scale, rate, qneg, ks[0], ks[1], wv, zi))
+        dbl = np.flatnonzero(scale == 0) if not cplx else np.empty(0, int)
+        out.append(_Modes(cplx, sel, kappa, sgn, scale, rate, qneg, np.flatnonzero(qneg), dbl,
+                          np.where(scale == 0, 1.0, scale), k0, k1, wv, zi))
     return out
 
 
@@ -418,12 +427,16 @@ def _mode_x(m: _Modes, t):
     """X_t of :class:`_Modes` (Y_t is 1 for real roots, cos(tφ) for complex), t ≥ 1 real."""
     if m.cplx:
         return np.sin(t * m.rate) / m.scale
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        pos = np.where(m.scale > 0, -np.expm1(t * m.rate) / np.where(m.scale > 0, m.scale, 1.0),
-                       t)  # 0 ≤ q ≤ 1; q = 1 (double root): X_t = t
-        sign = np.where(np.remainder(t, 2.0) == 1.0, -1.0, 1.0)
-        neg = (1.0 - sign * np.exp(t * m.rate)) / m.scale  # q < 0
-    return np.where(m.qneg, neg, pos)
+    x = -np.expm1(t * m.rate) / m.safe  # 0 ≤ q < 1
+    if m.dbl.size or m.neg.size:
+        x = np.array(x, copy=True)
+        tt = np.broadcast_to(t, x.shape)
+        x[..., m.dbl] = tt[..., m.dbl]  # q = 1 (double root): X_t = t
+        if m.neg.size:  # q < 0: (1 − q^t)/(1 − q), q^t = (−1)^t |q|^t
+            tn = tt[..., m.neg]
+            sign = np.where(np.remainder(tn, 2.0) == 1.0, -1.0, 1.0)
+            x[..., m.neg] = (1.0 - sign * np.exp(tn * m.rate[m.neg])) / m.scale[m.neg]
+    return x
 
 
 def _mode_devs(m: _Modes, t):
@@ -922,25 +935,38 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     ls1 = float(sy.hh @ sy.sst[2 * sy.idx])  # L* at B = 1
     peaks = [None if m.cplx else _peak_times(m) for m in modes]
     kappa = np.concatenate([m.kappa for m in modes])
-    order = np.argsort(kappa, kind="stable")
+    segs = []  # column blocks of the modes (each sorted by κ) and prefix lengths for the start
+    for a in np.cumsum([0] + [m.kappa.size for m in modes[:-1]]):
+        b = a + modes[len(segs)].kappa.size
+        ks = np.unique(np.geomspace(1, b - a, 24).astype(int)) - 1
+        segs.append((a, b, ks, np.concatenate([[0], ks[:-1] + 1])))
     inv_b = 1.0 / batch
     lstar = ls1 * inv_b
-    t1 = np.ones(batch.size)
     live = np.ones(batch.size, bool)
     block = 64
+    # common start: E[L_t] ≥ dev0(t) (the noise accumulated so far, (L*₁ − dev1(t))/B, is
+    # ≥ 0) and dev0(t) ≥ Σ_i P_i e^{−κ_i (t−1)} for all B (S0 ⪰ 0): one Newton solve per target
+    tgt, t_inv = np.unique(target, return_inverse=True)
+    p0, neg0 = _pair_bound(modes, peaks, np.ones(1), np.zeros(1))
+    tau0 = _newton_below(np.repeat(p0, tgt.size, axis=0), kappa, segs, tgt + neg0,
+                         np.full(tgt.size, max_steps - 1.0))
+    t1 = 1.0 + tau0[t_inv.reshape(-1)]
 
     def finish(rows, value):
         out[dest[rows]] = value
         live[rows] = False
 
+    finish(np.flatnonzero(t1 > max_steps), np.inf)
     while np.any(live):
         idx = np.flatnonzero(live)
-        p, neg = _pair_bound(modes, peaks, t1[idx, None], inv_b[idx, None])
+        p, neg = _pair_bound(modes, peaks, t1[idx], inv_b[idx])
         gap = target[idx] - lstar[idx] + neg - 1e-11 * lstar[idx]
         finish(idx[gap <= 0], np.inf)  # G(t) > target for all t ≥ t₁
-        keep = gap > 0
+        keep = ~(gap <= 0)
         idx, p, gap = idx[keep], p[keep], gap[keep]
-        tau = _newton_below(p, kappa, order, gap, max_steps - t1[idx])
+        unknown = ~np.isfinite(gap)  # a bound that failed (overflow): evaluate t₁ exactly
+        p[unknown], gap[unknown] = 0.0, 1.0
+        tau = _newton_below(p, kappa, segs, gap, max_steps - t1[idx])
         finish(idx[np.isinf(tau)], np.inf)
         keep = np.isfinite(tau)
         idx, tau = idx[keep], tau[keep]
@@ -992,85 +1018,111 @@ def _peak_times(m: _Modes):
 
 
 def _quad_min(ka, kb, kc, lo, hi):
-    """min of ka g² + 2kb g + kc over g ∈ [lo, hi] (hi may be inf), elementwise."""
-    f_lo = (ka * lo + 2.0 * kb) * lo + kc
-    fin = np.isfinite(hi)
-    hs = np.where(fin, hi, 0.0)
-    f_hi = np.where(fin, (ka * hs + 2.0 * kb) * hs + kc,
-                    np.where((ka < 0) | ((ka == 0) & (kb < 0)), -np.inf, np.inf))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = -kb / ka
-    inside = (ka > 0) & (v > lo) & (v < hi)
-    vs = np.where(inside, v, lo)
-    f_v = np.where(inside, (ka * vs + 2.0 * kb) * vs + kc, np.inf)
-    return np.minimum(np.minimum(f_lo, f_hi), f_v)
+    """min of ka g² + 2kb g + kc over g ∈ [lo, hi], elementwise (the clipped vertex if convex)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        v = np.clip(-kb / ka, lo, hi)
+        f_v = (ka * v + 2.0 * kb) * v + kc
+        f_ends = np.minimum((ka * lo + 2.0 * kb) * lo + kc, (ka * hi + 2.0 * kb) * hi + kc)
+    return np.where(ka > 0, f_v, f_ends)
+
+
+def _bound_times(m: _Modes, peaks, t1):
+    """The parts of :func:`_pair_bound` that depend on t₁ (u, 1) only, arrays (u, d_m):
+    env_{t₁}, the range [lo, hi] of X_t over t ≥ t₁ (real roots), and the maxima over t ≥ t₁
+    of env_t |X_t| and env_t X_t²."""
+    env1 = np.exp(-m.kappa * (t1 - 1.0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if m.cplx:
+            f = []
+            for k in (1.0, 2.0):
+                tm = np.maximum(t1, k / m.kappa)
+                f.append(np.minimum(np.exp(-m.kappa * (tm - 1.0)) * tm**k, env1 / m.scale**k))
+            return env1, None, None, f[0], f[1]
+        lo = _mode_x(m, t1)
+        hi = np.broadcast_to(np.where(m.scale > 0, 1.0 / m.scale, 1e300), lo.shape).copy()
+        if m.neg.size:  # X_t oscillates between X_{t₁} and X_{t₁+1}
+            x2 = _mode_x(m, t1 + 1.0)[:, m.neg]
+            x1 = lo[:, m.neg]
+            lo[:, m.neg], hi[:, m.neg] = np.minimum(x1, x2), np.maximum(x1, x2)
+        f = []
+        for k, tp in zip((1.0, 2.0), peaks, strict=True):
+            tm = np.maximum(t1, tp)
+            fm = np.exp(-m.kappa * (tm - 1.0)) * _mode_x(m, tm) ** k
+            if m.neg.size:
+                fm[:, m.neg] = env1[:, m.neg] * hi[:, m.neg] ** k
+            f.append(fm)
+    return env1, lo, hi, f[0], f[1]
 
 
 def _pair_bound(modes, peaks, t1, inv_b):
     r"""Lower bound E[L_t] − L* ≥ Σ_i P_i e^{−κ_i (t − t₁)} − N for all t ≥ t₁, per member.
 
-    ``t1``, ``inv_b`` (n, 1). Per dimension dev_t = env_t Q(X_t, Y_t) with env_t > 0
-    decreasing (:class:`_Modes`). Two bounds, the better one kept:
+    ``t1``, ``inv_b`` (n,). Per dimension dev_t = env_t Q(X_t, Y_t) with env_t > 0
+    decreasing (:class:`_Modes`); two bounds, the better one kept:
 
     * Q ≥ Q_lo over the values (X, Y) take for t ≥ t₁ — X_t ∈ [X_{t₁}, 1/(1 − q)] (0 ≤ q < 1,
-      X increasing), between X_{t₁} and X_{t₁+1} (q < 0), any phase (complex: Q_lo is the
-      smallest eigenvalue of the form in (sin θ, cos θ)) — so dev_t ≥ Q_lo env_t: a decaying
-      exponential if Q_lo ≥ 0, else at least Q_lo env_{t₁};
+      X increasing), between X_{t₁} and X_{t₁+1} (q < 0), any phase (complex roots: Q_lo is
+      the smallest eigenvalue of the form in (sin θ, cos θ)) — so dev_t ≥ Q_lo env_t: a
+      decaying exponential if Q_lo ≥ 0, else at least Q_lo env_{t₁};
     * term by term: the positive parts of k_a X², 2k_b X, k_c at X = X_{t₁} times env_t
       (real roots), the negative ones at their maxima over t ≥ t₁ of env_t X_t^k
       (:func:`_peak_times`; |X_t| ≤ min(t, 1/sin φ) for complex roots) — finite where the
       roots (nearly) coincide and the first bound is not.
 
-    Returns P·env_{t₁} (n, d) and N (n,) with a margin of 1e-11 of the terms' magnitude for
-    rounding.
+    Returns P·env_{t₁} (n, d) ≥ 0 and N (n,) ≥ 0, N with a margin of 1e-11 of the terms'
+    magnitude for rounding. The t₁-only parts are computed once per distinct t₁.
     """
-    ps, neg = [], 0.0
+    ut, inv = np.unique(t1, return_inverse=True)
+    ib = inv_b[:, None]
+    ps, neg = [], np.zeros(t1.size)
     for m, pk in zip(modes, peaks, strict=True):
-        ka = m.k0[0] - inv_b * m.k1[0]
-        kb = m.k0[1] - inv_b * m.k1[1]
-        kc = m.k0[2] - inv_b * m.k1[2]
-        env1 = np.exp(-m.kappa * (t1 - 1.0))
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            if not m.cplx:
-                x1, x2 = _mode_x(m, t1), _mode_x(m, t1 + 1.0)
-                xinf = np.where(m.scale > 0, 1.0 / m.scale, np.inf)
-                lo = np.where(m.qneg, np.minimum(x1, x2), x1)
-                hi = np.where(m.qneg, np.maximum(x1, x2), xinf)
-                qlo = _quad_min(ka, kb, kc, lo, hi)
-                f = [np.where(m.qneg, env1 * hi**k,
-                              np.exp(-m.kappa * (np.maximum(t1, tp) - 1.0))
-                              * _mode_x(m, np.maximum(t1, tp)) ** k)
-                     for k, tp in zip((1.0, 2.0), pk, strict=True)]
-                p_split = ((np.maximum(ka, 0) * lo + 2.0 * np.maximum(kb, 0)) * lo
-                           + np.maximum(kc, 0))
-                n_split = (np.maximum(-ka, 0) * f[1] + 2.0 * np.maximum(-kb, 0) * f[0]
-                           + np.maximum(-kc, 0) * env1)
+        env1, lo, hi, f1, f2 = _bound_times(m, pk, ut[:, None])
+        mag = [((np.abs(k[0]) * f2 + 2.0 * np.abs(k[1]) * f1 + np.abs(k[2]) * env1)
+                .sum(axis=1)[inv]) for k in (m.k0, m.k1)]
+        neg += 1e-11 * (mag[0] + inv_b * mag[1])
+        env1, f1, f2 = env1[inv], f1[inv], f2[inv]
+        if not m.cplx:
+            lo, hi = lo[inv], hi[inv]
+        ka = m.k0[0] - ib * m.k1[0]
+        kb = m.k0[1] - ib * m.k1[1]
+        kc = m.k0[2] - ib * m.k1[2]
+        if m.cplx:
+            fa, fb = ka / (m.scale * m.scale), kb / m.scale
+            qlo = (0.5 * (fa + kc) - np.hypot(0.5 * (fa - kc), fb)
+                   - 1e-12 * (np.abs(fa) + np.abs(fb) + np.abs(kc)))
+        else:
+            qlo = _quad_min(ka, kb, kc, lo, hi)
+        p = np.maximum(qlo, 0.0) * env1
+        rows, cols = np.nonzero(qlo < 0)  # Q_lo < 0: keep the better of the two bounds
+        if rows.size:
+            ka, kb, kc, e1 = ka[rows, cols], kb[rows, cols], kc[rows, cols], env1[rows, cols]
+            f1, f2 = f1[rows, cols], f2[rows, cols]
+            pa, pb, pc = np.maximum(ka, 0.0), np.maximum(kb, 0.0), np.maximum(kc, 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):
+                n_whole = np.where(e1 > 0, -qlo[rows, cols] * e1, 0.0)
+            if m.cplx:
+                p_split = 0.0
+                n_split = (pa - ka) * f2 + 2.0 * np.abs(kb) * f1 + (pc - kc) * e1
             else:
-                s = m.scale
-                fa, fb = ka / (s * s), kb / s
-                qlo = (0.5 * (fa + kc) - np.hypot(0.5 * (fa - kc), fb)
-                       - 1e-12 * (np.abs(fa) + np.abs(fb) + np.abs(kc)))
-                f = [np.minimum(np.exp(-m.kappa * (np.maximum(t1, k / m.kappa) - 1.0))
-                                * np.maximum(t1, k / m.kappa) ** k, env1 / s**k)
-                     for k in (1.0, 2.0)]
-                p_split = np.zeros_like(qlo)
-                n_split = (np.maximum(-ka, 0) * f[1] + 2.0 * np.abs(kb) * f[0]
-                           + np.maximum(-kc, 0) * env1)
-            mag = np.abs(ka) * f[1] + 2.0 * np.abs(kb) * f[0] + np.abs(kc) * env1
-            n_whole = np.where(qlo < 0, -qlo * env1, 0.0)
-            split = (qlo < 0) & (n_split < n_whole)
-            ps.append(np.where(split, p_split, np.maximum(qlo, 0.0)) * env1)
-            neg = neg + (np.where(split, n_split, n_whole) + 1e-11 * mag).sum(axis=-1)
+                x = lo[rows, cols]
+                p_split = (pa * x + 2.0 * pb) * x + pc
+                n_split = (pa - ka) * f2 + 2.0 * (pb - kb) * f1 + (pc - kc) * e1
+            split = n_split < n_whole
+            p[rows, cols] = np.where(split, p_split * e1, 0.0)
+            neg += np.bincount(rows, weights=np.where(split, n_split, n_whole),
+                               minlength=t1.size)
+        ps.append(p)
     return np.concatenate(ps, axis=1), neg
 
 
-def _newton_below(p, kappa, order, gap, tmax):
+def _newton_below(p, kappa, segs, gap, tmax):
     """First integer τ ≥ 0 with Φ(τ) = Σ_i p_i e^{−κ_i τ} ≤ gap (p ≥ 0, gap > 0), per row.
 
     Φ is decreasing and log-convex, so Newton's method on log Φ from below never passes the
     crossing (as :func:`_newton_group`); it starts from the bound Φ(τ) ≥ (Σ_{J_k} p)
-    e^{−max_{J_k} κ τ} over the k slowest dimensions J_k. Returns τ (``inf`` where the
-    crossing lies beyond ``tmax``; lo + 1 with Φ > gap proven up to lo if not converged).
+    e^{−max_{J_k} κ τ} over the k slowest dimensions J_k of each block ``segs`` (slices of
+    the columns, each sorted by κ). Returns τ (``inf`` where the crossing lies beyond
+    ``tmax``; lo + 1 with Φ > gap proven up to lo if not converged).
     """
     res = np.full(p.shape[0], np.inf)
     phi0 = p.sum(axis=1)
@@ -1078,17 +1130,18 @@ def _newton_below(p, kappa, order, gap, tmax):
     rows = np.flatnonzero(phi0 > gap)
     if rows.size == 0:
         return res
-    ks = np.unique(np.geomspace(1, kappa.size, 48).astype(int)) - 1
     pr, g = p[rows], gap[rows]
-    cum = np.cumsum(pr[:, order], axis=1)[:, ks]
-    kmax = np.maximum.accumulate(kappa[order])[ks]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tk = np.log(cum / g[:, None]) / kmax
-    lo = np.max(np.where((cum > g[:, None]) & np.isfinite(tk), tk, 0.0), axis=1)
+    lo = np.zeros(rows.size)
+    for a, b, ks, starts in segs:
+        cum = np.cumsum(np.add.reduceat(pr[:, a:b], starts, axis=1), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tk = np.log(cum / g[:, None]) / kappa[a + ks]
+        lo = np.maximum(lo, np.max(np.where((cum > g[:, None]) & np.isfinite(tk), tk, 0.0),
+                                   axis=1))
     lo = np.maximum(np.ceil(lo) - 1.0, 0.0)
+    e = pr * np.exp(-np.multiply.outer(lo, kappa))
+    s_lo = e.sum(axis=1)
     for _ in range(100):
-        e = pr * np.exp(-np.multiply.outer(lo, kappa))
-        s_lo = e.sum(axis=1)
         back = s_lo <= g  # rounding put the start past the crossing: restart at 0
         if np.any(back):
             lo[back], e[back] = 0.0, pr[back]
@@ -1097,11 +1150,13 @@ def _newton_below(p, kappa, order, gap, tmax):
             step = (np.log(s_lo) - np.log(g)) * s_lo / (e @ kappa)
         step = np.where(np.isfinite(step) & (step > 0), step, 0.0)
         n = np.maximum(lo + 1.0, np.ceil(lo + step))
+        e = pr * np.exp(-np.multiply.outer(n, kappa))
+        s_lo = e.sum(axis=1)
         beyond = n - 1.0 >= tmax[rows]  # proven above the target through n − 1 ≥ tmax
-        hit = ~beyond & ((pr * np.exp(-np.multiply.outer(n, kappa))).sum(axis=1) <= g)
+        hit = ~beyond & (s_lo <= g)
         res[rows[hit]] = n[hit]
         keep = ~(beyond | hit)
-        rows, lo, g, pr = rows[keep], n[keep], g[keep], pr[keep]
+        rows, lo, g, pr, e, s_lo = rows[keep], n[keep], g[keep], pr[keep], e[keep], s_lo[keep]
         if rows.size == 0:
             return res
     res[rows] = lo + 1.0
