@@ -926,9 +926,11 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     (:func:`_newton_below`). Every t in [t₁, t_G) is then proven above the target; E[L_{t_G}]
     is evaluated exactly (closed form): at or below the target it is the answer, otherwise
     t₁ ← t_G + 1. If G never reaches the target (or only beyond ``max_steps``) the answer is
-    inf. Where the bound makes little progress (an oscillating loss near the target), the
-    exact loss is computed step by step over a block of steps, from the closed-form state at
-    t₁ (:func:`_block_devs`), blocks doubling while that lasts. Writes into ``out[dest]``.
+    inf. Where that bound makes little progress (an oscillating loss near the target), windows
+    [t₁, t₁ + w) are proven above the target by per-dimension minima over the window
+    (:func:`_window_bound`; w doubles on success, shrinks on failure), and the shortest ones are
+    computed exactly step by step from the closed-form state at t₁ (:func:`_block_devs`).
+    Writes into ``out[dest]``.
     """
     sy = _pair_system(pr, eta, mu, beta, kind)
     modes = _pair_modes(sy)
@@ -943,7 +945,8 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     inv_b = 1.0 / batch
     lstar = ls1 * inv_b
     live = np.ones(batch.size, bool)
-    block = 64
+    win = np.full(batch.size, 64.0)  # window length while crawling
+    scan_len = np.full(batch.size, 32.0)  # exact block length, doubling while windows fail
     # common start: E[L_t] ≥ dev0(t) (the noise accumulated so far, (L*₁ − dev1(t))/B, is
     # ≥ 0) and dev0(t) ≥ Σ_i P_i e^{−κ_i (t−1)} for all B (S0 ⪰ 0): one Newton solve per target
     tgt, t_inv = np.unique(target, return_inverse=True)
@@ -956,49 +959,135 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
         out[dest[rows]] = value
         live[rows] = False
 
-    finish(np.flatnonzero(t1 > max_steps), np.inf)
-    while np.any(live):
-        idx = np.flatnonzero(live)
-        p, neg = _pair_bound(modes, peaks, t1[idx], inv_b[idx])
-        gap = target[idx] - lstar[idx] + neg - 1e-11 * lstar[idx]
-        finish(idx[gap <= 0], np.inf)  # G(t) > target for all t ≥ t₁
-        keep = ~(gap <= 0)
-        idx, p, gap = idx[keep], p[keep], gap[keep]
-        unknown = ~np.isfinite(gap)  # a bound that failed (overflow): evaluate t₁ exactly
-        p[unknown], gap[unknown] = 0.0, 1.0
-        tau = _newton_below(p, kappa, segs, gap, max_steps - t1[idx])
-        finish(idx[np.isinf(tau)], np.inf)
-        keep = np.isfinite(tau)
-        idx, tau = idx[keep], tau[keep]
-        if idx.size == 0:
-            continue
-        tg = t1[idx] + tau
-        d0, d1 = np.zeros(idx.size), np.zeros(idx.size)
-        for m in modes:
-            a_, b_ = _mode_devs(m, tg[:, None])
-            d0 += a_
-            d1 += b_
-        hit = d0 + (ls1 - d1) * inv_b[idx] <= target[idx]
-        finish(idx[hit], tg[hit])
-        t1[idx[~hit]] = tg[~hit] + 1.0
-        crawl = idx[~hit & (tau < 8)]
+    def past_max():
         finish(np.flatnonzero(live & (t1 > max_steps)), np.inf)
-        crawl = crawl[live[crawl]]
+
+    crawling = np.zeros(batch.size, bool)
+    rounds = np.zeros(batch.size)  # crawl rounds since the last Newton attempt
+    past_max()
+    while np.any(live):
+        idx = np.flatnonzero(live & ~crawling)
+        if idx.size:
+            _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_steps,
+                          finish, crawling)
+            past_max()
+        crawl = np.flatnonzero(live & crawling)
         if crawl.size == 0:
-            block = 64
             continue
-        t_s = int(t1[crawl].min())
-        n = int(min(block, max_steps + 1 - t_s))
+        new = rounds[crawl] == 0
+        win[crawl[new]], scan_len[crawl[new]] = 64.0, 32.0
+        rounds[crawl] += 1
+        # a window [t₁, t₂] proven above the target by per-dimension minima
+        t2 = np.minimum(t1[crawl] + win[crawl] - 1.0, max_steps)
+        lb = _window_bound(modes, t1[crawl], t2, inv_b[crawl])
+        ok = lstar[crawl] + lb - 1e-11 * lstar[crawl] > target[crawl]
+        done = crawl[ok]
+        t1[done] = t2[ok] + 1.0
+        smooth = win[done] >= 1024.0  # long windows hold: back to Newton
+        win[done] *= 2.0
+        scan_len[done] = 32.0
+        win[crawl[~ok]] /= 2.0
+        back = np.concatenate([done[smooth], crawl[rounds[crawl] >= 16]])
+        crawling[back], rounds[back] = False, 0.0
+        past_max()
+        scan = crawl[~ok & (win[crawl] < 32.0)]
+        scan = scan[live[scan]]
+        if scan.size == 0:
+            continue
+        first = scan[np.argmin(t1[scan])]  # exact block, shared by the members it covers
+        t_s = int(t1[first])
+        n = int(min(scan_len[first], max_steps + 1 - t_s))
+        scan_len[first] = min(2.0 * scan_len[first], 4096.0)
         d0, d1 = _block_devs(sy, modes, t_s, n)
         ts = t_s + np.arange(n)
         for j in np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n)):
-            ok = (d0 + (ls1 - d1) * inv_b[j] <= target[j]) & (ts >= t1[j])
-            if np.any(ok):
-                finish(j, ts[np.argmax(ok)])
+            below = (d0 + (ls1 - d1) * inv_b[j] <= target[j]) & (ts >= t1[j])
+            if np.any(below):
+                finish(j, ts[np.argmax(below)])
             else:
                 t1[j] = t_s + n
-        finish(np.flatnonzero(live & (t1 > max_steps)), np.inf)
-        block = min(2 * block, 1 << 14)
+                win[j] = 64.0
+        past_max()
+
+
+def _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_steps, finish,
+                  crawling):
+    """One bound + Newton + exact evaluation round of :func:`_pair_search` for members idx."""
+    lstar = ls1 * inv_b[idx]
+    p, neg = _pair_bound(modes, peaks, t1[idx], inv_b[idx])
+    gap = target[idx] - lstar + neg - 1e-11 * lstar
+    finish(idx[gap <= 0], np.inf)  # G(t) > target for all t ≥ t₁
+    keep = ~(gap <= 0)
+    idx, p, gap = idx[keep], p[keep], gap[keep]
+    unknown = ~np.isfinite(gap)  # a bound that failed (overflow): evaluate t₁ exactly
+    p[unknown], gap[unknown] = 0.0, 1.0
+    tau = _newton_below(p, kappa, segs, gap, max_steps - t1[idx])
+    finish(idx[np.isinf(tau)], np.inf)
+    keep = np.isfinite(tau)
+    idx, tau = idx[keep], tau[keep]
+    if idx.size == 0:
+        return
+    tg = t1[idx] + tau
+    d0, d1 = np.zeros(idx.size), np.zeros(idx.size)
+    for m in modes:
+        a_, b_ = _mode_devs(m, tg[:, None])
+        d0 += a_
+        d1 += b_
+    hit = d0 + (ls1 - d1) * inv_b[idx] <= target[idx]
+    finish(idx[hit], tg[hit])
+    t1[idx[~hit]] = tg[~hit] + 1.0
+    crawling[idx[~hit & (tau < 8)]] = True  # little progress: the loss oscillates near target
+
+
+def _window_bound(modes, t1, t2, inv_b):
+    r"""Σ_i min_{t₁ ≤ t ≤ t₂} ½h_i r_t D r_tᵀ (a lower bound), per member; arrays (n,).
+
+    Per dimension dev_t = env_t Q(X_t, Y_t) (:class:`_Modes`): env decreases, so
+    dev ≥ min Q · env_{t₂} (min Q ≥ 0) or min Q · env_{t₁}. min Q over the window: real roots,
+    the quadratic in X over X's range (X monotone for q ≥ 0; between X_{t₁} and X_{t₁+1} for
+    q < 0); complex roots, Q = P0 + P1 cos 2θ + P2 sin 2θ (θ = tφ) at the window's ends, or
+    P0 − √(P1² + P2²) where its minimum falls inside. A margin of 1e-11 of the terms'
+    magnitude covers rounding.
+    """
+    ib = inv_b[:, None]
+    a1, a2 = t1[:, None], t2[:, None]
+    total = np.zeros(t1.size)
+    for m in modes:
+        ka = m.k0[0] - ib * m.k1[0]
+        kb = m.k0[1] - ib * m.k1[1]
+        kc = m.k0[2] - ib * m.k1[2]
+        e1, e2 = np.exp(-m.kappa * (a1 - 1.0)), np.exp(-m.kappa * (a2 - 1.0))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if not m.cplx:
+                x1, x2 = _mode_x(m, a1), _mode_x(m, a2)
+                lo, hi = np.minimum(x1, x2), np.maximum(x1, x2)
+                if m.neg.size:
+                    x3 = _mode_x(m, a1 + 1.0)[:, m.neg]
+                    lo[:, m.neg] = np.minimum(x1[:, m.neg], x3)
+                    hi[:, m.neg] = np.maximum(x1[:, m.neg], x3)
+                qmin = _quad_min(ka, kb, kc, lo, hi)
+                xm = np.maximum(np.abs(lo), np.abs(hi))
+            else:
+                s = m.scale
+                th1, th2 = a1 * m.rate, a2 * m.rate
+                ends = []
+                for th in (th1, th2):
+                    x, y = np.sin(th) / s, np.cos(th)
+                    ends.append((ka * x + 2.0 * kb * y) * x + kc * y * y)
+                qmin = np.minimum(*ends)
+                fa = ka / (s * s)
+                p0, p1, p2 = 0.5 * (fa + kc), 0.5 * (kc - fa), kb / s
+                r = np.hypot(p1, p2)
+                tstar = 0.5 * (np.arctan2(p2, p1) + np.pi)  # 2θ* − α = π: the minimum
+                k = np.ceil((th1 - tstar) / np.pi)
+                inside = tstar + k * np.pi <= th2
+                qmin = np.where(inside, np.minimum(qmin, p0 - r - 1e-12 * (np.abs(p0) + r)),
+                                qmin)
+                xm = 1.0 / s
+            lb = np.where(qmin >= 0, qmin * e2, np.where(e1 > 0, qmin * e1, 0.0))
+            mag = (np.abs(ka) * xm * xm + 2.0 * np.abs(kb) * xm + np.abs(kc)) * e1
+        total += lb.sum(axis=1) - 1e-11 * np.where(np.isfinite(mag), mag, 0.0).sum(axis=1)
+    return total
 
 
 def _peak_times(m: _Modes):
