@@ -945,8 +945,6 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     inv_b = 1.0 / batch
     lstar = ls1 * inv_b
     live = np.ones(batch.size, bool)
-    win = np.full(batch.size, 64.0)  # window length while crawling
-    scan_len = np.full(batch.size, 32.0)  # exact block length, doubling while windows fail
     # common start: E[L_t] ≥ dev0(t) (the noise accumulated so far, (L*₁ − dev1(t))/B, is
     # ≥ 0) and dev0(t) ≥ Σ_i P_i e^{−κ_i (t−1)} for all B (S0 ⪰ 0): one Newton solve per target
     tgt, t_inv = np.unique(target, return_inverse=True)
@@ -964,6 +962,7 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
 
     crawling = np.zeros(batch.size, bool)
     rounds = np.zeros(batch.size)  # crawl rounds since the last Newton attempt
+    win, scan_len = 64.0, 32.0  # shared window and exact block lengths of the crawlers
     past_max()
     while np.any(live):
         idx = np.flatnonzero(live & ~crawling)
@@ -973,31 +972,39 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
             past_max()
         crawl = np.flatnonzero(live & crawling)
         if crawl.size == 0:
+            win, scan_len = 64.0, 32.0
             continue
-        new = rounds[crawl] == 0
-        win[crawl[new]], scan_len[crawl[new]] = 64.0, 32.0
         rounds[crawl] += 1
-        # a window [t₁, t₂] proven above the target by per-dimension minima
-        t2 = np.minimum(t1[crawl] + win[crawl] - 1.0, max_steps)
-        lb = _window_bound(modes, t1[crawl], t2, inv_b[crawl])
-        ok = lstar[crawl] + lb - 1e-11 * lstar[crawl] > target[crawl]
-        done = crawl[ok]
-        t1[done] = t2[ok] + 1.0
-        smooth = win[done] >= 1024.0  # long windows hold: back to Newton
-        win[done] *= 2.0
-        scan_len[done] = 32.0
-        win[crawl[~ok]] /= 2.0
-        back = np.concatenate([done[smooth], crawl[rounds[crawl] >= 16]])
+        back = crawl[rounds[crawl] >= 16]  # retry Newton now and then
         crawling[back], rounds[back] = False, 0.0
-        past_max()
-        scan = crawl[~ok & (win[crawl] < 32.0)]
-        scan = scan[live[scan]]
-        if scan.size == 0:
+        # one window [t_s, t₂] for all crawlers: E[L_t] ≥ L* + min dev0 − max dev1 / B
+        # (two rows for any number of them), or per member min(dev0 − dev1/B) if ≤ 2
+        t_s = t1[crawl].min()
+        t2 = min(t_s + win - 1.0, max_steps)
+        cover = crawl[t1[crawl] <= t2]
+        if cover.size <= 2:
+            one = np.ones(cover.size)
+            lb = _window_bound(modes, t_s * one, t2 * one, one, -inv_b[cover])
+        else:
+            lb0, lb1 = _window_bound(modes, np.array([t_s, t_s]), np.array([t2, t2]),
+                                     np.array([1.0, 0.0]), np.array([0.0, -1.0]))
+            lb = lb0 + lb1 * inv_b[cover]
+        ok = lstar[cover] + lb - 1e-11 * lstar[cover] > target[cover]
+        t1[cover[ok]] = t2 + 1.0
+        if np.all(ok):
+            win *= 2.0
+            if win > 1024.0:  # long windows hold: back to Newton
+                crawling[cover], rounds[cover] = False, 0.0
+            past_max()
             continue
-        first = scan[np.argmin(t1[scan])]  # exact block, shared by the members it covers
-        t_s = int(t1[first])
-        n = int(min(scan_len[first], max_steps + 1 - t_s))
-        scan_len[first] = min(2.0 * scan_len[first], 4096.0)
+        win /= 2.0
+        past_max()
+        if win >= 32.0:
+            continue
+        win = 64.0
+        t_s = int(t1[cover[~ok]].min())  # exact block, shared by the members it covers
+        n = int(min(scan_len, max_steps + 1 - t_s))
+        scan_len = min(2.0 * scan_len, 4096.0)
         d0, d1 = _block_devs(sy, modes, t_s, n)
         ts = t_s + np.arange(n)
         for j in np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n)):
@@ -1006,7 +1013,6 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
                 finish(j, ts[np.argmax(below)])
             else:
                 t1[j] = t_s + n
-                win[j] = 64.0
         past_max()
 
 
@@ -1039,8 +1045,10 @@ def _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_st
     crawling[idx[~hit & (tau < 8)]] = True  # little progress: the loss oscillates near target
 
 
-def _window_bound(modes, t1, t2, inv_b):
-    r"""Σ_i min_{t₁ ≤ t ≤ t₂} ½h_i r_t D r_tᵀ (a lower bound), per member; arrays (n,).
+def _window_bound(modes, t1, t2, c0, c1):
+    r"""Σ_i min_{t₁ ≤ t ≤ t₂} ½h_i r_t D r_tᵀ (a lower bound) for D = c0 S0 + c1 S*₁, per row.
+
+    ``t1``, ``t2``, ``c0``, ``c1``: arrays (n,); returns (n,).
 
     Per dimension dev_t = env_t Q(X_t, Y_t) (:class:`_Modes`): env decreases, so
     dev ≥ min Q · env_{t₂} (min Q ≥ 0) or min Q · env_{t₁}. min Q over the window: real roots,
@@ -1049,13 +1057,13 @@ def _window_bound(modes, t1, t2, inv_b):
     P0 − √(P1² + P2²) where its minimum falls inside. A margin of 1e-11 of the terms'
     magnitude covers rounding.
     """
-    ib = inv_b[:, None]
+    w0, w1 = c0[:, None], c1[:, None]
     a1, a2 = t1[:, None], t2[:, None]
     total = np.zeros(t1.size)
     for m in modes:
-        ka = m.k0[0] - ib * m.k1[0]
-        kb = m.k0[1] - ib * m.k1[1]
-        kc = m.k0[2] - ib * m.k1[2]
+        ka = w0 * m.k0[0] + w1 * m.k1[0]
+        kb = w0 * m.k0[1] + w1 * m.k1[1]
+        kc = w0 * m.k0[2] + w1 * m.k1[2]
         e1, e2 = np.exp(-m.kappa * (a1 - 1.0)), np.exp(-m.kappa * (a2 - 1.0))
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if not m.cplx:
