@@ -39,9 +39,12 @@ and the population loss is ½(Σ_j λ_j m_j + σ²) (see :func:`linreg_expected_
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
+
+from sgdtheory import _checks
 
 __all__ = [
     "OptimalSteps",
@@ -60,12 +63,8 @@ _CHUNK = 1 << 21  # elements per working array (≈ 16 MiB of float64)
 
 
 def _array(name: str, x) -> np.ndarray:
-    if isinstance(x, bool) or x is None:
-        raise ValueError(f"{name} must be a real number or array, got {x!r}")
-    try:
-        a = np.asarray(x, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a real number or array, got {x!r}") from exc
+    """A finite real float array (no None, str, bool, complex or ragged input)."""
+    a = _checks.real_array(name, x)
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite, got {x!r}")
     return a
@@ -130,8 +129,14 @@ def _problem(h, c, init_sq=0.0, precond_power=0.0) -> _Problem:
     p = float(p)
     with np.errstate(over="ignore"):
         scale = (h / h.max()) ** (-p)
-    if not np.all(np.isfinite(scale)):
-        raise ValueError(f"precond_power={precond_power!r} overflows the preconditioner")
+        finite = np.all(np.isfinite(scale**2 * c)) and np.all(np.isfinite(scale * h))
+    if not finite:
+        raise ValueError(f"precond_power={precond_power!r} overflows the preconditioner "
+                         f"(p_i h_i or p_i² c_i beyond float64)")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.sum(0.5 * h * x0)):
+            raise ValueError("the initial loss ½Σ h_i init_sq_i overflows float64 "
+                             "(h or init_sq too large)")
     keep = (c > 0) | (x0 > 0)
     return _Problem(h[keep], (scale * h)[keep], (scale**2 * c)[keep], x0[keep])
 
@@ -141,13 +146,14 @@ def _problem(h, c, init_sq=0.0, precond_power=0.0) -> _Problem:
 
 def _sgd_factors(pr: _Problem, lr, batch):
     """log q_i, 1 − q_i and the noise injection n_i = η²c_i/B, q_i = (1 − ηh_i)², shape S+(d,)."""
-    u = lr[..., None] * pr.hd
-    # log q = 2 log|1 − u|, without cancellation on both sides of u = 1
-    with np.errstate(divide="ignore"):
+    # (unstable rates may overflow: their loss is inf, reported without a warning)
+    with np.errstate(over="ignore", divide="ignore"):
+        u = lr[..., None] * pr.hd
+        # log q = 2 log|1 − u|, without cancellation on both sides of u = 1
         logq = 2.0 * np.log1p(np.where(u <= 1.0, -u, u - 2.0))
-    logq = np.maximum(logq, -1e4)  # q = 0 (u = 1): q^t = 0 for t ≥ 1, 1 at t = 0
-    omq = u * (2.0 - u)  # 1 − q
-    noise = lr[..., None] ** 2 * pr.cd / batch[..., None]
+        logq = np.maximum(logq, -1e4)  # q = 0 (u = 1): q^t = 0 for t ≥ 1, 1 at t = 0
+        omq = u * (2.0 - u)  # 1 − q
+        noise = lr[..., None] ** 2 * pr.cd / batch[..., None]
     return logq, omq, noise
 
 
@@ -166,6 +172,11 @@ def _sgd_loss_at(pr: _Problem, logq, omq, noise, t):
                 em = np.expm1(tt[:, None] * lq)  # q^t − 1
                 out[ci, t0:t0 + tchunk] = ((em + 1.0) @ a - em @ ratio_w[ci]
                                            + tt * lin_w[ci].sum())
+    bad = np.isnan(out)
+    if np.any(bad):  # 0·inf where η²c̃/B overflows: E[L_0] = ½Σhs(0), inf afterwards
+        bad[:, t == 0] = False
+        out[:, t == 0] = np.where(np.isnan(out[:, t == 0]), a.sum(), out[:, t == 0])
+        out[bad] = np.inf
     return out
 
 
@@ -239,9 +250,25 @@ def _orbit(M, b, s0, n: int) -> np.ndarray:
 
 
 def _stationary_moments(M, b) -> np.ndarray:
-    """Fixed point s* = (I − M)⁻¹ b of the moment map, batched over leading axes."""
+    """Fixed point s* = (I − M)⁻¹ b of the moment map, batched over leading axes (a
+    pseudo-inverse where I − M is singular in float64, i.e. 1 − ηh̃ rounds to 1)."""
     eye = np.eye(M.shape[-1])
-    return np.linalg.solve(eye - M, b[..., None])[..., 0]
+    try:
+        return np.linalg.solve(eye - M, b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return (np.linalg.pinv(eye - M) @ b[..., None])[..., 0]
+
+
+def _quiet(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off: a value beyond float64 (a
+    diverging run, or extreme inputs) is returned as inf, never as a warning or NaN."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _unstable(pr: _Problem, lr, mu, nesterov: bool = False):
@@ -263,8 +290,9 @@ class _Pair(NamedTuple):
 
     ``a`` = (A00, A01, A10, A11); ``e`` = the entries of I − A, computed without cancellation;
     ``omd`` = 1 − det A (accurate); ``g`` = the noise gain; ``idx`` = the component whose second
-    moment weights the loss; ``hh`` = ½h; ``s0`` / ``sst`` = (S00, S01, S11) of E[zzᵀ] at t = 0
-    and at stationarity for B = 1 (stationary moments scale as 1/B).
+    moment weights the loss; ``hh`` = ½h; ``s0`` / ``sst`` = ½h (S00, S01, S11) with S = E[zzᵀ]
+    at t = 0 and at stationarity for B = 1 (stationary moments scale as 1/B) — weighted by ½h
+    already, which stays finite where S* alone would overflow (ηh̃ → 0).
     """
 
     a: tuple
@@ -300,23 +328,26 @@ def _pair_system(pr: _Problem, eta: float, mu: float, beta: float, kind: str) ->
         e = (u, zero, -(1.0 - beta) * (1.0 - u), (1.0 - beta) * one)
         g = (-eta * one, -(1.0 - beta) * eta * one)
         omd, idx, s0 = (1.0 - beta) + beta * u, 1, (x0, x0, x0)  # det A = β(1 − ηh̃)
-    return _Pair(a, e, omd, g, idx, 0.5 * pr.h, s0, _pair_stationary(a, e, omd, g, pr.cd))
+    hh = 0.5 * pr.h
+    s0 = tuple(hh * x for x in s0)
+    return _Pair(a, e, omd, g, idx, hh, s0, _pair_stationary(a, e, omd, g, pr.cd, hh))
 
 
-def _pair_stationary(a, e, omd, g, cd):
-    """Stationary E[zzᵀ] of z' = Az + gζ, Var ζ = c̃ (B = 1), in closed form.
+def _pair_stationary(a, e, omd, g, cd, weight):
+    """``weight`` × stationary E[zzᵀ] of z' = Az + gζ, Var ζ = c̃ (B = 1), in closed form.
 
     A^j = p_{j+1} I + p_j Ā (Cayley–Hamilton; Ā = A − τI, p_j the impulse response of
     x_j = τx_{j−1} − δx_{j−2}, τ = tr A, δ = det A), so S* = c̃ Σ_j A^j g gᵀ A^jᵀ
     = c̃ [γ1 (g + ā)(g + ā)ᵀ + (γ0 − γ1)(g gᵀ + ā āᵀ)], ā = Āg, with the AR(2) autocovariances
     γ1 = τ / ((1 − δ) P Q), γ0 − γ1 = 1 / ((1 − δ) Q), P = det(I − A), Q = det(I + A).
+    ``weight``/P is formed first (P ∝ ηh̃ may be tiny where the weight ½h is too).
     """
     a00, a01, a10, a11 = a
     e00, e01, e10, e11 = e
     p_ = e00 * e11 - e01 * e10
     q_ = (2.0 - e00) * (2.0 - e11) - e01 * e10
-    gamma1 = (a00 + a11) / (omd * p_ * q_)
-    diff = 1.0 / (omd * q_)
+    gamma1 = (a00 + a11) * (weight / p_) / (omd * q_)
+    diff = weight / (omd * q_)
     g0, g1 = g
     b0, b1 = -a11 * g0 + a01 * g1, a10 * g0 - a00 * g1  # ā = Āg
     c0, c1 = g0 + b0, g1 + b1
@@ -407,12 +438,10 @@ def _pair_modes(sy: _Pair) -> list[_Modes]:
                 zi = rho
         wv = (wi, a_io[sel]) if i == 0 else (a_io[sel], wi)
         zv = (zi, 0.0) if i == 0 else (0.0, zi)
-        hh = sy.hh[sel]
         ks = []
-        for d in (sy.s0, sy.sst):
+        for d in (sy.s0, sy.sst):  # (already weighted by ½h)
             dd = tuple(x[sel] for x in d)
-            ks.append((hh * _sym_form(dd, wv, wv), hh * _sym_form(dd, wv, zv),
-                       hh * _sym_form(dd, zv, zv)))
+            ks.append((_sym_form(dd, wv, wv), _sym_form(dd, wv, zv), _sym_form(dd, zv, zv)))
         perm = np.argsort(kappa, kind="stable")  # slowest first (used by _newton_below)
         sel, kappa, sgn, scale, rate, qneg, k0, k1, wv, zi = (
             tuple(x[perm] for x in a) if isinstance(a, tuple) else a[perm]
@@ -475,9 +504,7 @@ def _state_row(sy: _Pair, modes, t: float):
 
 
 def _flag(name: str, x) -> bool:
-    if not isinstance(x, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {x!r}")
-    return bool(x)
+    return _checks.flag(name, x)
 
 
 def _configs(lr, batch, momentum, ema_decay, *, schedule: bool):
@@ -489,6 +516,7 @@ def _configs(lr, batch, momentum, ema_decay, *, schedule: bool):
     return lr, batch, mu, beta
 
 
+@_quiet
 def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
                   ema_decay=None, nesterov=False):
     r"""Exact expected NQM loss E[L_t], t = 0..steps, of SGD / heavy ball / preconditioned SGD.
@@ -567,8 +595,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
                 with np.errstate(over="ignore", invalid="ignore"):
                     acc += 0.5 * pr.h[sl] @ traj
             out[ci] = acc
-    unstable = _unstable(pr, flat[0], flat[2], nesterov)
-    out[unstable] = np.where(np.isnan(out[unstable]), np.inf, out[unstable])
+    out[np.isnan(out)] = np.inf  # overflow (unstable, or moments beyond float64)
     return out.reshape(shape + (steps + 1,))
 
 
@@ -585,15 +612,19 @@ def _schedule_loss(pr: _Problem, lr, batch, mu, beta, has_ema: bool, nesterov: b
     s = np.broadcast_to(_initial_state(pr, k, has_ema), shape + pr.h.shape + (k * k,)).copy()
     idx = (k - 1) * (k + 1) if has_ema else 0
     out[..., 0] = 0.5 * s[..., idx] @ pr.h
+    gone = np.zeros(shape, bool)  # overflowed: the loss is inf from then on
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(T):
             M, b, _ = _linear_system(pr, lr[..., t], batch[..., t], mu[..., t], beta[..., t],
                                      has_v, has_ema, nesterov)
             s = np.einsum("...ij,...j->...i", M, s) + b
-            out[..., t + 1] = 0.5 * s[..., idx] @ pr.h
+            gone |= ~np.all(np.isfinite(s), axis=(-2, -1))
+            s[gone] = 0.0
+            out[..., t + 1] = np.where(gone, np.inf, 0.5 * s[..., idx] @ pr.h)
     return out
 
 
+@_quiet
 def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_decay=None,
                     nesterov=False):
     r"""Limit of E[L_t] as t → ∞ at a constant rate (``inf`` when unstable).
@@ -620,6 +651,7 @@ def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_dec
     lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=False)
     pr = _problem(h, c, 0.0, precond_power)
     out = _stationary(pr, lr, batch, mu, beta, ema_decay is not None, nesterov)
+    out = np.where(np.isnan(out), np.inf, out)  # beyond float64
     return float(out) if out.ndim == 0 else out
 
 
@@ -632,9 +664,11 @@ def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool,
             s = eta * pr.cd * (1 + m) / (batch[..., None] * pr.hd * (1 - m)
                                          * (2 * (1 + m) - eta * pr.hd))
             out = 0.5 * s @ pr.h
+        elif not (has_ema and np.any(mu > 0)):  # a 2×2 system: closed form
+            sy = _pair_system(pr, eta, m, beta[..., None], "ema" if has_ema else "nesterov")
+            out = sy.sst[2 * sy.idx].sum(axis=-1) / batch
         else:
-            has_v = bool(np.any(mu > 0))
-            M, b, idx = _linear_system(pr, lr, batch, mu, beta, has_v, has_ema, nesterov)
+            M, b, idx = _linear_system(pr, lr, batch, mu, beta, True, has_ema, nesterov)
             M = np.where(unstable[..., None, None, None], 0.0, M)
             out = 0.5 * _stationary_moments(M, b)[..., idx] @ pr.h
     return np.where(unstable, np.inf, out)
@@ -643,6 +677,7 @@ def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool,
 # --------------------------------------------------------------------------- steps to target
 
 
+@_quiet
 def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
                     ema_decay=None, nesterov=False, max_steps=10**7):
     r"""First step t ≤ ``max_steps`` with E[L_t] ≤ ``target``, vectorised over configurations.
@@ -701,6 +736,7 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
         rest = _sgd_newton(pr, [a[todo] for a in flat], max_steps, out, todo)
         if rest.size:  # loss not monotone, several crossings possible
             _pair_steps(pr, "sgd", [a[rest] for a in flat], max_steps, out, rest)
+    out[np.isnan(out)] = np.inf  # defensive: a crossing not computable in float64
     return float(out[0]) if not shape else out.reshape(shape)
 
 
@@ -932,9 +968,10 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     computed exactly step by step from the closed-form state at t₁ (:func:`_block_devs`).
     Writes into ``out[dest]``.
     """
-    sy = _pair_system(pr, eta, mu, beta, kind)
+    b_ref = float(batch.max())  # noise terms at the largest batch (the least likely to overflow)
+    sy = _pair_system(pr._replace(cd=pr.cd / b_ref), eta, mu, beta, kind)
     modes = _pair_modes(sy)
-    ls1 = float(sy.hh @ sy.sst[2 * sy.idx])  # L* at B = 1
+    ls1 = float(sy.sst[2 * sy.idx].sum())  # L* at B = b_ref
     peaks = [None if m.cplx else _peak_times(m) for m in modes]
     kappa = np.concatenate([m.kappa for m in modes])
     segs = []  # column blocks of the modes (each sorted by κ) and prefix lengths for the start
@@ -942,9 +979,15 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
         b = a + modes[len(segs)].kappa.size
         ks = np.unique(np.geomspace(1, b - a, 24).astype(int)) - 1
         segs.append((a, b, ks, np.concatenate([[0], ks[:-1] + 1])))
-    inv_b = 1.0 / batch
+    inv_b = b_ref / batch  # E[L_t] = dev0 + (L*_ref − dev1) b_ref/B
     lstar = ls1 * inv_b
     live = np.ones(batch.size, bool)
+    if not all(np.all(np.isfinite(x)) for m in modes for x in (m.kappa, *m.k0)):
+        raise ValueError(f"lr={eta!r}: the moment dynamics are beyond float64")
+    # noise injected per step beyond float64: E[L_t] = inf for every t ≥ 1
+    live[~np.isfinite(lstar) | ~np.all([np.all(np.isfinite(k)) for m in modes for k in m.k1])
+         ] = False
+    out[dest[~live]] = np.inf
     # common start: E[L_t] ≥ dev0(t) (the noise accumulated so far, (L*₁ − dev1(t))/B, is
     # ≥ 0) and dev0(t) ≥ Σ_i P_i e^{−κ_i (t−1)} for all B (S0 ⪰ 0): one Newton solve per target
     tgt, t_inv = np.unique(target, return_inverse=True)
@@ -1268,8 +1311,7 @@ def _block_devs(sy: _Pair, modes, t_s: int, n: int):
     """
     a00, a01, a10, a11 = sy.a
     r0, r1 = _state_row(sy, modes, float(t_s))
-    w = np.stack([sy.hh * sy.s0[0], 2.0 * sy.hh * sy.s0[1], sy.hh * sy.s0[2],
-                  sy.hh * sy.sst[0], 2.0 * sy.hh * sy.sst[1], sy.hh * sy.sst[2]])
+    w = np.stack([sy.s0[0], 2.0 * sy.s0[1], sy.s0[2], sy.sst[0], 2.0 * sy.sst[1], sy.sst[2]])
     dev = np.empty((2, n))
     nb = max(1, _CHUNK // (3 * r0.size))
     quad = np.empty((min(nb, n), 3, r0.size))
@@ -1301,6 +1343,7 @@ class OptimalSteps(NamedTuple):
     grid: np.ndarray
 
 
+@_quiet
 def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0,
                         precond_power=0.0, ema_decay=None, nesterov=False,
                         max_steps=10**7) -> OptimalSteps:
@@ -1328,6 +1371,10 @@ def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0
     lrs = _positive("lrs", lrs)
     if batches.ndim != 1 or lrs.ndim != 1:
         raise ValueError("batches and lrs must be 1-D arrays")
+    for name, value in (("target", target), ("momentum", momentum),
+                        ("ema_decay", 0.0 if ema_decay is None else ema_decay)):
+        if _array(name, value).ndim != 0:
+            raise ValueError(f"{name} must be a scalar here, got shape {np.shape(value)}")
     grid = steps_to_target(h, c, lrs[None, :], batches[:, None], target, momentum=momentum,
                            init_sq=init_sq, precond_power=precond_power, ema_decay=ema_decay,
                            nesterov=nesterov, max_steps=max_steps)
@@ -1380,13 +1427,18 @@ def _linreg_run(lam, lr, batch, noise_var, m0, keep_moments: bool):
             eta, b = lr[..., t, None], batch[..., t, None]
             u = eta * lam
             diag = (1.0 - u) ** 2 + u * u / b  # = 1 − 2ηλ + η²λ²(1 + 1/B)
-            m = m * diag + (eta * eta / b) * lam * (m @ lam + noise_var)[..., None]
+            total = (m @ lam + noise_var)[..., None]
+            # written so that an overflowing run gives inf, never 0·inf = NaN: a zero
+            # moment, eigenvalue or total injects nothing
+            m = (np.where(m > 0, m * diag, 0.0)
+                 + np.where((lam > 0) & (total > 0), (eta * eta / b) * lam * total, 0.0))
             loss[..., t + 1] = 0.5 * (m @ lam + noise_var)
             if keep_moments:
                 moments[..., t + 1, :] = m
     return loss, moments
 
 
+@_quiet
 def linreg_moments(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
     r"""Trajectory of m_j(t) = E[(w_t − w*)_j²] for SGD on linear regression, Gaussian features.
 
@@ -1410,9 +1462,11 @@ def linreg_moments(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
            [0.75]])
     """
     lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
-    return _linreg_run(lam, lr, batch, noise_var, m0, True)[1]
+    m = _linreg_run(lam, lr, batch, noise_var, m0, True)[1]
+    return np.where(np.isnan(m), np.inf, m)
 
 
+@_quiet
 def linreg_expected_loss(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
     r"""Exact expected population loss ½(Σ_j λ_j m_j(t) + σ²), t = 0..T, of online SGD.
 
@@ -1434,5 +1488,6 @@ def linreg_expected_loss(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.
     array([0.8      , 0.5109375, 0.340625 ])
     """
     lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
-    return _linreg_run(lam, lr, batch, noise_var, m0, False)[0]
+    loss = _linreg_run(lam, lr, batch, noise_var, m0, False)[0]
+    return np.where(np.isnan(loss), np.inf, loss)
 
