@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
+__all__ = ["integer", "real"]
+
 
 def integer(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int ≥ ``minimum`` (ints, integral floats and NumPy integers; no bools).
