@@ -29,7 +29,7 @@ Trajectories have shape S + (steps+1,). Constant-rate trajectories are computed 
 form (SGD) or by repeated squaring of the moment matrix (momentum/EMA); no Python loop runs
 over the steps. A diverging configuration is a result: its loss is ``inf`` once it overflows.
 
-**Linear regression with Gaussian features** (DESIGN §3): x ~ N(0, diag(λ)), y = w*ᵀx + ε with
+**Linear regression with Gaussian features** (docs/design.md §3): x ~ N(0, diag(λ)), y = w*ᵀx + ε with
 Var ε = σ², e = w − w*, m_j = E[e_j²]; batches of B with replacement give exactly
 
     m_j ← m_j (1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λ_j (Σ_k λ_k m_k + σ²),
