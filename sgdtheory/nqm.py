@@ -27,10 +27,20 @@ Broadcasting: ``lr``, ``batch``, ``momentum``, ``ema_decay`` (and ``target``) br
 *configuration shape* S; per-dimension arrays (``h``, ``c``, ``init_sq``) have shape (d,).
 Trajectories have shape S + (steps+1,). Constant-rate trajectories are computed in closed
 form (SGD) or by repeated squaring of the moment matrix (momentum/EMA); no Python loop runs
-over the steps. A diverging configuration is a result: its loss is ``inf`` once it overflows.
+over the steps. A diverging configuration is a result: its loss is ``inf`` once it overflows
+(never NaN, and without a floating-point warning).
 
-**Linear regression with Gaussian features** (docs/design.md §3): x ~ N(0, diag(λ)), y = w*ᵀx + ε with
-Var ε = σ², e = w − w*, m_j = E[e_j²]; batches of B with replacement give exactly
+**Steps to a target** (:func:`steps_to_target`) are exact: the first t at which the
+step-by-step recursion is at or below the target, found without stepping through t. With
+momentum, Nesterov or an EMA each dimension is a 2×2 linear map A plus noise, whose t-th
+power has a closed form through its eigenvalues that stays exact where they coincide
+(:class:`_Modes`); the loss at any t is an O(d) sum, and Newton's method on certified lower
+bounds of the loss locates the first crossing, even where the loss oscillates around the
+target (docs/design.md §3).
+
+**Linear regression with Gaussian features** (docs/design.md §3): x ~ N(0, diag(λ)),
+y = w*ᵀx + ε with Var ε = σ², e = w − w*, m_j = E[e_j²]; batches of B with replacement give
+exactly
 
     m_j ← m_j (1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λ_j (Σ_k λ_k m_k + σ²),
 
@@ -683,13 +693,18 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
     r"""First step t ≤ ``max_steps`` with E[L_t] ≤ ``target``, vectorised over configurations.
 
     Returns ``inf`` where the target is not reached within ``max_steps`` and for unstable
-    configurations (ηh̃_max ≥ 2(1+μ), which diverge). For SGD started above stationarity
-    in every dimension (s_i(0) ≥ s_i*), E[L_t] − L* = Σ_i w_i q_i^t with w_i ≥ 0 is
-    decreasing and log-convex in t, so Newton's method on log(E[L_t] − L*) approaches the
-    crossing from below (a few closed-form evaluations per configuration, any ``max_steps``).
-    Otherwise (momentum, EMA, or some dimensions started below stationarity) the loss may
-    oscillate: the exact trajectory is scanned in blocks (cost ∝ the answer); a configuration
-    whose remaining deviation from L* provably cannot reach the target stops early.
+    configurations (ηh̃_max ≥ 2(1+μ), which diverge). The answer is the *first* crossing,
+    also where the loss oscillates and crosses the target several times. For SGD started
+    above stationarity in every dimension (s_i(0) ≥ s_i*), E[L_t] − L* = Σ_i w_i q_i^t with
+    w_i ≥ 0 is decreasing and log-convex in t, so Newton's method on log(E[L_t] − L*)
+    approaches the crossing from below (a few closed-form evaluations per configuration).
+    With momentum, Nesterov, an EMA (not both), or SGD started below stationarity somewhere,
+    each dimension's moments follow a 2×2 map whose powers are in closed form
+    (:class:`_Modes`): lower bounds of the loss valid for all later steps, Newton's method on
+    them and exact O(d) evaluations find the crossing (:func:`_pair_search`); the loss is
+    computed step by step only over short stretches where it oscillates near the target.
+    All batch sizes and targets of one (lr, momentum, ema_decay) share that work. Momentum
+    together with an EMA (a 3×3 map) is scanned in blocks (cost ∝ the answer).
 
     Args:
         h, c, lr, batch, momentum, init_sq, precond_power, ema_decay, nesterov: as
@@ -962,11 +977,13 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     (:func:`_newton_below`). Every t in [t₁, t_G) is then proven above the target; E[L_{t_G}]
     is evaluated exactly (closed form): at or below the target it is the answer, otherwise
     t₁ ← t_G + 1. If G never reaches the target (or only beyond ``max_steps``) the answer is
-    inf. Where that bound makes little progress (an oscillating loss near the target), windows
-    [t₁, t₁ + w) are proven above the target by per-dimension minima over the window
-    (:func:`_window_bound`; w doubles on success, shrinks on failure), and the shortest ones are
-    computed exactly step by step from the closed-form state at t₁ (:func:`_block_devs`).
-    Writes into ``out[dest]``.
+    inf. Where that bound makes little progress (an oscillating loss near the target), the
+    configurations "crawl": a window [t_s, t_s + w) starting at the earliest of them is proven
+    above the target by per-dimension minima over the window (:func:`_window_bound`; for
+    several configurations one bound of dev0 and one of dev1 serve all batch sizes; w doubles
+    on success, halves on failure), and where windows fail the loss is computed exactly step
+    by step from the closed-form state (:func:`_block_devs`, blocks doubling). Crawlers go back
+    to Newton after long windows hold, and every 16 rounds. Writes into ``out[dest]``.
     """
     b_ref = float(batch.max())  # noise terms at the largest batch (the least likely to overflow)
     sy = _pair_system(pr._replace(cd=pr.cd / b_ref), eta, mu, beta, kind)
