@@ -274,3 +274,22 @@ def test_figure_step_counts_are_reproduced(name):
     ref = np.load(Path(__file__).resolve().parents[1] / "figures" / f"{name}.npz")
     np.testing.assert_array_equal(data["steps"], ref["steps"])
     np.testing.assert_array_equal(data["best_lr"], ref["best_lr"])
+
+
+def test_nqm_optimizers_paper_preset_uses_every_rate_of_the_authors_grid():
+    """The paper preset: d = 10⁴, B = 2² … 2²⁰ exactly, loss target 0.01, the authors' 100
+    rates; its best steps are the minima over those rates of single exact answers."""
+    from sgdtheory.experiments import nqm_optimizers as exp
+
+    config = exp.PRESETS["paper"]
+    data = exp.compute(config, None, 0)
+    np.testing.assert_array_equal(data["batch"], 2.0 ** np.arange(2, 21))
+    assert data["steps"].shape == (3, 19) and np.all(np.isfinite(data["steps"]))
+    h = 1.0 / np.arange(1, 10_001)
+    kws = ({}, {"momentum": config.momentum}, {"precond_power": config.precond_power})
+    for j in (0, 9, 18):
+        for k, kw in enumerate(kws):
+            per_lr = nqm.steps_to_target(h, h, exp.PAPER_LRS, data["batch"][j], 0.01, **kw)
+            assert data["steps"][k, j] == per_lr.min()
+            assert data["best_lr"][k, j] == exp.PAPER_LRS[np.argmin(per_lr)]
+    assert all(c.passed for c in data["checks"])
