@@ -50,6 +50,7 @@ and the population loss is ½(Σ_j λ_j m_j + σ²) (see :func:`linreg_expected_
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -103,11 +104,23 @@ def _per_dim(name: str, x, d: int) -> np.ndarray:
 
 
 def _steps(name: str, steps) -> int:
+    """A step count: an int or NumPy integer in [0, 2⁵³] (exact as a float64)."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
-    if steps < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
+    if steps < 0 or steps > 2**53:
+        raise ValueError(f"{name} must be an integer in [0, 2**53], got {steps!r}")
     return int(steps)
+
+
+def _fits_memory(name: str, n_values: int) -> None:
+    """Refuse an output of ``n_values`` float64 larger than half the machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        total = 16 * 2**30
+    if 8.0 * n_values > total / 2:
+        raise ValueError(f"{name} too large: the result would need {8.0 * n_values / 2**30:.3g} "
+                         f"GiB (of {total / 2**30:.3g} GiB of memory)")
 
 
 def _broadcast(**arrays) -> list[np.ndarray]:
@@ -582,6 +595,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
                              "steps=None (pass steps=T for a constant rate)")
         return _schedule_loss(pr, lr, batch, mu, beta, ema_decay is not None, nesterov)
     shape = lr.shape
+    _fits_memory("steps", lr.size * (steps + 1.0))
     if pr.h.size == 0:
         return np.zeros(shape + (steps + 1,))
     has_v, has_ema = bool(np.any(mu > 0)), ema_decay is not None
@@ -1388,6 +1402,8 @@ def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0
     lrs = _positive("lrs", lrs)
     if batches.ndim != 1 or lrs.ndim != 1:
         raise ValueError("batches and lrs must be 1-D arrays")
+    if lrs.size == 0:
+        raise ValueError("lrs must hold at least one learning rate")
     for name, value in (("target", target), ("momentum", momentum),
                         ("ema_decay", 0.0 if ema_decay is None else ema_decay)):
         if _array(name, value).ndim != 0:
@@ -1479,6 +1495,7 @@ def linreg_moments(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
            [0.75]])
     """
     lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
+    _fits_memory("steps" if steps is not None else "lr", lr.size * (1.0 + lam.size))
     m = _linreg_run(lam, lr, batch, noise_var, m0, True)[1]
     return np.where(np.isnan(m), np.inf, m)
 
@@ -1505,6 +1522,7 @@ def linreg_expected_loss(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.
     array([0.8      , 0.5109375, 0.340625 ])
     """
     lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
+    _fits_memory("steps" if steps is not None else "lr", lr.size + lam.size)
     loss = _linreg_run(lam, lr, batch, noise_var, m0, False)[0]
     return np.where(np.isnan(loss), np.inf, loss)
 

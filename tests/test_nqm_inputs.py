@@ -123,3 +123,14 @@ def test_optimal_steps_curve_scalar_options(kwargs, name):
     target = args.pop("target")
     with pytest.raises(ValueError, match=name):
         nqm.optimal_steps_curve([1.0, 0.1], 1.0, [1, 2, 4], target, [0.1, 0.5], **args)
+
+
+def test_sizes_beyond_reach_are_refused_by_name():
+    with pytest.raises(ValueError, match="steps"):  # the trajectory would not fit in memory
+        nqm.expected_loss([1.0], 1.0, 0.1, 1, 10**15)
+    with pytest.raises(ValueError, match="steps"):
+        nqm.linreg_moments([1.0, 0.5], 0.1, 1, 10**15)
+    with pytest.raises(ValueError, match="max_steps"):  # beyond 2**53: not exact as a float
+        nqm.steps_to_target([1.0], 1.0, 0.1, 1, 0.1, max_steps=10**400)
+    with pytest.raises(ValueError, match="lrs"):
+        nqm.optimal_steps_curve([1.0], 1.0, [1, 2], 0.1, [])
