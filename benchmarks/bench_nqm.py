@@ -18,7 +18,7 @@ NQM with h_i = c_i = 1/i (i = 1..10,000), E[θ_i(0)²] = 1, as in Zhang et al. (
    eigendecomposition at every bisection step) and with it hoisted — target ≥ 10× on the
    same grid. Its answers are compared with the exact ones.
 5. Against the previous implementation (the exact trajectory scanned in blocks of steps,
-   still used for momentum together with an EMA: ``nqm._scan``) on a few configurations.
+   ``benchmarks/nqm_previous.py``) on a few configurations.
 6. Exactness at d = 10,000: answers ≤ 3000 steps against the step-by-step moment recursion.
 
 Times are CPU seconds of the process doing the work (``time.process_time``), so that the other
@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nqm_binned import binned_spectrum, binned_steps  # noqa: E402
+from nqm_previous import scan as previous_scan  # noqa: E402
 
 from sgdtheory import nqm, theory  # noqa: E402
 
@@ -230,7 +231,7 @@ def binned_comparison(kind: str, values, grid, cpu_exact: float, n_sample: int =
 
 
 def old_code():
-    print("[5] previous implementation (block scan of the exact trajectory, nqm._scan):")
+    print("[5] previous implementation (block scan of the exact trajectory, nqm_previous):")
     pr = nqm._problem(H, H, 1.0)
     for kw, lr, batch in [({"momentum": 0.99}, 0.05, 4096.0), ({"momentum": 0.5}, 0.5, 32768.0),
                           ({"ema_decay": 0.9}, 0.5, 1024.0)]:
@@ -238,7 +239,7 @@ def old_code():
         cfg = [np.array([x]) for x in (lr, batch, mu, beta, TARGET)]
         out = np.full(1, np.inf)
         t0 = time.process_time()
-        nqm._scan(pr, cfg, 10**7, out, np.array([0]), mu > 0, "ema_decay" in kw)
+        previous_scan(pr, cfg, 10**7, out, np.array([0]), mu > 0, "ema_decay" in kw)
         t_old = time.process_time() - t0
         t_new, s = best_of(lambda kw=kw, lr=lr, batch=batch: nqm.steps_to_target(
             H, H, lr, batch, TARGET, **kw))

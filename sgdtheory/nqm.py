@@ -215,6 +215,17 @@ def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool
     """
     shape = np.broadcast_shapes(lr.shape, batch.shape, mu.shape, beta.shape) + pr.h.shape
     k = 1 + has_v + has_ema
+    A, g = _transfer(pr, lr, mu, beta, has_v, has_ema, nesterov, shape)
+    M = np.einsum("...ik,...jl->...ijkl", A, A).reshape(shape + (k * k, k * k))
+    noise = np.broadcast_to(pr.cd / batch[..., None], shape)
+    b = noise[..., None] * np.einsum("...i,...j->...ij", g, g).reshape(shape + (k * k,))
+    idx = (k - 1) * (k + 1) if has_ema else 0  # E[θ̄²] or E[θ²]
+    return M, b, idx
+
+
+def _transfer(pr: _Problem, lr, mu, beta, has_v: bool, has_ema: bool, nesterov: bool, shape):
+    """A (shape + (k, k)) and g (shape + (k,)) of z' = A z + g ζ (see :func:`_linear_system`)."""
+    k = 1 + has_v + has_ema
     eta = np.broadcast_to(lr[..., None], shape)
     hd = np.broadcast_to(pr.hd, shape)
     A = np.zeros(shape + (k, k))
@@ -237,11 +248,7 @@ def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool
         A[..., -1, :] = (1.0 - b_)[..., None] * A[..., 0, :]
         A[..., -1, -1] = b_
         g[..., -1] = (1.0 - b_) * g[..., 0]
-    M = np.einsum("...ik,...jl->...ijkl", A, A).reshape(shape + (k * k, k * k))
-    noise = np.broadcast_to(pr.cd / batch[..., None], shape)
-    b = noise[..., None] * np.einsum("...i,...j->...ij", g, g).reshape(shape + (k * k,))
-    idx = (k - 1) * (k + 1) if has_ema else 0  # E[θ̄²] or E[θ²]
-    return M, b, idx
+    return A, g
 
 
 def _initial_state(pr: _Problem, k: int, has_ema: bool) -> np.ndarray:
@@ -718,7 +725,8 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
     them and exact O(d) evaluations find the crossing (:func:`_pair_search`); the loss is
     computed step by step only over short stretches where it oscillates near the target.
     All batch sizes and targets of one (lr, momentum, ema_decay) share that work. Momentum
-    together with an EMA (a 3×3 map) is scanned in blocks (cost ∝ the answer).
+    together with an EMA (a 3×3 map) is computed step by step, all batch sizes at once (cost
+    ∝ the answer; an unreachable target stops once the accumulated noise alone exceeds it).
 
     Args:
         h, c, lr, batch, momentum, init_sq, precond_power, ema_decay, nesterov: as
@@ -757,7 +765,7 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
     if todo.size == 0:
         pass
     elif has_v and has_ema:  # a 3×3 map: scanned
-        _scan(pr, [a[todo] for a in flat], max_steps, out, todo, has_v, has_ema, nesterov)
+        _triple_steps(pr, [a[todo] for a in flat], max_steps, out, todo, nesterov)
     elif has_v or has_ema:
         kind = "ema" if has_ema else ("nesterov" if nesterov else "heavy")
         _pair_steps(pr, kind, [a[todo] for a in flat], max_steps, out, todo)
@@ -904,59 +912,76 @@ def _bisect_group(logq, W, bat, gap, max_steps, out, dest, lo=None):
     out[dest] = hi
 
 
-def _power_bound(M) -> np.ndarray:
-    """sup_{j≥0} ‖M^j‖_∞ per leading index, or inf if repeated squaring does not contract.
+def _groups(cfg, per: int):
+    """Indices of the configurations sharing (η, μ, β), in chunks of at most ``per``."""
+    lr, _, mu, beta, _ = cfg
+    uniq, inv = np.unique(np.stack([lr, mu, beta], axis=1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(uniq.shape[0] + 1))
+    for gi, (eta, m_, b_) in enumerate(uniq):
+        members = order[bounds[gi]:bounds[gi + 1]]
+        for k0 in range(0, members.size, per):
+            yield float(eta), float(m_), float(b_), members[k0:k0 + per]
 
-    Square until ‖M^{2^k}‖_∞ < 1; every j < 2^k is a product of distinct M^{2^i}, i < k, so
-    sup_j ‖M^j‖ ≤ Π_{i<k} max(1, ‖M^{2^i}‖).
+
+def _triple_steps(pr: _Problem, cfg, max_steps: int, out: np.ndarray, where, nesterov: bool):
+    """First crossings with momentum and an EMA together (3×3 per dimension), by scanning.
+
+    z = (θ, v, θ̄); the row r_t = e_θ̄ᵀ A^t follows r ← rA step by step (the moment recursion
+    itself), and E[L_t] = ½Σh r_t S0 r_tᵀ + (L*₁ − ½Σh r_t S*₁ r_tᵀ)/B serves every batch size
+    and target of one (η, μ, β) at once, in blocks of steps doubling from 64. The second term,
+    the loss of the noise injected so far, never decreases (a sum of positive semi-definite
+    terms) and E[L_t] is at least that; once it is above the target, the target is never
+    reached. Cost ∝ the answer (or the time the noise takes to build up past the target).
     """
-    bound = np.ones(M.shape[0])
-    P = M
-    with np.errstate(over="ignore", invalid="ignore"):
-        for _ in range(64):
-            norm = np.abs(P).sum(axis=-1).max(axis=-1)
-            if np.all(norm < 1.0):
-                return bound
-            bound = bound * np.maximum(norm, 1.0)
-            P = np.matmul(P, P)
-    return np.full(M.shape[0], np.inf)
-
-
-def _scan(pr: _Problem, cfg, max_steps, out, where, has_v, has_ema, nesterov=False):
-    """Exact first crossing by scanning the moment trajectory in blocks (stable configs only).
-
-    Blocks grow geometrically from 32 steps. Early exit when the target lies below the
-    stationary loss L*: for every later t, E[θ_i²] ≥ max(0, s_i* − sup_j‖M_i^j‖ ‖s_i − s_i*‖_∞)
-    (see :func:`_power_bound`); once ½Σ_i h_i of that exceeds the target it is never reached.
-    """
-    lr, batch, mu, beta, target = cfg
-    k = 1 + has_v + has_ema
+    lr, batch, _, _, target = cfg
     d = pr.h.size
-    s0 = _initial_state(pr, k, has_ema)
-    k_max = int(min(1 << 16, max(32, _CHUNK // (d * k * k))))
-    for ci, oi in enumerate(where):
-        M, b, idx = _linear_system(pr, lr[ci], batch[ci], mu[ci], beta[ci], has_v, has_ema,
-                                   nesterov)
-        sstar = _stationary_moments(M, b)
-        lstar = 0.5 * pr.h @ sstar[:, idx]
-        amp = _power_bound(M) if lstar > target[ci] else None
-        s, t0, K = s0, 0, min(32, k_max)
-        while t0 <= max_steps:
-            if amp is not None:  # E[θ_i²] ≥ max(0, s_i* − sup_j‖M_i^j‖ ‖s_i − s_i*‖_∞) from now on
-                floor_ = sstar[:, idx] - amp * np.abs(s - sstar).max(axis=1)
-                if 0.5 * pr.h @ np.maximum(floor_, 0.0) > target[ci]:
-                    break
-            n = min(K + 1, max_steps - t0 + 1)
-            traj = _orbit(M, b, s, n)
-            loss = 0.5 * pr.h @ traj[..., idx]
-            hit = np.flatnonzero(loss <= target[ci])
-            if hit.size:
-                out[oi] = t0 + hit[0]
-                break
-            if n < K + 1:
-                break
-            s, t0 = traj[:, K], t0 + K
-            K = min(2 * K, k_max)
+    hh = 0.5 * pr.h
+    for eta, mu, beta, mem in _groups(cfg, max(1, _CHUNK // max(1, 4 * d))):
+        b_ref = float(batch[mem].max())
+        A, _ = _transfer(pr, np.array(eta), np.array(mu), np.array(beta), True, True,
+                         nesterov, pr.h.shape)
+        M, b, _ = _linear_system(pr, np.array(eta), np.array(b_ref), np.array(mu),
+                                 np.array(beta), True, True, nesterov)
+        w1 = hh[:, None, None] * _stationary_moments(M, b).reshape(d, 3, 3)
+        w0 = np.zeros((d, 3, 3))
+        w0[:, 0, 0] = w0[:, 0, 2] = w0[:, 2, 0] = w0[:, 2, 2] = hh * pr.x0  # θ̄_0 = θ_0
+        pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+        w = np.array([[f * x[:, i, j] for (i, j), f in zip(pairs, (1, 1, 1, 2, 2, 2),
+                                                           strict=True)] for x in (w0, w1)])
+        ls1 = float(w1[:, 2, 2].sum())
+        inv_b = b_ref / batch[mem]
+        tgt = target[mem]
+        r = np.zeros((3, d))
+        r[2] = 1.0  # r_0 = e_θ̄
+        a = [[np.ascontiguousarray(A[:, k, m]) for m in range(3)] for k in range(3)]
+        live = np.ones(mem.size, bool)
+        t0, n = 0, 64
+        nb = max(1, _CHUNK // (6 * d))
+        quad = np.empty((min(nb, 4096), 6, d))
+        while np.any(live) and t0 <= max_steps:
+            n = int(min(n, max_steps + 1 - t0))
+            dev = np.empty((2, n))
+            for j0 in range(0, n, nb):
+                m_ = min(nb, n - j0)
+                for j in range(m_):
+                    for p, (i, k) in enumerate(pairs):
+                        np.multiply(r[i], r[k], out=quad[j, p])
+                    r = np.stack([r[0] * a[0][col] + r[1] * a[1][col] + r[2] * a[2][col]
+                                  for col in range(3)])
+                dev[:, j0:j0 + m_] = np.einsum("pkd,tkd->pt", w, quad[:m_])
+            ts = t0 + np.arange(n)
+            for j in np.flatnonzero(live):
+                below = dev[0] + (ls1 - dev[1]) * inv_b[j] <= tgt[j]
+                if np.any(below):
+                    out[where[mem[j]]] = ts[np.argmax(below)]
+                    live[j] = False
+            t0 += n
+            n = min(2 * n, 4096)
+            # E[L_t] ≥ the accumulated noise, which only grows: above the target, never reached
+            live &= ~((ls1 - dev[1, -1]) * inv_b > tgt * (1 + 1e-12))
+        # unresolved: inf (out was initialised to inf)
 
 
 def _pair_steps(pr: _Problem, kind: str, cfg, max_steps: int, out: np.ndarray, where):
@@ -965,19 +990,10 @@ def _pair_steps(pr: _Problem, kind: str, cfg, max_steps: int, out: np.ndarray, w
     The moment map depends on (η, μ, β) but not on B, and E[L_t] = dev0(t) + (L*₁ − dev1(t))/B,
     so all batch sizes (and targets) of one (η, μ, β) share the closed form.
     """
-    lr, batch, mu, beta, target = cfg
-    keys = np.stack([lr, mu, beta], axis=1)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
-    order = np.argsort(inv, kind="stable")
-    bounds = np.searchsorted(inv[order], np.arange(uniq.shape[0] + 1))
-    per = max(1, _CHUNK // max(1, 4 * pr.h.size))
-    for gi, (eta, m_, b_) in enumerate(uniq):
-        members = order[bounds[gi]:bounds[gi + 1]]
-        for k0 in range(0, members.size, per):
-            mem = members[k0:k0 + per]
-            _pair_search(pr, kind, float(eta), float(m_), float(b_), batch[mem], target[mem],
-                         max_steps, out, where[mem])
+    _, batch, _, _, target = cfg
+    for eta, mu, beta, mem in _groups(cfg, max(1, _CHUNK // max(1, 4 * pr.h.size))):
+        _pair_search(pr, kind, eta, mu, beta, batch[mem], target[mem], max_steps, out,
+                     where[mem])
 
 
 def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, batch, target,

@@ -293,3 +293,55 @@ def test_nqm_optimizers_paper_preset_uses_every_rate_of_the_authors_grid():
             assert data["steps"][k, j] == per_lr.min()
             assert data["best_lr"][k, j] == exp.PAPER_LRS[np.argmin(per_lr)]
     assert all(c.passed for c in data["checks"])
+
+
+def recursion_momentum_ema(h, c, x0, lr, mu, beta, batch, steps, nesterov):
+    """E[½Σh θ̄_t²] for heavy ball / Nesterov with an EMA θ̄' = βθ̄ + (1−β)θ', θ̄₀ = θ₀, from
+    the update rule written as z' = Az + gζ on z = (θ, v, θ̄): S ← A S Aᵀ + (c/B) g gᵀ."""
+    d = h.size
+    A = np.zeros((d, 3, 3))
+    if nesterov:  # θ' = θ − η(g + μv'), v' = μv + g
+        A[:, 0] = np.stack([1 - lr * h * (1 + mu), np.full(d, -lr * mu * mu), np.zeros(d)], 1)
+        gain = np.array([-lr * (1 + mu), 1.0, 0.0])
+    else:  # θ' = θ − ηv'
+        A[:, 0] = np.stack([1 - lr * h, np.full(d, -lr * mu), np.zeros(d)], 1)
+        gain = np.array([-lr, 1.0, 0.0])
+    A[:, 1] = np.stack([h, np.full(d, mu), np.zeros(d)], 1)
+    A[:, 2] = (1 - beta) * A[:, 0]
+    A[:, 2, 2] = beta
+    gain[2] = (1 - beta) * gain[0]
+    s = np.zeros((len(batch), d, 3, 3))
+    s[:, :, 0, 0] = s[:, :, 0, 2] = s[:, :, 2, 0] = s[:, :, 2, 2] = x0
+    noise = (c / np.asarray(batch)[:, None])[..., None, None] * np.outer(gain, gain)
+    out = [0.5 * s[..., 2, 2] @ h]
+    for _ in range(steps):
+        s = np.einsum("dij,bdjk,dlk->bdil", A, s, A) + noise
+        out.append(0.5 * s[..., 2, 2] @ h)
+    return np.array(out).T  # (batch, steps + 1)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_with_ema_equals_recursion(nesterov):
+    rng = np.random.default_rng(5 + nesterov)
+    checked = 0
+    for _ in range(25):
+        h = np.exp(rng.uniform(np.log(0.01), 0, 3))
+        c = rng.uniform(0, 1, 3)
+        x0 = rng.uniform(0.1, 2, 3)
+        mu, beta = rng.choice([0.3, 0.9, 0.99]), rng.choice([0.0, 0.5, 0.9, 0.99])
+        lr = rng.uniform(0.05, 0.95) * stability_limit("nesterov" if nesterov else "heavy",
+                                                       mu) / h.max()
+        batch = np.exp(rng.uniform(0, np.log(100), 3))
+        curves = recursion_momentum_ema(h, c, x0, lr, mu, beta, batch, 2000, nesterov)
+        targets, batches, want = [], [], []
+        for b, cv in zip(batch, curves, strict=True):
+            for tgt in pick_targets(cv, rng):
+                targets.append(tgt)
+                batches.append(b)
+                want.append(first_hit(cv, tgt))
+        got = nqm.steps_to_target(h, c, lr, np.array(batches), np.array(targets), init_sq=x0,
+                                  momentum=mu, ema_decay=beta, nesterov=nesterov,
+                                  max_steps=2000)
+        np.testing.assert_array_equal(got, want)
+        checked += len(want)
+    assert checked >= 150
