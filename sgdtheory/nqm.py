@@ -951,6 +951,8 @@ def _triple_steps(pr: _Problem, cfg, max_steps: int, out: np.ndarray, where, nes
         w = np.array([[f * x[:, i, j] for (i, j), f in zip(pairs, (1, 1, 1, 2, 2, 2),
                                                            strict=True)] for x in (w0, w1)])
         ls1 = float(w1[:, 2, 2].sum())
+        if not (np.isfinite(ls1) and np.all(np.isfinite(w)) and np.all(np.isfinite(A))):
+            continue  # noise per step beyond float64 even at the largest B: E[L_t≥1] = inf
         inv_b = b_ref / batch[mem]
         tgt = target[mem]
         r = np.zeros((3, d))
@@ -971,12 +973,19 @@ def _triple_steps(pr: _Problem, cfg, max_steps: int, out: np.ndarray, where, nes
                     r = np.stack([r[0] * a[0][col] + r[1] * a[1][col] + r[2] * a[2][col]
                                   for col in range(3)])
                 dev[:, j0:j0 + m_] = np.einsum("pkd,tkd->pt", w, quad[:m_])
+            if not np.all(np.isfinite(dev)):  # moments beyond float64: the loss is inf
+                n = int(np.argmin(np.all(np.isfinite(dev), axis=0)))
+                dev, live_after = dev[:, :n], False
+            else:
+                live_after = True
             ts = t0 + np.arange(n)
             for j in np.flatnonzero(live):
                 below = dev[0] + (ls1 - dev[1]) * inv_b[j] <= tgt[j]
                 if np.any(below):
                     out[where[mem[j]]] = ts[np.argmax(below)]
                     live[j] = False
+            if not live_after:
+                break
             t0 += n
             n = min(2 * n, 4096)
             # E[L_t] ≥ the accumulated noise, which only grows: above the target, never reached
