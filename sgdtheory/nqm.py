@@ -27,10 +27,20 @@ Broadcasting: ``lr``, ``batch``, ``momentum``, ``ema_decay`` (and ``target``) br
 *configuration shape* S; per-dimension arrays (``h``, ``c``, ``init_sq``) have shape (d,).
 Trajectories have shape S + (steps+1,). Constant-rate trajectories are computed in closed
 form (SGD) or by repeated squaring of the moment matrix (momentum/EMA); no Python loop runs
-over the steps. A diverging configuration is a result: its loss is ``inf`` once it overflows.
+over the steps. A diverging configuration is a result: its loss is ``inf`` once it overflows
+(never NaN, and without a floating-point warning).
 
-**Linear regression with Gaussian features** (DESIGN §3): x ~ N(0, diag(λ)), y = w*ᵀx + ε with
-Var ε = σ², e = w − w*, m_j = E[e_j²]; batches of B with replacement give exactly
+**Steps to a target** (:func:`steps_to_target`) are exact: the first t at which the
+step-by-step recursion is at or below the target, found without stepping through t. With
+momentum, Nesterov or an EMA each dimension is a 2×2 linear map A plus noise, whose t-th
+power has a closed form through its eigenvalues that stays exact where they coincide
+(:class:`_Modes`); the loss at any t is an O(d) sum, and Newton's method on certified lower
+bounds of the loss locates the first crossing, even where the loss oscillates around the
+target (docs/design.md §3).
+
+**Linear regression with Gaussian features** (docs/design.md §3): x ~ N(0, diag(λ)),
+y = w*ᵀx + ε with Var ε = σ², e = w − w*, m_j = E[e_j²]; batches of B with replacement give
+exactly
 
     m_j ← m_j (1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λ_j (Σ_k λ_k m_k + σ²),
 
@@ -39,9 +49,13 @@ and the population loss is ½(Σ_j λ_j m_j + σ²) (see :func:`linreg_expected_
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import numpy as np
+
+from sgdtheory import _checks
 
 __all__ = [
     "OptimalSteps",
@@ -60,12 +74,8 @@ _CHUNK = 1 << 21  # elements per working array (≈ 16 MiB of float64)
 
 
 def _array(name: str, x) -> np.ndarray:
-    if isinstance(x, bool) or x is None:
-        raise ValueError(f"{name} must be a real number or array, got {x!r}")
-    try:
-        a = np.asarray(x, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a real number or array, got {x!r}") from exc
+    """A finite real float array (no None, str, bool, complex or ragged input)."""
+    a = _checks.real_array(name, x)
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite, got {x!r}")
     return a
@@ -94,11 +104,23 @@ def _per_dim(name: str, x, d: int) -> np.ndarray:
 
 
 def _steps(name: str, steps) -> int:
+    """A step count: an int or NumPy integer in [0, 2⁵³] (exact as a float64)."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
-    if steps < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
+    if steps < 0 or steps > 2**53:
+        raise ValueError(f"{name} must be an integer in [0, 2**53], got {steps!r}")
     return int(steps)
+
+
+def _fits_memory(name: str, n_values: int) -> None:
+    """Refuse an output of ``n_values`` float64 larger than half the machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        total = 16 * 2**30
+    if 8.0 * n_values > total / 2:
+        raise ValueError(f"{name} too large: the result would need {8.0 * n_values / 2**30:.3g} "
+                         f"GiB (of {total / 2**30:.3g} GiB of memory)")
 
 
 def _broadcast(**arrays) -> list[np.ndarray]:
@@ -130,8 +152,14 @@ def _problem(h, c, init_sq=0.0, precond_power=0.0) -> _Problem:
     p = float(p)
     with np.errstate(over="ignore"):
         scale = (h / h.max()) ** (-p)
-    if not np.all(np.isfinite(scale)):
-        raise ValueError(f"precond_power={precond_power!r} overflows the preconditioner")
+        finite = np.all(np.isfinite(scale**2 * c)) and np.all(np.isfinite(scale * h))
+    if not finite:
+        raise ValueError(f"precond_power={precond_power!r} overflows the preconditioner "
+                         f"(p_i h_i or p_i² c_i beyond float64)")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.sum(0.5 * h * x0)):
+            raise ValueError("the initial loss ½Σ h_i init_sq_i overflows float64 "
+                             "(h or init_sq too large)")
     keep = (c > 0) | (x0 > 0)
     return _Problem(h[keep], (scale * h)[keep], (scale**2 * c)[keep], x0[keep])
 
@@ -141,13 +169,14 @@ def _problem(h, c, init_sq=0.0, precond_power=0.0) -> _Problem:
 
 def _sgd_factors(pr: _Problem, lr, batch):
     """log q_i, 1 − q_i and the noise injection n_i = η²c_i/B, q_i = (1 − ηh_i)², shape S+(d,)."""
-    u = lr[..., None] * pr.hd
-    # log q = 2 log|1 − u|, without cancellation on both sides of u = 1
-    with np.errstate(divide="ignore"):
+    # (unstable rates may overflow: their loss is inf, reported without a warning)
+    with np.errstate(over="ignore", divide="ignore"):
+        u = lr[..., None] * pr.hd
+        # log q = 2 log|1 − u|, without cancellation on both sides of u = 1
         logq = 2.0 * np.log1p(np.where(u <= 1.0, -u, u - 2.0))
-    logq = np.maximum(logq, -1e4)  # q = 0 (u = 1): q^t = 0 for t ≥ 1, 1 at t = 0
-    omq = u * (2.0 - u)  # 1 − q
-    noise = lr[..., None] ** 2 * pr.cd / batch[..., None]
+        logq = np.maximum(logq, -1e4)  # q = 0 (u = 1): q^t = 0 for t ≥ 1, 1 at t = 0
+        omq = u * (2.0 - u)  # 1 − q
+        noise = lr[..., None] ** 2 * pr.cd / batch[..., None]
     return logq, omq, noise
 
 
@@ -166,6 +195,11 @@ def _sgd_loss_at(pr: _Problem, logq, omq, noise, t):
                 em = np.expm1(tt[:, None] * lq)  # q^t − 1
                 out[ci, t0:t0 + tchunk] = ((em + 1.0) @ a - em @ ratio_w[ci]
                                            + tt * lin_w[ci].sum())
+    bad = np.isnan(out)
+    if np.any(bad):  # 0·inf where η²c̃/B overflows: E[L_0] = ½Σhs(0), inf afterwards
+        bad[:, t == 0] = False
+        out[:, t == 0] = np.where(np.isnan(out[:, t == 0]), a.sum(), out[:, t == 0])
+        out[bad] = np.inf
     return out
 
 
@@ -180,6 +214,17 @@ def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool
     shapes S+(d, k², k²) and S+(d, k²), plus the index of the loss component.
     """
     shape = np.broadcast_shapes(lr.shape, batch.shape, mu.shape, beta.shape) + pr.h.shape
+    k = 1 + has_v + has_ema
+    A, g = _transfer(pr, lr, mu, beta, has_v, has_ema, nesterov, shape)
+    M = np.einsum("...ik,...jl->...ijkl", A, A).reshape(shape + (k * k, k * k))
+    noise = np.broadcast_to(pr.cd / batch[..., None], shape)
+    b = noise[..., None] * np.einsum("...i,...j->...ij", g, g).reshape(shape + (k * k,))
+    idx = (k - 1) * (k + 1) if has_ema else 0  # E[θ̄²] or E[θ²]
+    return M, b, idx
+
+
+def _transfer(pr: _Problem, lr, mu, beta, has_v: bool, has_ema: bool, nesterov: bool, shape):
+    """A (shape + (k, k)) and g (shape + (k,)) of z' = A z + g ζ (see :func:`_linear_system`)."""
     k = 1 + has_v + has_ema
     eta = np.broadcast_to(lr[..., None], shape)
     hd = np.broadcast_to(pr.hd, shape)
@@ -203,11 +248,7 @@ def _linear_system(pr: _Problem, lr, batch, mu, beta, has_v: bool, has_ema: bool
         A[..., -1, :] = (1.0 - b_)[..., None] * A[..., 0, :]
         A[..., -1, -1] = b_
         g[..., -1] = (1.0 - b_) * g[..., 0]
-    M = np.einsum("...ik,...jl->...ijkl", A, A).reshape(shape + (k * k, k * k))
-    noise = np.broadcast_to(pr.cd / batch[..., None], shape)
-    b = noise[..., None] * np.einsum("...i,...j->...ij", g, g).reshape(shape + (k * k,))
-    idx = (k - 1) * (k + 1) if has_ema else 0  # E[θ̄²] or E[θ²]
-    return M, b, idx
+    return A, g
 
 
 def _initial_state(pr: _Problem, k: int, has_ema: bool) -> np.ndarray:
@@ -239,9 +280,25 @@ def _orbit(M, b, s0, n: int) -> np.ndarray:
 
 
 def _stationary_moments(M, b) -> np.ndarray:
-    """Fixed point s* = (I − M)⁻¹ b of the moment map, batched over leading axes."""
+    """Fixed point s* = (I − M)⁻¹ b of the moment map, batched over leading axes (a
+    pseudo-inverse where I − M is singular in float64, i.e. 1 − ηh̃ rounds to 1)."""
     eye = np.eye(M.shape[-1])
-    return np.linalg.solve(eye - M, b[..., None])[..., 0]
+    try:
+        return np.linalg.solve(eye - M, b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return (np.linalg.pinv(eye - M) @ b[..., None])[..., 0]
+
+
+def _quiet(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off: a value beyond float64 (a
+    diverging run, or extreme inputs) is returned as inf, never as a warning or NaN."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _unstable(pr: _Problem, lr, mu, nesterov: bool = False):
@@ -253,13 +310,231 @@ def _unstable(pr: _Problem, lr, mu, nesterov: bool = False):
     return lr * pr.hd.max() >= limit
 
 
+# --------------------------------------------------------------------------- 2×2 closed form
+
+_LOG_TINY = -700.0  # log of a base that is exactly 0: its powers t ≥ 1 vanish, its 0th is 1
+
+
+class _Pair(NamedTuple):
+    """Per-dimension 2×2 dynamics z' = A z + g ζ of one optimiser setting, arrays of shape (d,).
+
+    ``a`` = (A00, A01, A10, A11); ``e`` = the entries of I − A, computed without cancellation;
+    ``omd`` = 1 − det A (accurate); ``g`` = the noise gain; ``idx`` = the component whose second
+    moment weights the loss; ``hh`` = ½h; ``s0`` / ``sst`` = ½h (S00, S01, S11) with S = E[zzᵀ]
+    at t = 0 and at stationarity for B = 1 (stationary moments scale as 1/B) — weighted by ½h
+    already, which stays finite where S* alone would overflow (ηh̃ → 0).
+    """
+
+    a: tuple
+    e: tuple
+    omd: np.ndarray
+    g: tuple
+    idx: int
+    hh: np.ndarray
+    s0: tuple
+    sst: tuple
+
+
+def _pair_system(pr: _Problem, eta: float, mu: float, beta: float, kind: str) -> _Pair:
+    """The 2×2 system of SGD (embedded as A = diag(1 − ηh̃, 0)), heavy ball or Nesterov on
+    z = (θ, v), or SGD with an EMA on z = (θ, θ̄) — the same maps as :func:`_linear_system`."""
+    hd, x0 = pr.hd, pr.x0
+    u = eta * hd
+    zero, one = np.zeros_like(hd), np.ones_like(hd)
+    if kind == "sgd":
+        a, e = (1.0 - u, zero, zero, zero), (u, zero, zero, one)
+        g, omd, idx, s0 = (-eta * one, zero), one, 0, (x0, zero, zero)
+    elif kind == "heavy":
+        a = (1.0 - u, -eta * mu * one, hd, mu * one)
+        e = (u, eta * mu * one, -hd, (1.0 - mu) * one)
+        g, omd, idx, s0 = (-eta * one, one), (1.0 - mu) * one, 0, (x0, zero, zero)
+    elif kind == "nesterov":
+        a = (1.0 - u * (1.0 + mu), -eta * mu * mu * one, hd, mu * one)
+        e = (u * (1.0 + mu), eta * mu * mu * one, -hd, (1.0 - mu) * one)
+        g = (-eta * (1.0 + mu) * one, one)
+        omd, idx, s0 = (1.0 - mu) + mu * u, 0, (x0, zero, zero)  # det A = μ(1 − ηh̃)
+    else:  # "ema": θ̄' = βθ̄ + (1 − β)θ', θ̄_0 = θ_0
+        a = (1.0 - u, zero, (1.0 - beta) * (1.0 - u), beta * one)
+        e = (u, zero, -(1.0 - beta) * (1.0 - u), (1.0 - beta) * one)
+        g = (-eta * one, -(1.0 - beta) * eta * one)
+        omd, idx, s0 = (1.0 - beta) + beta * u, 1, (x0, x0, x0)  # det A = β(1 − ηh̃)
+    hh = 0.5 * pr.h
+    s0 = tuple(hh * x for x in s0)
+    return _Pair(a, e, omd, g, idx, hh, s0, _pair_stationary(a, e, omd, g, pr.cd, hh))
+
+
+def _pair_stationary(a, e, omd, g, cd, weight):
+    """``weight`` × stationary E[zzᵀ] of z' = Az + gζ, Var ζ = c̃ (B = 1), in closed form.
+
+    A^j = p_{j+1} I + p_j Ā (Cayley–Hamilton; Ā = A − τI, p_j the impulse response of
+    x_j = τx_{j−1} − δx_{j−2}, τ = tr A, δ = det A), so S* = c̃ Σ_j A^j g gᵀ A^jᵀ
+    = c̃ [γ1 (g + ā)(g + ā)ᵀ + (γ0 − γ1)(g gᵀ + ā āᵀ)], ā = Āg, with the AR(2) autocovariances
+    γ1 = τ / ((1 − δ) P Q), γ0 − γ1 = 1 / ((1 − δ) Q), P = det(I − A), Q = det(I + A).
+    ``weight``/P is formed first (P ∝ ηh̃ may be tiny where the weight ½h is too).
+    """
+    a00, a01, a10, a11 = a
+    e00, e01, e10, e11 = e
+    p_ = e00 * e11 - e01 * e10
+    q_ = (2.0 - e00) * (2.0 - e11) - e01 * e10
+    gamma1 = (a00 + a11) * (weight / p_) / (omd * q_)
+    diff = weight / (omd * q_)
+    g0, g1 = g
+    b0, b1 = -a11 * g0 + a01 * g1, a10 * g0 - a00 * g1  # ā = Āg
+    c0, c1 = g0 + b0, g1 + b1
+    return (cd * (gamma1 * c0 * c0 + diff * (g0 * g0 + b0 * b0)),
+            cd * (gamma1 * c0 * c1 + diff * (g0 * g1 + b0 * b1)),
+            cd * (gamma1 * c1 * c1 + diff * (g1 * g1 + b1 * b1)))
+
+
+class _Modes(NamedTuple):
+    r"""One kind of dimension (real or complex roots of A) of a :class:`_Pair`, in closed form.
+
+    The deviation E[z_t z_tᵀ] − S* = A^t D A^tᵀ (D = S0 − S*) has loss component r_t D r_tᵀ,
+    r_t = e_idxᵀ A^t = p_t w + e_t z by Cayley–Hamilton, p_t = (r1^t − r2^t)/(r1 − r2):
+
+    * real roots, |r1| ≥ |r2|, q = r2/r1: p_t = r1^{t−1} X_t, X_t = (1 − q^t)/(1 − q),
+      e_t = r1^{t−1}, Y_t = 1, w = A_{idx,·} − r1 e_idx, z = r1 e_idx;
+    * complex roots ρe^{±iφ}: p_t = ρ^{t−1} X_t, X_t = sin(tφ)/sin φ, e_t = ρ^{t−1} Y_t,
+      Y_t = cos(tφ), w = A_{idx,·} − ρ cos φ e_idx, z = ρ e_idx.
+
+    So ½h r_t D r_tᵀ = env_t (k_a X_t² + 2 k_b X_t Y_t + k_c Y_t²), env_t = e^{−κ(t−1)},
+    κ = −2 log|r1| (or −2 log ρ), with no division by a root gap: exact also where the roots
+    (nearly) coincide, X_t → t.
+    """
+
+    cplx: bool
+    sel: np.ndarray  # indices of these dimensions in the system
+    kappa: np.ndarray
+    sgn: np.ndarray  # sign of r1 (real roots; 1 for complex)
+    scale: np.ndarray  # 1 − q (real) or sin φ (complex)
+    rate: np.ndarray  # log|q| (real, ≥ _LOG_TINY) or φ (complex)
+    qneg: np.ndarray  # q < 0
+    neg: np.ndarray  # positions with q < 0
+    dbl: np.ndarray  # positions with a double root (q = 1, X_t = t)
+    safe: np.ndarray  # scale with 0 replaced by 1
+    k0: tuple  # (k_a, k_b, k_c) for D = S0
+    k1: tuple  # (k_a, k_b, k_c) for D = S*(B = 1)
+    w: tuple  # w = (w_0, w_1) and z_idx, to rebuild the state row r_t
+    zi: np.ndarray
+
+
+def _sym_form(d, v, w):
+    """v D wᵀ for D = (d00, d01, d11) symmetric and 2-vectors v, w."""
+    return v[0] * (d[0] * w[0] + d[1] * w[1]) + v[1] * (d[1] * w[0] + d[2] * w[1])
+
+
+def _pair_modes(sy: _Pair) -> list[_Modes]:
+    """Roots of each dimension's A and the coefficients of :class:`_Modes` (non-empty kinds)."""
+    a00, a01, a10, a11 = sy.a
+    e00, e01, e10, e11 = sy.e
+    i = sy.idx
+    a_ii, a_io, a_oo = (a00, a01, a11) if i == 0 else (a11, a10, a00)
+    e_ii, e_oo = (e00, e11) if i == 0 else (e11, e00)
+    tau, det = a00 + a11, a00 * a11 - a01 * a10
+    disc = (e11 - e00) ** 2 + 4.0 * a01 * a10
+    out = []
+    for cplx in (False, True):
+        sel = np.flatnonzero(disc < 0) if cplx else np.flatnonzero(disc >= 0)
+        if sel.size == 0:
+            continue
+        ta, de = tau[sel], det[sel]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if not cplx:
+                s = np.sqrt(disc[sel])
+                sgn = np.where(ta >= 0, 1.0, -1.0)
+                r1 = 0.5 * (ta + sgn * s)
+                ar1 = np.abs(r1)
+                zero = ar1 == 0
+                # r1 > 0: 1 − r1 is the small root of det(E − yI) = y² − tr(E) y + det(E)
+                y1 = 2.0 * (e00 * e11 - e01 * e10)[sel] / ((e00 + e11)[sel] + s)
+                log_r1 = np.where(r1 > 0, np.log1p(-np.where(r1 > 0, y1, 0.0)), np.log(ar1))
+                kappa = np.minimum(-2.0 * log_r1, -2.0 * _LOG_TINY)
+                scale = np.where(zero, 1.0, s / np.where(zero, 1.0, ar1))  # 1 − q
+                qneg = de < 0
+                rate = np.where(qneg, np.log(np.abs(de)) - 2.0 * np.log(ar1),
+                                np.log1p(-np.minimum(scale, 1.0)))
+                rate = np.maximum(np.where(zero, _LOG_TINY, rate), _LOG_TINY)
+                # A_ii − r1 and A_oo − r1 multiply to A_io A_oi: take the larger directly
+                d1, d2 = a_ii[sel] - r1, a_oo[sel] - r1
+                wi = np.where(np.abs(d1) >= np.abs(d2), d1,
+                              (a01 * a10)[sel] / np.where(d2 != 0, d2, 1.0))
+                zi = r1
+            else:
+                si, rho = np.sqrt(-disc[sel]), np.sqrt(de)
+                kappa = -np.log1p(-sy.omd[sel])  # ρ² = δ = 1 − (1 − δ)
+                sgn, qneg = np.ones_like(ta), np.zeros(ta.shape, bool)
+                rate, scale = np.arctan2(si, ta), si / (2.0 * rho)  # φ, sin φ
+                wi = 0.5 * (e_oo[sel] - e_ii[sel])  # A_ii − ρ cos φ = (A_ii − A_oo)/2
+                zi = rho
+        wv = (wi, a_io[sel]) if i == 0 else (a_io[sel], wi)
+        zv = (zi, 0.0) if i == 0 else (0.0, zi)
+        ks = []
+        for d in (sy.s0, sy.sst):  # (already weighted by ½h)
+            dd = tuple(x[sel] for x in d)
+            ks.append((_sym_form(dd, wv, wv), _sym_form(dd, wv, zv), _sym_form(dd, zv, zv)))
+        perm = np.argsort(kappa, kind="stable")  # slowest first (used by _newton_below)
+        sel, kappa, sgn, scale, rate, qneg, k0, k1, wv, zi = (
+            tuple(x[perm] for x in a) if isinstance(a, tuple) else a[perm]
+            for a in (sel, kappa, sgn, scale, rate, qneg, ks[0], ks[1], wv, zi))
+        dbl = np.flatnonzero(scale == 0) if not cplx else np.empty(0, int)
+        out.append(_Modes(cplx, sel, kappa, sgn, scale, rate, qneg, np.flatnonzero(qneg), dbl,
+                          np.where(scale == 0, 1.0, scale), k0, k1, wv, zi))
+    return out
+
+
+def _mode_x(m: _Modes, t):
+    """X_t of :class:`_Modes` (Y_t is 1 for real roots, cos(tφ) for complex), t ≥ 1 real."""
+    if m.cplx:
+        return np.sin(t * m.rate) / m.scale
+    x = -np.expm1(t * m.rate) / m.safe  # 0 ≤ q < 1
+    if m.dbl.size or m.neg.size:
+        x = np.array(x, copy=True)
+        tt = np.broadcast_to(t, x.shape)
+        x[..., m.dbl] = tt[..., m.dbl]  # q = 1 (double root): X_t = t
+        if m.neg.size:  # q < 0: (1 − q^t)/(1 − q), q^t = (−1)^t |q|^t
+            tn = tt[..., m.neg]
+            sign = np.where(np.remainder(tn, 2.0) == 1.0, -1.0, 1.0)
+            x[..., m.neg] = (1.0 - sign * np.exp(tn * m.rate[m.neg])) / m.scale[m.neg]
+    return x
+
+
+def _mode_devs(m: _Modes, t):
+    """Σ_i ½h_i r_t D r_tᵀ over the dimensions of ``m`` for D = S0 and D = S*(B = 1).
+
+    ``t`` (n, 1) → two arrays (n,). With these, E[L_t] = dev0 + (L*₁ − dev1)/B.
+    """
+    x = _mode_x(m, t)
+    env = np.exp(-m.kappa * (t - 1.0))
+    xx = env * x * x
+    if m.cplx:
+        y = np.cos(t * m.rate)
+        xy, yy = env * x * y, env * y * y
+    else:
+        xy, yy = env * x, env
+    return tuple((xx * k[0] + 2.0 * xy * k[1] + yy * k[2]).sum(axis=-1) for k in (m.k0, m.k1))
+
+
+def _state_row(sy: _Pair, modes, t: float):
+    """r_t = e_idxᵀ A^t (its two components over all dimensions) at an integer t ≥ 1."""
+    r = np.zeros((2, sy.hh.size))
+    for m in modes:
+        env = np.exp(-0.5 * m.kappa * (t - 1.0))
+        x = _mode_x(m, t)
+        if m.cplx:
+            p, e = env * x, env * np.cos(t * m.rate)
+        else:  # r1^{t−1} = sgn^{t−1} |r1|^{t−1}
+            e = np.where((m.sgn < 0) & ((t - 1.0) % 2.0 == 1.0), -env, env)
+            p = e * x
+        r[:, m.sel] = p * np.asarray(m.w)
+        r[sy.idx, m.sel] += e * m.zi
+    return r
+
+
 # --------------------------------------------------------------------------- public API
 
 
 def _flag(name: str, x) -> bool:
-    if not isinstance(x, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {x!r}")
-    return bool(x)
+    return _checks.flag(name, x)
 
 
 def _configs(lr, batch, momentum, ema_decay, *, schedule: bool):
@@ -271,6 +546,7 @@ def _configs(lr, batch, momentum, ema_decay, *, schedule: bool):
     return lr, batch, mu, beta
 
 
+@_quiet
 def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
                   ema_decay=None, nesterov=False):
     r"""Exact expected NQM loss E[L_t], t = 0..steps, of SGD / heavy ball / preconditioned SGD.
@@ -326,6 +602,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
                              "steps=None (pass steps=T for a constant rate)")
         return _schedule_loss(pr, lr, batch, mu, beta, ema_decay is not None, nesterov)
     shape = lr.shape
+    _fits_memory("steps", lr.size * (steps + 1.0))
     if pr.h.size == 0:
         return np.zeros(shape + (steps + 1,))
     has_v, has_ema = bool(np.any(mu > 0)), ema_decay is not None
@@ -349,8 +626,7 @@ def expected_loss(h, c, lr, batch, steps=None, *, momentum=0.0, init_sq=1.0, pre
                 with np.errstate(over="ignore", invalid="ignore"):
                     acc += 0.5 * pr.h[sl] @ traj
             out[ci] = acc
-    unstable = _unstable(pr, flat[0], flat[2], nesterov)
-    out[unstable] = np.where(np.isnan(out[unstable]), np.inf, out[unstable])
+    out[np.isnan(out)] = np.inf  # overflow (unstable, or moments beyond float64)
     return out.reshape(shape + (steps + 1,))
 
 
@@ -367,15 +643,19 @@ def _schedule_loss(pr: _Problem, lr, batch, mu, beta, has_ema: bool, nesterov: b
     s = np.broadcast_to(_initial_state(pr, k, has_ema), shape + pr.h.shape + (k * k,)).copy()
     idx = (k - 1) * (k + 1) if has_ema else 0
     out[..., 0] = 0.5 * s[..., idx] @ pr.h
+    gone = np.zeros(shape, bool)  # overflowed: the loss is inf from then on
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(T):
             M, b, _ = _linear_system(pr, lr[..., t], batch[..., t], mu[..., t], beta[..., t],
                                      has_v, has_ema, nesterov)
             s = np.einsum("...ij,...j->...i", M, s) + b
-            out[..., t + 1] = 0.5 * s[..., idx] @ pr.h
+            gone |= ~np.all(np.isfinite(s), axis=(-2, -1))
+            s[gone] = 0.0
+            out[..., t + 1] = np.where(gone, np.inf, 0.5 * s[..., idx] @ pr.h)
     return out
 
 
+@_quiet
 def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_decay=None,
                     nesterov=False):
     r"""Limit of E[L_t] as t → ∞ at a constant rate (``inf`` when unstable).
@@ -402,6 +682,7 @@ def stationary_loss(h, c, lr, batch, *, momentum=0.0, precond_power=0.0, ema_dec
     lr, batch, mu, beta = _configs(lr, batch, momentum, ema_decay, schedule=False)
     pr = _problem(h, c, 0.0, precond_power)
     out = _stationary(pr, lr, batch, mu, beta, ema_decay is not None, nesterov)
+    out = np.where(np.isnan(out), np.inf, out)  # beyond float64
     return float(out) if out.ndim == 0 else out
 
 
@@ -414,9 +695,11 @@ def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool,
             s = eta * pr.cd * (1 + m) / (batch[..., None] * pr.hd * (1 - m)
                                          * (2 * (1 + m) - eta * pr.hd))
             out = 0.5 * s @ pr.h
+        elif not (has_ema and np.any(mu > 0)):  # a 2×2 system: closed form
+            sy = _pair_system(pr, eta, m, beta[..., None], "ema" if has_ema else "nesterov")
+            out = sy.sst[2 * sy.idx].sum(axis=-1) / batch
         else:
-            has_v = bool(np.any(mu > 0))
-            M, b, idx = _linear_system(pr, lr, batch, mu, beta, has_v, has_ema, nesterov)
+            M, b, idx = _linear_system(pr, lr, batch, mu, beta, True, has_ema, nesterov)
             M = np.where(unstable[..., None, None, None], 0.0, M)
             out = 0.5 * _stationary_moments(M, b)[..., idx] @ pr.h
     return np.where(unstable, np.inf, out)
@@ -425,18 +708,25 @@ def _stationary(pr: _Problem, lr, batch, mu, beta, has_ema: bool,
 # --------------------------------------------------------------------------- steps to target
 
 
+@_quiet
 def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, precond_power=0.0,
                     ema_decay=None, nesterov=False, max_steps=10**7):
     r"""First step t ≤ ``max_steps`` with E[L_t] ≤ ``target``, vectorised over configurations.
 
     Returns ``inf`` where the target is not reached within ``max_steps`` and for unstable
-    configurations (ηh̃_max ≥ 2(1+μ), which diverge). For SGD started above stationarity
-    in every dimension (s_i(0) ≥ s_i*), E[L_t] − L* = Σ_i w_i q_i^t with w_i ≥ 0 is
-    decreasing and log-convex in t, so Newton's method on log(E[L_t] − L*) approaches the
-    crossing from below (a few closed-form evaluations per configuration, any ``max_steps``).
-    Otherwise (momentum, EMA, or some dimensions started below stationarity) the loss may
-    oscillate: the exact trajectory is scanned in blocks (cost ∝ the answer); a configuration
-    whose remaining deviation from L* provably cannot reach the target stops early.
+    configurations (ηh̃_max ≥ 2(1+μ), which diverge). The answer is the *first* crossing,
+    also where the loss oscillates and crosses the target several times. For SGD started
+    above stationarity in every dimension (s_i(0) ≥ s_i*), E[L_t] − L* = Σ_i w_i q_i^t with
+    w_i ≥ 0 is decreasing and log-convex in t, so Newton's method on log(E[L_t] − L*)
+    approaches the crossing from below (a few closed-form evaluations per configuration).
+    With momentum, Nesterov, an EMA (not both), or SGD started below stationarity somewhere,
+    each dimension's moments follow a 2×2 map whose powers are in closed form
+    (:class:`_Modes`): lower bounds of the loss valid for all later steps, Newton's method on
+    them and exact O(d) evaluations find the crossing (:func:`_pair_search`); the loss is
+    computed step by step only over short stretches where it oscillates near the target.
+    All batch sizes and targets of one (lr, momentum, ema_decay) share that work. Momentum
+    together with an EMA (a 3×3 map) is computed step by step, all batch sizes at once (cost
+    ∝ the answer; an unreachable target stops once the accumulated noise alone exceeds it).
 
     Args:
         h, c, lr, batch, momentum, init_sq, precond_power, ema_decay, nesterov: as
@@ -472,13 +762,18 @@ def steps_to_target(h, c, lr, batch, target, *, momentum=0.0, init_sq=1.0, preco
     unstable = _unstable(pr, flat[0], flat[2], nesterov)
     out[(l0 <= flat[4])] = 0.0
     todo = np.flatnonzero(~unstable & (l0 > flat[4]))
-    if todo.size:
-        if has_v or has_ema:
-            scan = todo
-        else:
-            scan = _sgd_newton(pr, [a[todo] for a in flat], max_steps, out, todo)
-        if scan.size:
-            _scan(pr, [a[scan] for a in flat], max_steps, out, scan, has_v, has_ema, nesterov)
+    if todo.size == 0:
+        pass
+    elif has_v and has_ema:  # a 3×3 map: scanned
+        _triple_steps(pr, [a[todo] for a in flat], max_steps, out, todo, nesterov)
+    elif has_v or has_ema:
+        kind = "ema" if has_ema else ("nesterov" if nesterov else "heavy")
+        _pair_steps(pr, kind, [a[todo] for a in flat], max_steps, out, todo)
+    else:
+        rest = _sgd_newton(pr, [a[todo] for a in flat], max_steps, out, todo)
+        if rest.size:  # loss not monotone, several crossings possible
+            _pair_steps(pr, "sgd", [a[rest] for a in flat], max_steps, out, rest)
+    out[np.isnan(out)] = np.inf  # defensive: a crossing not computable in float64
     return float(out[0]) if not shape else out.reshape(shape)
 
 
@@ -617,59 +912,473 @@ def _bisect_group(logq, W, bat, gap, max_steps, out, dest, lo=None):
     out[dest] = hi
 
 
-def _power_bound(M) -> np.ndarray:
-    """sup_{j≥0} ‖M^j‖_∞ per leading index, or inf if repeated squaring does not contract.
+def _groups(cfg, per: int):
+    """Indices of the configurations sharing (η, μ, β), in chunks of at most ``per``."""
+    lr, _, mu, beta, _ = cfg
+    uniq, inv = np.unique(np.stack([lr, mu, beta], axis=1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(uniq.shape[0] + 1))
+    for gi, (eta, m_, b_) in enumerate(uniq):
+        members = order[bounds[gi]:bounds[gi + 1]]
+        for k0 in range(0, members.size, per):
+            yield float(eta), float(m_), float(b_), members[k0:k0 + per]
 
-    Square until ‖M^{2^k}‖_∞ < 1; every j < 2^k is a product of distinct M^{2^i}, i < k, so
-    sup_j ‖M^j‖ ≤ Π_{i<k} max(1, ‖M^{2^i}‖).
+
+def _triple_steps(pr: _Problem, cfg, max_steps: int, out: np.ndarray, where, nesterov: bool):
+    """First crossings with momentum and an EMA together (3×3 per dimension), by scanning.
+
+    z = (θ, v, θ̄); the row r_t = e_θ̄ᵀ A^t follows r ← rA step by step (the moment recursion
+    itself), and E[L_t] = ½Σh r_t S0 r_tᵀ + (L*₁ − ½Σh r_t S*₁ r_tᵀ)/B serves every batch size
+    and target of one (η, μ, β) at once, in blocks of steps doubling from 64. The second term,
+    the loss of the noise injected so far, never decreases (a sum of positive semi-definite
+    terms) and E[L_t] is at least that; once it is above the target, the target is never
+    reached. Cost ∝ the answer (or the time the noise takes to build up past the target).
     """
-    bound = np.ones(M.shape[0])
-    P = M
-    with np.errstate(over="ignore", invalid="ignore"):
-        for _ in range(64):
-            norm = np.abs(P).sum(axis=-1).max(axis=-1)
-            if np.all(norm < 1.0):
-                return bound
-            bound = bound * np.maximum(norm, 1.0)
-            P = np.matmul(P, P)
-    return np.full(M.shape[0], np.inf)
-
-
-def _scan(pr: _Problem, cfg, max_steps, out, where, has_v, has_ema, nesterov=False):
-    """Exact first crossing by scanning the moment trajectory in blocks (stable configs only).
-
-    Blocks grow geometrically from 32 steps. Early exit when the target lies below the
-    stationary loss L*: for every later t, E[θ_i²] ≥ max(0, s_i* − sup_j‖M_i^j‖ ‖s_i − s_i*‖_∞)
-    (see :func:`_power_bound`); once ½Σ_i h_i of that exceeds the target it is never reached.
-    """
-    lr, batch, mu, beta, target = cfg
-    k = 1 + has_v + has_ema
+    lr, batch, _, _, target = cfg
     d = pr.h.size
-    s0 = _initial_state(pr, k, has_ema)
-    k_max = int(min(1 << 16, max(32, _CHUNK // (d * k * k))))
-    for ci, oi in enumerate(where):
-        M, b, idx = _linear_system(pr, lr[ci], batch[ci], mu[ci], beta[ci], has_v, has_ema,
-                                   nesterov)
-        sstar = _stationary_moments(M, b)
-        lstar = 0.5 * pr.h @ sstar[:, idx]
-        amp = _power_bound(M) if lstar > target[ci] else None
-        s, t0, K = s0, 0, min(32, k_max)
-        while t0 <= max_steps:
-            if amp is not None:  # E[θ_i²] ≥ max(0, s_i* − sup_j‖M_i^j‖ ‖s_i − s_i*‖_∞) from now on
-                floor_ = sstar[:, idx] - amp * np.abs(s - sstar).max(axis=1)
-                if 0.5 * pr.h @ np.maximum(floor_, 0.0) > target[ci]:
-                    break
-            n = min(K + 1, max_steps - t0 + 1)
-            traj = _orbit(M, b, s, n)
-            loss = 0.5 * pr.h @ traj[..., idx]
-            hit = np.flatnonzero(loss <= target[ci])
-            if hit.size:
-                out[oi] = t0 + hit[0]
+    hh = 0.5 * pr.h
+    for eta, mu, beta, mem in _groups(cfg, max(1, _CHUNK // max(1, 4 * d))):
+        b_ref = float(batch[mem].max())
+        A, _ = _transfer(pr, np.array(eta), np.array(mu), np.array(beta), True, True,
+                         nesterov, pr.h.shape)
+        M, b, _ = _linear_system(pr, np.array(eta), np.array(b_ref), np.array(mu),
+                                 np.array(beta), True, True, nesterov)
+        w1 = hh[:, None, None] * _stationary_moments(M, b).reshape(d, 3, 3)
+        w0 = np.zeros((d, 3, 3))
+        w0[:, 0, 0] = w0[:, 0, 2] = w0[:, 2, 0] = w0[:, 2, 2] = hh * pr.x0  # θ̄_0 = θ_0
+        pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+        w = np.array([[f * x[:, i, j] for (i, j), f in zip(pairs, (1, 1, 1, 2, 2, 2),
+                                                           strict=True)] for x in (w0, w1)])
+        ls1 = float(w1[:, 2, 2].sum())
+        if not (np.isfinite(ls1) and np.all(np.isfinite(w)) and np.all(np.isfinite(A))):
+            continue  # noise per step beyond float64 even at the largest B: E[L_t≥1] = inf
+        inv_b = b_ref / batch[mem]
+        tgt = target[mem]
+        r = np.zeros((3, d))
+        r[2] = 1.0  # r_0 = e_θ̄
+        a = [[np.ascontiguousarray(A[:, k, m]) for m in range(3)] for k in range(3)]
+        live = np.ones(mem.size, bool)
+        t0, n = 0, 64
+        nb = max(1, _CHUNK // (6 * d))
+        quad = np.empty((min(nb, 4096), 6, d))
+        while np.any(live) and t0 <= max_steps:
+            n = int(min(n, max_steps + 1 - t0))
+            dev = np.empty((2, n))
+            for j0 in range(0, n, nb):
+                m_ = min(nb, n - j0)
+                for j in range(m_):
+                    for p, (i, k) in enumerate(pairs):
+                        np.multiply(r[i], r[k], out=quad[j, p])
+                    r = np.stack([r[0] * a[0][col] + r[1] * a[1][col] + r[2] * a[2][col]
+                                  for col in range(3)])
+                dev[:, j0:j0 + m_] = np.einsum("pkd,tkd->pt", w, quad[:m_])
+            if not np.all(np.isfinite(dev)):  # moments beyond float64: the loss is inf
+                n = int(np.argmin(np.all(np.isfinite(dev), axis=0)))
+                dev, live_after = dev[:, :n], False
+            else:
+                live_after = True
+            ts = t0 + np.arange(n)
+            for j in np.flatnonzero(live):
+                below = dev[0] + (ls1 - dev[1]) * inv_b[j] <= tgt[j]
+                if np.any(below):
+                    out[where[mem[j]]] = ts[np.argmax(below)]
+                    live[j] = False
+            if not live_after:
                 break
-            if n < K + 1:
-                break
-            s, t0 = traj[:, K], t0 + K
-            K = min(2 * K, k_max)
+            t0 += n
+            n = min(2 * n, 4096)
+            # E[L_t] ≥ the accumulated noise, which only grows: above the target, never reached
+            live &= ~((ls1 - dev[1, -1]) * inv_b > tgt * (1 + 1e-12))
+        # unresolved: inf (out was initialised to inf)
+
+
+def _pair_steps(pr: _Problem, kind: str, cfg, max_steps: int, out: np.ndarray, where):
+    """First crossings of 2×2 systems (:func:`_pair_search`), grouped by (η, μ, β).
+
+    The moment map depends on (η, μ, β) but not on B, and E[L_t] = dev0(t) + (L*₁ − dev1(t))/B,
+    so all batch sizes (and targets) of one (η, μ, β) share the closed form.
+    """
+    _, batch, _, _, target = cfg
+    for eta, mu, beta, mem in _groups(cfg, max(1, _CHUNK // max(1, 4 * pr.h.size))):
+        _pair_search(pr, kind, eta, mu, beta, batch[mem], target[mem], max_steps, out,
+                     where[mem])
+
+
+def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, batch, target,
+                 max_steps: int, out: np.ndarray, dest: np.ndarray):
+    r"""Exact first t ≥ 1 with E[L_t] ≤ target for configurations sharing (η, μ, β).
+
+    Each configuration keeps t₁: E[L_t] > target is proven for every t < t₁. From t₁ the loss
+    is bounded below for all t ≥ t₁ by G(t) = L* + Σ_i P_i e^{−κ_i (t−t₁)} − N
+    (:func:`_pair_bound`); G decreases and its exponential sum is log-convex, so Newton's method
+    from below finds the first integer t_G with G(t_G) ≤ target without passing it
+    (:func:`_newton_below`). Every t in [t₁, t_G) is then proven above the target; E[L_{t_G}]
+    is evaluated exactly (closed form): at or below the target it is the answer, otherwise
+    t₁ ← t_G + 1. If G never reaches the target (or only beyond ``max_steps``) the answer is
+    inf. Where that bound makes little progress (an oscillating loss near the target), the
+    configurations "crawl": a window [t_s, t_s + w) starting at the earliest of them is proven
+    above the target by per-dimension minima over the window (:func:`_window_bound`; for
+    several configurations one bound of dev0 and one of dev1 serve all batch sizes; w doubles
+    on success, halves on failure), and where windows fail the loss is computed exactly step
+    by step from the closed-form state (:func:`_block_devs`, blocks doubling). Crawlers go back
+    to Newton after long windows hold, and every 16 rounds. Writes into ``out[dest]``.
+    """
+    b_ref = float(batch.max())  # noise terms at the largest batch (the least likely to overflow)
+    sy = _pair_system(pr._replace(cd=pr.cd / b_ref), eta, mu, beta, kind)
+    modes = _pair_modes(sy)
+    ls1 = float(sy.sst[2 * sy.idx].sum())  # L* at B = b_ref
+    peaks = [None if m.cplx else _peak_times(m) for m in modes]
+    kappa = np.concatenate([m.kappa for m in modes])
+    segs = []  # column blocks of the modes (each sorted by κ) and prefix lengths for the start
+    for a in np.cumsum([0] + [m.kappa.size for m in modes[:-1]]):
+        b = a + modes[len(segs)].kappa.size
+        ks = np.unique(np.geomspace(1, b - a, 24).astype(int)) - 1
+        segs.append((a, b, ks, np.concatenate([[0], ks[:-1] + 1])))
+    inv_b = b_ref / batch  # E[L_t] = dev0 + (L*_ref − dev1) b_ref/B
+    lstar = ls1 * inv_b
+    live = np.ones(batch.size, bool)
+    if not all(np.all(np.isfinite(x)) for m in modes for x in (m.kappa, *m.k0)):
+        raise ValueError(f"lr={eta!r}: the moment dynamics are beyond float64")
+    # noise injected per step beyond float64: E[L_t] = inf for every t ≥ 1
+    live[~np.isfinite(lstar) | ~np.all([np.all(np.isfinite(k)) for m in modes for k in m.k1])
+         ] = False
+    out[dest[~live]] = np.inf
+    # common start: E[L_t] ≥ dev0(t) (the noise accumulated so far, (L*₁ − dev1(t))/B, is
+    # ≥ 0) and dev0(t) ≥ Σ_i P_i e^{−κ_i (t−1)} for all B (S0 ⪰ 0): one Newton solve per target
+    tgt, t_inv = np.unique(target, return_inverse=True)
+    p0, neg0 = _pair_bound(modes, peaks, np.ones(1), np.zeros(1))
+    tau0 = _newton_below(np.repeat(p0, tgt.size, axis=0), kappa, segs, tgt + neg0,
+                         np.full(tgt.size, max_steps - 1.0))
+    t1 = 1.0 + tau0[t_inv.reshape(-1)]
+
+    def finish(rows, value):
+        out[dest[rows]] = value
+        live[rows] = False
+
+    def past_max():
+        finish(np.flatnonzero(live & (t1 > max_steps)), np.inf)
+
+    crawling = np.zeros(batch.size, bool)
+    rounds = np.zeros(batch.size)  # crawl rounds since the last Newton attempt
+    win, scan_len = 64.0, 32.0  # shared window and exact block lengths of the crawlers
+    past_max()
+    while np.any(live):
+        idx = np.flatnonzero(live & ~crawling)
+        if idx.size:
+            _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_steps,
+                          finish, crawling)
+            past_max()
+        crawl = np.flatnonzero(live & crawling)
+        if crawl.size == 0:
+            win, scan_len = 64.0, 32.0
+            continue
+        rounds[crawl] += 1
+        back = crawl[rounds[crawl] >= 16]  # retry Newton now and then
+        crawling[back], rounds[back] = False, 0.0
+        # one window [t_s, t₂] for all crawlers: E[L_t] ≥ L* + min dev0 − max dev1 / B
+        # (two rows for any number of them), or per member min(dev0 − dev1/B) if ≤ 2
+        t_s = t1[crawl].min()
+        t2 = min(t_s + win - 1.0, max_steps)
+        cover = crawl[t1[crawl] <= t2]
+        if cover.size <= 2:
+            one = np.ones(cover.size)
+            lb = _window_bound(modes, t_s * one, t2 * one, one, -inv_b[cover])
+        else:
+            lb0, lb1 = _window_bound(modes, np.array([t_s, t_s]), np.array([t2, t2]),
+                                     np.array([1.0, 0.0]), np.array([0.0, -1.0]))
+            lb = lb0 + lb1 * inv_b[cover]
+        ok = lstar[cover] + lb - 1e-11 * lstar[cover] > target[cover]
+        t1[cover[ok]] = t2 + 1.0
+        if np.all(ok):
+            win *= 2.0
+            if win > 1024.0:  # long windows hold: back to Newton
+                crawling[cover], rounds[cover] = False, 0.0
+            past_max()
+            continue
+        win /= 2.0
+        past_max()
+        if win >= 32.0:
+            continue
+        win = 64.0
+        t_s = int(t1[cover[~ok]].min())  # exact block, shared by the members it covers
+        n = int(min(scan_len, max_steps + 1 - t_s))
+        scan_len = min(2.0 * scan_len, 4096.0)
+        d0, d1 = _block_devs(sy, modes, t_s, n)
+        ts = t_s + np.arange(n)
+        for j in np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n)):
+            below = (d0 + (ls1 - d1) * inv_b[j] <= target[j]) & (ts >= t1[j])
+            if np.any(below):
+                finish(j, ts[np.argmax(below)])
+            else:
+                t1[j] = t_s + n
+        past_max()
+
+
+def _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_steps, finish,
+                  crawling):
+    """One bound + Newton + exact evaluation round of :func:`_pair_search` for members idx."""
+    lstar = ls1 * inv_b[idx]
+    p, neg = _pair_bound(modes, peaks, t1[idx], inv_b[idx])
+    gap = target[idx] - lstar + neg - 1e-11 * lstar
+    finish(idx[gap <= 0], np.inf)  # G(t) > target for all t ≥ t₁
+    keep = ~(gap <= 0)
+    idx, p, gap = idx[keep], p[keep], gap[keep]
+    unknown = ~np.isfinite(gap)  # a bound that failed (overflow): evaluate t₁ exactly
+    p[unknown], gap[unknown] = 0.0, 1.0
+    tau = _newton_below(p, kappa, segs, gap, max_steps - t1[idx])
+    finish(idx[np.isinf(tau)], np.inf)
+    keep = np.isfinite(tau)
+    idx, tau = idx[keep], tau[keep]
+    if idx.size == 0:
+        return
+    tg = t1[idx] + tau
+    d0, d1 = np.zeros(idx.size), np.zeros(idx.size)
+    for m in modes:
+        a_, b_ = _mode_devs(m, tg[:, None])
+        d0 += a_
+        d1 += b_
+    hit = d0 + (ls1 - d1) * inv_b[idx] <= target[idx]
+    finish(idx[hit], tg[hit])
+    t1[idx[~hit]] = tg[~hit] + 1.0
+    crawling[idx[~hit & (tau < 8)]] = True  # little progress: the loss oscillates near target
+
+
+def _window_bound(modes, t1, t2, c0, c1):
+    r"""Σ_i min_{t₁ ≤ t ≤ t₂} ½h_i r_t D r_tᵀ (a lower bound) for D = c0 S0 + c1 S*₁, per row.
+
+    ``t1``, ``t2``, ``c0``, ``c1``: arrays (n,); returns (n,).
+
+    Per dimension dev_t = env_t Q(X_t, Y_t) (:class:`_Modes`): env decreases, so
+    dev ≥ min Q · env_{t₂} (min Q ≥ 0) or min Q · env_{t₁}. min Q over the window: real roots,
+    the quadratic in X over X's range (X monotone for q ≥ 0; between X_{t₁} and X_{t₁+1} for
+    q < 0); complex roots, Q = P0 + P1 cos 2θ + P2 sin 2θ (θ = tφ) at the window's ends, or
+    P0 − √(P1² + P2²) where its minimum falls inside. A margin of 1e-11 of the terms'
+    magnitude covers rounding.
+    """
+    w0, w1 = c0[:, None], c1[:, None]
+    a1, a2 = t1[:, None], t2[:, None]
+    total = np.zeros(t1.size)
+    for m in modes:
+        ka = w0 * m.k0[0] + w1 * m.k1[0]
+        kb = w0 * m.k0[1] + w1 * m.k1[1]
+        kc = w0 * m.k0[2] + w1 * m.k1[2]
+        e1, e2 = np.exp(-m.kappa * (a1 - 1.0)), np.exp(-m.kappa * (a2 - 1.0))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if not m.cplx:
+                x1, x2 = _mode_x(m, a1), _mode_x(m, a2)
+                lo, hi = np.minimum(x1, x2), np.maximum(x1, x2)
+                if m.neg.size:
+                    x3 = _mode_x(m, a1 + 1.0)[:, m.neg]
+                    lo[:, m.neg] = np.minimum(x1[:, m.neg], x3)
+                    hi[:, m.neg] = np.maximum(x1[:, m.neg], x3)
+                qmin = _quad_min(ka, kb, kc, lo, hi)
+                xm = np.maximum(np.abs(lo), np.abs(hi))
+            else:
+                s = m.scale
+                th1, th2 = a1 * m.rate, a2 * m.rate
+                ends = []
+                for th in (th1, th2):
+                    x, y = np.sin(th) / s, np.cos(th)
+                    ends.append((ka * x + 2.0 * kb * y) * x + kc * y * y)
+                qmin = np.minimum(*ends)
+                fa = ka / (s * s)
+                p0, p1, p2 = 0.5 * (fa + kc), 0.5 * (kc - fa), kb / s
+                r = np.hypot(p1, p2)
+                tstar = 0.5 * (np.arctan2(p2, p1) + np.pi)  # 2θ* − α = π: the minimum
+                k = np.ceil((th1 - tstar) / np.pi)
+                inside = tstar + k * np.pi <= th2
+                qmin = np.where(inside, np.minimum(qmin, p0 - r - 1e-12 * (np.abs(p0) + r)),
+                                qmin)
+                xm = 1.0 / s
+            lb = np.where(qmin >= 0, qmin * e2, np.where(e1 > 0, qmin * e1, 0.0))
+            mag = (np.abs(ka) * xm * xm + 2.0 * np.abs(kb) * xm + np.abs(kc)) * e1
+        total += lb.sum(axis=1) - 1e-11 * np.where(np.isfinite(mag), mag, 0.0).sum(axis=1)
+    return total
+
+
+def _peak_times(m: _Modes):
+    """Continuous maximisers over t of env_t X_t and env_t X_t² (real roots, 0 ≤ q ≤ 1).
+
+    log(env_t X_t^k) = −κ(t−1) + k log(1 − q^t) + const is concave: its maximum is at
+    q^t = κ/(κ + k L_q), L_q = −log q, i.e. t* = log(1 + k L_q/κ)/L_q (→ k/κ as q → 1).
+    """
+    lq = -m.rate
+    out = []
+    for k in (1.0, 2.0):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tp = np.where(lq > 0, np.log1p(k * lq / m.kappa) / np.where(lq > 0, lq, 1.0),
+                          k / m.kappa)
+        out.append(np.where(np.isfinite(tp), tp, 0.0))
+    return out
+
+
+def _quad_min(ka, kb, kc, lo, hi):
+    """min of ka g² + 2kb g + kc over g ∈ [lo, hi], elementwise (the clipped vertex if convex)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        v = np.clip(-kb / ka, lo, hi)
+        f_v = (ka * v + 2.0 * kb) * v + kc
+        f_ends = np.minimum((ka * lo + 2.0 * kb) * lo + kc, (ka * hi + 2.0 * kb) * hi + kc)
+    return np.where(ka > 0, f_v, f_ends)
+
+
+def _bound_times(m: _Modes, peaks, t1):
+    """The parts of :func:`_pair_bound` that depend on t₁ (u, 1) only, arrays (u, d_m):
+    env_{t₁}, the range [lo, hi] of X_t over t ≥ t₁ (real roots), and the maxima over t ≥ t₁
+    of env_t |X_t| and env_t X_t²."""
+    env1 = np.exp(-m.kappa * (t1 - 1.0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if m.cplx:
+            f = []
+            for k in (1.0, 2.0):
+                tm = np.maximum(t1, k / m.kappa)
+                f.append(np.minimum(np.exp(-m.kappa * (tm - 1.0)) * tm**k, env1 / m.scale**k))
+            return env1, None, None, f[0], f[1]
+        lo = _mode_x(m, t1)
+        hi = np.broadcast_to(np.where(m.scale > 0, 1.0 / m.scale, 1e300), lo.shape).copy()
+        if m.neg.size:  # X_t oscillates between X_{t₁} and X_{t₁+1}
+            x2 = _mode_x(m, t1 + 1.0)[:, m.neg]
+            x1 = lo[:, m.neg]
+            lo[:, m.neg], hi[:, m.neg] = np.minimum(x1, x2), np.maximum(x1, x2)
+        f = []
+        for k, tp in zip((1.0, 2.0), peaks, strict=True):
+            tm = np.maximum(t1, tp)
+            fm = np.exp(-m.kappa * (tm - 1.0)) * _mode_x(m, tm) ** k
+            if m.neg.size:
+                fm[:, m.neg] = env1[:, m.neg] * hi[:, m.neg] ** k
+            f.append(fm)
+    return env1, lo, hi, f[0], f[1]
+
+
+def _pair_bound(modes, peaks, t1, inv_b):
+    r"""Lower bound E[L_t] − L* ≥ Σ_i P_i e^{−κ_i (t − t₁)} − N for all t ≥ t₁, per member.
+
+    ``t1``, ``inv_b`` (n,). Per dimension dev_t = env_t Q(X_t, Y_t) with env_t > 0
+    decreasing (:class:`_Modes`); two bounds, the better one kept:
+
+    * Q ≥ Q_lo over the values (X, Y) take for t ≥ t₁ — X_t ∈ [X_{t₁}, 1/(1 − q)] (0 ≤ q < 1,
+      X increasing), between X_{t₁} and X_{t₁+1} (q < 0), any phase (complex roots: Q_lo is
+      the smallest eigenvalue of the form in (sin θ, cos θ)) — so dev_t ≥ Q_lo env_t: a
+      decaying exponential if Q_lo ≥ 0, else at least Q_lo env_{t₁};
+    * term by term: the positive parts of k_a X², 2k_b X, k_c at X = X_{t₁} times env_t
+      (real roots), the negative ones at their maxima over t ≥ t₁ of env_t X_t^k
+      (:func:`_peak_times`; |X_t| ≤ min(t, 1/sin φ) for complex roots) — finite where the
+      roots (nearly) coincide and the first bound is not.
+
+    Returns P·env_{t₁} (n, d) ≥ 0 and N (n,) ≥ 0, N with a margin of 1e-11 of the terms'
+    magnitude for rounding. The t₁-only parts are computed once per distinct t₁.
+    """
+    ut, inv = np.unique(t1, return_inverse=True)
+    ib = inv_b[:, None]
+    ps, neg = [], np.zeros(t1.size)
+    for m, pk in zip(modes, peaks, strict=True):
+        env1, lo, hi, f1, f2 = _bound_times(m, pk, ut[:, None])
+        mag = [((np.abs(k[0]) * f2 + 2.0 * np.abs(k[1]) * f1 + np.abs(k[2]) * env1)
+                .sum(axis=1)[inv]) for k in (m.k0, m.k1)]
+        neg += 1e-11 * (mag[0] + inv_b * mag[1])
+        env1, f1, f2 = env1[inv], f1[inv], f2[inv]
+        if not m.cplx:
+            lo, hi = lo[inv], hi[inv]
+        ka = m.k0[0] - ib * m.k1[0]
+        kb = m.k0[1] - ib * m.k1[1]
+        kc = m.k0[2] - ib * m.k1[2]
+        if m.cplx:
+            fa, fb = ka / (m.scale * m.scale), kb / m.scale
+            qlo = (0.5 * (fa + kc) - np.hypot(0.5 * (fa - kc), fb)
+                   - 1e-12 * (np.abs(fa) + np.abs(fb) + np.abs(kc)))
+        else:
+            qlo = _quad_min(ka, kb, kc, lo, hi)
+        p = np.maximum(qlo, 0.0) * env1
+        rows, cols = np.nonzero(qlo < 0)  # Q_lo < 0: keep the better of the two bounds
+        if rows.size:
+            ka, kb, kc, e1 = ka[rows, cols], kb[rows, cols], kc[rows, cols], env1[rows, cols]
+            f1, f2 = f1[rows, cols], f2[rows, cols]
+            pa, pb, pc = np.maximum(ka, 0.0), np.maximum(kb, 0.0), np.maximum(kc, 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):
+                n_whole = np.where(e1 > 0, -qlo[rows, cols] * e1, 0.0)
+            if m.cplx:
+                p_split = 0.0
+                n_split = (pa - ka) * f2 + 2.0 * np.abs(kb) * f1 + (pc - kc) * e1
+            else:
+                x = lo[rows, cols]
+                p_split = (pa * x + 2.0 * pb) * x + pc
+                n_split = (pa - ka) * f2 + 2.0 * (pb - kb) * f1 + (pc - kc) * e1
+            split = n_split < n_whole
+            p[rows, cols] = np.where(split, p_split * e1, 0.0)
+            neg += np.bincount(rows, weights=np.where(split, n_split, n_whole),
+                               minlength=t1.size)
+        ps.append(p)
+    return np.concatenate(ps, axis=1), neg
+
+
+def _newton_below(p, kappa, segs, gap, tmax):
+    """First integer τ ≥ 0 with Φ(τ) = Σ_i p_i e^{−κ_i τ} ≤ gap (p ≥ 0, gap > 0), per row.
+
+    Φ is decreasing and log-convex, so Newton's method on log Φ from below never passes the
+    crossing (as :func:`_newton_group`); it starts from the bound Φ(τ) ≥ (Σ_{J_k} p)
+    e^{−max_{J_k} κ τ} over the k slowest dimensions J_k of each block ``segs`` (slices of
+    the columns, each sorted by κ). Returns τ (``inf`` where the crossing lies beyond
+    ``tmax``; lo + 1 with Φ > gap proven up to lo if not converged).
+    """
+    res = np.full(p.shape[0], np.inf)
+    phi0 = p.sum(axis=1)
+    res[phi0 <= gap] = 0.0
+    rows = np.flatnonzero(phi0 > gap)
+    if rows.size == 0:
+        return res
+    pr, g = p[rows], gap[rows]
+    lo = np.zeros(rows.size)
+    for a, b, ks, starts in segs:
+        cum = np.cumsum(np.add.reduceat(pr[:, a:b], starts, axis=1), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tk = np.log(cum / g[:, None]) / kappa[a + ks]
+        lo = np.maximum(lo, np.max(np.where((cum > g[:, None]) & np.isfinite(tk), tk, 0.0),
+                                   axis=1))
+    lo = np.maximum(np.ceil(lo) - 1.0, 0.0)
+    e = pr * np.exp(-np.multiply.outer(lo, kappa))
+    s_lo = e.sum(axis=1)
+    for _ in range(100):
+        back = s_lo <= g  # rounding put the start past the crossing: restart at 0
+        if np.any(back):
+            lo[back], e[back] = 0.0, pr[back]
+            s_lo[back] = e[back].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = (np.log(s_lo) - np.log(g)) * s_lo / (e @ kappa)
+        step = np.where(np.isfinite(step) & (step > 0), step, 0.0)
+        n = np.maximum(lo + 1.0, np.ceil(lo + step))
+        e = pr * np.exp(-np.multiply.outer(n, kappa))
+        s_lo = e.sum(axis=1)
+        beyond = n - 1.0 >= tmax[rows]  # proven above the target through n − 1 ≥ tmax
+        hit = ~beyond & (s_lo <= g)
+        res[rows[hit]] = n[hit]
+        keep = ~(beyond | hit)
+        rows, lo, g, pr, e, s_lo = rows[keep], n[keep], g[keep], pr[keep], e[keep], s_lo[keep]
+        if rows.size == 0:
+            return res
+    res[rows] = lo + 1.0
+    return res
+
+
+def _block_devs(sy: _Pair, modes, t_s: int, n: int):
+    """Exact (dev0, dev1) at t_s … t_s + n − 1: the recursion r ← rA from the closed-form r_{t_s}.
+
+    This is the step-by-step moment recursion itself (E_t = A^t D A^tᵀ, one step per row),
+    started at t_s instead of 0.
+    """
+    a00, a01, a10, a11 = sy.a
+    r0, r1 = _state_row(sy, modes, float(t_s))
+    w = np.stack([sy.s0[0], 2.0 * sy.s0[1], sy.s0[2], sy.sst[0], 2.0 * sy.sst[1], sy.sst[2]])
+    dev = np.empty((2, n))
+    nb = max(1, _CHUNK // (3 * r0.size))
+    quad = np.empty((min(nb, n), 3, r0.size))
+    for j0 in range(0, n, nb):
+        m = min(nb, n - j0)
+        for j in range(m):
+            quad[j, 0], quad[j, 1], quad[j, 2] = r0 * r0, r0 * r1, r1 * r1
+            r0, r1 = r0 * a00 + r1 * a10, r0 * a01 + r1 * a11
+        dev[0, j0:j0 + m] = np.einsum("tkd,kd->t", quad[:m], w[:3])
+        dev[1, j0:j0 + m] = np.einsum("tkd,kd->t", quad[:m], w[3:])
+    return dev[0], dev[1]
 
 
 # --------------------------------------------------------------------------- critical batch
@@ -690,6 +1399,7 @@ class OptimalSteps(NamedTuple):
     grid: np.ndarray
 
 
+@_quiet
 def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0,
                         precond_power=0.0, ema_decay=None, nesterov=False,
                         max_steps=10**7) -> OptimalSteps:
@@ -717,6 +1427,12 @@ def optimal_steps_curve(h, c, batches, target, lrs, *, momentum=0.0, init_sq=1.0
     lrs = _positive("lrs", lrs)
     if batches.ndim != 1 or lrs.ndim != 1:
         raise ValueError("batches and lrs must be 1-D arrays")
+    if lrs.size == 0:
+        raise ValueError("lrs must hold at least one learning rate")
+    for name, value in (("target", target), ("momentum", momentum),
+                        ("ema_decay", 0.0 if ema_decay is None else ema_decay)):
+        if _array(name, value).ndim != 0:
+            raise ValueError(f"{name} must be a scalar here, got shape {np.shape(value)}")
     grid = steps_to_target(h, c, lrs[None, :], batches[:, None], target, momentum=momentum,
                            init_sq=init_sq, precond_power=precond_power, ema_decay=ema_decay,
                            nesterov=nesterov, max_steps=max_steps)
@@ -769,13 +1485,18 @@ def _linreg_run(lam, lr, batch, noise_var, m0, keep_moments: bool):
             eta, b = lr[..., t, None], batch[..., t, None]
             u = eta * lam
             diag = (1.0 - u) ** 2 + u * u / b  # = 1 − 2ηλ + η²λ²(1 + 1/B)
-            m = m * diag + (eta * eta / b) * lam * (m @ lam + noise_var)[..., None]
+            total = (m @ lam + noise_var)[..., None]
+            # written so that an overflowing run gives inf, never 0·inf = NaN: a zero
+            # moment, eigenvalue or total injects nothing
+            m = (np.where(m > 0, m * diag, 0.0)
+                 + np.where((lam > 0) & (total > 0), (eta * eta / b) * lam * total, 0.0))
             loss[..., t + 1] = 0.5 * (m @ lam + noise_var)
             if keep_moments:
                 moments[..., t + 1, :] = m
     return loss, moments
 
 
+@_quiet
 def linreg_moments(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
     r"""Trajectory of m_j(t) = E[(w_t − w*)_j²] for SGD on linear regression, Gaussian features.
 
@@ -799,9 +1520,12 @@ def linreg_moments(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
            [0.75]])
     """
     lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
-    return _linreg_run(lam, lr, batch, noise_var, m0, True)[1]
+    _fits_memory("steps" if steps is not None else "lr", lr.size * (1.0 + lam.size))
+    m = _linreg_run(lam, lr, batch, noise_var, m0, True)[1]
+    return np.where(np.isnan(m), np.inf, m)
 
 
+@_quiet
 def linreg_expected_loss(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.0):
     r"""Exact expected population loss ½(Σ_j λ_j m_j(t) + σ²), t = 0..T, of online SGD.
 
@@ -823,5 +1547,7 @@ def linreg_expected_loss(lam, lr, batch, steps=None, *, noise_var=0.0, init_m=1.
     array([0.8      , 0.5109375, 0.340625 ])
     """
     lam, lr, batch, noise_var, m0 = _linreg_inputs(lam, lr, batch, steps, noise_var, init_m)
-    return _linreg_run(lam, lr, batch, noise_var, m0, False)[0]
+    _fits_memory("steps" if steps is not None else "lr", lr.size + lam.size)
+    loss = _linreg_run(lam, lr, batch, noise_var, m0, False)[0]
+    return np.where(np.isnan(loss), np.inf, loss)
 

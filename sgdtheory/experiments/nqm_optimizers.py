@@ -11,11 +11,15 @@ flatten. Their predictions, reproduced here exactly with :mod:`sgdtheory.nqm`:
 * preconditioning, P = (H/h_max)^{−p}, raises the critical batch: it speeds up the
   low-curvature directions, so perfect scaling extends to larger B.
 
-Model: h_i = 1/i (i = 1…d), c = h ("Fisher = Hessian"), E[θ_i(0)²] = 1, target = ``target``·L₀.
-For each optimiser and B the best ``lr`` (multiplier of the mean minibatch gradient) is
-searched on a log grid and refined on a finer grid around the coarse optimum; S is the exact
-first step with E[L_t] ≤ target (``nqm.steps_to_target``). B_crit = E_min/S_min is fitted per
-optimiser with :func:`sgdtheory.theory.fit_steps_examples` (all batch sizes).
+Model: h_i = 1/i (i = 1…d), c = h ("Fisher = Hessian"), E[θ_i(0)²] = 1, target = ``target``·L₀
+(or the loss ``target`` itself with ``target_is_loss``). For each optimiser and B the best
+``lr`` (multiplier of the mean minibatch gradient) is searched on a log grid and refined on a
+finer grid around the coarse optimum — or, with ``lr_grid="paper"``, taken from the authors'
+grid of 100 rates 10⁻⁸ … 10, the same at every B, every one of them exact; S is the exact
+first step with E[L_t] ≤ target (``nqm.steps_to_target`` / ``nqm.optimal_steps_curve``).
+B_crit = E_min/S_min is fitted per optimiser with :func:`sgdtheory.theory.fit_steps_examples`
+(all batch sizes). The ``paper`` preset is the paper's setting: d = 10⁴, target loss 0.01,
+B = 2² … 2²⁰, the authors' learning-rate grid (about 6,000 exact step counts, seconds).
 
 Checks: (1) momentum speed-up S_SGD/S_mom at the smallest B within ``small_b_tolerance`` of 1;
 (2) at the largest B ≥ ``large_b_speedup``; (3) B_crit(preconditioned)/B_crit(SGD) ≥
@@ -51,13 +55,19 @@ class Config:
     small_b_tolerance: float = 0.1  # |S_SGD/S_mom − 1| at the smallest B
     large_b_speedup: float = 2.0  # S_SGD/S_mom at the largest B must reach this
     precond_factor: float = 2.0  # B_crit(precond)/B_crit(SGD) must reach this
+    lr_grid: str = "search"  # "search": coarse + fine log grids per B; "paper": authors' grid
+    target_is_loss: bool = False  # ``target`` is the loss itself rather than a fraction of L0
 
 
 PRESETS = {
     "quick": Config(dim=100, n_batches=6, n_lrs=8, batch_max=1e4, large_b_speedup=1.3),
     "default": Config(),
-    "paper": Config(dim=1000, batch_min=1.0, n_batches=21, n_lrs=40, batch_max=1e6),
+    "paper": Config(dim=10_000, target=0.01, target_is_loss=True, batch_min=4.0,
+                    batch_max=2.0**20, n_batches=19, lr_grid="paper"),
 }
+
+#: The authors' learning-rate grid (Zhang et al. 2019, their notebook): 100 rates 10⁻⁸ … 10.
+PAPER_LRS = np.logspace(-8, 1, 100)
 
 OPTIMIZERS = ("SGD", "momentum", "preconditioned")
 
@@ -94,9 +104,19 @@ def compute(config: Config, backend, seed: int) -> dict:
     del backend, seed  # exact computation (NumPy), no randomness
     h = 1.0 / np.arange(1, config.dim + 1)
     c = h.copy()
-    target = config.target * 0.5 * float(h.sum())
-    batches = np.geomspace(config.batch_min, config.batch_max, config.n_batches)
+    target = config.target * (1.0 if config.target_is_loss else 0.5 * float(h.sum()))
     mu = config.momentum
+    if config.lr_grid == "paper":  # exact powers of two, every rate of the authors' grid
+        batches = 2.0 ** np.linspace(np.log2(config.batch_min), np.log2(config.batch_max),
+                                     config.n_batches)
+        steps, lrs = np.empty((3, batches.size)), np.empty((3, batches.size))
+        for k, kw in enumerate(({}, {"momentum": mu}, {"precond_power": config.precond_power})):
+            r = nqm.optimal_steps_curve(h, c, batches, target, PAPER_LRS, **kw)
+            steps[k], lrs[k] = r.steps, r.lr
+        return _summarise(config, batches, steps, lrs)
+    if config.lr_grid != "search":
+        raise ValueError(f"lr_grid must be 'search' or 'paper', got {config.lr_grid!r}")
+    batches = np.geomspace(config.batch_min, config.batch_max, config.n_batches)
     steps = np.full((3, batches.size), np.inf)
     lrs = np.full((3, batches.size), np.nan)
     for j, b in enumerate(batches):
@@ -111,6 +131,12 @@ def compute(config: Config, backend, seed: int) -> dict:
                                             momentum=mu)
         steps[2, j], lrs[2, j] = best_steps(h, c, b, target, 2.0 / h.max(), config.n_lrs,
                                             precond_power=config.precond_power)
+    return _summarise(config, batches, steps, lrs)
+
+
+def _summarise(config: Config, batches, steps, lrs) -> dict:
+    """Fitted critical batches, speed-ups and the checks, from the best steps per optimiser."""
+    mu = config.momentum
     s_min, e_min, b_crit = np.zeros(3), np.zeros(3), np.zeros(3)
     for k in range(3):
         ok = np.isfinite(steps[k])
@@ -137,14 +163,17 @@ def compute(config: Config, backend, seed: int) -> dict:
     return {"batch": batches, "optimizers": list(OPTIMIZERS), "steps": steps, "best_lr": lrs,
             "s_min": s_min, "e_min": e_min, "b_crit": b_crit, "speedup": speedup,
             "momentum": mu, "precond_power": config.precond_power, "dim": config.dim,
-            "target": config.target, "checks": checks}
+            "target": config.target, "checks": checks,
+            **({"target_is_loss": True} if config.target_is_loss else {})}
 
 
 def plot(data: dict):
+    goal = (f"a loss of {float(data['target']):g}" if bool(data.get("target_is_loss", False))
+            else f"{float(data['target']):g}·L₀")
     fig, (ax, ax2) = P.subplots(1, 2, panel_size=(4.6, 3.7),
                                 title=f"Optimisers on the NQM (d = {int(data['dim'])}, "
                                       f"h_i = 1/i, c = h): steps to reach "
-                                      f"{float(data['target']):g}·L₀ at the best lr per B")
+                                      f"{goal} at the best lr per B")
     b = np.asarray(data["batch"])
     b_line = np.geomspace(b.min(), b.max(), 300)
     labels = ["SGD", f"momentum μ = {float(data['momentum']):g}",
