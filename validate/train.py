@@ -468,6 +468,8 @@ class TrainState:
     #                                drawn with replacement, normalised, on the device
     diverged: bool = False         # a callback sets this when it finds the model non-finite:
     #                                training stops and reports diverged_at_step = step
+    plain: object = None           # plain(slice) -> those training examples normalised, without
+    #                                augmentation, on the device
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -648,7 +650,7 @@ def train(cfg: TrainConfig, data: ImageData, *, device=None,
                     "losses": losses.cpu()}, ckpt_path)
 
     state = TrainState(model, start, total, steps_per_epoch, B, 0.0, mu, ts.raw, ts.labels,
-                       device, extra, ts.sample)
+                       device, extra, ts.sample, plain=ts.plain)
 
     def lr_at(step: int) -> float:
         return lr_schedule(step, total, peak, cfg.warmup, cfg.final_lr, cfg.schedule)
