@@ -3,6 +3,8 @@ r"""``python -m validate.cifar``: train a fast ResNet on CIFAR-10 and measure it
 Subcommands:
 
 * ``train`` — one run; prints and saves test accuracy, losses, time and examples/s.
+* ``lr_sweep``, ``memory`` — the experiments of :mod:`validate.experiments` with CIFAR-10, the
+  fast ResNet and the ``paper`` preset as defaults (``python -m validate.cifar lr_sweep --help``).
 * ``noise`` — the same run, measuring at evenly spaced steps |G|², tr(Σ), B_simple, GᵀHG,
   tr(HΣ), ε_max, B_noise and λ_max (``validate.measure``), saved as JSON + CSV with a figure
   that overlays the predicted optimal step ε_opt(B) = ε_max/(1 + B_noise/B) for the batch in
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a fast ResNet on CIFAR-10 (GPU; --device cpu --preset quick for small "
                     "machines) and measure gradient noise and curvature during training.",
         epilog=HERE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,noise}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,noise,lr_sweep,memory}")
     for name, text in (("train", "one training run; saves accuracy, losses and time"),
                        ("noise", "train and measure |G|², tr(Σ), B_simple, GᵀHG, tr(HΣ), ε_max, "
                                  "B_noise, λ_max at points through training")):
@@ -154,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "BatchNorm with running statistics, per-example gradients "
                                 "(micro-batch 1: one HVP per measured example, so lower "
                                 "--measure-batch on big runs) unless --micro-batch is given")
+    for name, text in (("lr_sweep", "Myrtle's lr × dataset-size × batch sweep, predicted from a "
+                                    "measured reference run (python -m validate.experiments "
+                                    "with CIFAR-10, the fast ResNet and preset paper as "
+                                    "defaults; --help for its options)"),
+                       ("memory", "Myrtle's memory experiment, the same way")):
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -598,6 +607,14 @@ def run(args, log=print) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .experiments import EXPERIMENTS
+
+    if argv and argv[0] in EXPERIMENTS:  # the experiments' CLI with CIFAR-10 defaults
+        from .experiments.cli import main as experiments_main
+
+        return experiments_main(argv, prog="python -m validate.cifar", default_data="cifar10",
+                                default_preset="paper")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -44,6 +44,7 @@ the reference run.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,7 +256,8 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
     bs, ns = ctx.recipe.batches, sizes(ctx)
     eta0 = predictions["standard_base_rate"]
     failed, present, vals = _grid(ctx, records)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # all-nan slices (every seed failed) are expected: nan
+        warnings.simplefilter("ignore", RuntimeWarning)
         frac = np.where(present, failed, np.nan)
         frac = np.nanmean(frac, axis=-1)                      # (B, N, F)
         ok = ~failed & present
@@ -426,7 +428,9 @@ def plot(report: dict):
             ax.axvline(curv_f, color="k", lw=1.0, ls=":")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlim(factors.min() / 1.5, factors.max() * 1.5)
+            forget = [v["factor"] for v in pred["forgetting_limit"].values()
+                      if v["factor"] and np.isfinite(v["factor"])]
+            ax.set_xlim(min([factors.min(), *forget]) / 1.5, factors.max() * 1.5)
             ax.set_title(f"{'train' if col == 0 else 'test'}, B = {b}: lr = f·{eta0:.3g}·{b}",
                          fontsize=9)
             ax.set_ylabel("final training loss" if col == 0 else "final test loss")
@@ -448,7 +452,7 @@ def plot(report: dict):
     ax.set_yscale("log")
     ax.set_title("reference run: curvature", fontsize=9)
     ax.set_xlabel("step")
-    P.legend(ax, key=False, loc="lower right")
+    P.legend(ax, key=False, loc="center right")
     ax = axes[5]
     for k, (key, lab) in enumerate((("b_simple", "B_simple = tr Σ/|G|²"),
                                     ("b_noise", "B_noise = tr(HΣ)/GᵀHG"))):

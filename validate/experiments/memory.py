@@ -13,11 +13,14 @@ after it) is
 
 (positive while the probe is remembered; subtracting the values at θ_s removes batch-to-batch
 differences that are not memory), averaged over the probes of all seeds, with standard errors
-across probes. The two rates: ``high_factor`` × the standard rate (2: the middle of the
-learning-rate sweep's grid, whose reference run this experiment shares) and that divided by
-``ratio`` (8).
+across probes; the probes of runs that failed (:mod:`validate.train`: e.g. collapsed to chance,
+where a dead network remembers nothing) are left out and reported. The two rates: ``high_factor``
+× the standard rate (1: the standard rate itself — at the lr sweep's middle factor 2 a constant
+rate collapses some digits runs to chance) and that divided by ``ratio`` (8).
 
-**Prediction** (from the reference run only, :mod:`validate.experiments.predict`): the memory
+**Prediction** (from the reference run only — the learning-rate sweep's, at its middle factor
+``reference_factor``, so both experiments share one measured run —,
+:mod:`validate.experiments.predict`): the memory
 time τ = (1−μ)/(η λ_Σ) steps, λ_Σ = tr(HΣ)/tr(Σ) pooled over the second half of the reference
 run — the e-folding time of gap(k)/gap(1) in the quadratic model (plain SGD: each direction's
 share of the memorised gradient noise decays like (1−ηλ_j)^{k−1}, initially at the Σ-weighted
@@ -56,7 +59,8 @@ TITLE = "Loss gap between a batch seen k steps ago and unseen data, at two learn
 class Config:
     """The memory experiment's size (units in comments)."""
 
-    high_factor: float = 2.0        # high rate: lr = f·η̃₀·B (f = the lr sweep's middle factor)
+    high_factor: float = 1.0        # high rate: lr = f·η̃₀·B (1: the standard rate)
+    reference_factor: float = 2.0   # the reference run's factor (the lr sweep's middle one)
     ratio: float = 8.0              # the low rate is the high one divided by this
     probes: int = 16                # probe batches per run, held aside from training
     unseen: int | None = None       # test examples standing for unseen data (None: all)
@@ -71,7 +75,8 @@ class Config:
     hutchinson: int | None = None
 
     def __post_init__(self):
-        for name in ("high_factor", "ratio", "warmup_epochs", "start_epochs", "track_epochs"):
+        for name in ("high_factor", "reference_factor", "ratio", "warmup_epochs",
+                     "start_epochs", "track_epochs"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
@@ -116,9 +121,9 @@ def plan(ctx: Context) -> dict:
 
 
 def reference_job(ctx: Context) -> Job:
-    """The learning-rate sweep's reference run: the high factor, the whole training split,
-    batch B, the recipe's schedule (same settings, same stored result)."""
-    f, b = float(ctx.config.high_factor), ctx.recipe.batches[0]
+    """The learning-rate sweep's reference run: ``reference_factor``, the whole training split,
+    batch B, the recipe's schedule (same settings as the sweep's, hence the same result)."""
+    f, b = float(ctx.config.reference_factor), ctx.recipe.batches[0]
     return Job("validate.experiments.runs:reference_run",
                {"train": ctx.train_settings(lr_factor=f, batch_size=b, seed=ctx.seed),
                 "measure": ctx.measure_settings(), "measure_seed": ctx.seed},
@@ -187,9 +192,11 @@ def crossing(mean, level: float) -> float:
 
 
 def _gaps(records, name):
+    """The gaps (probes × lags) of the runs at rate ``name`` that did not fail."""
     rows = [np.asarray([[np.nan if v is None else v for v in row] for row in r["result"]["gaps"]],
                        dtype=float)
-            for r in records if r["label"].startswith(f"memory {name} ")]
+            for r in records if r["label"].startswith(f"memory {name} ")
+            and not r["result"]["failed"]]
     return np.concatenate(rows) if rows else np.zeros((0, 0))
 
 
@@ -248,11 +255,17 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
         c = curves[name]
         mean = np.asarray(c["mean"], dtype=float)
         at_epoch = mean[min(spe, mean.size) - 1] / c["first"] if mean.size else math.nan
+        area = float(np.nansum(mean) / c["first"]) if mean.size else math.nan
+        c["area_steps"] = area
         findings.append(
             f"{name} rate (lr {pr_[name]['lr']:.3g}): gap(1) = {c['first']:.3g} ± "
             f"{c['first_stderr']:.2g}; after one epoch the gap is {at_epoch:.3g} of it; "
             f"measured memory time {c['memory_time_steps']:.3g} steps vs predicted "
-            f"{pr_[name]['memory_time_steps']:.3g}")
+            f"{pr_[name]['memory_time_steps']:.3g}; area under gap(k)/gap(1) over the "
+            f"{mean.size} tracked steps {area:.3g} steps")
+    areas = [curves[n].get("area_steps", math.nan) for n in ("high", "low")]
+    findings.append(f"area ratio low/high rate {areas[1] / areas[0]:.3g} (the rate ratio is "
+                    f"{ctx.config.ratio:g}; areas are truncated at the tracked lags)")
     rows = [{"label": r["label"], "key": r["key"], "lr": r["result"]["peak_lr"],
              **{k: r["result"].get(k) for k in ("failed", "failure", "final_train_loss",
                                                  "test_loss", "test_acc", "steps")}}
