@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from sgdtheory import estimators as est  # noqa: E402
 from sgdtheory import krylov  # noqa: E402
+from sgdtheory.backend import get_backend  # noqa: E402
 
 
 def best_time(fn, number=5, repeat=10):
@@ -36,11 +37,8 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     g = rng.normal(size=args.p)
     per = rng.normal(size=(args.n, args.p)) + 0.1
-    if args.backend == "torch":
-        import torch
-
-        torch.set_num_threads(1)
-        g, per = torch.tensor(g), torch.tensor(per)
+    be = get_backend(args.backend)  # torch reads OMP_NUM_THREADS=1 (set above): one thread
+    g, per = be.asarray(g), be.asarray(per)
     g_small, g_big = g, g * 0.5
 
     one_pass = best_time(lambda: float((g * g).sum()))

@@ -36,3 +36,19 @@ def real(name: str, value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
+
+
+def flag(name: str, value) -> bool:
+    """``value`` as a bool: only ``True``/``False`` and NumPy bools (no strings, no 0/1).
+
+    ``"False"`` is truthy in Python, so a flag given as a string would silently turn on.
+
+    >>> flag("nesterov", False)
+    False
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None \
+            and value.dtype.kind == "b" and getattr(value, "ndim", 1) == 0:
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -1,31 +1,38 @@
-r"""Array backends for the simulator: NumPy (default), CuPy, or torch on a chosen device.
+r"""Array backends: NumPy (default), CuPy, or torch on a chosen device.
 
-Choose the backend once at the entry point and pass it down::
+Choose the backend once at the entry point and pass it down; functions that receive arrays
+find their backend from them (:func:`backend_of`, as SciPy and the array API do)::
 
     get_backend(name=None, device=None) -> Backend
         name: "numpy" | "cupy" | "torch" (None: $SGDTHEORY_BACKEND, else "numpy");
         device: torch device string ("cpu", "cuda", "cuda:1"); CuPy: GPU index or None.
+    backend_of(x) -> Backend                         # the backend (and device) of array x
     available_backends() -> tuple[str, ...]          # names usable on this machine
     Backend.name, .xp, .device                       # xp: numpy, cupy or torch module
+    Backend.numpy_native                             # arrays are NumPy (SciPy takes them)
     Backend.rng(seed) -> generator                   # numpy Generator / cupy Generator /
                                                      #   torch.Generator on ``device``
     Backend.asarray(x, dtype=None) -> array          # on the backend (and device)
-    Backend.to_numpy(x) -> np.ndarray                # any backend array (or list) to NumPy
-    Backend.dtype(name) -> backend dtype             # "float32" | "float64" | "int64" | "bool"
+    Backend.to_numpy(x, dtype=None) -> np.ndarray    # any backend array (or list) to NumPy
+    Backend.dtype(name) -> backend dtype             # "float32" | "float64" | "int64" | …
     Backend.zeros(shape, dtype) / .empty(shape, dtype)
+    Backend.copy(x) / .astype(x, dtype) / .concatenate(arrays, axis=0) / .all_finite(x)
     Backend.standard_normal(gen, shape, dtype, out=None, scale=None) -> N(0, 1)·scale fill
     Backend.uniform(gen, shape, dtype) -> U[0, 1);  Backend.synchronize()
     Backend.permutations(gen, rows, n) -> (rows, n) int64 array     # one permutation per row
     Backend.is_array(x) -> bool
 
-This is the only module of :mod:`sgdtheory` that imports CuPy, and torch is imported
-lazily (inside :func:`get_backend`), so ``import sgdtheory`` never needs either.
+This is the only module of :mod:`sgdtheory` that imports CuPy or names a backend; torch is
+imported lazily (inside :func:`get_backend`, or when :func:`backend_of` meets a tensor), so
+``import sgdtheory`` never needs either.
 
 >>> be = get_backend("numpy")
 >>> be.name, be.to_numpy(be.asarray([1, 2], dtype="float32")).dtype
 ('numpy', dtype('float32'))
 >>> be.standard_normal(be.rng(0), (2,), "float64").shape
 (2,)
+>>> backend_of(np.zeros(3)) == be
+True
 """
 
 from __future__ import annotations
@@ -38,7 +45,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "Backend", "available_backends", "get_backend", "to_numpy"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "array_module",
+    "available_backends",
+    "backend_of",
+    "get_backend",
+    "to_numpy",
+]
 
 #: Backend names :func:`get_backend` accepts.
 BACKENDS = ("numpy", "cupy", "torch")
@@ -94,7 +109,7 @@ def _describe_available() -> str:
     return ", ".join(parts)
 
 
-_DTYPES = ("float32", "float64", "int64", "bool")
+_DTYPES = ("float16", "float32", "float64", "int32", "int64", "bool")
 
 
 @dataclass(frozen=True)
@@ -115,7 +130,7 @@ class Backend:
     # ----------------------------------------------------------------- dtypes and arrays
 
     def dtype(self, name):
-        """Backend dtype for ``"float32" | "float64" | "int64" | "bool"`` (or a NumPy dtype)."""
+        """Backend dtype for a name in :data:`_DTYPES`, a NumPy dtype, or a torch dtype."""
         if self.name == "torch" and isinstance(name, self.xp.dtype):
             return name
         try:
@@ -142,6 +157,8 @@ class Backend:
             if isinstance(x, torch.Tensor):
                 return x.to(device=self.device, dtype=dt if dt is not None else x.dtype)
             arr = np.asarray(_to_numpy_any(x))
+            if not arr.flags.writeable:  # torch cannot share read-only memory: copy
+                arr = arr.copy()
             if dt is None and arr.dtype == np.float64:
                 dt = torch.float64
             return torch.as_tensor(arr, dtype=dt, device=self.device)
@@ -150,9 +167,37 @@ class Backend:
                 return self.xp.asarray(x if self.is_array(x) else _to_numpy_any(x), dtype=dt)
         return np.asarray(_to_numpy_any(x), dtype=dt)
 
-    def to_numpy(self, x) -> np.ndarray:
-        """Any backend array (or scalar/list) as a NumPy array (copied off the GPU)."""
-        return _to_numpy_any(x)
+    def to_numpy(self, x, dtype=None) -> np.ndarray:
+        """Any backend array (or scalar/list) as a NumPy array (copied off the GPU), optionally
+        converted to ``dtype`` (e.g. ``float`` for float64 host arithmetic)."""
+        out = _to_numpy_any(x)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    @property
+    def numpy_native(self) -> bool:
+        """Whether this backend's arrays are NumPy arrays on the host (SciPy takes them)."""
+        return self.name == "numpy"
+
+    def copy(self, x):
+        """A new array with the values of ``x`` (same dtype and device)."""
+        return x.clone() if self.name == "torch" else x.copy()
+
+    def astype(self, x, dtype):
+        """``x`` as ``dtype`` (no copy when it already is)."""
+        dt = self.dtype(dtype)
+        return x.to(dt) if self.name == "torch" else x.astype(dt, copy=False)
+
+    def concatenate(self, arrays, axis: int = 0):
+        """Join arrays of this backend along an existing ``axis``."""
+        if self.name == "torch":
+            return self.xp.cat(list(arrays), dim=axis)
+        return self.xp.concatenate(list(arrays), axis=axis)
+
+    def all_finite(self, x) -> bool:
+        """Whether every entry of ``x`` (an array of this backend, or a number) is finite."""
+        if self.name == "numpy":
+            return bool(np.all(np.isfinite(x)))
+        return bool(self.xp.isfinite(x).all())
 
     def zeros(self, shape, dtype="float64"):
         if self.name == "torch":
@@ -241,6 +286,9 @@ class Backend:
         return f"Backend({self.name!r}{dev})"
 
 
+_NUMPY = Backend("numpy", np, None)
+
+
 def _box_muller_f32(gen, out: np.ndarray, scale=None) -> None:
     r"""Fill the C-contiguous float32 array ``out`` with N(0, 1) draws by Box–Muller.
 
@@ -316,26 +364,36 @@ def to_numpy(x) -> np.ndarray:
     return _to_numpy_any(x)
 
 
-def array_module(x):
-    """The array library that owns ``x``: ``torch`` or ``cupy`` for their arrays, else NumPy.
+def backend_of(x) -> Backend:
+    """The backend that owns ``x``: torch (on ``x``'s device) or CuPy (on its GPU) for their
+    arrays, NumPy for anything else (NumPy arrays, scalars, lists).
 
     The library is imported only when ``x`` already is one of its arrays, so this is how the
-    backend-agnostic modules (theory, estimators, krylov) reach CuPy or torch functions
-    without importing either themselves.
+    backend-agnostic modules (theory, estimators, krylov) reach CuPy or torch without
+    importing either themselves.
 
-    >>> array_module(np.zeros(2)) is np
-    True
+    >>> backend_of([1.0, 2.0])
+    Backend('numpy')
     """
     root = type(x).__module__.split(".")[0]
     if root == "torch":
         import torch
 
-        return torch
+        return Backend("torch", torch, str(x.device))
     if root == "cupy":
         import cupy
 
-        return cupy
-    return np
+        return Backend("cupy", cupy, x.device.id)
+    return _NUMPY
+
+
+def array_module(x):
+    """The array library that owns ``x`` (``backend_of(x).xp``): torch, cupy or numpy.
+
+    >>> array_module(np.zeros(2)) is np
+    True
+    """
+    return backend_of(x).xp
 
 
 def _cupy_index(device) -> int:
@@ -384,7 +442,7 @@ def get_backend(name: str | Backend | None = None, device=None) -> Backend:
     if key == "numpy":
         if device not in (None, "cpu"):
             raise ValueError(f"the numpy backend runs on the CPU only, got device={device!r}")
-        return Backend("numpy", np, None)
+        return _NUMPY
     if key == "cupy":
         cp, why = _cupy_status()
         if cp is None:

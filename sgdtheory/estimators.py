@@ -1,6 +1,6 @@
 r"""Unbiased estimators of the gradient noise scale and of the curvature along the gradient.
 
-Conventions (DESIGN §2): L is the *mean* loss over examples, G = ∇L, H = ∇²L, Σ the
+Conventions (docs/design.md §2): L is the *mean* loss over examples, G = ∇L, H = ∇²L, Σ the
 covariance of per-example gradients (1/N normalisation on a finite set of N examples).
 A minibatch gradient G_B = (1/B) Σ_{i∈batch} ∇ℓ_i is the *mean* over its B examples, and
 
@@ -29,7 +29,7 @@ from scipy import stats as _stats
 
 from sgdtheory import theory
 from sgdtheory._checks import integer
-from sgdtheory.backend import array_module
+from sgdtheory.backend import backend_of
 
 __all__ = [
     "Advice",
@@ -53,35 +53,18 @@ __all__ = [
 # --------------------------------------------------------------------------- backend helpers
 
 
-def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch")
-
-
-def _is_cupy(x) -> bool:
-    return type(x).__module__.startswith("cupy")
-
-
 def _is_array(x) -> bool:
-    return _is_torch(x) or _is_cupy(x)
+    """Whether ``x`` is a CuPy or torch array (kept on its backend)."""
+    return not backend_of(x).numpy_native
 
 
 def _to_numpy(x):
     """A NumPy copy of ``x`` (float64), whatever its backend."""
-    if _is_torch(x):
-        return x.detach().to("cpu").double().numpy()
-    if _is_cupy(x):
-        return x.get().astype(float)
-    return np.asarray(x, dtype=float)
+    return backend_of(x).to_numpy(x, dtype=float)
 
 
 def _all_finite(x) -> bool:
-    if _is_torch(x):
-        import torch
-
-        return bool(torch.isfinite(x).all())
-    if _is_cupy(x):
-        return bool(array_module(x).isfinite(x).all())
-    return bool(np.all(np.isfinite(x)))
+    return backend_of(x).all_finite(x)
 
 
 def _any(cond) -> bool:
@@ -112,10 +95,8 @@ def _float(name: str, x) -> float:
     if isinstance(x, (bool, str, bytes)):
         raise ValueError(f"{name} must be a real number, got {x!r}")
     try:
-        if _is_torch(x):
-            x = x.detach().to("cpu").item()
-        elif _is_cupy(x):
-            x = x.item()
+        if _is_array(x):
+            x = x.item()  # a 0-d (or 1-element) torch/CuPy array: one copy to the host
         v = float(x)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{name} must be a real scalar, got {x!r}") from exc
@@ -169,11 +150,7 @@ def _like(value, ref):
     """Convert a NumPy coefficient to ``ref``'s backend when ``ref`` is a torch/CuPy array."""
     if isinstance(value, float) or not _is_array(ref):
         return value
-    if _is_torch(ref):
-        import torch
-
-        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
-    return array_module(ref).asarray(value, dtype=ref.dtype)
+    return backend_of(ref).asarray(value, dtype=ref.dtype)
 
 
 def _two_batch_solve(small, big, a_small, a_big):
@@ -471,23 +448,15 @@ def _per_sample_parts(grads, n_data):
     mean = grads.sum(-2) / n
     # |c_i|² and c_i·ḡ with c_i = g_i − ḡ, in chunks of examples: no (n, p) temporary, and no
     # cancellation in |g_i|² − |ḡ|² when the mean dominates the noise
-    xp = _namespace(grads)
+    be = backend_of(grads)
     size = math.prod(grads.shape) // n  # elements of one example across the leading axes
     chunk = max(1, (1 << 22) // max(size, 1))  # bounded temporary: ≤ 4M elements
     a, b = [], []
     for start in range(0, n, chunk):
         c = grads[..., start:start + chunk, :] - mean[..., None, :]
-        a.append(xp.einsum("...ij,...ij->...i", c, c))
-        b.append(xp.einsum("...ij,...j->...i", c, mean))
-    cat = np.concatenate if xp is np else xp.cat if hasattr(xp, "cat") else xp.concatenate
-    return n, mean, cat(a, -1), cat(b, -1), fpc, sig
-
-
-def _namespace(x):
-    """The array module of ``x`` (numpy, cupy or torch), imported lazily."""
-    return array_module(x)
-
-
+        a.append(be.xp.einsum("...ij,...ij->...i", c, c))
+        b.append(be.xp.einsum("...ij,...j->...i", c, mean))
+    return n, mean, be.concatenate(a, -1), be.concatenate(b, -1), fpc, sig
 
 
 def per_sample(grads, *, n_data=None):
@@ -942,7 +911,7 @@ class SequentialNoiseScale:
             raise ValueError(f"grad shape {tuple(grad.shape)} does not match the window's "
                              f"{tuple(self._grads[0].shape)}")
         if len(self._grads) < self.window:  # fill the ring buffer
-            g = grad.clone() if _is_torch(grad) else grad.copy()
+            g = backend_of(grad).copy(grad)
             self._grads.append(g)
             if self._sum is None:
                 self._sum = g + 0
@@ -951,10 +920,7 @@ class SequentialNoiseScale:
         else:  # overwrite the oldest slot in place: no allocation per step
             g = self._grads[self._oldest]
             self._sum -= g
-            if _is_torch(g):
-                g.copy_(grad)
-            else:
-                g[...] = grad
+            g[...] = grad
             self._sum += g
             self._oldest = (self._oldest + 1) % self.window
         self._since_refresh += 1

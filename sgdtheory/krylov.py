@@ -28,7 +28,7 @@ import numpy as np
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from sgdtheory._checks import integer
-from sgdtheory.backend import array_module
+from sgdtheory.backend import backend_of
 
 __all__ = [
     "KrylovConvergenceWarning",
@@ -47,49 +47,35 @@ class KrylovConvergenceWarning(UserWarning):
 
 
 class _Ops:
-    """The few dim-sized array operations the solvers need, for NumPy, CuPy or torch."""
+    """The dim-sized vector operations of the solvers: thin calls into the :class:`Backend` of
+    ``like`` (NumPy float64 when ``like`` is None), in ``like``'s floating dtype."""
 
     def __init__(self, like):
-        xp = array_module(like) if like is not None else np
-        if xp is not np and xp.__name__ == "torch":
-            self.name, self.mod = "torch", xp
-            self.dtype, self.device = like.dtype, like.device
-        elif xp is not np:
-            self.name, self.mod = "cupy", xp
-            self.dtype, self.device = like.dtype, None
-        else:
-            self.name, self.mod = "numpy", np
-            dt = np.asarray(like).dtype if like is not None else np.dtype(float)
-            self.dtype = dt if np.issubdtype(dt, np.floating) else np.dtype(float)
-            self.device = None
+        self.be = backend_of(like)
+        dt = getattr(like, "dtype", None)
+        if dt is None or (self.be.numpy_native and not np.issubdtype(dt, np.floating)):
+            dt = np.dtype(float)
+        self.dtype = dt
 
     def asarray(self, x):
-        if self.name == "torch":
-            return self.mod.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
-        return self.mod.asarray(x, dtype=self.dtype)
+        return self.be.asarray(x, dtype=self.dtype)
 
     def zeros(self, shape):
-        if self.name == "torch":
-            return self.mod.zeros(shape, dtype=self.dtype, device=self.device)
-        return self.mod.zeros(shape, dtype=self.dtype)
+        return self.be.zeros(shape, dtype=self.dtype)
 
     def to_numpy(self, x) -> np.ndarray:
-        if self.name == "torch":
-            return x.detach().to("cpu").double().numpy()
-        if self.name == "cupy":
-            return x.get().astype(float)
-        return np.asarray(x, dtype=float)
+        return self.be.to_numpy(x, dtype=float)
 
     def check(self, name, w, dim):
         shape = tuple(getattr(w, "shape", ()))
         if shape != (dim,):
             raise ValueError(f"matvec must return a 1-D array of length dim={dim}, got shape "
                              f"{shape}")
-        if type(w).__module__.split(".")[0] != type(self.zeros(1)).__module__.split(".")[0]:
-            raise ValueError(f"matvec returned a {type(w).__module__} array for {self.name} "
-                             "input: pass `like` with the backend matvec expects")
-        finite = self.mod.isfinite(w).all()
-        if not bool(finite):
+        if not self.be.is_array(w):
+            raise ValueError(f"matvec returned a {type(w).__module__} array for "
+                             f"{self.be.name} input: pass `like` with the backend matvec "
+                             "expects")
+        if not self.be.all_finite(w):
             raise ValueError(f"{name} returned non-finite values")
         return w
 
@@ -271,7 +257,7 @@ def top_eigenvalues(matvec, dim, k=1, *, method="lanczos", tol=1e-8, max_iter=No
         return _power(matvec, dim, k, ops, tol=tol, max_iter=max_iter, seed=seed)
     if method != "lanczos":
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-    if ops.name == "numpy" and k < dim - 1:
+    if ops.be.numpy_native and k < dim - 1:
         rng = np.random.default_rng(seed)
 
         def mv(v):

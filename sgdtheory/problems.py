@@ -1,6 +1,6 @@
-r"""The models the simulator runs (DESIGN §4), with their exact gradient statistics.
+r"""The models the simulator runs (docs/design.md §4), with their exact gradient statistics.
 
-Conventions (DESIGN §2): the training loss L is the *mean* of per-example losses ℓ_i;
+Conventions (docs/design.md §2): the training loss L is the *mean* of per-example losses ℓ_i;
 G = ∇L, H = ∇²L; Σ = Cov(∇ℓ_i) with the 1/N normalisation on a finite dataset. A minibatch
 gradient is the *mean* G_B = (1/B) Σ_{i∈batch} ∇ℓ_i. Parameters are the last axis of every
 array, replicas / configurations the leading axes.
@@ -249,9 +249,7 @@ class _ShuffleState:
     def indices(self, batch):
         if self.replace:
             u = self.be.uniform(self.gen, (self.n_rep, batch), "float64")
-            idx = (u * self.n).long() if self.be.name == "torch" else (u * self.n).astype(
-                np.int64)
-            return idx
+            return self.be.astype(u * self.n, "int64")
         if batch > self.n:
             raise ValueError(f"batch ({batch}) exceeds n_data ({self.n}) for sampling without "
                              f"replacement")
@@ -606,7 +604,7 @@ class LinearRegression(Problem):
     r"""Online linear regression with Gaussian features (fresh examples every step).
 
     x ~ N(0, diag(λ)), y = w*ᵀx + n, n ~ N(0, σ²), ℓ = ½(xᵀw − y)², e = w − w*:
-    L = ½(eᵀHe + σ²), G = He, H = diag(λ), Σ = H e eᵀ H + (eᵀHe + σ²) H (DESIGN §3).
+    L = ½(eᵀHe + σ²), G = He, H = diag(λ), Σ = H e eᵀ H + (eᵀHe + σ²) H (docs/design.md §3).
     The test loss equals L (population loss).
 
     Args:

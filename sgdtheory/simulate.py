@@ -1,21 +1,28 @@
 r"""Monte Carlo SGD: many replicas × a grid of configurations in one vectorised computation.
 
-Units (DESIGN §2): ``lr`` (η) multiplies the **mean** minibatch gradient
-G_B = (1/B) Σ_{i∈batch} ∇ℓ_i (the base rate is η/B). Heavy-ball momentum is the
-``torch.optim.SGD`` form (dampening 0, v₀ = 0)::
+Units (docs/design.md §2): ``lr`` (η) multiplies the **mean** minibatch gradient
+G_B = (1/B) Σ_{i∈batch} ∇ℓ_i (the base rate is η/B). The update is
+:func:`sgdtheory.optim.sgd`, ``torch.optim.SGD`` with dampening 0 and v₀ = 0::
 
     v ← μ v + G_B,   θ ← θ − η_t v            (Nesterov: θ ← θ − η_t (G_B + μ v))
 
 with η_t = η · schedule(t/T). The EMA of the iterates is θ̄_{t+1} = β θ̄_t + (1−β) θ_{t+1},
-θ̄_0 = θ_0 (as :func:`sgdtheory.nqm.expected_loss` with ``ema_decay``).
+θ̄_0 = θ_0 (:func:`sgdtheory.optim.ema_update`; as :func:`sgdtheory.nqm.expected_loss` with
+``ema_decay``).
 
-API::
+API (a plan, then a loop)::
 
-    run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov=False,
-        schedule=None, batch_schedule=None, ema=None, replicas=1, seed=0,
-        record_every=None, record_steps=None, record_epochs=None, record_stats=False,
-        init=None, replace=False, dtype="float64", backend=None, device=None,
-        chunk_size=None, divergence_factor=1e6, check_every=16, progress=None) -> Result
+    plan(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov=False,
+         schedule=None, batch_schedule=None, ema=None, replicas=1, seed=0,
+         record_every=None, record_steps=None, record_epochs=None, record_stats=False,
+         init=None, replace=False, dtype="float64", chunk_size=None,
+         divergence_factor=1e6, check_every=16) -> Plan     # validated, frozen, inspectable
+    execute(problem, plan, *, backend=None, device=None, progress=None) -> Result
+    run(problem, *, backend=None, device=None, progress=None, **settings) -> Result
+        # = execute(problem, plan(problem, **settings), backend=..., progress=...)
+
+    Plan: lr, batch, momentum (grid S), groups (one BatchGroup per batch size: configs,
+          steps, record_steps, lr_mult, batches), shape, n_records, work, chunks(), ...
 
     Result: train_loss, test_loss, ema_train_loss, ema_test_loss   (*S, replicas, n_records)
             steps, examples (n_records,) or (*S, n_records); epochs (finite data) or None
@@ -59,16 +66,22 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import optim
 from ._checks import integer, real
 from .backend import Backend, get_backend, to_numpy
 from .problems import Layout
 
 __all__ = [
+    "BatchGroup",
+    "Chunk",
+    "Plan",
     "Result",
     "batch_increase",
     "constant",
+    "execute",
     "linear_decay",
     "piecewise_linear",
+    "plan",
     "run",
     "step_decay",
     "warmup",
@@ -236,7 +249,7 @@ class Result:
     def to_numpy(self) -> Result:
         """A copy with every array converted to NumPy."""
         conv = {f.name: (to_numpy(getattr(self, f.name))
-                         if _is_array(getattr(self, f.name)) else getattr(self, f.name))
+                         if hasattr(getattr(self, f.name), "shape") else getattr(self, f.name))
                 for f in fields(self)}
         return dc_replace(self, **conv)
 
@@ -259,83 +272,154 @@ class Result:
         return val
 
 
-def _is_array(x) -> bool:
-    return type(x).__module__.split(".")[0] in ("numpy", "torch", "cupy") and hasattr(x, "shape")
-
-
 def _div(a, b):
     with np.errstate(divide="ignore", invalid="ignore"):
         return a / b
 
 
-# --------------------------------------------------------------------------- input checks
+# --------------------------------------------------------------------------- the plan
 
 
-def _grid(lr, batch, momentum):
-    try:
-        lr_a = np.asarray(lr, dtype=float)
-        b_a = np.asarray(batch, dtype=float)
-        mu_a = np.asarray(momentum, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"lr, batch and momentum must be numbers or arrays: {exc}") from exc
-    for name, a in (("lr", lr_a), ("batch", b_a), ("momentum", mu_a)):
-        if a.size == 0:
-            raise ValueError(f"{name} must not be empty")
-    if not np.all(np.isfinite(lr_a)) or np.any(lr_a <= 0):
-        raise ValueError(f"lr must be finite and > 0, got {lr!r}")
-    if (np.asarray(batch).dtype == bool or not np.all(np.isfinite(b_a)) or np.any(b_a < 1)
-            or np.any(b_a > 2**62) or np.any(b_a != np.round(b_a))):
-        raise ValueError(f"batch must hold positive integers, got {batch!r}")
-    if not np.all(np.isfinite(mu_a)) or np.any(mu_a < 0) or np.any(mu_a >= 1):
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-    try:
-        shape = np.broadcast_shapes(lr_a.shape, b_a.shape, mu_a.shape)
-    except ValueError as exc:
-        raise ValueError(f"lr {lr_a.shape}, batch {b_a.shape} and momentum {mu_a.shape} "
-                         f"do not broadcast together") from exc
-    return (np.broadcast_to(lr_a, shape).copy(), np.broadcast_to(b_a, shape).astype(np.int64),
-            np.broadcast_to(mu_a, shape).copy(), shape)
+def _read_only(*arrays) -> None:
+    for a in arrays:
+        a.flags.writeable = False
 
 
-def _pos_int(name, v, minimum=1):
-    return integer(name, v, minimum)
+@dataclass(frozen=True)
+class BatchGroup:
+    """The configurations of one batch size and their step-by-step plan.
 
+    Attributes:
+        batch: B, the batch size of these configurations (examples per step).
+        configs: flat indices of the configurations in the grid S (C,).
+        steps: T, updates for this batch (with ``epochs``, T depends on B).
+        record_steps: the steps (updates done) at which losses are recorded (K,).
+        lr_mult: the schedule's rate multiplier m(t/T) of each step (T,).
+        batches: the batch of each step (T,): B, or B·``batch_schedule`` rounded.
+    """
 
-def _record_plan(steps, record_every, record_steps):
-    if record_steps is not None and record_every is not None:
-        raise ValueError("give record_steps or record_every, not both")
-    if record_steps is not None:
-        rs = np.unique(np.asarray(record_steps, dtype=float).ravel())
-        if rs.size == 0 or np.any(rs != np.round(rs)) or rs[0] < 0 or rs[-1] > steps:
-            raise ValueError(f"record_steps must be integers in [0, steps={steps}], "
-                             f"got {record_steps!r}")
-        return rs.astype(np.int64)
-    every = max(1, steps // 100) if record_every is None else _pos_int("record_every",
-                                                                       record_every)
-    return np.unique(np.append(np.arange(0, steps + 1, every), steps)).astype(np.int64)
-
-
-# --------------------------------------------------------------------------- the simulation
-
-
-@dataclass
-class _Group:
     batch: int
-    cfg: np.ndarray  # flat config indices
+    configs: np.ndarray
     steps: int
-    rec: np.ndarray  # record steps
-    lr_mult: np.ndarray  # (steps,)
-    batches: np.ndarray  # (steps,) batch per step
+    record_steps: np.ndarray
+    lr_mult: np.ndarray
+    batches: np.ndarray
+
+    def __post_init__(self):
+        _read_only(self.configs, self.record_steps, self.lr_mult, self.batches)
+
+    @property
+    def record_examples(self) -> np.ndarray:
+        """Examples processed at the record steps (Σ of the batch sizes so far), float (K,)."""
+        return np.concatenate([[0], np.cumsum(self.batches)])[self.record_steps].astype(float)
 
 
-def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov=False,
-        schedule: Schedule | None = None, batch_schedule: Schedule | None = None,
-        ema: float | None = None, replicas: int = 1, seed: int = 0, record_every=None,
-        record_steps=None, record_epochs=None, record_stats: bool = False, init=None,
-        replace: bool = False, dtype: str = "float64", backend: str | Backend | None = None,
-        device=None, chunk_size: int | None = None, divergence_factor: float = 1e6,
-        check_every: int = 16, progress: bool | None = None) -> Result:
-    r"""Simulate SGD / heavy ball / Nesterov on ``problem`` for a grid of configurations.
+@dataclass(frozen=True)
+class Chunk:
+    """A block of rows simulated at once: replicas r0 … r0+n_rep−1 × ``configs`` of ``group``."""
+
+    group: BatchGroup
+    configs: np.ndarray
+    r0: int
+    n_rep: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    r"""Everything :func:`run` decides before the first step: built and validated once by
+    :func:`plan`, inspectable, and reusable (run it on several backends, or on datasets of the
+    same shape, with :func:`execute`).
+
+    Attributes:
+        lr, batch, momentum: the configuration grid, NumPy arrays of shape S (lr in mean-gradient
+            units, batch in examples, μ heavy-ball momentum).
+        nesterov: Nesterov instead of heavy-ball momentum.
+        groups: one :class:`BatchGroup` per distinct batch size (the configurations of one
+            batch share their random draws: common random numbers across a grid of rates).
+        theta0: initial parameters (p,). n_data: N (None for online data).
+        replicas, seed, replace, dtype, ema, record_stats: as given to :func:`plan`.
+        chunk_size: at most this many (replica, configuration) rows at once.
+        divergence_factor, check_every: the divergence rule (module docstring).
+
+    >>> from sgdtheory.problems import NoisyQuadratic
+    >>> p = plan(NoisyQuadratic([1.0], [1.0]), lr=[0.1, 0.2], batch=[[1], [4]], steps=10,
+    ...          record_every=5, replicas=3)
+    >>> p.shape, p.n_records, [g.batch for g in p.groups], p.work
+    ((2, 2), 3, [1, 4], 120)
+    """
+
+    lr: np.ndarray
+    batch: np.ndarray
+    momentum: np.ndarray
+    nesterov: bool
+    groups: tuple
+    theta0: np.ndarray
+    n_data: int | None
+    replicas: int
+    seed: int
+    replace: bool
+    dtype: str
+    ema: float | None
+    record_stats: bool
+    chunk_size: int
+    divergence_factor: float
+    check_every: int
+
+    def __post_init__(self):
+        _read_only(self.lr, self.batch, self.momentum, self.theta0)
+
+    @property
+    def shape(self) -> tuple:
+        """S, the broadcast shape of lr, batch and momentum."""
+        return self.lr.shape
+
+    @property
+    def n_configs(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def n_records(self) -> int:
+        return self.groups[0].record_steps.size
+
+    @property
+    def work(self) -> int:
+        """Row-steps to simulate: Σ over batch groups of steps × configurations × replicas."""
+        return sum(g.steps * g.configs.size for g in self.groups) * self.replicas
+
+    @property
+    def uses_momentum(self) -> bool:
+        return bool(np.any(self.momentum > 0))
+
+    def record_axis(self, values: str = "steps") -> np.ndarray:
+        """Recorded ``"steps"`` (int) or ``"examples"`` (float): (K,) when every configuration
+        shares them, else (*S, K)."""
+        per = [g.record_steps if values == "steps" else g.record_examples for g in self.groups]
+        dtype = np.int64 if values == "steps" else float
+        if all(np.array_equal(x, per[0]) for x in per):
+            return per[0].astype(dtype)
+        out = np.empty((self.n_configs, self.n_records), dtype=dtype)
+        for g, x in zip(self.groups, per, strict=True):
+            out[g.configs] = x
+        return out.reshape(self.shape + (self.n_records,))
+
+    def chunks(self):
+        """The :class:`Chunk` s in simulation order: per batch group, blocks of replicas ×
+        configurations with at most ``chunk_size`` rows (each its own random stream)."""
+        for g in self.groups:
+            c_per = min(g.configs.size, self.chunk_size)
+            r_per = max(1, min(self.replicas, self.chunk_size // c_per))
+            for r0 in range(0, self.replicas, r_per):
+                for c0 in range(0, g.configs.size, c_per):
+                    yield Chunk(g, g.configs[c0:c0 + c_per], r0, min(r_per, self.replicas - r0))
+
+
+def plan(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov=False,
+         schedule: Schedule | None = None, batch_schedule: Schedule | None = None,
+         ema: float | None = None, replicas: int = 1, seed: int = 0, record_every=None,
+         record_steps=None, record_epochs=None, record_stats: bool = False, init=None,
+         replace: bool = False, dtype: str = "float64", chunk_size: int | None = None,
+         divergence_factor: float = 1e6, check_every: int = 16) -> Plan:
+    r"""Validate the settings of a simulation and plan it (a :class:`Plan`).
 
     Args:
         problem: a model of :mod:`sgdtheory.problems` (anything with ``kernel``, ``dim``,
@@ -358,8 +442,6 @@ def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov
         init: initial parameters (p,), default ``problem.theta0``.
         replace: finite data: draw batches with replacement instead of shuffled epochs.
         dtype: "float64" or "float32" (float32: about twice as fast, ample for Monte Carlo).
-        backend, device: see :func:`sgdtheory.backend.get_backend` (default $SGDTHEORY_BACKEND
-            or NumPy).
         chunk_size: at most this many (replica, configuration) rows are simulated at once
             (default: what fits in ~256 MiB of state, counting one pass over a finite dataset
             per row for the losses). Each chunk of replicas draws from its own random stream,
@@ -368,6 +450,189 @@ def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov
         divergence_factor: a replica diverges when its loss is non-finite or above this times
             its initial loss (or this value itself when the initial loss is 0).
         check_every: steps between divergence checks (also checked at every record).
+
+    Raises:
+        ValueError: non-positive lr, non-integer or non-positive batch, batch > N without
+            replacement, momentum outside [0, 1), shapes that do not broadcast, both or neither
+            of steps/epochs, an init of the wrong shape, and every other bad setting (named).
+    """
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    lr_g, b_g, mu_g = _grid(lr, batch, momentum)
+    replicas = integer("replicas", replicas)
+    seed = integer("seed", seed, 0)
+    check_every = integer("check_every", check_every)
+    if not (np.isfinite(divergence_factor) and divergence_factor > 1):
+        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+    if ema is not None and not 0 < ema < 1:
+        raise ValueError(f"ema must lie in (0, 1), got {ema!r}")
+    n_data = getattr(problem, "n_data", None)
+    theta0 = _initial_point(problem, init)
+    steps, epochs = _duration(steps, epochs, n_data, batch_schedule, record_every, record_steps,
+                              record_epochs)
+    for name, fn in (("schedule", schedule), ("batch_schedule", batch_schedule)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be a function of the training fraction f ∈ [0, 1) "
+                             f"(e.g. simulate.linear_decay(0.1)), got {fn!r}")
+    groups = []
+    for b in np.unique(b_g):
+        b = int(b)
+        if n_data is not None and not replace and b > n_data:
+            raise ValueError(f"batch ({b}) exceeds n_data ({n_data}) for sampling without "
+                             f"replacement (use replace=True or a smaller batch)")
+        if epochs is not None:
+            t_g, rec = _epoch_records(b, n_data, epochs, record_epochs)
+        else:
+            t_g, rec = steps, _record_steps(steps, record_every, record_steps)
+        frac = np.arange(t_g) / max(t_g, 1)
+        groups.append(BatchGroup(b, np.flatnonzero(b_g.ravel() == b), t_g, rec,
+                                 _multipliers(schedule, frac),
+                                 _step_batches(batch_schedule, frac, b, n_data, replace)))
+    if any(g.record_steps.size != groups[0].record_steps.size for g in groups):
+        raise ValueError("record plans differ between batch sizes")
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(theta0.size, n_data, dtype, np.any(mu_g > 0), ema)
+    return Plan(lr_g, b_g, mu_g, bool(nesterov), tuple(groups), theta0, n_data, replicas, seed,
+                bool(replace), dtype, ema, bool(record_stats), integer("chunk_size", chunk_size),
+                float(divergence_factor), check_every)
+
+
+def _grid(lr, batch, momentum):
+    """lr, batch (int64) and momentum checked and broadcast to one shape S (NumPy copies)."""
+    try:
+        lr_a = np.asarray(lr, dtype=float)
+        b_a = np.asarray(batch, dtype=float)
+        mu_a = np.asarray(momentum, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"lr, batch and momentum must be numbers or arrays: {exc}") from exc
+    for name, a in (("lr", lr_a), ("batch", b_a), ("momentum", mu_a)):
+        if a.size == 0:
+            raise ValueError(f"{name} must not be empty")
+    if not np.all(np.isfinite(lr_a)) or np.any(lr_a <= 0):
+        raise ValueError(f"lr must be finite and > 0, got {lr!r}")
+    if (np.asarray(batch).dtype == bool or not np.all(np.isfinite(b_a)) or np.any(b_a < 1)
+            or np.any(b_a > 2**62) or np.any(b_a != np.round(b_a))):
+        raise ValueError(f"batch must hold positive integers, got {batch!r}")
+    if not np.all(np.isfinite(mu_a)) or np.any(mu_a < 0) or np.any(mu_a >= 1):
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    try:
+        shape = np.broadcast_shapes(lr_a.shape, b_a.shape, mu_a.shape)
+    except ValueError as exc:
+        raise ValueError(f"lr {lr_a.shape}, batch {b_a.shape} and momentum {mu_a.shape} "
+                         f"do not broadcast together") from exc
+    return (np.broadcast_to(lr_a, shape).copy(), np.broadcast_to(b_a, shape).astype(np.int64),
+            np.broadcast_to(mu_a, shape).copy())
+
+
+def _initial_point(problem, init) -> np.ndarray:
+    p = problem.dim
+    theta0 = np.array(problem.theta0 if init is None else init, dtype=float)  # a copy
+    if theta0.shape != (p,) or not np.all(np.isfinite(theta0)):
+        raise ValueError(f"init must be a finite vector of shape ({p},), got {theta0.shape}")
+    return theta0
+
+
+def _duration(steps, epochs, n_data, batch_schedule, record_every, record_steps,
+              record_epochs):
+    """(steps, epochs), exactly one of them given and consistent with the record settings."""
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
+    if epochs is None:
+        steps = integer("steps", steps, 0)
+        if record_epochs is not None:
+            raise ValueError("record_epochs needs epochs")
+        return steps, None
+    if n_data is None:
+        raise ValueError("epochs needs a finite dataset (problem.n_data); use steps")
+    if batch_schedule is not None:
+        raise ValueError("batch_schedule needs steps, not epochs")
+    if record_every is not None or record_steps is not None:
+        raise ValueError("with epochs, give record_epochs (not record_every/record_steps)")
+    epochs = real("epochs", epochs)
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    return None, epochs
+
+
+def _record_steps(steps, record_every, record_steps) -> np.ndarray:
+    if record_steps is not None and record_every is not None:
+        raise ValueError("give record_steps or record_every, not both")
+    if record_steps is not None:
+        rs = np.unique(np.asarray(record_steps, dtype=float).ravel())
+        if rs.size == 0 or np.any(rs != np.round(rs)) or rs[0] < 0 or rs[-1] > steps:
+            raise ValueError(f"record_steps must be integers in [0, steps={steps}], "
+                             f"got {record_steps!r}")
+        return rs.astype(np.int64)
+    every = (max(1, steps // 100) if record_every is None
+             else integer("record_every", record_every))
+    return np.unique(np.append(np.arange(0, steps + 1, every), steps)).astype(np.int64)
+
+
+def _epoch_records(b, n_data, epochs, record_epochs):
+    """(T, record steps) of batch ``b`` for a run of ``epochs`` over N examples."""
+    spe = n_data // b
+    t_g = int(math.floor(epochs * spe + 1e-9))
+    if t_g == 0:
+        raise ValueError(f"epochs={epochs} is less than one step of batch {b} on "
+                         f"{n_data} examples")
+    if record_epochs is None:  # every whole epoch, and the end of a fractional one
+        rec_e = np.unique(np.r_[np.arange(0, math.floor(epochs) + 1), epochs])
+    else:
+        rec_e = np.asarray(record_epochs, dtype=float).ravel()
+    if (rec_e.size == 0 or not np.all(np.isfinite(rec_e)) or np.any(rec_e < 0)
+            or np.any(rec_e > epochs + 1e-9)):
+        raise ValueError(f"record_epochs must lie in [0, epochs={epochs}]")
+    rec = np.unique(np.floor(rec_e * spe + 1e-9).astype(np.int64))
+    if rec.size != np.unique(rec_e).size:
+        raise ValueError(f"record epochs {np.unique(rec_e).tolist()} are closer together "
+                         f"than one step of batch {b} ({spe} steps per epoch): pass "
+                         "record_epochs")
+    return t_g, rec
+
+
+def _multipliers(schedule, frac) -> np.ndarray:
+    mult = np.ones(frac.size) if schedule is None else np.asarray(schedule(frac), dtype=float)
+    if mult.shape != frac.shape or not np.all(np.isfinite(mult)) or np.any(mult < 0):
+        raise ValueError("schedule must return finite multipliers ≥ 0, one per step")
+    return mult
+
+
+def _step_batches(batch_schedule, frac, b, n_data, replace) -> np.ndarray:
+    if batch_schedule is None:
+        return np.full(frac.size, b, dtype=np.int64)
+    bm = np.asarray(batch_schedule(frac), dtype=float)
+    if bm.shape != frac.shape or not np.all(np.isfinite(bm)) or np.any(bm <= 0):
+        raise ValueError("batch_schedule must return finite multipliers > 0")
+    bs = np.maximum(1, np.round(b * bm)).astype(np.int64)
+    if n_data is not None and not replace and bs.max() > n_data:
+        raise ValueError(f"batch_schedule reaches batch {bs.max()} > n_data ({n_data})")
+    return bs
+
+
+def _default_chunk_size(p, n_data, dtype, momentum, ema) -> int:
+    """Rows in ~256 MiB of per-row state (and of per-row passes over a finite dataset)."""
+    item = 4 if dtype == "float32" else 8
+    extra = 4 + (1 if momentum else 0) + (1 if ema is not None else 0)
+    per_row = max(p, 1) * extra * item + (3 * n_data * item if n_data else 0)
+    return max(1, (256 << 20) // per_row)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(problem, *, backend: str | Backend | None = None, device=None,
+        progress: bool | None = None, **settings) -> Result:
+    r"""Simulate SGD / heavy ball / Nesterov on ``problem`` for a grid of configurations.
+
+    ``run(problem, **settings)`` is ``execute(problem, plan(problem, **settings))``: the
+    settings (lr, batch, steps or epochs, momentum, nesterov, schedule, batch_schedule, ema,
+    replicas, seed, record_*, init, replace, dtype, chunk_size, divergence_factor,
+    check_every) are those of :func:`plan`, where they are documented and checked.
+
+    Args:
+        problem: a model of :mod:`sgdtheory.problems`.
+        backend, device: see :func:`sgdtheory.backend.get_backend` (default $SGDTHEORY_BACKEND
+            or NumPy).
         progress: tqdm bar (None: only on a terminal).
 
     Speed: float32 and a scalar ``lr`` without momentum take a fused in-place update on the
@@ -378,297 +643,169 @@ def run(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nesterov
         :class:`Result`.
 
     Raises:
-        ValueError: non-positive lr, non-integer or non-positive batch, batch > N without
-            replacement, momentum outside [0, 1), shapes that do not broadcast, both or neither
-            of steps/epochs, an unknown backend, an init of the wrong shape.
+        ValueError: an unknown backend, or a bad setting (see :func:`plan`).
     """
     be = get_backend(backend, device)
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    lr_g, b_g, mu_g, shape = _grid(lr, batch, momentum)
-    replicas = _pos_int("replicas", replicas)
-    seed = _pos_int("seed", seed, 0)
-    check_every = _pos_int("check_every", check_every)
-    if not (np.isfinite(divergence_factor) and divergence_factor > 1):
-        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
-    if ema is not None and not 0 < ema < 1:
-        raise ValueError(f"ema must lie in (0, 1), got {ema!r}")
-    n_data = getattr(problem, "n_data", None)
-    p = problem.dim
-    theta0 = np.asarray(problem.theta0 if init is None else init, dtype=float)
-    if theta0.shape != (p,) or not np.all(np.isfinite(theta0)):
-        raise ValueError(f"init must be a finite vector of shape ({p},), got {theta0.shape}")
-    if (steps is None) == (epochs is None):
-        raise ValueError("give exactly one of steps and epochs")
-    if epochs is not None:
-        if n_data is None:
-            raise ValueError("epochs needs a finite dataset (problem.n_data); use steps")
-        if batch_schedule is not None:
-            raise ValueError("batch_schedule needs steps, not epochs")
-        if record_every is not None or record_steps is not None:
-            raise ValueError("with epochs, give record_epochs (not record_every/record_steps)")
-        epochs = real("epochs", epochs)
-        if not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs!r}")
-    else:
-        steps = _pos_int("steps", steps, 0)
-        if record_epochs is not None:
-            raise ValueError("record_epochs needs epochs")
+    return execute(problem, plan(problem, **settings), backend=be, progress=progress)
 
-    for name, fn in (("schedule", schedule), ("batch_schedule", batch_schedule)):
-        if fn is not None and not callable(fn):
-            raise ValueError(f"{name} must be a function of the training fraction f ∈ [0, 1) "
-                             f"(e.g. simulate.linear_decay(0.1)), got {fn!r}")
-    flat_b = b_g.ravel()
-    groups = []
-    for b in np.unique(flat_b):
-        b = int(b)
-        if n_data is not None and not replace and b > n_data:
-            raise ValueError(f"batch ({b}) exceeds n_data ({n_data}) for sampling without "
-                             f"replacement (use replace=True or a smaller batch)")
-        if epochs is not None:
-            spe = n_data // b
-            t_g = int(math.floor(epochs * spe + 1e-9))
-            if t_g == 0:
-                raise ValueError(f"epochs={epochs} is less than one step of batch {b} on "
-                                 f"{n_data} examples")
-            if record_epochs is None:  # every whole epoch, and the end of a fractional one
-                rec_e = np.unique(np.r_[np.arange(0, math.floor(epochs) + 1), epochs])
-            else:
-                rec_e = np.asarray(record_epochs, dtype=float).ravel()
-            if (rec_e.size == 0 or not np.all(np.isfinite(rec_e)) or np.any(rec_e < 0)
-                    or np.any(rec_e > epochs + 1e-9)):
-                raise ValueError(f"record_epochs must lie in [0, epochs={epochs}]")
-            rec = np.unique(np.floor(rec_e * spe + 1e-9).astype(np.int64))
-            if rec.size != np.unique(rec_e).size:
-                raise ValueError(f"record epochs {np.unique(rec_e).tolist()} are closer together "
-                                 f"than one step of batch {b} ({spe} steps per epoch): pass "
-                                 "record_epochs")
-        else:
-            t_g = steps
-            rec = _record_plan(steps, record_every, record_steps)
-        frac = np.arange(t_g) / max(t_g, 1)
-        mult = np.ones(t_g) if schedule is None else np.asarray(schedule(frac), dtype=float)
-        if mult.shape != (t_g,) or not np.all(np.isfinite(mult)) or np.any(mult < 0):
-            raise ValueError("schedule must return finite multipliers ≥ 0, one per step")
-        if batch_schedule is None:
-            bs = np.full(t_g, b, dtype=np.int64)
-        else:
-            bm = np.asarray(batch_schedule(frac), dtype=float)
-            if bm.shape != (t_g,) or not np.all(np.isfinite(bm)) or np.any(bm <= 0):
-                raise ValueError("batch_schedule must return finite multipliers > 0")
-            bs = np.maximum(1, np.round(b * bm)).astype(np.int64)
-            if n_data is not None and not replace and bs.max() > n_data:
-                raise ValueError(f"batch_schedule reaches batch {bs.max()} > n_data ({n_data})")
-        groups.append(_Group(b, np.flatnonzero(flat_b == b), t_g, rec, mult, bs))
 
-    n_rec = groups[0].rec.size
-    if any(g.rec.size != n_rec for g in groups):
-        raise ValueError("record plans differ between batch sizes")
-    kernel = problem.kernel(be, dtype)
+def execute(problem, plan: Plan, *, backend: str | Backend | None = None, device=None,
+            progress: bool | None = None) -> Result:
+    """Run a :class:`Plan` on ``problem`` (the problem it was planned for, or one of the same
+    dimension and dataset size) on ``backend``; returns the :class:`Result`."""
+    be = get_backend(backend, device)
+    if plan.theta0.shape != (problem.dim,) or getattr(problem, "n_data", None) != plan.n_data:
+        raise ValueError(f"plan is for dim={plan.theta0.size}, n_data={plan.n_data}; problem "
+                         f"has dim={problem.dim}, n_data={getattr(problem, 'n_data', None)}")
+    kernel = problem.kernel(be, plan.dtype)
     has_test = bool(getattr(kernel, "has_test", False))
-    n_cfg = int(np.prod(shape, dtype=np.int64))
-    total = n_cfg * replicas
-
-    def alloc():
-        return be.asarray(np.full((total, n_rec), np.inf), dtype=dtype)
-
-    rec_arrays = {"train_loss": alloc()}
-    if has_test:
-        rec_arrays["test_loss"] = alloc()
-    if ema is not None:
-        rec_arrays["ema_train_loss"] = alloc()
-        if has_test:
-            rec_arrays["ema_test_loss"] = alloc()
-    if record_stats:
-        for k in _STATS:
-            rec_arrays[k] = alloc()
-    diverged_at = np.full(total, -1, dtype=np.int64)
-
-    if chunk_size is None:  # ~256 MiB of per-row state (and of per-row passes over the data)
-        item = 4 if dtype == "float32" else 8
-        extra = 4 + (1 if np.any(mu_g > 0) else 0) + (1 if ema is not None else 0)
-        per_row = max(p, 1) * extra * item + (3 * n_data * item if n_data else 0)
-        chunk_size = max(1, (256 << 20) // per_row)
-    chunk_size = _pos_int("chunk_size", chunk_size)
-    work = sum(g.steps * g.cfg.size for g in groups) * replicas
-    bar = tqdm(total=work, disable=(None if progress is None else not progress),
+    names = ["train_loss"] + (["test_loss"] if has_test else [])
+    if plan.ema is not None:
+        names += ["ema_train_loss"] + (["ema_test_loss"] if has_test else [])
+    names += list(_STATS) if plan.record_stats else []
+    rows = plan.n_configs * plan.replicas
+    records = {k: be.asarray(np.full((rows, plan.n_records), np.inf), dtype=plan.dtype)
+               for k in names}
+    diverged_at = np.full(rows, -1, dtype=np.int64)
+    bar = tqdm(total=plan.work, disable=(None if progress is None else not progress),
                desc="simulate", unit="row-step", leave=False)
-    ctx = _Ctx(be, kernel, dtype, theta0, replace, nesterov, ema, divergence_factor,
-               check_every, record_stats, has_test, rec_arrays, diverged_at, replicas, bar)
     try:
         with np.errstate(all="ignore"):
-            for g in groups:
-                c_per = min(g.cfg.size, chunk_size)
-                r_per = max(1, min(replicas, chunk_size // c_per))
-                for r0 in range(0, replicas, r_per):
-                    for c0 in range(0, g.cfg.size, c_per):
-                        cfg = g.cfg[c0:c0 + c_per]
-                        _simulate_chunk(ctx, g, cfg, lr_g.ravel()[cfg], mu_g.ravel()[cfg],
-                                        r0, min(r_per, replicas - r0), seed)
+            for chunk in plan.chunks():
+                _Rows(plan, chunk, be, kernel, has_test).simulate(records, diverged_at, bar)
     finally:
         bar.close()
+    return _result(plan, be, records, diverged_at)
 
+
+def _result(plan: Plan, be: Backend, records: dict, diverged_at: np.ndarray) -> Result:
     def out(name):
-        if name not in rec_arrays:
+        if name not in records:
             return None
-        return rec_arrays[name].reshape(shape + (replicas, n_rec))
+        return records[name].reshape(plan.shape + (plan.replicas, plan.n_records))
 
-    steps_rec, examples = _step_axes(groups, shape, n_rec)
-    epochs_rec = None if n_data is None else examples / float(n_data)
-    dat = be.asarray(diverged_at.reshape(shape + (replicas,)), dtype="int64")
+    examples = plan.record_axis("examples")
+    dat = be.asarray(diverged_at.reshape(plan.shape + (plan.replicas,)), dtype="int64")
     return Result(
         train_loss=out("train_loss"), test_loss=out("test_loss"),
         ema_train_loss=out("ema_train_loss"), ema_test_loss=out("ema_test_loss"),
-        steps=steps_rec, examples=examples, epochs=epochs_rec,
+        steps=plan.record_axis("steps"), examples=examples,
+        epochs=None if plan.n_data is None else examples / float(plan.n_data),
         diverged=dat >= 0, diverged_at=dat,
         grad_sq=out("grad_sq"), g_h_g=out("g_h_g"), tr_sigma=out("tr_sigma"),
-        tr_h_sigma=out("tr_h_sigma"), lr=lr_g, batch=b_g, momentum=mu_g,
-        replicas=replicas, seed=seed, backend=be.name)
+        tr_h_sigma=out("tr_h_sigma"), lr=plan.lr.copy(), batch=plan.batch.copy(),
+        momentum=plan.momentum.copy(), replicas=plan.replicas, seed=plan.seed, backend=be.name)
 
 
-def _step_axes(groups, shape, n_rec):
-    """Recorded steps and examples: (K,) when equal for all configurations, else (*S, K)."""
-    per = [(g, g.rec, np.concatenate([[0], np.cumsum(g.batches)])[g.rec].astype(float))
-           for g in groups]
+class _Rows:
+    """The state of one :class:`Chunk`: rows r·C + c ↔ replica r0 + r, configuration c.
 
-    def combine(j, dtype):
-        first = per[0][j]
-        if all(np.array_equal(item[j], first) for item in per):
-            return first.astype(dtype)
-        out = np.empty((int(np.prod(shape, dtype=np.int64)), n_rec), dtype=dtype)
-        for item in per:
-            out[item[0].cfg] = item[j]
-        return out.reshape(shape + (n_rec,))
+    Holds θ (n, p), the optimiser state (per-row lr and μ, velocity), the EMA iterate, the
+    divergence thresholds and which replica each row belongs to; rows that diverge are dropped
+    from all of them at once.
+    """
 
-    return combine(1, np.int64), combine(2, float)
+    def __init__(self, plan: Plan, chunk: Chunk, be: Backend, kernel, has_test: bool):
+        self.plan, self.group, self.be, self.kernel, self.has_test = (plan, chunk.group, be,
+                                                                      kernel, has_test)
+        n_rep, cfg, dtype = chunk.n_rep, chunk.configs, plan.dtype
+        self.n = n_rep * cfg.size
+        replica = chunk.r0 + np.arange(n_rep)
+        self.rows = (cfg[None, :] * plan.replicas + replica[:, None]).ravel()
+        self.rep = np.repeat(np.arange(n_rep), cfg.size)
+        self.layout = Layout(n_rep, cfg.size, None)
+        self.theta = (be.zeros((self.n, plan.theta0.size), dtype)
+                      + be.asarray(plan.theta0, dtype))
+        self.opt = optim.sgd(_per_row(be, plan.lr.ravel()[cfg], n_rep, dtype),
+                             _per_row(be, plan.momentum.ravel()[cfg], n_rep, dtype),
+                             plan.nesterov)
+        self.state = self.opt.init(self.theta)
+        self.avg = be.copy(self.theta) if plan.ema is not None else None
+        loss0 = be.to_numpy(kernel.loss(self.theta)).astype(float)
+        factor = plan.divergence_factor
+        self.threshold = be.asarray(np.where(loss0 > 0, loss0 * factor, factor), "float64")
+        self.sampler = kernel.sampler(be.rng([plan.seed, self.group.batch, chunk.r0]), n_rep,
+                                      plan.replace)
+        plain = self.state.velocity is None and isinstance(self.state.lr, float)
+        self.fused = getattr(self.sampler, "sgd_step", None) if plain else None
 
-
-@dataclass
-class _Ctx:
-    be: Backend
-    kernel: Any
-    dtype: str
-    theta0: np.ndarray
-    replace: bool
-    nesterov: bool
-    ema: float | None
-    factor: float
-    check_every: int
-    record_stats: bool
-    has_test: bool
-    rec: dict
-    diverged_at: np.ndarray
-    replicas: int
-    bar: Any
-
-
-def _simulate_chunk(ctx: _Ctx, g: _Group, cfg, lr_c, mu_c, r0, n_rep, seed):
-    """Run one block of n_rep replicas × len(cfg) configurations of one batch size."""
-    be, k = ctx.be, ctx.kernel
-    n_c = cfg.size
-    n = n_rep * n_c
-    p = ctx.theta0.shape[0]
-    # row r·n_c + c  ↔  replica r0 + r, configuration cfg[c]
-    rows = (cfg[None, :] * ctx.replicas + (r0 + np.arange(n_rep))[:, None]).ravel()
-    theta = be.zeros((n, p), ctx.dtype) + be.asarray(ctx.theta0, dtype=ctx.dtype)
-    lr_scalar = float(lr_c[0]) if np.all(lr_c == lr_c[0]) else None
-    lr_rows = be.asarray(np.tile(lr_c, n_rep)[:, None], dtype=ctx.dtype)
-    use_mom = bool(np.any(mu_c > 0))
-    mu_scalar = float(mu_c[0]) if np.all(mu_c == mu_c[0]) else None
-    mu_rows = be.asarray(np.tile(mu_c, n_rep)[:, None], dtype=ctx.dtype)
-    v = be.zeros((n, p), ctx.dtype) if use_mom else None
-    avg = theta.clone() if (ctx.ema is not None and be.name == "torch") else (
-        theta.copy() if ctx.ema is not None else None)
-    layout = Layout(n_rep, n_c, None)
-    rep_np = np.repeat(np.arange(n_rep), n_c)
-    loss0 = be.to_numpy(k.loss(theta)).astype(float)
-    thr = np.where(loss0 > 0, loss0 * ctx.factor, ctx.factor)
-    thr_b = be.asarray(thr, dtype="float64")
-    sampler = k.sampler(be.rng([seed, g.batch, r0]), n_rep, ctx.replace)
-    rec_pos = {int(t): i for i, t in enumerate(g.rec)}
-    fused = getattr(sampler, "sgd_step", None) if (not use_mom and lr_scalar is not None) \
-        else None
-    mom = None
-    for t in range(g.steps + 1):
-        is_rec = t in rec_pos
-        if is_rec or t % ctx.check_every == 0 or t == g.steps:
-            loss = k.loss(theta)
-            bad = ~be.xp.isfinite(loss) | (loss > thr_b)
-            bad_np = be.to_numpy(bad).astype(bool)
-            if is_rec:
-                i = rec_pos[t]
-                keep_idx = be.asarray(rows[~bad_np], dtype="int64")
-                good = ~bad
-                _write(ctx.rec["train_loss"], keep_idx, i, loss[good])
-                if ctx.has_test:
-                    _write(ctx.rec["test_loss"], keep_idx, i, k.test_loss(theta)[good])
-                if avg is not None:
-                    _write(ctx.rec["ema_train_loss"], keep_idx, i, k.loss(avg)[good])
-                    if ctx.has_test:
-                        _write(ctx.rec["ema_test_loss"], keep_idx, i, k.test_loss(avg)[good])
-                if ctx.record_stats:
-                    st = k.stats(theta)
-                    for name in _STATS:
-                        _write(ctx.rec[name], keep_idx, i, st[name][good])
-            if bad_np.any():
-                ctx.diverged_at[rows[bad_np]] = t
-                keep = ~bad
-                keep_np = ~bad_np
-                rows, rep_np = rows[keep_np], rep_np[keep_np]
-                theta, lr_rows, mu_rows, thr_b = theta[keep], lr_rows[keep], mu_rows[keep], \
-                    thr_b[keep]
-                if v is not None:
-                    v = v[keep]
-                if avg is not None:
-                    avg = avg[keep]
-                layout = Layout(n_rep, n_c, be.asarray(rep_np, dtype="int64"))
-                if rows.size == 0:
-                    ctx.bar.update((g.steps - t) * n)
+    def simulate(self, records: dict, diverged_at: np.ndarray, bar) -> None:
+        """Run the chunk's steps: update, check divergence (every ``check_every`` steps, at
+        every record and at the end), record. The hot loop of the simulator."""
+        g, every = self.group, self.plan.check_every
+        rec_pos = {int(t): i for i, t in enumerate(g.record_steps)}
+        n0 = self.n
+        for t in range(g.steps + 1):
+            if t in rec_pos or t % every == 0 or t == g.steps:
+                bad = self._check(t, rec_pos.get(t), records, diverged_at)
+                if bad is not None and self.rows.size == 0:
+                    bar.update((g.steps - t) * n0)
                     return
-        if t == g.steps:
-            break
-        m_t = float(g.lr_mult[t])
-        if fused is not None:
+            if t == g.steps:
+                break
+            self._step(float(g.lr_mult[t]), int(g.batches[t]))
+            if t % every == every - 1:
+                bar.update(every * n0)
+        bar.update(g.steps % every * n0)
+
+    def _step(self, m_t: float, batch: int) -> None:
+        """One update with the rate multiplier m_t and a batch of ``batch`` examples."""
+        if self.fused is not None:
             if m_t != 0.0:
-                fused(theta, layout, int(g.batches[t]), lr_scalar * m_t)
+                self.fused(self.theta, self.layout, batch, self.state.lr * m_t)
             else:
-                sampler.grad(theta, layout, int(g.batches[t]))  # keep the random stream
-            if avg is not None:
-                avg -= (1.0 - ctx.ema) * (avg - theta)
-            if t % ctx.check_every == ctx.check_every - 1:
-                ctx.bar.update(ctx.check_every * n)
-            continue
-        grad = sampler.grad(theta, layout, int(g.batches[t]))
-        if use_mom:
-            if mu_scalar is not None:
-                v *= mu_scalar
-            else:
-                v *= mu_rows
-            v += grad
-            if ctx.nesterov:
-                mom = grad + (v * mu_scalar if mu_scalar is not None else v * mu_rows)
-                direction, owned = mom, True
-            else:
-                direction, owned = v, False
+                self.sampler.grad(self.theta, self.layout, batch)  # keep the random stream
         else:
-            direction, owned = grad, True
-        if m_t != 0.0:
-            scale = lr_scalar * m_t if lr_scalar is not None else lr_rows * m_t
-            if owned:
-                direction *= scale
-                theta -= direction
-            else:
-                theta -= direction * scale
-        if avg is not None:
-            avg -= (1.0 - ctx.ema) * (avg - theta)
-        if t % ctx.check_every == ctx.check_every - 1:
-            ctx.bar.update(ctx.check_every * n)
-    ctx.bar.update(g.steps % ctx.check_every * n)
+            grad = self.sampler.grad(self.theta, self.layout, batch)
+            self.theta, self.state = self.opt.update(grad, self.state, self.theta, m_t)
+        if self.avg is not None:
+            optim.ema_update(self.avg, self.theta, self.plan.ema)
+
+    def _check(self, t: int, record: int | None, records: dict, diverged_at: np.ndarray):
+        """Divergence check at step t (and the record ``record``, if any); drops diverged rows.
+
+        Returns the NumPy mask of rows that diverged now, or None when none did."""
+        be, k = self.be, self.kernel
+        loss = k.loss(self.theta)
+        bad = ~be.xp.isfinite(loss) | (loss > self.threshold)
+        bad_np = be.to_numpy(bad).astype(bool)
+        if record is not None:
+            good = ~bad
+            keep_idx = be.asarray(self.rows[~bad_np], dtype="int64")
+
+            def write(name, values):
+                values = values[good]
+                if values.shape[0]:  # rows not listed keep ``inf``
+                    records[name][keep_idx, record] = be.astype(values, records[name].dtype)
+
+            write("train_loss", loss)
+            if self.has_test:
+                write("test_loss", k.test_loss(self.theta))
+            if self.avg is not None:
+                write("ema_train_loss", k.loss(self.avg))
+                if self.has_test:
+                    write("ema_test_loss", k.test_loss(self.avg))
+            if self.plan.record_stats:
+                st = k.stats(self.theta)
+                for name in _STATS:
+                    write(name, st[name])
+        if not bad_np.any():
+            return None
+        diverged_at[self.rows[bad_np]] = t
+        keep, keep_np = ~bad, ~bad_np
+        self.rows, self.rep = self.rows[keep_np], self.rep[keep_np]
+        self.theta, self.threshold = self.theta[keep], self.threshold[keep]
+        self.state = self.state.take(keep)
+        if self.avg is not None:
+            self.avg = self.avg[keep]
+        self.layout = Layout(self.layout.n_rep, self.layout.n_cfg,
+                             be.asarray(self.rep, dtype="int64"))
+        return bad_np
 
 
-def _write(dst, idx, col, values):
-    """dst[idx, col] = values (dst on the backend; rows not listed keep ``inf``)."""
-    if values.shape[0]:
-        dst[idx, col] = values.to(dst.dtype) if hasattr(values, "to") else values.astype(
-            dst.dtype, copy=False)
+def _per_row(be, values, n_rep, dtype):
+    """A hyperparameter of the chunk's configurations: a float when they share it, else a
+    column (n_rep·n_cfg, 1) in row order (replica-major)."""
+    if np.all(values == values[0]):
+        return float(values[0])
+    return be.asarray(np.tile(values, n_rep)[:, None], dtype=dtype)

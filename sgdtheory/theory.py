@@ -20,11 +20,13 @@ argument.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize
 
+from sgdtheory._checks import flag, integer
 from sgdtheory.backend import array_module
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "quadratic_stats",
     "scaled_lr",
     "smith_le_noise_scale",
+    "spectrum_from_top_and_trace",
     "steps_examples",
     "temperature",
 ]
@@ -586,45 +589,194 @@ def linreg_moment_matrix(eigenvalues, lr, batch):
     return np.diag(diag) + (lr**2 / batch) * np.outer(lam, lam)
 
 
-def _linreg_stability_margin(lr: float, lam: np.ndarray, batch: float) -> float:
-    """φ(η) − 1 with φ(η) = (η/B) Σ_j λ_j / (2 − ηλ_j(1+1/B)); ρ(A) < 1 ⇔ φ(η) < 1."""
-    return lr / batch * float(np.sum(lam / (2.0 - lr * lam * (1.0 + 1.0 / batch)))) - 1.0
+def _momentum_scalar(momentum) -> float:
+    """A single momentum μ ∈ [0, 1), as a float."""
+    return _scalar("momentum", _momentum(momentum))
 
 
-def linreg_stability_limit(eigenvalues, batch):
-    r"""Largest stable ``lr`` η_c(B) of SGD on linear regression with Gaussian features.
+def _counts(counts, lam: np.ndarray) -> np.ndarray:
+    """Multiplicities n_j of the eigenvalues: positive, finite, the shape of ``eigenvalues``."""
+    if counts is None:
+        return np.ones_like(lam)
+    n = np.asarray(_positive("counts", counts), dtype=float)
+    if n.shape != lam.shape:
+        raise ValueError(f"counts must have the shape of eigenvalues {lam.shape}, got {n.shape}")
+    return n
 
-    A = D + uuᵀ with D_j = (1 − ηλ_j)² + η²λ_j²/B ≥ 0 and u = ηλ/√B is symmetric and
-    non-negative, so its spectral radius is its top eigenvalue, and by the secular equation
-    ρ(A) < 1 iff max_j D_j < 1 and Σ_j u_j²/(1 − D_j) < 1, i.e.
 
-        φ(η) = (η/B) Σ_j λ_j / (2 − ηλ_j(1 + 1/B)) < 1   on 0 < η < 2B/((B+1) λ_max).
+def _secular_coefficients(mu: float, batch: float, nesterov: bool):
+    """(c, a₂, a₁, u_B, scale) of the momentum secular equation (see linreg_stability_limit).
 
-    φ increases from 0 to ∞ on that interval, so η_c is its unique root (found by Brent's
-    method to machine precision). η_c ≈ 2B/Σλ at small B (linear in B) and → 2/λ_max at
-    large B; it does not depend on the dataset size.
+    B − s(u) = (a₂u² + a₁u − a₀)·(−1)/den(u) with every aᵢ divided by ``scale`` = max(B, 1)
+    (so that nothing overflows at B up to 1e308); u_B is the positive root of
+    a₂u² + a₁u − a₀ = 0, where s(u_B) = B.
+    """
+    scale = max(batch, 1.0)
+    if nesterov:
+        c = mu * (1.0 + 2.0 * mu)
+        a2 = c * (1.0 / scale + batch / scale)
+        a1 = (1.0 + mu) / scale + (batch / scale) * (1.0 - mu - 4.0 * mu * mu)
+    else:
+        c = a2 = 0.0
+        a1 = (1.0 + mu) / scale + (batch / scale) * (1.0 - mu)
+    a0 = 2.0 * (batch / scale) * (1.0 - mu * mu)
+    disc = math.sqrt(a1 * a1 + 4.0 * a2 * a0)
+    u_b = 2.0 * a0 / (a1 + disc) if a1 >= 0 else (disc - a1) / (2.0 * a2)
+    return c, a2, a1, u_b, scale
+
+
+def _secular_margin(t: float, lam: np.ndarray, counts: np.ndarray, mu: float, coef) -> float:
+    """1 − 2/(φ+1) at η = t·u_B/λ_max (λ scaled to max 1): same sign as φ − 1, bounded."""
+    c, a2, a1, u_b, scale = coef
+    u = t * u_b * lam
+    # n_j s_j/(B − s_j) = n_j u(1 + μ + cu) / ((u_B − u)(a₁ + a₂(u + u_B))), u_B − u exact-ish
+    with np.errstate(over="ignore"):
+        terms = u * (1.0 + mu + c * u) / (scale * u_b * (1.0 - t * lam) * (a1 + a2 * (u + u_b)))
+        phi = float(counts @ terms)
+    return 1.0 - 2.0 / (phi + 1.0)
+
+
+def linreg_stability_limit(eigenvalues, batch, *, momentum=0.0, nesterov=False, counts=None):
+    r"""Largest stable ``lr`` η_c(B) of SGD (or torch momentum) on Gaussian linear regression.
+
+    Model (docs/design.md §3): x ~ N(0, H), H = diag(λ), e = w − w*, Ĥ = (1/B) Σ_i x_i x_iᵀ
+    over a batch of B examples drawn with replacement (or from infinite data), minibatch
+    gradient g = Ĥe (label noise only adds a constant forcing: it does not move the limit).
+    Torch's heavy ball (v ← μv + g, θ ← θ − ηv) and Nesterov (θ ← θ − η(g + μv_new)) are
+
+        v' = μv + g,   e' = e − a g − b v,   (a, b) = (η, ημ) heavy ball, (η(1+μ), ημ²) Nesterov.
+
+    Second moments. Gaussian fourth moments, E[x xᵀ M x xᵀ] = 2HMH + tr(HM)H, give
+    E[Ĥ M Ĥ] = (1 + 1/B) HMH + tr(HM) H/B. The recursion M ← E[M̂ M M̂ᵀ] of all (2d)² moments
+    of z = (e, v) is a positive map that commutes with flipping the sign of any direction,
+    so its spectral radius is reached on the 2×2 blocks Z_j = E[(e_j, v_j)ᵀ(e_j, v_j)]:
+
+        Z_j ← K_j Z_j K_jᵀ + (λ_j/B) (λ_j P_j + Σ_k n_k λ_k P_k) c cᵀ,
+        K_j = [[1 − aλ_j, −b], [λ_j, μ]],   c = (−a, 1)ᵀ,   P_j = E[e_j²],
+
+    n_k the multiplicity of λ_k: a block-diagonal positive map D plus a rank-one positive
+    coupling. Let h_j be the stationary E[e²] of z ← K_j z + c ξ (unit white noise ξ) and
+    s = λ_j² h_j, a function of u = ηλ_j:
+
+        heavy ball: s(u) = (1+μ) u / ((1−μ)(2(1+μ) − u)),
+        Nesterov:   s(u) = u (1 + μ + μ(1+2μ)u) / ((1 − μ + μu)(2(1+μ) − (1+2μ)u)).
+
+    For positive maps ρ(D + u vᵀ) < 1 ⇔ ρ(D) < 1 and vᵀ(I − D)⁻¹u < 1, i.e. s(ηλ_j) < B for
+    every j and
+
+        φ(η) = Σ_j n_j s(ηλ_j) / (B − s(ηλ_j)) < 1.
+
+    s increases with u from 0 (to ∞ at the GD limit u = 2(1+μ), resp. 2(1+μ)/(1+2μ)), so φ
+    increases from 0 to ∞ on 0 < η < u_B/λ_max, where s(u_B) = B (a quadratic in u), and η_c
+    is its unique root (Brent's method, machine precision); every larger η is unstable. At
+    μ = 0 both forms give s = u/(2 − u), φ(η) = (η/B) Σ_j n_j λ_j / (2 − ηλ_j(1 + 1/B)).
+    Limits: at small B, η_c → (1 − μ) κ B, linear in B, with κ the root of
+    Σ_j n_j κλ_j/(2 − κλ_j) = 1 (κ ≈ 2/tr H when tr H ≫ λ_max: the effective rate
+    η/(1−μ) ≈ 2B/tr H); as B → ∞, η_c → :func:`gd_stability_limit` (λ_max, μ, nesterov).
+    It does not depend on the dataset size.
 
     Args:
-        eigenvalues: λ (d,), feature covariance spectrum, ≥ 0.
+        eigenvalues: λ (k,), feature covariance spectrum (≥ 0, one positive), or the distinct
+            values of it with ``counts``.
         batch: B, scalar or array (examples per step, > 0).
+        momentum: μ ∈ [0, 1), a scalar (torch heavy ball, or Nesterov with ``nesterov``).
+        nesterov: torch's Nesterov form (bool).
+        counts: multiplicities n_j (k,), positive (default 1 each): λ_j stands for n_j equal
+            directions, e.g. top Lanczos eigenvalues plus one bulk value with count p − k
+            (:func:`spectrum_from_top_and_trace`). Exactly equal to repeating λ_j n_j times.
 
     Returns:
         η_c(B) in ``lr`` units (same shape as ``batch``).
 
     >>> round(linreg_stability_limit([1.0], 1), 12)  # d=1, B=1: φ(η) = η/(2−2η) = 1
     0.666666666667
+    >>> round(linreg_stability_limit([1.0], 1e12, momentum=0.9), 6)  # → 2(1+μ)/λ_max
+    3.8
     """
     lam = _eigenvalues(eigenvalues)
+    n = _counts(counts, lam)
+    mu = _momentum_scalar(momentum)
+    nesterov = flag("nesterov", nesterov)
     batches = np.asarray(_positive("batch", batch), dtype=float)
+    lam_max = float(lam.max())
+    lam_s = lam / lam_max  # scale-free: η_c(λ) = η_c(λ/λ_max)/λ_max
+    with np.errstate(over="ignore"):
+        total = n @ lam_s
+    if not np.isfinite(total):
+        raise ValueError(f"counts are too large: Σ n_j λ_j/λ_max overflows, got {counts!r}")
     out = np.empty_like(batches)
-    lam_max = lam.max()
+    hi = np.nextafter(1.0, 0.0)
     for idx, b in np.ndenumerate(batches):
-        pole = 2.0 * b / ((b + 1.0) * lam_max)
-        hi = pole * (1.0 - 1e-15)
-        while _linreg_stability_margin(hi, lam, b) < 0:  # guard against rounding at the pole
-            hi = 0.5 * (hi + pole)
-            if hi >= pole:
-                break
-        out[idx] = optimize.brentq(_linreg_stability_margin, 0.0, hi, args=(lam, b),
-                                   xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+        coef = _secular_coefficients(mu, float(b), nesterov)
+        args = (lam_s, n, mu, coef)
+        if _secular_margin(hi, *args) <= 0:  # root within one rounding step of the pole
+            t = hi
+        else:
+            t = optimize.brentq(_secular_margin, 0.0, hi, args=args, xtol=1e-300,
+                                rtol=4 * np.finfo(float).eps, maxiter=500)
+        with np.errstate(over="ignore", under="ignore"):
+            out[idx] = t * coef[3] / lam_max
+        if not (np.isfinite(out[idx]) and out[idx] >= np.finfo(float).tiny):
+            raise ValueError(f"η_c = {t * coef[3]:.3g}/λ_max is not a normal float64 for "
+                             f"eigenvalues with λ_max = {lam_max:.3g} and batch {b:.3g}")
     return _out(out)
+
+
+def spectrum_from_top_and_trace(top_eigenvalues, trace, dim, *, trace_se=0.0):
+    r"""A spectrum (eigenvalues, counts) from the top-k Hessian eigenvalues, tr(H) and p.
+
+    For :func:`linreg_stability_limit` on a measured network: Lanczos gives the top k
+    eigenvalues λ_1 … λ_k, Hutchinson the trace tr(H) (± ``trace_se``), and p is the
+    parameter count. **Assumption:** the p − k unresolved directions share the remaining
+    trace equally,
+
+        λ_rest = (tr H − Σ_{i≤k} λ_i) / (p − k),   with multiplicity p − k,
+
+    which keeps tr H exact (the small-B limit η_c ≈ 2B(1−μ)/tr H) and λ_max exact (the
+    large-B limit) and needs p − k directions only as one number.
+
+    A trace below Σλ_i is a contradiction unless it is a Hutchinson fluctuation: a deficit
+    up to 2·``trace_se`` (two standard errors) is taken as λ_rest = 0, a larger one raises
+    ``ValueError``; so does a λ_rest above min λ_i by more than 2·trace_se/(p − k) (then the
+    given eigenvalues are not the top ones, or ``dim`` is wrong).
+
+    Args:
+        top_eigenvalues: λ_1 … λ_k (k,), ≥ 0 (the largest eigenvalues of H).
+        trace: tr(H), Hutchinson estimate (finite).
+        dim: p, number of parameters (integer ≥ k).
+        trace_se: standard error of ``trace`` (≥ 0; default 0: an exact trace).
+
+    Returns:
+        ``(eigenvalues, counts)``: the top eigenvalues with count 1 each, then λ_rest with
+        count p − k (left out when p = k or λ_rest = 0).
+
+    >>> lam, n = spectrum_from_top_and_trace([5.0, 3.0], 12.0, 10)
+    >>> lam.tolist(), n.tolist()
+    ([5.0, 3.0, 0.5], [1.0, 1.0, 8.0])
+    """
+    top = np.asarray(_positive("top_eigenvalues", top_eigenvalues, allow_zero=True),
+                     dtype=float)
+    if top.ndim != 1 or top.size == 0:
+        raise ValueError(f"top_eigenvalues must be a non-empty 1-D array, got shape {top.shape}")
+    trace = _scalar("trace", _arr("trace", trace))
+    trace_se = _scalar("trace_se", _positive("trace_se", trace_se, allow_zero=True))
+    dim = integer("dim", dim, minimum=top.size)
+    rest_dim = dim - top.size
+    with np.errstate(over="ignore"):
+        remainder = trace - float(top.sum())
+    if not np.isfinite(remainder):
+        raise ValueError(f"trace and top_eigenvalues overflow float64 (trace={trace!r})")
+    if remainder < 0 or rest_dim == 0:
+        if abs(remainder) > 2.0 * trace_se:
+            what = "is below the sum of" if remainder < 0 else "exceeds the sum of all"
+            raise ValueError(f"trace ({trace:.6g} ± {trace_se:.2g}) {what} the top eigenvalues "
+                             f"({top.sum():.6g}) by more than 2 standard errors")
+        remainder = 0.0
+    rest = remainder / rest_dim if rest_dim else 0.0
+    if rest > top.min() + 2.0 * trace_se / max(rest_dim, 1):
+        raise ValueError(f"trace: the remaining trace spread over dim − k = {rest_dim} "
+                         f"directions gives {rest:.6g} per direction, above the smallest top "
+                         f"eigenvalue {top.min():.6g} (top_eigenvalues not the top, or dim wrong)")
+    if rest == 0.0:
+        return top, np.ones_like(top)
+    return np.append(top, rest), np.append(np.ones_like(top), float(rest_dim))

@@ -138,3 +138,31 @@ def test_numpy_float32_box_muller_is_gaussian_and_scaled(shape):
         assert stats.kstest(u, "norm").pvalue > 1e-3
         half = u.size // 2
         assert abs(np.corrcoef(u[:half], u[half:2 * half])[0, 1]) < 4 / np.sqrt(half)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_array_operations_match_numpy(name):
+    """copy, astype, concatenate, all_finite and backend_of against plain NumPy."""
+    be = B.get_backend(name)
+    a = np.arange(6.0).reshape(2, 3)
+    x = be.asarray(a)
+    c = be.copy(x)
+    c[0, 0] = 99.0
+    assert be.to_numpy(x)[0, 0] == 0.0  # a copy, not a view
+    i = be.astype(x * 1.5, "int64")
+    np.testing.assert_array_equal(be.to_numpy(i), (a * 1.5).astype(np.int64))
+    assert be.to_numpy(i).dtype == np.int64
+    joined = be.concatenate([x, x + 1], axis=-1)
+    np.testing.assert_array_equal(be.to_numpy(joined), np.concatenate([a, a + 1], axis=-1))
+    assert be.all_finite(x) and not be.all_finite(x + float("inf"))
+    assert B.backend_of(x) == be and B.array_module(x) is be.xp
+    assert be.to_numpy(be.asarray(a, dtype="float32"), dtype=float).dtype == np.float64
+    assert be.numpy_native == (name == "numpy")
+
+
+def test_backend_of_reads_the_device_of_a_tensor():
+    import torch
+
+    be = B.backend_of(torch.zeros(2))
+    assert be.name == "torch" and be.device == "cpu" and be.xp is torch
+    assert B.backend_of(3.0) == B.get_backend("numpy")

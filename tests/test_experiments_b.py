@@ -87,7 +87,7 @@ def test_small_batch_stability_shapes_and_theory(results):
     cfg = mod.PRESETS["quick"]
     n_b, n_g = len(cfg.batches), d["base_lr"].size
     assert d["excess_mean"].shape == (n_b, n_g) and d["edges_sim"].shape == (n_b, 2)
-    # closed-form theory equals an explicit loop over the moment recursion of DESIGN §3
+    # closed-form theory equals an explicit loop over the moment recursion of docs/design.md §3
     lam, b, base = d["eigenvalues"], 4, np.array([0.01, 0.05])
     steps = cfg.examples // b
     for eta_t, got in zip(base, mod._theory_final_excess(lam, base, b, cfg.examples,

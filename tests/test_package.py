@@ -38,3 +38,11 @@ def test_only_backend_imports_cupy_and_nothing_imports_validate():
 def test_version_matches_pyproject():
     pyproject = (ROOT.parent / "pyproject.toml").read_text()
     assert f'version = "{sgdtheory.__version__}"' in pyproject
+
+
+def test_only_backend_branches_on_the_backend_name():
+    """Backend differences live in backend.py; other modules call its methods."""
+    pattern = re.compile(r"""\.name\s*[!=]=\s*["'](numpy|cupy|torch)["']""")
+    for path in list(ROOT.rglob("*.py")) + list((ROOT.parent / "benchmarks").glob("*.py")):
+        if path.name != "backend.py":
+            assert not pattern.search(path.read_text()), f"{path} branches on a backend name"

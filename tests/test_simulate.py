@@ -332,3 +332,61 @@ def test_fused_sgd_path_with_optimum_and_dropped_replicas():
         flagged = r.diverged & (r.diverged_at <= step)
         assert np.all(np.isinf(r.train_loss[..., k][flagged]))
         assert np.all(np.isfinite(r.train_loss[..., k][~flagged]))
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_plan_is_frozen_and_inspectable():
+    data = P.LinearRegressionData([1.0, 0.5, 0.2], n_data=64, seed=0)
+    pl = simulate.plan(data, lr=[0.1, 0.2, 0.3], batch=[[4], [16]], momentum=0.5, epochs=2,
+                       replicas=5, seed=3, schedule=simulate.step_decay([0.5], 0.1))
+    assert pl.shape == (2, 3) and pl.n_configs == 6 and pl.n_records == 3
+    assert [g.batch for g in pl.groups] == [4, 16]
+    g4, g16 = pl.groups
+    assert g4.steps == 2 * (64 // 4) and g16.steps == 2 * (64 // 16)
+    np.testing.assert_array_equal(g4.configs, [0, 1, 2])
+    np.testing.assert_array_equal(g4.record_steps, [0, 16, 32])
+    np.testing.assert_array_equal(g4.lr_mult, np.where(np.arange(32) / 32 < 0.5, 1.0, 0.1))
+    np.testing.assert_array_equal(g4.record_examples, [0.0, 64.0, 128.0])
+    assert pl.work == (32 * 3 + 8 * 3) * 5
+    np.testing.assert_array_equal(pl.record_axis("examples"), [0.0, 64.0, 128.0])
+    assert pl.record_axis("steps").shape == (2, 3, 3)  # steps differ between batch sizes
+    with pytest.raises(AttributeError):
+        pl.replicas = 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="read-only"):
+        pl.lr[0, 0] = 1.0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
+def test_chunks_cover_every_row_once_within_the_size(chunk_size):
+    pl = simulate.plan(NQM, lr=[0.1, 0.2, 0.3], batch=[[1], [2]], steps=3, replicas=5,
+                       chunk_size=chunk_size)
+    seen = []
+    for c in pl.chunks():
+        assert c.n_rep * c.configs.size <= chunk_size
+        assert np.all(pl.batch.ravel()[c.configs] == c.group.batch)
+        seen += [(int(k), c.r0 + r) for r in range(c.n_rep) for k in c.configs]
+    assert sorted(seen) == [(k, r) for k in range(6) for r in range(5)]
+
+
+def test_default_chunk_size_counts_state_and_data():
+    """~256 MiB: (4 + momentum + ema) arrays of p per row, plus 3 passes over N per row."""
+    data = P.LinearRegressionData([1.0] * 10, n_data=1000, seed=0)
+    pl = simulate.plan(data, lr=0.1, momentum=0.5, ema=0.9, steps=2, dtype="float32")
+    assert pl.chunk_size == (256 << 20) // (10 * 6 * 4 + 3 * 1000 * 4)
+    assert simulate.plan(NQM, lr=0.1, steps=2).chunk_size == (256 << 20) // (4 * 4 * 8)
+
+
+def test_execute_reuses_a_plan_and_equals_run():
+    settings = dict(lr=[0.2, 0.5], batch=3, momentum=[0.0, 0.5], steps=20, replicas=6,
+                    seed=4, ema=0.8, record_every=5)
+    pl = simulate.plan(NQM, **settings)
+    a = simulate.execute(NQM, pl, progress=False)
+    b = simulate.execute(NQM, pl, progress=False)
+    c = simulate.run(NQM, progress=False, **settings)
+    for res in (b, c):
+        np.testing.assert_array_equal(res.train_loss, a.train_loss)
+        np.testing.assert_array_equal(res.ema_train_loss, a.ema_train_loss)
+    with pytest.raises(ValueError, match="plan is for dim=4"):
+        simulate.execute(P.NoisyQuadratic([1.0], [1.0]), pl)

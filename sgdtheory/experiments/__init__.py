@@ -1,4 +1,6 @@
-"""The experiments behind ``python -m sgdtheory.figures``: one module per figure (DESIGN §5).
+"""The experiments behind ``python -m sgdtheory.figures``, one module per figure.
+
+See docs/design.md §5 for what each shows and checks.
 
 Each module ``sgdtheory.experiments.<name>`` follows the contract in
 :mod:`sgdtheory.experiments._common` (``NAME``, ``TITLE``, ``Config``, ``PRESETS``,
@@ -13,7 +15,7 @@ from types import ModuleType
 
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "load"]
 
-#: Experiment module names, in the order of DESIGN §5 (and of the CLI run).
+#: Experiment module names, in the order of docs/design.md §5 (and of the CLI run).
 EXPERIMENTS = (
     "eps_opt_vs_batch",
     "loss_change_vs_lr",

@@ -103,7 +103,5 @@ def minibatch_grads(problem, backend, gen, theta, batch: int, n_draws: int, *,
         n = min(chunk, n_draws - start)
         rows = backend.asarray(np.repeat(theta, n, axis=0), dtype=dtype)
         g = kernel.sampler(gen, n, replace).grad(rows, Layout(n, 1), int(batch))
-        parts.append(g.clone() if backend.name == "torch" else g.copy())
-    if len(parts) == 1:
-        return parts[0]
-    return backend.xp.concatenate(parts) if backend.name != "torch" else backend.xp.cat(parts)
+        parts.append(backend.copy(g))
+    return parts[0] if len(parts) == 1 else backend.concatenate(parts)

@@ -1,6 +1,6 @@
 r"""Curvature versus forgetting: Myrtle's learning-rate × dataset-size × batch-size sweep.
 
-Finite-data linear regression (DESIGN §4.3): x ~ N(0, diag λ), y = w*ᵀx + noise (σ²),
+Finite-data linear regression (docs/design.md §4.3): x ~ N(0, diag λ), y = w*ᵀx + noise (σ²),
 w* ~ N(0, I), start w = 0; N training examples, shuffled epochs without replacement, a fixed
 number of epochs at a constant learning rate; the test loss is the exact population loss.
 
@@ -15,7 +15,7 @@ bulk of d−1 small ones around λ_bulk. The outlier sets the curvature limit; t
 must be learnt from many examples.
 
 **Curvature limit** (N-independent): η_c(B) from :func:`sgdtheory.theory.linreg_stability_limit`,
-the largest ``lr`` with spectral radius of the moment matrix below 1 (DESIGN §3). In factor
+the largest ``lr`` with spectral radius of the moment matrix below 1 (docs/design.md §3). In factor
 units f_c(B) = η_c(B)/(B·η̃₀). Because B ≫ tr H/λ_max here, η_c(B) ≈ 2/λ_max barely grows with
 B, so f_c(4B) ≈ f_c(B)/4: the instability factor drops by about the batch ratio.
 

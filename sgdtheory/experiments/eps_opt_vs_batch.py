@@ -7,7 +7,7 @@ SGD step with the *mean* minibatch gradient G_B (batch B drawn with replacement,
 
 is minimal at ε_opt(B) = ε_max/(1 + B_noise/B), ε_max = |G|²/GᵀHG, B_noise = tr(HΣ)/GᵀHG.
 
-What is simulated. A noisy quadratic model (DESIGN §4.1) L(θ) = ½ Σ_i h_i θ_i² with
+What is simulated. A noisy quadratic model (docs/design.md §4.1) L(θ) = ½ Σ_i h_i θ_i² with
 per-example gradient noise of variance c_i = κ h_i ("Fisher ∝ Hessian"), at the point
 θ = (1, …, 1), for three Hessian spectra h_i ∝ 1/i, h_i = 1 and h_i ∝ 1/i² (i = 1…p). κ is
 chosen so that B_noise equals ``config.b_noise`` examples; B runs over B/B_noise from 0.01 to
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sgdtheory import theory
+from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
@@ -137,10 +138,7 @@ def _one_step_moments(backend, gen, h, c, theta, batch, n_pairs, chunk=20_000):
 
 
 def compute(config: Config, backend, seed: int) -> dict:
-    if backend is None:
-        from sgdtheory.backend import get_backend
-
-        backend = get_backend("numpy")
+    backend = get_backend(backend)
     gen = backend.rng(seed)
     ratios = np.geomspace(config.ratio_min, config.ratio_max, config.n_ratios)
     eps_grid_rel = np.logspace(-3.5, 0.5, config.n_eps)  # ε/ε_max

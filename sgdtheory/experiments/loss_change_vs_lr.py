@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, minibatch_grads, relative_check
 from sgdtheory.experiments.eps_opt_vs_batch import noise_for_b_noise, spectrum
@@ -227,10 +228,7 @@ def _logistic_panel(config: Config, backend, gen, seed):
 
 
 def compute(config: Config, backend, seed: int) -> dict:
-    if backend is None:
-        from sgdtheory.backend import get_backend
-
-        backend = get_backend("numpy")
+    backend = get_backend(backend)
     gen = backend.rng(seed)
     nqm = _nqm_panel(config, backend, gen)
     logi = _logistic_panel(config, backend, gen, seed)

@@ -21,7 +21,7 @@ gap depends on e only through them). Probe batches are taken every ``probe_every
 standard errors are across independent replicas.
 
 The simulation loop is experiment-specific (it stores probe batches and re-evaluates them);
-data are drawn exactly as in the one-pass linear-regression model of DESIGN §4.3.
+data are drawn exactly as in the one-pass linear-regression model of docs/design.md §4.3.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sgdtheory import memory, theory
+from sgdtheory import memory, optim, theory
+from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
@@ -104,7 +105,7 @@ def simulate_gaps(lam, lrs, batch, noise_var, lags, *, replicas, n_probes, probe
         (L, replicas, K) NumPy array of per-replica mean gaps, and (L,) fresh (unseen) loss
         averaged over the run.
     """
-    be = backend
+    be = get_backend(backend)
     xp = be.xp
     gen = be.rng(seed)
     lam = np.asarray(lam, dtype=float)
@@ -119,6 +120,8 @@ def simulate_gaps(lam, lrs, batch, noise_var, lags, *, replicas, n_probes, probe
     sqrt_lam = be.asarray(np.sqrt(lam), dtype="float64")
     lam_b = be.asarray(lam, dtype="float64")
     lr_col = be.asarray(np.repeat(lrs, replicas)[:, None], dtype="float64")  # (R, 1)
+    # the step η·(mean gradient) taken as the base rate η/B times the summed gradient
+    opt = optim.sgd(lr_col / batch)
     e = be.standard_normal(gen, (r_tot, d)) * be.asarray(np.repeat(np.sqrt(m_star), replicas,
                                                                     axis=0), dtype="float64")
     sigma = float(np.sqrt(noise_var))
@@ -132,6 +135,7 @@ def simulate_gaps(lam, lrs, batch, noise_var, lags, *, replicas, n_probes, probe
     last_probe = (n_probes - 1) * probe_every
     n_steps = last_probe + k_max
     lag_index = {int(k): i for i, k in enumerate(lags)}
+    state = opt.init(e)
 
     def batch_minus_fresh(ex, x, xi):
         resid = xp.einsum("rbd,rd->rb", x, ex) - xi
@@ -148,7 +152,7 @@ def simulate_gaps(lam, lrs, batch, noise_var, lags, *, replicas, n_probes, probe
             probe_xi[slot] = xi
             probe_pre[slot] = batch_minus_fresh(e, x, xi)[0]
         resid = xp.einsum("rbd,rd->rb", x, e) - xi
-        e = e - (lr_col / batch) * xp.einsum("rbd,rb->rd", x, resid)
+        e, state = opt.update(xp.einsum("rbd,rb->rd", x, resid), state, e)  # Σ_i x_i r_i
         now = t + 1  # e is e_{now}
         fresh_sum = fresh_sum + 0.5 * ((e * e) @ lam_b + noise_var)
         first = max(0, now - k_max)

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from sgdtheory import nqm
+from sgdtheory import nqm, optim
+from sgdtheory.backend import get_backend
 from sgdtheory.estimators import NoiseScaleEMA
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check
@@ -90,16 +91,13 @@ def nested_batch_grads(backend, small, rest, theta, layout, b: int, batch: int):
     b' = B − b, so Cov(G_B) = Σ/B and G_b is the mean of b of its examples.
     """
     g_small = small.grad(theta, layout, b)
-    g_small = g_small.clone() if backend.name == "torch" else g_small.copy()
+    g_small = backend.copy(g_small)
     g_big = (b * g_small + (batch - b) * rest.grad(theta, layout, batch - b)) / batch
     return g_small, g_big
 
 
 def compute(config: Config, backend, seed: int) -> dict:
-    if backend is None:
-        from sgdtheory.backend import get_backend
-
-        backend = get_backend("numpy")
+    backend = get_backend(backend)
     if not 0 < config.batch_small < config.batch:
         raise ValueError("batch_small must lie in (0, batch)")
     h = 1.0 / np.arange(1, config.dim + 1)
@@ -116,6 +114,8 @@ def compute(config: Config, backend, seed: int) -> dict:
     records = np.unique(np.geomspace(config.record_min, config.steps,
                                      config.n_records).astype(int))
     ests = [NoiseScaleEMA(config.beta) for _ in range(r)]
+    opt = optim.sgd(config.lr)
+    state = opt.init(theta)
     grad_sq_path = np.empty((config.steps, r))  # exact |G(θ_t)|² of each replica, t = 0..T-1
     est = np.full((records.size, r), np.nan)
     est_se = np.full_like(est, np.nan)
@@ -130,7 +130,7 @@ def compute(config: Config, backend, seed: int) -> dict:
         sq_big = backend.to_numpy((g_big * g_big).sum(-1))
         for i in range(r):
             ests[i].update_two_batch(sq_small[i], sq_big[i], b, bb)
-        theta = theta - config.lr * g_big
+        theta, state = opt.update(g_big, state, theta)  # θ ← θ − η G_B
         if k < records.size and t + 1 == records[k]:
             # the estimate after the update at step t uses gradients at θ_0..θ_t
             est[k] = [e.b_simple for e in ests]

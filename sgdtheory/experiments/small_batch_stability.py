@@ -1,7 +1,7 @@
 r"""Range of good base learning rates vs batch size (Masters & Luschi, "Revisiting small batch
 training for deep neural networks", Graphcore 2018).
 
-Online linear regression with Gaussian features (DESIGN §4.3): a spectrum with one large
+Online linear regression with Gaussian features (docs/design.md §4.3): a spectrum with one large
 eigenvalue λ_max and a bulk of small ones, label noise σ², start e₀ with E[e_j²] = 1. Every
 run sees the same number of examples E (so T = E/B steps) at a constant **base rate**
 η̃ = η/B (the per-example step; ``lr`` η = η̃·B multiplies the mean minibatch gradient).
@@ -11,7 +11,7 @@ L − σ²/2 = ½ eᵀHe (population loss) is recorded. A base rate is *good* wh
 within a factor (1 + ``good_tol``) of the best excess of the whole sweep (all B), and *stable*
 when the final loss is below the initial loss.
 
-Theory overlay: the exact expected final loss from the moment recursion of DESIGN §3 (closed
+Theory overlay: the exact expected final loss from the moment recursion of docs/design.md §3 (closed
 form of :func:`sgdtheory.nqm.linreg_expected_loss`), from which the predicted good range
 follows, and the curvature limit in base-rate units η_c(B)/B
 (:func:`sgdtheory.theory.linreg_stability_limit`). At small B, η_c(B) ≈ 2B/(tr H + (B+1)λ_max)
@@ -112,7 +112,7 @@ def _edges(x, f):
 def _theory_final_excess(lam, base, batch, examples, noise_var):
     """Exact E[L_T] − σ²/2 for base rates ``base`` (array) at batch B, T = E/B, m₀ = 1.
 
-    Closed form of the moment recursion m ← A m + c (c = (η²/B)σ²λ; DESIGN §3):
+    Closed form of the moment recursion m ← A m + c (c = (η²/B)σ²λ; docs/design.md §3):
     m_T = m* + A^T (m₀ − m*), m* = (I − A)⁻¹ c, with A = V diag(ρ) Vᵀ symmetric
     (the same numbers as :func:`sgdtheory.nqm.linreg_expected_loss`, without the T-step loop).
     Unstable rates (ρ_max ≥ 1) give inf.
