@@ -143,13 +143,14 @@ def predict(ctx: Context, ref: dict) -> dict:
         if mu > 0 else "2/λ_max"
     noise, eps = {}, {}
     for b in ctx.recipe.batches:
-        v, se = pr.noise_limit(point["lambda_top"], point["trace_h"], ref["dim"], b, mu, nest,
-                               top_stderr=lam["stderr"] or 0.0,
-                               trace_stderr=point["trace_h_stderr"])
+        try:
+            v, se, note = pr.noise_limit(point["lambda_top"], point["trace_h"], ref["dim"], b,
+                                         mu, nest, top_stderr=lam["stderr"] or 0.0,
+                                         trace_stderr=point["trace_h_stderr"] or 0.0)
+        except ValueError as e:  # a spectrum the model cannot take: say why, predict nothing
+            v, se, note = None, None, " ".join(str(e).split())
         noise[str(b)] = {"lr": v, "stderr": se, "base_rate": None if v is None else v / b,
-                         "factor": None if v is None else v / (b * eta0),
-                         "note": None if v is not None else
-                         "needs theory.linreg_stability_limit(momentum=…) (not in this version)"}
+                         "factor": None if v is None else v / (b * eta0), "note": note}
         by_point = [pr.eps_opt_lr(b, m["eps_max"], m["b_noise"], mu)
                     for m in pr.valid_points(meas)]
         finite = [v for v in by_point if math.isfinite(v)]

@@ -10,13 +10,14 @@ All rates are ``lr`` η (multiplier of the mean minibatch gradient) unless named
   :func:`sgdtheory.theory.gd_stability_limit`.
 * :func:`spectrum` and :func:`noise_limit` — the noise-aware stability limit η_c(B) of SGD with
   multiplicative gradient noise (:func:`sgdtheory.theory.linreg_stability_limit`, the exact
-  limit of SGD on linear regression with Gaussian features: ≈ 2B/Σλ at small B, → 2/λ_max at
-  large B) evaluated on a spectrum made of measured parts: the top-k eigenvalues from Lanczos,
-  and the rest of the Hutch++ trace, tr(H) − Σ_top λ, spread evenly over the remaining p − k
-  directions (each at most the smallest measured top eigenvalue; a negative remainder — the
-  trace counts the negative eigenvalues of a non-convex loss — is set to 0). Only the total of
-  the bulk matters at small B (η_c ≈ 2B/tr H) and only λ_max at large B, so spreading the rest
-  evenly changes the limit little in between.
+  limit of SGD — heavy ball or Nesterov in torch's form — on linear regression with Gaussian
+  features: ≈ 2B(1−μ)/Σλ at small B, → the curvature limit at large B) evaluated on a spectrum
+  made of measured parts (:func:`sgdtheory.theory.spectrum_from_top_and_trace`): the top-k
+  eigenvalues from Lanczos, and the rest of the Hutch++ trace, tr(H) − Σ_top λ, spread evenly
+  over the remaining p − k directions (a negative remainder beyond its error — the trace counts
+  the negative eigenvalues of a non-convex loss — leaves the top eigenvalues alone). Only the
+  total of the bulk matters at small B and only λ_max at large B, so spreading the rest evenly
+  changes the limit little in between.
 * :func:`eps_opt_lr` — 2·ε_opt(B) = 2ε_max/(1 + B_noise/B) in effective-rate units, i.e. the
   ``lr`` with η/(1−μ) = 2ε_opt(B): beyond it one step raises the loss in expectation
   (McCandlish et al.); reported for reference, not a limit that is checked.
@@ -90,66 +91,57 @@ def curvature_limit(lambda_max: float, momentum: float = 0.0, nesterov: bool = F
     return lim, lim * float(stderr) / float(lambda_max)
 
 
-def spectrum(top, trace: float, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(eigenvalues, counts): the positive measured top eigenvalues, each once, and the rest of
-    the trace spread evenly over the other ``dim − k`` directions (see the module docstring).
+def spectrum(top, trace: float, dim: int, trace_se: float = 0.0):
+    """(eigenvalues, counts, note): :func:`sgdtheory.theory.spectrum_from_top_and_trace` on the
+    positive measured top eigenvalues (the rest of the trace spread evenly over the other
+    ``dim − k`` directions). A trace below the top eigenvalues' sum by more than 2 standard
+    errors — possible on a non-convex loss, whose Hessian has negative eigenvalues that the
+    trace counts — leaves nothing for the rest: the spectrum is the top eigenvalues alone, and
+    ``note`` says so (``None`` otherwise).
 
-    >>> e, c = spectrum([5.0, 2.0], 10.0, 5)
-    >>> e.tolist(), c.tolist()
-    ([5.0, 2.0, 1.0], [1, 1, 3])
+    >>> e, c, note = spectrum([5.0, 2.0], 10.0, 5)
+    >>> e.tolist(), c.tolist(), note
+    ([5.0, 2.0, 1.0], [1.0, 1.0, 3.0], None)
     """
-    # TODO(theory): use sgdtheory.theory.spectrum_from_top_and_trace once the theory branch is
-    # merged into main (same rule, one place).
-    top = np.sort(np.asarray([v for v in top if v > 0], dtype=float))[::-1]
+    top = np.asarray([v for v in top if v is not None and v > 0], dtype=float)
     if top.size == 0:
         raise ValueError("no positive top eigenvalue was measured")
-    rest_n = int(dim) - top.size
-    if rest_n <= 0:
-        return top, np.ones(top.size, dtype=np.int64)
-    rest = min(max(float(trace) - float(top.sum()), 0.0) / rest_n, float(top[-1]))
-    return np.append(top, rest), np.append(np.ones(top.size, dtype=np.int64), rest_n)
-
-
-def _linreg_limit(eigs, counts, batch, momentum, nesterov):
-    """theory.linreg_stability_limit on a spectrum with multiplicities; ``None`` when this
-    version of sgdtheory has no momentum form and μ > 0."""
     try:
-        return float(theory.linreg_stability_limit(eigs, batch, momentum=momentum,
-                                                   nesterov=nesterov, counts=counts))
-    except TypeError:
-        # TODO(theory): remove this fallback once linreg_stability_limit(momentum=, nesterov=,
-        # counts=) from the theory branch is merged into main.
-        if momentum > 0:
-            return None
-        return float(theory.linreg_stability_limit(np.repeat(eigs, counts), batch))
+        eigs, counts = theory.spectrum_from_top_and_trace(top, trace, dim, trace_se=trace_se)
+        return eigs, counts, None
+    except ValueError as e:
+        if "is below the sum of" not in str(e):
+            raise
+        return top, np.ones_like(top), (
+            f"tr(H) = {trace:.4g} ± {trace_se:.2g} is below the top eigenvalues' sum "
+            f"{top.sum():.4g} (negative eigenvalues): the rest of the spectrum taken as 0")
 
 
 def noise_limit(top, trace: float, dim: int, batch: int, momentum: float = 0.0,
                 nesterov: bool = False, *, top_stderr: float = 0.0,
-                trace_stderr: float = 0.0) -> tuple[float | None, float | None]:
-    """(η_c(B), standard error): the noise-aware stability limit on :func:`spectrum`; the error
-    propagates λ_max's and tr(H)'s (independent, by central differences). ``(None, None)`` when
-    the installed theory has no momentum form for μ > 0."""
-    eigs, counts = spectrum(top, trace, dim)
-    value = _linreg_limit(eigs, counts, batch, momentum, nesterov)
-    if value is None:
-        return None, None
+                trace_stderr: float = 0.0) -> tuple[float, float, str | None]:
+    """(η_c(B), standard error, note): :func:`sgdtheory.theory.linreg_stability_limit` with
+    ``momentum``/``nesterov`` on :func:`spectrum`; the error propagates λ_max's and tr(H)'s
+    (taken as independent; central differences)."""
+    def limit(t, tr):
+        eigs, counts, _ = spectrum(t, tr, dim, trace_stderr)
+        return float(theory.linreg_stability_limit(eigs, batch, momentum=momentum,
+                                                   nesterov=nesterov, counts=counts))
+
+    top = [float(v) for v in top]
+    note = spectrum(top, trace, dim, trace_stderr)[2]
+    value = limit(top, trace)
     var = 0.0
-    top = list(top)
-    for which, se in (("top", top_stderr), ("trace", trace_stderr)):
-        if not (se and math.isfinite(se) and se > 0):
-            continue
-        h = 0.5 * se
-        if which == "top":
-            hi = _linreg_limit(*spectrum([top[0] + h, *top[1:]], trace, dim), batch, momentum,
-                               nesterov)
-            lo = _linreg_limit(*spectrum([max(top[0] - h, 1e-12), *top[1:]], trace, dim),
-                               batch, momentum, nesterov)
-        else:
-            hi = _linreg_limit(*spectrum(top, trace + h, dim), batch, momentum, nesterov)
-            lo = _linreg_limit(*spectrum(top, trace - h, dim), batch, momentum, nesterov)
-        var += ((hi - lo) / (2 * h) * se) ** 2
-    return value, math.sqrt(var)
+    if top_stderr and math.isfinite(top_stderr) and top_stderr > 0:
+        h = 0.5 * top_stderr
+        d = (limit([top[0] + h, *top[1:]], trace)
+             - limit([max(top[0] - h, 1e-12), *top[1:]], trace)) / (2 * h)
+        var += (d * top_stderr) ** 2
+    if trace_stderr and math.isfinite(trace_stderr) and trace_stderr > 0:
+        h = 0.5 * trace_stderr
+        d = (limit(top, trace + h) - limit(top, trace - h)) / (2 * h)
+        var += (d * trace_stderr) ** 2
+    return value, math.sqrt(var), note
 
 
 def eps_opt_lr(batch: int, eps_max: float, b_noise: float, momentum: float = 0.0) -> float:

@@ -14,7 +14,7 @@ the study (grid, seeds, measurement points); the recipe says what one run is.
   lowest test loss of a ×2 scan (0.125 … 4) with this recipe on the full training split, chosen
   before any experiment ran (at B = 32 the scan trained up to η = 1 and collapsed to chance at 2).
   The Hessian of the whole training split (1,437 examples) is cheap: λ_max and tr(H) are
-  measured on it exactly (no sampling error).
+  measured on it exactly (no sampling error), once per epoch (21 points).
 * ``synthetic`` (tests): 16×16 synthetic images (:func:`validate.data.synthetic_cifar10`), the
   same CNN and recipe, fewer epochs.
 * ``npz``: a user's data set: the model from its shape (CNN or MLP), otherwise as digits (the
@@ -83,7 +83,7 @@ _DIGITS = make_config("digits", epochs=20, batch_size=32, base_lr=0.5 / 32, lr_f
                       channels=(8, 16))
 
 RECIPES = {
-    "digits": Recipe("digits", _DIGITS),
+    "digits": Recipe("digits", _DIGITS, measure=MeasureConfig(points=21)),
     "synthetic": Recipe("synthetic", _DIGITS.replace(epochs=4),
                         measure=MeasureConfig(hessian_batch=512, hessian_reps=2)),
     "npz": Recipe("npz", _DIGITS.replace(model="auto", eval_batch=1024),
