@@ -3,8 +3,9 @@ r"""``python -m validate.cifar``: train a fast ResNet on CIFAR-10 and measure it
 Subcommands:
 
 * ``train`` — one run; prints and saves test accuracy, losses, time and examples/s.
-* ``lr_sweep``, ``memory`` — the experiments of :mod:`validate.experiments` with CIFAR-10, the
-  fast ResNet and the ``paper`` preset as defaults (``python -m validate.cifar lr_sweep --help``).
+* ``lr_sweep``, ``memory``, ``critical_batch``, ``stable_range``, ``linear_scaling`` — the
+  experiments of :mod:`validate.experiments` with CIFAR-10, the fast ResNet and the ``paper``
+  preset as defaults (``python -m validate.cifar lr_sweep --help``).
 * ``noise`` — the same run, measuring at evenly spaced steps |G|², tr(Σ), B_simple, GᵀHG,
   tr(HΣ), ε_max, B_noise and λ_max (``validate.measure``), saved as JSON + CSV with a figure
   that overlays the predicted optimal step ε_opt(B) = ε_max/(1 + B_noise/B) for the batch in
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "machines) and measure gradient noise and curvature during training.",
         epilog=HERE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,noise,lr_sweep,memory}")
+                                metavar="{train,noise,lr_sweep,memory,critical_batch,"
+                                        "stable_range,linear_scaling}")
     for name, text in (("train", "one training run; saves accuracy, losses and time"),
                        ("noise", "train and measure |G|², tr(Σ), B_simple, GᵀHG, tr(HΣ), ε_max, "
                                  "B_noise, λ_max at points through training")):
@@ -161,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "measured reference run (python -m validate.experiments "
                                     "with CIFAR-10, the fast ResNet and preset paper as "
                                     "defaults; --help for its options)"),
-                       ("memory", "Myrtle's memory experiment, the same way")):
+                       ("memory", "Myrtle's memory experiment, the same way"),
+                       ("critical_batch", "McCandlish's critical batch: steps to target losses "
+                                          "vs B, B_crit against B_simple and B_noise"),
+                       ("stable_range", "Graphcore's stable learning-rate range over base "
+                                        "rate × B, and the final sharpness vs B (Keskar)"),
+                       ("linear_scaling", "Goyal's linear scaling rule lr = B·η̃₀ with "
+                                          "warm-up: where it breaks vs B_noise")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
 

@@ -13,7 +13,9 @@ Layout (read in this order):
 * :mod:`.base` — :class:`~.base.Context`, check records, and
   :func:`~.base.run_experiment` (reference → predict → sweep → analyse → JSON + figure);
 * :mod:`.cli` — the command line (also behind ``python -m validate.cifar``);
-* one module per experiment: :mod:`.lr_sweep`, :mod:`.memory`.
+* one module per experiment: :mod:`.lr_sweep`, :mod:`.memory`, :mod:`.critical_batch`,
+  :mod:`.stable_range`, :mod:`.linear_scaling` (the last three share the jobs of
+  :mod:`.batch_runs`).
 
 **Adding an experiment.** Write ``validate/experiments/<name>.py`` defining
 
@@ -31,7 +33,12 @@ Layout (read in this order):
 * ``jobs(ctx) -> list[Job]`` — the sweep (each :class:`~.runner.Job` names a function
   ``"module:function"`` and its JSON-able settings; new kinds of run are new functions, e.g. in
   :mod:`.runs`, taking ``(settings, data, device)`` and returning a JSON-able dict with wall
-  times under ``"timing"``);
+  times under ``"timing"``); or ``jobs(ctx, predictions)`` for a sweep placed around predicted
+  values (called with ``predictions=None`` by the CLI to check the grid before any run: it
+  raises ``ValueError`` on a bad grid and may return ``[]``);
+* optionally ``follow_up(ctx, predictions, records) -> list[Job]`` — the next stage of a sweep
+  that depends on the results so far (e.g. a scan at small B that picks the rate the next stage
+  scales); called after each stage with all records so far, until it returns ``[]``;
 * ``analyse(ctx, predictions, reference_record, records) -> dict`` — with ``"checks"`` (a
   list of :func:`~.base.claim` / :func:`~.base.factor_claim` records, the tolerances those the
   issue fixed), optionally ``"findings"`` (lines) and ``"runs"`` (a compact row per run); the
@@ -51,7 +58,7 @@ from types import ModuleType
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "load"]
 
 #: Experiment module names, in the order ``--list`` shows them.
-EXPERIMENTS = ("lr_sweep", "memory")
+EXPERIMENTS = ("lr_sweep", "memory", "critical_batch", "stable_range", "linear_scaling")
 
 #: Preset names every experiment defines.
 PRESET_NAMES = ("smoke", "quick", "default", "paper")

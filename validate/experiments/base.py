@@ -28,7 +28,7 @@ from validate._io import jsonable, write_json
 from .recipes import Recipe
 from .runner import DataSpec, Job, make_executor, run_jobs
 
-__all__ = ["Context", "claim", "factor_claim", "run_experiment", "summary_table"]
+__all__ = ["Context", "claim", "factor_claim", "run_experiment", "summary_table", "sweep_jobs"]
 
 
 @dataclass(frozen=True)
@@ -138,11 +138,26 @@ def summary_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: The most sweep stages :func:`run_experiment` runs (the sweep and its follow-ups).
+MAX_STAGES = 8
+
+
+def sweep_jobs(module, ctx: Context, predictions: dict | None) -> list[Job]:
+    """``module.jobs(ctx, predictions)`` when the module's ``jobs`` takes the predictions (a
+    sweep placed around predicted values, e.g. learning rates around ε_opt(B)), else
+    ``module.jobs(ctx)``. The CLI checks a grid before any run with ``predictions=None``."""
+    import inspect
+
+    if len(inspect.signature(module.jobs).parameters) >= 2:
+        return module.jobs(ctx, predictions)
+    return module.jobs(ctx)
+
+
 def run_experiment(module, ctx: Context, *, out, executor: str = "local", workers: int = 1,
                    force: bool = False, progress: bool = True, log=print) -> tuple[dict, int]:
-    """Reference run → ``module.predict`` → the sweep ``module.jobs`` → ``module.analyse`` →
-    ``<out>/<name>.json`` and ``<name>.png``. Returns (report, exit status: 0 when every check
-    passes, 1 otherwise).
+    """Reference run → ``module.predict`` → the sweep ``module.jobs`` (→ the stages of
+    ``module.follow_up``, if it defines one) → ``module.analyse`` → ``<out>/<name>.json`` and
+    ``<name>.png``. Returns (report, exit status: 0 when every check passes, 1 otherwise).
 
     The module contract is described in :mod:`validate.experiments`.
     """
@@ -164,8 +179,15 @@ def run_experiment(module, ctx: Context, *, out, executor: str = "local", worker
         predictions = module.predict(ctx, ref["result"])
         for line in predictions.get("summary", []):
             log("  predicted: " + line)
-        jobs = module.jobs(ctx)
+        jobs = sweep_jobs(module, ctx, predictions)
         records = run_jobs(jobs, executor=ex, desc=name, **common)
+        follow_up = getattr(module, "follow_up", None)
+        for stage in range(2, MAX_STAGES + 1):  # optional later stages (see follow_up)
+            more = follow_up(ctx, predictions, records) if follow_up is not None else []
+            if not more:
+                break
+            records = records + run_jobs(more, executor=ex, desc=f"{name} stage {stage}",
+                                         **common)
     analysis = module.analyse(ctx, predictions, ref, records)
     checks = analysis.pop("checks")
     findings = analysis.pop("findings", [])
