@@ -349,6 +349,15 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
     pts = pr.valid_points(ref["result"]["measurements"])
     findings.append("reference run λ_max: " + ", ".join(
         f"step {m['step']}: {m['lambda_max']:.3g}" for m in pts))
+    mu = float(ctx.recipe.train.momentum)
+    prod = [(m["lr"] * m["lambda_max"] / (1 + mu), m["step"]) for m in pts if m["lr"] > 0]
+    if prod:
+        top, at = max(prod)
+        findings.append(
+            f"reference run η·λ_max/(1+μ) (above 2: beyond the local curvature limit): max "
+            f"{top:.3g} at step {at}, median {float(np.median([v for v, _ in prod])):.3g}, "
+            f"above 2 at {sum(v > 2 for v, _ in prod)} of {len(prod)} points — the run trains "
+            "on regardless")
     rows = [{"label": r["label"], "key": r["key"],
              **{k: r["settings"]["train"][k] for k in ("batch_size", "subset", "lr_factor",
                                                        "seed")},
