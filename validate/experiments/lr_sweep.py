@@ -460,9 +460,12 @@ def plot(report: dict):
     P.theory(ax, steps, np.where(lr > 0, 2 * (1 + mu) / np.where(lr > 0, lr, 1), np.nan),
              "2(1+μ)/η of the run", c="0.4", ls="--")
     ax.set_yscale("log")
+    positive = [v for v in (*lam, *tr) if np.isfinite(v) and v > 0]
+    if positive:  # room below the points for the legend; the 2/η curve clipped above
+        ax.set_ylim(min(positive) / 300, max(positive) * 20)
     ax.set_title("reference run: curvature", fontsize=9)
     ax.set_xlabel("step")
-    P.legend(ax, key=False, loc="center right")
+    P.legend(ax, key=False, loc="lower right", ncol=1)
     ax = axes[5]
     for k, (key, lab) in enumerate((("b_simple", "B_simple = tr Σ/|G|²"),
                                     ("b_noise", "B_noise = tr(HΣ)/GᵀHG"))):
