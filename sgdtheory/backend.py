@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -170,6 +171,8 @@ class Backend:
     def to_numpy(self, x, dtype=None) -> np.ndarray:
         """Any backend array (or scalar/list) as a NumPy array (copied off the GPU), optionally
         converted to ``dtype`` (e.g. ``float`` for float64 host arithmetic)."""
+        if type(x) in (np.ndarray, float, int):  # fast path: already on the host
+            return np.asarray(x, dtype=dtype)
         out = _to_numpy_any(x)
         return out if dtype is None else out.astype(dtype, copy=False)
 
@@ -195,6 +198,8 @@ class Backend:
 
     def all_finite(self, x) -> bool:
         """Whether every entry of ``x`` (an array of this backend, or a number) is finite."""
+        if type(x) is float:
+            return math.isfinite(x)
         if self.name == "numpy":
             return bool(np.all(np.isfinite(x)))
         return bool(self.xp.isfinite(x).all())

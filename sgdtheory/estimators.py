@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 from scipy import stats as _stats
@@ -189,8 +190,16 @@ def _ratio(num, den, var_num, var_den, cov):
     return _out(r), _out(np.sqrt(var))
 
 
+class _Intervals:
+    """``ci(name)`` for a summary dataclass with ``name``, ``name_stderr`` and ``df`` fields."""
+
+    def ci(self, name: str, confidence: float = 0.95):
+        """(low, high) interval of an estimated quantity (Student's t with ``df``)."""
+        return _ci(self, name, confidence)
+
+
 @dataclass(frozen=True)
-class NoiseEstimate:
+class NoiseEstimate(_Intervals):
     """|G|², tr(Σ) and B_simple = tr(Σ)/|G|² with standard errors.
 
     Attributes (floats, or NumPy arrays for stacked replicas):
@@ -211,13 +220,9 @@ class NoiseEstimate:
     b_simple_stderr: float
     df: float
 
-    def ci(self, name: str, confidence: float = 0.95):
-        """(low, high) confidence interval of ``name`` ('grad_sq', 'tr_sigma', 'b_simple')."""
-        return _ci(self, name, confidence)
-
 
 @dataclass(frozen=True)
-class CurvatureEstimate:
+class CurvatureEstimate(_Intervals):
     """GᵀHG, tr(HΣ), B_noise = tr(HΣ)/GᵀHG (and ε_max = |G|²/GᵀHG) with standard errors.
 
     Attributes (floats, or NumPy arrays for stacked replicas):
@@ -239,10 +244,6 @@ class CurvatureEstimate:
     eps_max: float
     eps_max_stderr: float
     df: float
-
-    def ci(self, name: str, confidence: float = 0.95):
-        """(low, high) interval of 'g_h_g', 'tr_h_sigma', 'b_noise' or 'eps_max'."""
-        return _ci(self, name, confidence)
 
 
 def _ci(obj, name, confidence):
@@ -597,7 +598,54 @@ class _EWMoments:
         return np.array(self._m2) / denom * (self.w2 / self.w**2)
 
 
-class RatioEMA:
+def _alias(path: str, doc: str) -> property:
+    """A read-only property that reads the attribute ``path`` (dotted) under another name."""
+    return property(attrgetter(path), doc=doc)
+
+
+class _StreamingMeans:
+    """Bias-corrected EMAs of k per-step estimates (:class:`_EWMoments`) and what every
+    streaming estimator shares: β, the update count, the effective sample size, the degrees of
+    freedom and the test "average i is significantly positive"."""
+
+    def __init__(self, beta: float, k: int, confidence: float):
+        self._m = _EWMoments(beta, k)
+        _t_quantile(confidence, 1)
+        self.confidence = float(confidence)
+
+    @property
+    def beta(self) -> float:
+        return self._m.beta
+
+    @property
+    def n_updates(self) -> int:
+        return self._m.n
+
+    @property
+    def n_eff(self) -> float:
+        """Effective number of independent steps in the averages, W²/W₂."""
+        return self._m.n_eff
+
+    @property
+    def df(self) -> float:
+        """Degrees of freedom of the standard errors, max(n_eff − 1, 1)."""
+        return max(self._m.n_eff - 1.0, 1.0)
+
+    def _mean(self, i) -> float:
+        return self._m._mean[i] if self._m.n else math.nan
+
+    def _stderr(self, i) -> float:
+        return float(np.sqrt(self._m.cov_of_mean[i, i]))
+
+    def _significant(self, i) -> bool:
+        """Average i exceeds z standard errors (z: Student's t quantile of ``confidence``)."""
+        if self._m.n < 2:
+            return False
+        z = float(_t_quantile(self.confidence, self.df))
+        return bool(self._mean(i) > z * self._stderr(i))
+
+
+class RatioEMA(_StreamingMeans):
     r"""Streaming ratio r = E[numerator]/E[denominator] of two unbiased noisy estimates.
 
     Keeps bias-corrected exponential moving averages (decay β) of the numerator and the
@@ -617,46 +665,21 @@ class RatioEMA:
     """
 
     def __init__(self, beta: float = 0.99, *, confidence: float = 0.95):
-        self._m = _EWMoments(beta, 2)
-        _t_quantile(confidence, 1)
-        self.confidence = float(confidence)
+        super().__init__(beta, 2, confidence)
 
     def update(self, numerator, denominator) -> RatioEMA:
         """Add one step's unbiased estimates (floats, NumPy scalars or 0-d tensors)."""
         self._m.update((_float("numerator", numerator), _float("denominator", denominator)))
         return self
 
-    @property
-    def beta(self) -> float:
-        return self._m.beta
-
-    @property
-    def n_updates(self) -> int:
-        return self._m.n
-
-    @property
-    def n_eff(self) -> float:
-        """Effective number of independent steps in the averages, W²/W₂."""
-        return self._m.n_eff
-
-    def _get(self, i):
-        return self._m._mean[i] if self._m.n else math.nan
-
-    @property
-    def numerator(self) -> float:
-        return self._get(0)
-
-    @property
-    def denominator(self) -> float:
-        return self._get(1)
-
-    @property
-    def numerator_stderr(self) -> float:
-        return float(np.sqrt(self._m.cov_of_mean[0, 0]))
-
-    @property
-    def denominator_stderr(self) -> float:
-        return float(np.sqrt(self._m.cov_of_mean[1, 1]))
+    numerator = property(lambda self: self._mean(0),
+                         doc="Average of the numerator estimates (nan before any update).")
+    denominator = property(lambda self: self._mean(1),
+                           doc="Average of the denominator estimates (nan before any update).")
+    numerator_stderr = property(lambda self: self._stderr(0),
+                                doc="Standard error of :attr:`numerator`.")
+    denominator_stderr = property(lambda self: self._stderr(1),
+                                  doc="Standard error of :attr:`denominator`.")
 
     @property
     def ratio(self) -> float:
@@ -673,16 +696,9 @@ class RatioEMA:
         return float(_ratio(self.numerator, self.denominator, c[0, 0], c[1, 1], c[0, 1])[1])
 
     @property
-    def df(self) -> float:
-        return max(self.n_eff - 1.0, 1.0)
-
-    @property
     def reliable(self) -> bool:
         """True once the denominator is significantly positive (> z standard errors)."""
-        if self._m.n < 2:
-            return False
-        z = float(_t_quantile(self.confidence, self.df))
-        return bool(self.denominator > z * self.denominator_stderr)
+        return self._significant(1)
 
     def ratio_ci(self) -> tuple[float, float]:
         """Delta-method interval of the ratio at level ``confidence`` (t quantile)."""
@@ -719,32 +735,13 @@ class NoiseScaleEMA(RatioEMA):
                            _float("grad_sq_big", grad_sq_big), b_small, b_big, n_data=n_data)
         return self.update(gs, ts)
 
-    @property
-    def grad_sq(self) -> float:
-        return self.denominator
-
-    @property
-    def tr_sigma(self) -> float:
-        return self.numerator
-
-    @property
-    def grad_sq_stderr(self) -> float:
-        return self.denominator_stderr
-
-    @property
-    def tr_sigma_stderr(self) -> float:
-        return self.numerator_stderr
-
-    @property
-    def b_simple(self) -> float:
-        return self.ratio
-
-    @property
-    def b_simple_stderr(self) -> float:
-        return self.ratio_stderr
-
-    def b_simple_ci(self) -> tuple[float, float]:
-        return self.ratio_ci()
+    grad_sq = _alias("denominator", "|G|²: the average of the per-step estimates.")
+    tr_sigma = _alias("numerator", "tr Σ: the average of the per-step estimates.")
+    grad_sq_stderr = _alias("denominator_stderr", "Standard error of :attr:`grad_sq`.")
+    tr_sigma_stderr = _alias("numerator_stderr", "Standard error of :attr:`tr_sigma`.")
+    b_simple = _alias("ratio", "B_simple = max(tr Σ, 0)/|G|² (examples); inf while |G|² ≤ 0.")
+    b_simple_stderr = _alias("ratio_stderr", "Delta-method standard error of :attr:`b_simple`.")
+    b_simple_ci = RatioEMA.ratio_ci
 
     def estimate(self) -> NoiseEstimate:
         """The current averages as a :class:`NoiseEstimate`."""
@@ -754,7 +751,7 @@ class NoiseScaleEMA(RatioEMA):
                              self.b_simple_stderr, self.df)
 
 
-class CurvatureEMA:
+class CurvatureEMA(_StreamingMeans):
     r"""Streaming GᵀHG, tr(HΣ) (and |G|²), hence B_noise and ε_max, with standard errors.
 
     Same scheme as :class:`NoiseScaleEMA` on the per-step unbiased estimates of
@@ -773,9 +770,7 @@ class CurvatureEMA:
     """
 
     def __init__(self, beta: float = 0.99, *, confidence: float = 0.95):
-        self._m = _EWMoments(beta, 3)
-        _t_quantile(confidence, 1)
-        self.confidence = float(confidence)
+        super().__init__(beta, 3, confidence)
         self._with_grad = None
 
     def update(self, g_h_g, tr_h_sigma, grad_sq=None) -> CurvatureEMA:
@@ -787,14 +782,6 @@ class CurvatureEMA:
         gs = _float("grad_sq", grad_sq) if with_grad else 0.0
         self._m.update((_float("tr_h_sigma", tr_h_sigma), _float("g_h_g", g_h_g), gs))
         return self
-
-    @property
-    def n_updates(self) -> int:
-        return self._m.n
-
-    @property
-    def df(self) -> float:
-        return max(self._m.n_eff - 1.0, 1.0)
 
     def estimate(self) -> CurvatureEstimate:
         """The current averages as a :class:`CurvatureEstimate`."""
@@ -832,10 +819,8 @@ class CurvatureEMA:
 
     @property
     def reliable(self) -> bool:
-        if self._m.n < 2:
-            return False
-        z = float(_t_quantile(self.confidence, self.df))
-        return bool(self.g_h_g > z * math.sqrt(self._m.cov_of_mean[1, 1]))
+        """True once GᵀHG is significantly positive (> z standard errors)."""
+        return self._significant(1)
 
 
 # --------------------------------------------------------------------------- sequential variant
@@ -936,21 +921,10 @@ class SequentialNoiseScale:
         self.ema.update(*est)
         return est
 
-    @property
-    def grad_sq(self) -> float:
-        return self.ema.grad_sq
-
-    @property
-    def tr_sigma(self) -> float:
-        return self.ema.tr_sigma
-
-    @property
-    def b_simple(self) -> float:
-        return self.ema.b_simple
-
-    @property
-    def reliable(self) -> bool:
-        return self.ema.reliable
+    grad_sq = _alias("ema.grad_sq", "|G|² averaged by the internal :class:`NoiseScaleEMA`.")
+    tr_sigma = _alias("ema.tr_sigma", "tr Σ averaged by the internal :class:`NoiseScaleEMA`.")
+    b_simple = _alias("ema.b_simple", "B_simple of the internal :class:`NoiseScaleEMA`.")
+    reliable = _alias("ema.reliable", "Whether |G|² is significantly positive yet.")
 
 
 # --------------------------------------------------------------------------- batch-size advice

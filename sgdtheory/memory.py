@@ -1,6 +1,6 @@
 r"""Exact memory curve and forgetting limit of SGD on linear regression with Gaussian features.
 
-Model (DESIGN §3): x ~ N(0, H), H = diag(λ), y = w*ᵀx + ξ with Var ξ = σ², per-example loss
+Model (docs/design.md §3): x ~ N(0, H), H = diag(λ), y = w*ᵀx + ξ with Var ξ = σ², per-example loss
 ℓ = ½(xᵀw − y)², error e = w − w*. One SGD step with ``lr`` η on the *mean* gradient of a
 batch of B examples drawn from an infinite stream (each example is used once, "one pass")::
 
@@ -58,7 +58,7 @@ from __future__ import annotations
 import numpy as np
 
 from sgdtheory import theory
-from sgdtheory._checks import integer, real
+from sgdtheory._checks import _short, real_array
 
 __all__ = [
     "forgetting_horizon",
@@ -70,21 +70,11 @@ __all__ = [
 
 
 def _check_inputs(eigenvalues, lr, batch, noise_var):
-    try:
-        lam = np.asarray(eigenvalues, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"eigenvalues must be real numbers, got {eigenvalues!r}") from exc
-    if lam.ndim != 1 or lam.size == 0:
-        raise ValueError(f"eigenvalues must be a non-empty 1-D array, got shape {lam.shape}")
-    if not np.all(np.isfinite(lam)) or np.any(lam < 0) or not np.any(lam > 0):
-        raise ValueError("eigenvalues must be finite, non-negative, with a positive entry")
-    lr = real("lr", lr)
-    if not lr > 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    batch = integer("batch", batch)
-    noise_var = real("noise_var", noise_var)
-    if not noise_var >= 0:
-        raise ValueError(f"noise_var must be a non-negative finite number, got {noise_var!r}")
+    lam = theory._eigenvalues(eigenvalues)
+    lr = theory._scalar("lr", theory._positive("lr", lr))
+    batch = theory._integer("batch", batch)
+    noise_var = theory._scalar("noise_var", theory._positive("noise_var", noise_var,
+                                                              allow_zero=True))
     limit = theory.linreg_stability_limit(lam, batch)
     if lr >= limit:
         raise ValueError(f"lr={lr} is at or above the curvature limit {limit:.6g} of "
@@ -92,8 +82,18 @@ def _check_inputs(eigenvalues, lr, batch, noise_var):
     return lam, lr, batch, noise_var
 
 
+@theory._quiet
 def stationary_moments(eigenvalues, lr, batch, *, noise_var):
     r"""Stationary m*_j = E[e_j²] of online SGD on linear regression: m* = (I − A)⁻¹(η²/B)σ²λ.
+
+    A = D − vvᵀ-type structure (:func:`sgdtheory.theory.linreg_moment_matrix`) gives it in
+    closed form by Sherman–Morrison,
+
+        m*_j = (ησ²/B) / ((2 − ηλ_j(1 + 1/B)) (1 − φ(η))),
+        φ(η) = (η/B) Σ_k λ_k / (2 − ηλ_k(1 + 1/B))   (< 1 below the curvature limit),
+
+    exact and well conditioned at any small η (forming I − A loses it to rounding). A
+    direction with λ_j = 0 never moves; its entry is the λ_j → 0 limit (it enters no loss).
 
     Args:
         eigenvalues: λ (d,), feature covariance spectrum.
@@ -110,10 +110,20 @@ def stationary_moments(eigenvalues, lr, batch, *, noise_var):
     0.0588235294
     """
     lam, lr, batch, noise_var = _check_inputs(eigenvalues, lr, batch, noise_var)
-    a = theory.linreg_moment_matrix(lam, lr, batch)
-    return np.linalg.solve(np.eye(lam.size) - a, (lr**2 / batch) * noise_var * lam)
+    return noise_var * _unit_stationary_moments(lam, lr, batch)
 
 
+def _unit_stationary_moments(lam, lr, batch):
+    """m* at σ² = 1 (m* is proportional to σ²)."""
+    r = 1.0 / (2.0 - lr * lam * (1.0 + 1.0 / batch))
+    phi = lr / batch * float(lam @ r)
+    if not (phi < 1 and np.all(r > 0)):  # only within rounding of the limit (checked before)
+        raise ValueError(f"lr={lr!r} is at the curvature limit of batch {batch} to rounding: "
+                         "no stationary state")
+    return (lr / batch) * r / (1.0 - phi)
+
+
+@theory._quiet
 def memory_gap(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
     r"""Exact memory gap Δ_k = E[loss of the batch seen k steps ago] − E[loss of a fresh example].
 
@@ -138,24 +148,27 @@ def memory_gap(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
     -0.09
     """
     lam, lr, batch, noise_var = _check_inputs(eigenvalues, lr, batch, noise_var)
-    lags_arr = np.asarray(lags)
-    if (not np.issubdtype(lags_arr.dtype, np.number) or not np.all(np.isfinite(lags_arr))
-            or np.any(lags_arr < 1) or np.any(lags_arr > 2**53)
-            or np.any(lags_arr != np.round(lags_arr))):
-        raise ValueError(f"lags must be integers >= 1, got {lags!r}")
+    lags_arr = _lags(lags)
     k = lags_arr.astype(np.int64).ravel()
-    if moments is None:
-        m = stationary_moments(lam, lr, batch, noise_var=noise_var)
-    else:
-        m = np.asarray(moments, dtype=float)
-        if m.shape != lam.shape or not np.all(np.isfinite(m)) or np.any(m < 0):
-            raise ValueError(f"moments must be finite, non-negative, of shape {lam.shape}")
-    eta, b, s2 = lr, float(batch), noise_var
+    # Δ_k is linear in (σ², m) jointly, and Δ_k(λ, η, σ², m) = L Δ_k(λ/L, ηL, σ²/L, m)
+    # (x = √L x̃): compute with max m, σ² ≤ 1 and λ ≤ 1, then scale back (no overflow)
+    m, s2, scale = _scaled_moments(lam, lr, batch, noise_var, moments)
+    top = float(lam.max())
+    with np.errstate(invalid="ignore"):  # 0·inf from extreme spectra: refused below
+        out = _gap(lam / top, lr * top, float(batch), s2 / top, m, k) * scale * top
+    if np.any(np.isnan(out)):
+        raise ValueError("eigenvalues, lr, noise_var and moments span more orders of magnitude "
+                         "than float64 holds: the memory gap is not representable")
+    return float(out[0]) if lags_arr.ndim == 0 else out.reshape(lags_arr.shape)
+
+
+def _gap(lam, eta, b, s2, m, k):
+    """Δ_k for each lag k at σ² = s2 and moments m (the formula of the module docstring)."""
     beta = (b - 1.0) / b
     d = lam.size
 
-    c = np.outer(1.0 - eta * lam, 1.0 - eta * lam) + (eta**2 / b) * np.outer(lam, lam)
-    a = theory.linreg_moment_matrix(lam, eta, batch)
+    c = np.outer(1.0 - eta * lam, 1.0 - eta * lam) + ((eta * eta) / b) * np.outer(lam, lam)
+    a = theory.linreg_moment_matrix(lam, eta, b)
     rho, vecs = np.linalg.eigh(a)  # A is symmetric
     n = (k - 1).astype(float)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -170,9 +183,9 @@ def memory_gap(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
     p = np.abs(1.0 - eta * lam)[None, :] ** n[:, None] * np.sign(1.0 - eta * lam)[None, :] ** (
         k - 1)[:, None]
     lam_m = lam @ m
-    u_bar2 = (m * (1.0 - 2.0 * eta * beta * lam + eta**2 * beta * lam**2)
-              + eta**2 * (beta / b) * lam * (lam_m + s2))
-    m_next = a @ m + (eta**2 / b) * s2 * lam
+    u_bar2 = (m * (1.0 - 2.0 * eta * beta * lam + (eta * eta) * beta * lam**2)
+              + (eta * eta) * (beta / b) * lam * (lam_m + s2))
+    m_next = a @ m + ((eta * eta) / b) * s2 * lam
     w_lam = w @ lam  # (K, d)
     g = lam * w_lam + 2.0 * lam**2 * w_diag
     lwl = w_lam @ lam
@@ -182,12 +195,40 @@ def memory_gap(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
           + 2.0 * mu.sum() * wd_l2 + 8.0 * (w_diag @ (mu * lam**2)))
     two_gap = (q @ u_bar2 - q @ m_next
                - 2.0 * (eta / b) * (g @ ((1.0 - eta * beta * lam) * m))
-               + (eta / b) ** 2 * (s2 * (lwl + 2.0 * wd_l2) + s6)
+               + ((eta / b) * (eta / b)) * (s2 * (lwl + 2.0 * wd_l2) + s6)
                - 2.0 * (eta / b) * s2 * (p @ lam))
-    out = 0.5 * two_gap
-    return float(out[0]) if lags_arr.ndim == 0 else out.reshape(lags_arr.shape)
+    return 0.5 * two_gap
 
 
+def _lags(lags) -> np.ndarray:
+    """Lags k: integers 1 ≤ k ≤ 2⁵³ (float64 array of the given shape)."""
+    arr = real_array("lags", lags)
+    if (arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 1)
+            or np.any(arr > 2**53) or np.any(arr != np.round(arr))):
+        raise ValueError(f"lags must be a non-empty set of integers in [1, 2**53], "
+                         f"got {_short(lags)}")
+    return arr
+
+
+def _scaled_moments(lam, lr, batch, noise_var, moments):
+    """(m/s, σ²/s, s) with s = max(σ², max m) (or 1 when both are 0): the gap and the losses
+    are linear in (σ², m) jointly. ``moments`` None: the stationary m* = σ² m*(σ²=1)."""
+    if moments is None:
+        unit = _unit_stationary_moments(lam, lr, batch)
+        top = max(1.0, float(unit.max()))
+        if noise_var == 0:
+            return np.zeros_like(unit), 0.0, 1.0
+        return unit / top, 1.0 / top, noise_var * top
+    m = theory._positive("moments", moments, allow_zero=True)
+    m = np.asarray(m, dtype=float)
+    if m.shape != lam.shape:
+        raise ValueError(f"moments must have the shape of eigenvalues {lam.shape}, "
+                         f"got {m.shape}")
+    scale = max(noise_var, float(m.max())) or 1.0
+    return m / scale, noise_var / scale, scale
+
+
+@theory._quiet
 def memory_curve(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
     r"""Expected loss of the batch seen k steps ago and of a fresh example, at the same weights.
 
@@ -205,21 +246,26 @@ def memory_curve(eigenvalues, lr, batch, lags, *, noise_var, moments=None):
     """
     lam, lr, batch, noise_var = _check_inputs(eigenvalues, lr, batch, noise_var)
     gap = np.asarray(memory_gap(lam, lr, batch, lags, noise_var=noise_var, moments=moments))
-    m_star = stationary_moments(lam, lr, batch, noise_var=noise_var)
-    m0 = m_star if moments is None else np.asarray(moments, dtype=float)
+    m0, s2, scale = _scaled_moments(lam, lr, batch, noise_var, moments)  # losses linear
+    m_star = s2 * _unit_stationary_moments(lam, lr, batch)
     a = theory.linreg_moment_matrix(lam, lr, batch)
     rho, vecs = np.linalg.eigh(a)
-    k = np.asarray(lags, dtype=float).ravel()
+    k = _lags(lags).ravel()
     coef = vecs.T @ (m0 - m_star)
     m_t = m_star[None, :] + (rho[None, :] ** k[:, None] * coef[None, :]) @ vecs.T
-    fresh = 0.5 * (m_t @ lam + noise_var)
-    seen = fresh + gap.ravel()
+    with np.errstate(invalid="ignore"):
+        fresh = 0.5 * (m_t @ lam + s2) * scale
+        seen = fresh + gap.ravel()
+    if np.any(np.isnan(seen)):
+        raise ValueError("eigenvalues, lr, noise_var and moments span more orders of magnitude "
+                         "than float64 holds: the losses are not representable")
     shape = np.shape(lags)
     if shape == ():
         return float(seen[0]), float(fresh[0])
     return seen.reshape(shape), fresh.reshape(shape)
 
 
+@theory._quiet
 def forgetting_horizon(base_lr, eigenvalue):
     r"""Memory horizon in examples: 1/(η̃λ) = B/(ηλ) (an example's trace decays like (1−ηλ)^k).
 
@@ -235,6 +281,7 @@ def forgetting_horizon(base_lr, eigenvalue):
     return theory._out(1.0 / (base_lr * eigenvalue))
 
 
+@theory._quiet
 def forgetting_limit(n_data, eigenvalue):
     r"""Forgetting limit on the base rate: η̃_f = 1/(Nλ), where the memory horizon equals N.
 

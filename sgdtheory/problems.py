@@ -45,6 +45,12 @@ Kernels (internal protocol; documented for people adding a model)::
         optional s.sgd_step(theta, layout, batch, lr): a fused in-place plain-SGD update
         ``layout`` says which replica each row belongs to (rows of one replica share the
         random draws, so a grid of learning rates sees common random numbers).
+    finite datasets: k.batch_grad(theta, layout, idx) for example indices idx (n_rep, B);
+        one sampler (shuffled epochs, or draws with replacement) serves them all.
+
+Each problem validates its fields with the shared validators of this module (``_psd``,
+``_vector``, ``_optional``, ``_samples``) in ``__post_init__``; ``Problem.kernel`` builds the
+kernel class named for it at the end of the module.
 
 >>> p = NoisyQuadratic(h=[1.0, 2.0], c=[1.0, 1.0])
 >>> p.loss(p.theta0), p.stats(p.theta0).b_noise
@@ -61,7 +67,7 @@ import numpy as np
 
 from . import theory
 from ._checks import integer, real
-from .backend import Backend, get_backend
+from .backend import Backend, array_module, get_backend
 
 __all__ = [
     "FiniteSumQuadratic",
@@ -101,13 +107,16 @@ def _vector(name, x, p=None):
     return a
 
 
-def _psd(name, x, p=None):
-    """A diagonal (p,) with entries ≥ 0, or a symmetric PSD (p, p) matrix."""
+def _psd(name, x, p=None, *, spectrum=False):
+    """A diagonal (p,) with entries ≥ 0, or a symmetric PSD (p, p) matrix; with ``spectrum``
+    only the diagonal form (the eigenvalues of a diagonal covariance) is accepted."""
     a = _floats(name, x)
     if a.size == 0:
         raise ValueError(f"{name} must not be empty")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite")
+    if spectrum and a.ndim != 1:
+        raise ValueError(f"{name} must be the 1-D spectrum (d,) of the feature covariance")
     if a.ndim == 1:
         if p is not None and a.shape != (p,):
             raise ValueError(f"{name} diagonal must have shape ({p},), got {a.shape}")
@@ -126,6 +135,28 @@ def _psd(name, x, p=None):
     if lo < -1e-10 * scale:
         raise ValueError(f"{name} must be positive semi-definite (smallest eigenvalue {lo:g})")
     return a
+
+
+def _optional(name, x, default):
+    """A finite vector shaped like ``default`` (its length p), or ``default`` when x is None."""
+    return default if x is None else _vector(name, x, default.shape[0])
+
+
+def _samples(name, x, d=None):
+    """A finite (n ≥ 1, d) array of examples (rows), d checked when given."""
+    a = _floats(name, x)
+    want = "d" if d is None else d
+    if a.ndim != 2 or a.shape[0] < 1 or (d is not None and a.shape[1] != d):
+        raise ValueError(f"{name} must have shape (n ≥ 1, {want}), got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite")
+    return a
+
+
+def _assign(obj, **fields) -> None:
+    """Store validated values on a frozen dataclass (in ``__post_init__``)."""
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
 
 
 def _theta(theta, p):
@@ -225,6 +256,16 @@ def _rowsum(x):
     return x.sum(-1)
 
 
+def _constant_noise_stats(k, g, hg) -> dict:
+    """Kernel ``stats`` of a model whose tr Σ and tr HΣ do not depend on θ (``k.tr_sigma``,
+    ``k.tr_h_sigma``): |G|², GᵀHG per row from G (n, p) and HG, the traces repeated."""
+    def full(v):
+        return k.xp.full_like(g[:, 0], v) if g.shape[0] else g[:, 0]
+
+    return {"grad_sq": _rowsum(g * g), "g_h_g": _rowsum(hg * g),
+            "tr_sigma": full(k.tr_sigma), "tr_h_sigma": full(k.tr_h_sigma)}
+
+
 def _bmm_rows(xb, theta, r, c):
     """Residual-style product: xb (R, B, p), theta (R*C, p) → (R, B, C)."""
     return xb @ theta.reshape(r, c, -1).swapaxes(1, 2)
@@ -235,6 +276,35 @@ def _bmm_back(xb, coef, scale):
     g = (xb.swapaxes(1, 2) @ coef).swapaxes(1, 2)
     g = g.reshape(-1, g.shape[-1])
     return g * scale
+
+
+class _DataKernel(_Kernel):
+    """Kernel of a finite dataset of ``self.n`` examples: ``batch_grad(theta, layout, idx)``
+    is the mean gradient over the examples ``idx`` (n_rep, B) of each replica."""
+
+    n: int
+
+    def sampler(self, gen, n_rep, replace=False):
+        return _DataSampler(self, _ShuffleState(self.be, gen, n_rep, self.n, replace))
+
+    def batch_grad(self, theta, layout, idx):
+        raise NotImplementedError
+
+
+class _DataSampler:
+    """Minibatches of a finite dataset: shuffled epochs without replacement (a partial last
+    batch is dropped), or independent draws with replacement; one stream per replica."""
+
+    def __init__(self, k: _DataKernel, state):
+        self.k, self.state = k, state
+
+    def grad(self, theta, layout, batch):
+        return self.k.batch_grad(theta, layout, self.state.indices(batch))
+
+    @property
+    def epochs(self):
+        """Reshuffles so far (epochs started)."""
+        return self.state.epochs
 
 
 class _ShuffleState:
@@ -268,8 +338,13 @@ class _ShuffleState:
 class Problem:
     """Shared helpers of the problems (see the module docstring for the interface)."""
 
-    dim: int
+    theta0: np.ndarray
     n_data: int | None = None
+
+    @property
+    def dim(self) -> int:
+        """p, the number of parameters (the length of ``theta0``)."""
+        return self.theta0.shape[0]
 
     def test_loss(self, theta):
         return None
@@ -295,6 +370,11 @@ class Problem:
         s = k.sampler(_gen(rng), flat.shape[0], replace)
         g = s.grad(np.ascontiguousarray(flat), Layout(flat.shape[0], 1), batch)
         return np.asarray(g).reshape(t.shape)
+
+    def kernel(self, backend: Backend, dtype):
+        """The vectorised form :func:`sgdtheory.simulate.run` runs: arrays on ``backend`` in
+        ``dtype`` (each problem's kernel class is named at the end of this module)."""
+        return self._kernel(self, backend, dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,16 +402,9 @@ class NoisyQuadratic(Problem):
     def __post_init__(self):
         h = _psd("h", self.h)
         p = h.shape[0]
-        object.__setattr__(self, "h", h)
-        object.__setattr__(self, "c", _psd("c", self.c, p))
-        ts = np.zeros(p) if self.theta_star is None else _vector("theta_star", self.theta_star, p)
-        object.__setattr__(self, "theta_star", ts)
-        t0 = ts + 1.0 if self.theta0 is None else _vector("theta0", self.theta0, p)
-        object.__setattr__(self, "theta0", t0)
-
-    @property
-    def dim(self) -> int:
-        return self.h.shape[0]
+        c = _psd("c", self.c, p)
+        ts = _optional("theta_star", self.theta_star, np.zeros(p))
+        _assign(self, h=h, c=c, theta_star=ts, theta0=_optional("theta0", self.theta0, ts + 1.0))
 
     def loss(self, theta):
         """½ (θ−θ*)ᵀH(θ−θ*), shape (...)."""
@@ -349,9 +422,6 @@ class NoisyQuadratic(Problem):
     def sigma(self, theta=None):
         """Σ (constant): the diagonal (p,) or the matrix (p, p) as given."""
         return self.c
-
-    def kernel(self, backend, dtype):
-        return _NQMKernel(self, backend, dtype)
 
 
 class _NQMKernel(_Kernel):
@@ -376,13 +446,9 @@ class _NQMKernel(_Kernel):
         return 0.5 * _rowsum((e @ self.h) * e)
 
     def stats(self, theta):
-        e = self._e(theta)
-        g = e * self.h if self.diag_h else e @ self.h
-        hg = g * self.h if self.diag_h else g @ self.h
-        n = theta.shape[0]
-        full = lambda v: self.xp.full_like(g[:, 0], v) if n else g[:, 0]  # noqa: E731
-        return {"grad_sq": _rowsum(g * g), "g_h_g": _rowsum(hg * g),
-                "tr_sigma": full(self.tr_sigma), "tr_h_sigma": full(self.tr_h_sigma)}
+        g = self._e(theta)
+        g = g * self.h if self.diag_h else g @ self.h
+        return _constant_noise_stats(self, g, g * self.h if self.diag_h else g @ self.h)
 
     def sampler(self, gen, n_rep, replace=False):
         s = _NQMSampler(self, gen, n_rep)
@@ -484,17 +550,8 @@ class FiniteSumQuadratic(Problem):
 
     def __post_init__(self):
         h = _psd("h", self.h)
-        p = h.shape[0]
-        ctr = np.asarray(self.centers, dtype=float)
-        if ctr.ndim != 2 or ctr.shape[1] != p or ctr.shape[0] < 1:
-            raise ValueError(f"centers must have shape (N, {p}) with N ≥ 1, got {ctr.shape}")
-        if not np.all(np.isfinite(ctr)):
-            raise ValueError("centers must be finite")
-        object.__setattr__(self, "h", h)
-        object.__setattr__(self, "centers", ctr)
-        mean = ctr.mean(0)
-        t0 = mean + 1.0 if self.theta0 is None else _vector("theta0", self.theta0, p)
-        object.__setattr__(self, "theta0", t0)
+        ctr = _samples("centers", self.centers, h.shape[0])
+        _assign(self, h=h, centers=ctr, theta0=_optional("theta0", self.theta0, ctr.mean(0) + 1.0))
 
     @classmethod
     def random(cls, h, n_data: int, spread=1.0, seed=0, theta0=None):
@@ -504,10 +561,6 @@ class FiniteSumQuadratic(Problem):
         rng = np.random.default_rng(integer("seed", seed, 0))
         ctr = rng.standard_normal((n_data, h.shape[0])) * _floats("spread", spread)
         return cls(h, ctr, theta0)
-
-    @property
-    def dim(self) -> int:
-        return self.h.shape[0]
 
     @property
     def n_data(self) -> int:
@@ -535,11 +588,8 @@ class FiniteSumQuadratic(Problem):
         a = _mat(self.h, self.centers - self.center_mean)
         return a.T @ a / self.n_data
 
-    def kernel(self, backend, dtype):
-        return _FiniteQuadKernel(self, backend, dtype)
 
-
-class _FiniteQuadKernel(_Kernel):
+class _FiniteQuadKernel(_DataKernel):
     def __init__(self, prob: FiniteSumQuadratic, be, dtype):
         super().__init__(be, dtype)
         self.n = prob.n_data
@@ -560,34 +610,17 @@ class _FiniteQuadKernel(_Kernel):
 
     def stats(self, theta):
         g = self._h(theta - self.mean)
-        n = theta.shape[0]
-        full = lambda v: self.xp.full_like(g[:, 0], v) if n else g[:, 0]  # noqa: E731
-        return {"grad_sq": _rowsum(g * g), "g_h_g": _rowsum(self._h(g) * g),
-                "tr_sigma": full(self.tr_sigma), "tr_h_sigma": full(self.tr_h_sigma)}
+        return _constant_noise_stats(self, g, self._h(g))
 
-    def sampler(self, gen, n_rep, replace=False):
-        return _FiniteQuadSampler(self, _ShuffleState(self.be, gen, n_rep, self.n, replace))
-
-
-class _FiniteQuadSampler:
-    def __init__(self, k, state):
-        self.k, self.state = k, state
-
-    def grad(self, theta, layout, batch):
-        k = self.k
-        idx = self.state.indices(batch)
-        mean_hc = k.hc[idx].mean(1)  # (R, p): (1/B) Σ_batch Hθ_i
-        g = k._h(theta)
+    def batch_grad(self, theta, layout, idx):
+        mean_hc = self.hc[idx].mean(1)  # (R, p): (1/B) Σ_batch Hθ_i
+        g = self._h(theta)
         r, c, m = layout.split(mean_hc)
         if c == 1:
             g -= m
         else:
             g.reshape(r, c, -1)[...] -= m[:, None, :]
         return g
-
-    @property
-    def epochs(self):
-        return self.state.epochs
 
 
 # --------------------------------------------------------------------------- linear regression
@@ -624,20 +657,10 @@ class LinearRegression(Problem):
     has_test = True
 
     def __post_init__(self):
-        lam = _psd("lam", self.lam)
-        if lam.ndim != 1:
-            raise ValueError("lam must be the 1-D spectrum (d,) of the feature covariance")
-        object.__setattr__(self, "lam", lam)
-        d = lam.shape[0]
-        object.__setattr__(self, "noise_std", _noise_std(self.noise_std))
-        ws = np.zeros(d) if self.w_star is None else _vector("w_star", self.w_star, d)
-        object.__setattr__(self, "w_star", ws)
-        t0 = ws + 1.0 if self.theta0 is None else _vector("theta0", self.theta0, d)
-        object.__setattr__(self, "theta0", t0)
-
-    @property
-    def dim(self) -> int:
-        return self.lam.shape[0]
+        lam = _psd("lam", self.lam, spectrum=True)
+        ws = _optional("w_star", self.w_star, np.zeros(lam.shape[0]))
+        _assign(self, lam=lam, noise_std=_noise_std(self.noise_std), w_star=ws,
+                theta0=_optional("theta0", self.theta0, ws + 1.0))
 
     def loss(self, theta):
         """½ (eᵀHe + σ²), shape (...)."""
@@ -657,9 +680,6 @@ class LinearRegression(Problem):
     def sigma(self, theta):
         e = _point(theta, self.dim) - self.w_star
         return _linreg_gaussian_sigma(self.lam, e, self.noise_std**2)
-
-    def kernel(self, backend, dtype):
-        return _LinRegOnlineKernel(self, backend, dtype)
 
 
 class _LinRegOnlineKernel(_Kernel):
@@ -750,33 +770,21 @@ class LinearRegressionData(Problem):
     has_test = True
 
     def __post_init__(self):
-        lam = _psd("lam", self.lam)
-        if lam.ndim != 1:
-            raise ValueError("lam must be the 1-D spectrum (d,) of the feature covariance")
+        lam = _psd("lam", self.lam, spectrum=True)
         d = lam.shape[0]
-        object.__setattr__(self, "lam", lam)
-        for name in ("n_data", "n_test"):
-            v = integer(name, getattr(self, name), 1 if name == "n_data" else 0)
-            object.__setattr__(self, name, v)
-        object.__setattr__(self, "noise_std", _noise_std(self.noise_std))
+        _assign(self, lam=lam, n_data=integer("n_data", self.n_data),
+                n_test=integer("n_test", self.n_test, 0), noise_std=_noise_std(self.noise_std))
         rng = np.random.default_rng(integer("seed", self.seed, 0))
+        # w* is drawn (before the data) only when not given
         ws = rng.standard_normal(d) if self.w_star is None else _vector("w_star", self.w_star, d)
-        object.__setattr__(self, "w_star", ws)
-        t0 = np.zeros(d) if self.theta0 is None else _vector("theta0", self.theta0, d)
-        object.__setattr__(self, "theta0", t0)
+        _assign(self, w_star=ws, theta0=_optional("theta0", self.theta0, np.zeros(d)))
 
         def draw(n):
             x = rng.standard_normal((n, d)) * np.sqrt(lam)
             return x, x @ ws + self.noise_std * rng.standard_normal(n)
 
-        x, y = draw(self.n_data)
-        xt, yt = draw(self.n_test)
-        for name, v in (("x", x), ("y", y), ("x_test", xt), ("y_test", yt)):
-            object.__setattr__(self, name, v)
-
-    @property
-    def dim(self) -> int:
-        return self.lam.shape[0]
+        (x, y), (xt, yt) = draw(self.n_data), draw(self.n_test)
+        _assign(self, x=x, y=y, x_test=xt, y_test=yt)
 
     def _res(self, theta):
         return _theta(theta, self.dim) @ self.x.T - self.y
@@ -806,9 +814,6 @@ class LinearRegressionData(Problem):
         r = self._res(_point(theta, self.dim))
         g = r @ self.x / self.n_data
         return (self.x * (r**2)[:, None]).T @ self.x / self.n_data - np.outer(g, g)
-
-    def kernel(self, backend, dtype):
-        return _LinRegDataKernel(self, backend, dtype)
 
 
 class _QuadForm:
@@ -842,7 +847,7 @@ class _QuadForm:
         return _rowsum((0.5 * (e @ self.h) + self.g_a) * e) + self.l_a
 
 
-class _LinRegDataKernel(_Kernel):
+class _LinRegDataKernel(_DataKernel):
     has_test = True
 
     def __init__(self, prob: LinearRegressionData, be, dtype):
@@ -881,37 +886,23 @@ class _LinRegDataKernel(_Kernel):
                 "tr_sigma": (r2 @ x_sq) / self.n - grad_sq,
                 "tr_h_sigma": (r2 @ x_h_x) / self.n - g_h_g}
 
-    def sampler(self, gen, n_rep, replace=False):
-        return _DataSampler(self, _ShuffleState(self.be, gen, n_rep, self.n, replace))
-
-
-class _DataSampler:
-    """Minibatches of rows of (x, y) without replacement (per-epoch reshuffle)."""
-
-    def __init__(self, k, state):
-        self.k, self.state = k, state
-
-    def grad(self, theta, layout, batch):
-        idx = self.state.indices(batch)
-        return self.k.batch_grad(theta, layout, self.k.x[idx], self.k.y[idx])
-
-    @property
-    def epochs(self):
-        return self.state.epochs
-
-
-_LinRegDataKernel.batch_grad = staticmethod(_lsq_grad)
+    def batch_grad(self, theta, layout, idx):
+        return _lsq_grad(theta, layout, self.x[idx], self.y[idx])
 
 
 # --------------------------------------------------------------------------- logistic regression
 
 
-def _sigmoid_np(z):
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+def _sigmoid(z):
+    """1/(1 + e^{−z}) = ½(1 + tanh(z/2)), without overflow, for NumPy, CuPy or torch arrays
+    (absolute error ≈ 1e-16; relative accuracy is lost in the far negative tail)."""
+    return 0.5 * (1.0 + array_module(z).tanh(0.5 * z))
 
 
-def _softplus(xp, z):
-    """log(1 + e^z) without overflow, for numpy / cupy / torch arrays."""
+def _softplus(z):
+    """log(1 + e^z) = max(z, 0) + log1p(e^{−|z|}), without overflow, for NumPy, CuPy or
+    torch arrays (the logistic loss is softplus(−margin))."""
+    xp = array_module(z)
     return z.clip(min=0) + xp.log1p(xp.exp(-abs(z)))
 
 
@@ -939,29 +930,17 @@ class LogisticRegression(Problem):
     y_test: Any = None
 
     def __post_init__(self):
-        x = np.asarray(self.x, dtype=float)
-        if x.ndim != 2 or x.shape[0] < 1:
-            raise ValueError(f"x must have shape (N, d), got {x.shape}")
-        y = self._labels("y", self.y, x.shape[0])
-        if not np.all(np.isfinite(x)):
-            raise ValueError("x must be finite")
-        if not np.isfinite(self.l2) or self.l2 < 0:
+        x = _samples("x", self.x)
+        l2 = real("l2", self.l2)
+        if l2 < 0:
             raise ValueError(f"l2 must be finite and ≥ 0, got {self.l2!r}")
-        object.__setattr__(self, "x", x)
-        object.__setattr__(self, "y", y)
-        d = x.shape[1]
-        t0 = np.zeros(d) if self.theta0 is None else _vector("theta0", self.theta0, d)
-        object.__setattr__(self, "theta0", t0)
+        _assign(self, x=x, y=self._labels("y", self.y, x.shape[0]), l2=l2,
+                theta0=_optional("theta0", self.theta0, np.zeros(x.shape[1])))
         if (self.x_test is None) != (self.y_test is None):
             raise ValueError("give both x_test and y_test, or neither")
         if self.x_test is not None:
-            xt = _floats("x_test", self.x_test)
-            if xt.ndim != 2 or xt.shape[1] != d or xt.shape[0] == 0:
-                raise ValueError(f"x_test must have shape (n ≥ 1, {d}), got {xt.shape}")
-            if not np.all(np.isfinite(xt)):
-                raise ValueError("x_test must be finite")
-            object.__setattr__(self, "x_test", xt)
-            object.__setattr__(self, "y_test", self._labels("y_test", self.y_test, xt.shape[0]))
+            xt = _samples("x_test", self.x_test, x.shape[1])
+            _assign(self, x_test=xt, y_test=self._labels("y_test", self.y_test, xt.shape[0]))
 
     @staticmethod
     def _labels(name, y, n):
@@ -994,10 +973,6 @@ class LogisticRegression(Problem):
         return cls(x, y, l2=l2, x_test=xt, y_test=yt)
 
     @property
-    def dim(self) -> int:
-        return self.x.shape[1]
-
-    @property
     def n_data(self) -> int:
         return self.x.shape[0]
 
@@ -1019,17 +994,17 @@ class LogisticRegression(Problem):
 
     def _per_example(self, theta):
         t = _point(theta, self.dim)
-        coef = -self.y * _sigmoid_np(-self._margins(t))
+        coef = -self.y * _sigmoid(-self._margins(t))
         return coef[:, None] * self.x  # gradients without the l2 term, (N, d)
 
     def grad(self, theta):
         t = _theta(theta, self.dim)
-        coef = -self.y * _sigmoid_np(-self._margins(t))
+        coef = -self.y * _sigmoid(-self._margins(t))
         return coef @ self.x / self.n_data + self.l2 * t
 
     def hessian(self, theta):
         m = self._margins(_point(theta, self.dim))
-        s = _sigmoid_np(m) * _sigmoid_np(-m)
+        s = _sigmoid(m) * _sigmoid(-m)
         return (self.x * s[:, None]).T @ self.x / self.n_data + self.l2 * np.eye(self.dim)
 
     def sigma(self, theta):
@@ -1037,11 +1012,8 @@ class LogisticRegression(Problem):
         g = g - g.mean(0)
         return g.T @ g / self.n_data
 
-    def kernel(self, backend, dtype):
-        return _LogisticKernel(self, backend, dtype)
 
-
-class _LogisticKernel(_Kernel):
+class _LogisticKernel(_DataKernel):
     def __init__(self, prob: LogisticRegression, be, dtype):
         super().__init__(be, dtype)
         self.prob = prob
@@ -1052,26 +1024,23 @@ class _LogisticKernel(_Kernel):
         if self.has_test:
             self.xt, self.yt = self.arr(prob.x_test), self.arr(prob.y_test)
 
-    def _sig(self, z):
-        return 0.5 * (1.0 + self.xp.tanh(0.5 * z))
-
     def loss(self, theta):
         m = (theta @ self.x.T) * self.y
-        return _softplus(self.xp, -m).mean(-1) + 0.5 * self.l2 * _rowsum(theta * theta)
+        return _softplus(-m).mean(-1) + 0.5 * self.l2 * _rowsum(theta * theta)
 
     def test_loss(self, theta):
         if not self.has_test:
             return None
         m = (theta @ self.xt.T) * self.yt
-        return _softplus(self.xp, -m).mean(-1)
+        return _softplus(-m).mean(-1)
 
     def stats(self, theta):
         xp = self.xp
         m = (theta @ self.x.T) * self.y  # (n, N)
-        coef = -self.y * self._sig(-m)
+        coef = -self.y * _sigmoid(-m)
         g0 = (coef @ self.x) / self.n  # (n, d), gradient without l2
         g = g0 + self.l2 * theta
-        s = self._sig(m) * self._sig(-m)
+        s = _sigmoid(m) * _sigmoid(-m)
         h = xp.einsum("nk,ki,kj->nij", s, self.x, self.x) / self.n
         sig = xp.einsum("nk,ki,kj->nij", coef * coef, self.x, self.x) / self.n
         sig = sig - g0[:, :, None] * g0[:, None, :]
@@ -1081,26 +1050,21 @@ class _LogisticKernel(_Kernel):
         return {"grad_sq": _rowsum(g * g), "g_h_g": _rowsum(hg * g), "tr_sigma": tr_sigma,
                 "tr_h_sigma": tr_h_sigma}
 
-    def sampler(self, gen, n_rep, replace=False):
-        return _LogisticSampler(self, _ShuffleState(self.be, gen, n_rep, self.n, replace))
-
-
-class _LogisticSampler:
-    def __init__(self, k, state):
-        self.k, self.state = k, state
-
-    def grad(self, theta, layout, batch):
-        k = self.k
-        idx = self.state.indices(batch)
-        r, c, xb = layout.split(k.x[idx])
-        _, _, yb = layout.split(k.y[idx])
+    def batch_grad(self, theta, layout, idx):
+        r, c, xb = layout.split(self.x[idx])
+        _, _, yb = layout.split(self.y[idx])
         m = _bmm_rows(xb, theta, r, c) * yb[:, :, None]  # (R', B, C')
-        coef = -yb[:, :, None] * k._sig(-m)
-        g = _bmm_back(xb, coef, 1.0 / batch)
-        if k.l2:
-            g += k.l2 * theta
+        coef = -yb[:, :, None] * _sigmoid(-m)
+        g = _bmm_back(xb, coef, 1.0 / idx.shape[1])
+        if self.l2:
+            g += self.l2 * theta
         return g
 
-    @property
-    def epochs(self):
-        return self.state.epochs
+
+# --------------------------------------------------------------------------- problem → kernel
+
+NoisyQuadratic._kernel = _NQMKernel
+FiniteSumQuadratic._kernel = _FiniteQuadKernel
+LinearRegression._kernel = _LinRegOnlineKernel
+LinearRegressionData._kernel = _LinRegDataKernel
+LogisticRegression._kernel = _LogisticKernel

@@ -15,18 +15,22 @@ gives ε_max, ε_opt(B), ΔL_max, B_noise and the steps/examples trade-off below
 
 Every function accepts Python scalars and NumPy arrays (which broadcast); the scalar formulas
 also work on CuPy and torch arrays. Out-of-domain input raises ``ValueError`` naming the
-argument.
+argument: NaN/inf, bools used as numbers, complex values, strings, None, ragged lists; flags
+(``nesterov``) take bools only. A finite input whose exact result is beyond float64 gives
+±inf (or 0), without NumPy warnings; never NaN.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy import optimize
 
-from sgdtheory._checks import flag, integer
+from sgdtheory._checks import _short, flag, integer, real_array
 from sgdtheory.backend import array_module
 
 __all__ = [
@@ -64,21 +68,51 @@ def _module(x):
     return array_module(x)
 
 
+def _foreign_dtype_is_real(x) -> bool:
+    """A torch or CuPy array holds real numbers (not bool, not complex)."""
+    dtype = x.dtype
+    kind = getattr(dtype, "kind", None)
+    if kind is not None:  # CuPy: NumPy dtypes
+        return kind in "iuf"
+    return not (dtype.is_complex or dtype == _module(x).bool)  # torch
+
+
 def _arr(name: str, x):
-    """``x`` as a checkable array (NumPy unless it already is a torch/cupy array)."""
-    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
-        if not np.isfinite(x):
+    """``x`` checked as finite real number(s): a NumPy float64 scalar for a scalar, the torch /
+    CuPy array itself, else a float64 NumPy array. Bools, complex values, strings, None and
+    ragged nesting raise ValueError naming the argument."""
+    if isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a real number, not a bool, got {x!r}")
+    if isinstance(x, numbers.Real) and not isinstance(x, np.ndarray):
+        try:
+            value = np.float64(float(x))  # NumPy scalars mix with CuPy and torch arrays alike
+        except (OverflowError, TypeError, ValueError):
+            raise ValueError(f"{name} must be a finite real number, got {_short(x)}") from None
+        if not np.isfinite(value):
             raise ValueError(f"{name} must be finite, got {x!r}")
-        return float(x)  # plain floats mix with NumPy, CuPy and torch arrays alike
+        return value
     xp = _module(x)
     if xp is np:
-        try:
-            x = np.asarray(x, dtype=float)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} must be a real number or array, got {x!r}") from exc
+        x = real_array(name, x)
+    elif not _foreign_dtype_is_real(x):
+        raise ValueError(f"{name} must hold real numbers (not bool or complex), got {x.dtype}")
     if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(f"{name} must be finite, got {x!r}")
+        raise ValueError(f"{name} must be finite, got {_short(x)}")
     return x
+
+
+def _quiet(fn):
+    """Run ``fn`` with NumPy's overflow/underflow/divide-by-zero warnings off.
+
+    Every input is checked finite first, so these only arise when a true value is beyond
+    float64: it then comes out as ±inf or 0, which is the documented result.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(over="ignore", under="ignore", divide="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _positive(name: str, x, *, allow_zero: bool = False):
@@ -87,7 +121,7 @@ def _positive(name: str, x, *, allow_zero: bool = False):
     bad = xp.any(x < 0) if allow_zero else xp.any(x <= 0)
     if bool(bad):
         what = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be {what}, got {x!r}")
+        raise ValueError(f"{name} must be {what}, got {_short(x)}")
     return x
 
 
@@ -97,6 +131,17 @@ def _momentum(momentum):
     if bool(xp.any(mu < 0)) or bool(xp.any(mu >= 1)):
         raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
     return mu
+
+
+def _integer(name: str, x, minimum: int = 1) -> int:
+    """An int ≥ ``minimum`` (ints, integral floats, NumPy integers, 0-d integer arrays; no
+    bools); beyond float64's range a ValueError, not an OverflowError."""
+    if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf":
+        x = x.item()
+    try:
+        return integer(name, x, minimum)
+    except OverflowError:
+        raise ValueError(f"{name} is too large, got {_short(x)}") from None
 
 
 def _scalar(name: str, x) -> float:
@@ -116,6 +161,7 @@ def _out(value):
 # --------------------------------------------------------------------------- noise scale
 
 
+@_quiet
 def eps_max(grad_sq, g_h_g):
     r"""Optimal step of noiseless gradient descent along G: ε_max = |G|² / GᵀHG.
 
@@ -134,6 +180,7 @@ def eps_max(grad_sq, g_h_g):
     return _out(grad_sq / g_h_g)
 
 
+@_quiet
 def b_noise(tr_h_sigma, g_h_g):
     r"""Gradient noise scale B_noise = tr(HΣ) / GᵀHG (McCandlish et al. eq. 2.7).
 
@@ -152,6 +199,7 @@ def b_noise(tr_h_sigma, g_h_g):
     return _out(tr_h_sigma / g_h_g)
 
 
+@_quiet
 def b_simple(tr_sigma, grad_sq):
     r"""Simple noise scale B_simple = tr(Σ) / |G|² (equals B_noise when H ∝ I).
 
@@ -173,6 +221,7 @@ def b_simple(tr_sigma, grad_sq):
     return _out(tr_sigma / grad_sq)
 
 
+@_quiet
 def eps_opt(batch, eps_max, b_noise):
     r"""Optimal step at batch size B: ε_opt(B) = ε_max / (1 + B_noise/B).
 
@@ -194,6 +243,7 @@ def eps_opt(batch, eps_max, b_noise):
     return _out(eps_max_ / (1.0 + b_noise_ / batch))
 
 
+@_quiet
 def delta_loss_max(grad_sq, g_h_g):
     r"""Largest one-step loss decrease of noiseless GD: ΔL_max = ½ |G|⁴ / GᵀHG.
 
@@ -209,9 +259,10 @@ def delta_loss_max(grad_sq, g_h_g):
     """
     grad_sq = _positive("grad_sq", grad_sq, allow_zero=True)
     g_h_g = _positive("g_h_g", g_h_g)
-    return _out(0.5 * grad_sq * grad_sq / g_h_g)
+    return _out(0.5 * (grad_sq * (grad_sq / g_h_g)))  # no 0·inf when ½|G|² underflows
 
 
+@_quiet
 def delta_loss_opt(batch, delta_loss_max, b_noise):
     r"""Expected one-step decrease at ε_opt(B): ΔL_opt(B) = ΔL_max / (1 + B_noise/B).
 
@@ -240,6 +291,7 @@ def _n_data(n_data):
     return n_data
 
 
+@_quiet
 def effective_batch(batch, n_data):
     r"""Batch size with replacement that has the noise of B drawn *without* replacement from N.
 
@@ -262,11 +314,12 @@ def effective_batch(batch, n_data):
     if bool(xp.any(batch > n_data)):
         raise ValueError(f"batch ({batch!r}) must not exceed n_data ({n_data!r})")
     if isinstance(batch, float) and isinstance(n_data, float):
-        return batch * (n_data - 1.0) / (n_data - batch) if batch < n_data else float("inf")
-    with np.errstate(divide="ignore"):
-        return _out(batch * (n_data - 1.0) / (n_data - batch))
+        return _out(batch * (n_data - 1.0) / (n_data - batch)) if batch < n_data \
+            else float("inf")
+    return _out(batch * (n_data - 1.0) / (n_data - batch))
 
 
+@_quiet
 def expected_loss_change(lr, batch, grad_sq, g_h_g, tr_h_sigma, *, n_data=None):
     r"""Expected change of the quadratic-model loss after one SGD step.
 
@@ -290,13 +343,20 @@ def expected_loss_change(lr, batch, grad_sq, g_h_g, tr_h_sigma, *, n_data=None):
     grad_sq = _positive("grad_sq", grad_sq, allow_zero=True)
     g_h_g = _arr("g_h_g", g_h_g)
     tr_h_sigma = _positive("tr_h_sigma", tr_h_sigma, allow_zero=True)
-    noise = tr_h_sigma / batch
+    factor = 1.0
     if n_data is not None:
         n_data = _n_data(n_data)
         if bool(_module(batch).any(batch > n_data)):
             raise ValueError(f"batch ({batch!r}) must not exceed n_data ({n_data!r})")
-        noise = noise * (n_data - batch) / (n_data - 1.0)
-    return _out(-lr * grad_sq + 0.5 * lr * lr * (g_h_g + noise))
+        factor = (n_data - batch) / (n_data - 1.0)
+    # ε(½ c − |G|²) with c = ε GᵀHG + (ε/B) tr(HΣ): no 0·inf when ε is tiny and ε/B is not;
+    # when both terms of c overflow with opposite signs, c = ε (GᵀHG + tr(HΣ)/B) instead
+    with np.errstate(invalid="ignore"):
+        curv = lr * g_h_g + tr_h_sigma * (lr / batch) * factor
+        xp = _module(curv)
+        if bool(xp.any(xp.isnan(curv))):
+            curv = xp.where(xp.isnan(curv), lr * (g_h_g + tr_h_sigma / batch * factor), curv)
+    return _out(lr * (0.5 * curv - grad_sq))
 
 
 @dataclass(frozen=True)
@@ -304,13 +364,22 @@ class QuadraticStats:
     """Noise-scale quantities at one point of a quadratic model (see :func:`quadratic_stats`).
 
     ``eps_max`` and ``b_noise`` are ``inf`` when GᵀHG ≤ 0 (no curvature along G: the loss
-    keeps falling along −G); ``b_simple`` is ``inf`` when G = 0.
+    keeps falling along −G); ``b_simple`` is ``inf`` when G = 0. The fields must be finite
+    real numbers (|G|² ≥ 0); they are stored as floats. A derived value beyond float64 is
+    ``inf``.
     """
 
     grad_sq: float
     g_h_g: float
     tr_sigma: float
     tr_h_sigma: float
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = _scalar(f.name, _arr(f.name, getattr(self, f.name)))
+            object.__setattr__(self, f.name, value)
+        if self.grad_sq < 0:
+            raise ValueError(f"grad_sq must be non-negative (a squared norm), got {self.grad_sq}")
 
     @property
     def eps_max(self) -> float:
@@ -327,36 +396,46 @@ class QuadraticStats:
     @property
     def delta_loss_max(self) -> float:
         """ΔL_max = ½|G|⁴/GᵀHG (0 at G = 0; ``inf`` when GᵀHG ≤ 0 < |G|²)."""
-        return 0.5 * self.grad_sq * self.eps_max if self.grad_sq > 0 else 0.0
+        return 0.5 * (self.grad_sq * self.eps_max) if self.grad_sq > 0 else 0.0
 
+    @_quiet
     def eps_opt(self, batch):
-        """ε_opt(B) = ε_max/(1 + B_noise/B) for this point (``lr`` units; ``inf`` when
-        GᵀHG ≤ 0: the quadratic model has no optimal step)."""
+        """ε_opt(B) = ε_max/(1 + B_noise/B) = |G|²/(GᵀHG + tr(HΣ)/B) for this point (``lr``
+        units; ``inf`` when GᵀHG ≤ 0, or GᵀHG + tr(HΣ)/B ≤ 0 with an indefinite H: the
+        quadratic model has no optimal step)."""
+        batch = _positive("batch", batch)
         if self.g_h_g <= 0:
-            batch = _positive("batch", batch)
             return _out(batch * 0.0 + float("inf"))
-        return eps_opt(batch, self.eps_max, self.b_noise)
+        den = self.g_h_g + self.tr_h_sigma / batch
+        if self.tr_h_sigma >= 0:  # den > 0
+            return _out(self.grad_sq / den)
+        xp = _module(den)
+        pos = den > 0
+        return _out(xp.where(pos, self.grad_sq / xp.where(pos, den, 1.0), float("inf")))
 
 
 def _symmetric_matrix_or_diag(name: str, a, p: int, *, psd: bool):
-    a = _arr(name, a)
-    a = np.asarray(a, dtype=float)
+    a = np.asarray(_arr(name, a), dtype=float)
     if a.ndim == 1:
         if a.shape != (p,):
-            raise ValueError(f"{name} diagonal must have shape ({p},), got {a.shape}")
+            raise ValueError(f"{name} diagonal must have shape ({p},) to match grad, "
+                             f"got {a.shape}")
         if psd and np.any(a < 0):
             raise ValueError(f"{name} must be positive semi-definite (negative diagonal entry)")
         return a
     if a.shape != (p, p):
-        raise ValueError(f"{name} must have shape ({p}, {p}) or ({p},), got {a.shape}")
-    scale = max(np.abs(a).max(), 1e-300)
-    if not np.allclose(a, a.T, rtol=1e-10, atol=1e-12 * scale):
+        raise ValueError(f"{name} must have shape ({p}, {p}) or ({p},) to match grad, "
+                         f"got {a.shape}")
+    scale = float(np.abs(a).max()) or 1.0
+    a_s = a / scale  # entries in [−1, 1]: no overflow in the checks below
+    if not np.allclose(a_s, a_s.T, rtol=1e-10, atol=1e-12):
         raise ValueError(f"{name} must be symmetric")
-    if psd and np.linalg.eigvalsh(0.5 * (a + a.T))[0] < -1e-10 * scale:
+    if psd and np.linalg.eigvalsh(0.5 * (a_s + a_s.T))[0] < -1e-10:
         raise ValueError(f"{name} must be positive semi-definite")
     return a
 
 
+@_quiet
 def quadratic_stats(hessian, sigma, grad) -> QuadraticStats:
     r"""|G|², GᵀHG, tr(Σ), tr(HΣ) and the derived ε_max, B_noise, B_simple.
 
@@ -374,27 +453,36 @@ def quadratic_stats(hessian, sigma, grad) -> QuadraticStats:
     (2.0, 3.0, 4.0, 5.0, 1.6666666666666667)
     """
     g = np.asarray(_arr("grad", grad), dtype=float)
-    if g.ndim != 1:
-        raise ValueError(f"grad must be a 1-D vector, got shape {g.shape}")
+    if g.ndim != 1 or g.size == 0:
+        raise ValueError(f"grad must be a non-empty 1-D vector, got shape {g.shape}")
     p = g.shape[0]
     h = _symmetric_matrix_or_diag("hessian", hessian, p, psd=False)
     s = _symmetric_matrix_or_diag("sigma", sigma, p, psd=True)
-    hg = h * g if h.ndim == 1 else h @ g
-    if h.ndim == 1 and s.ndim == 1:
-        tr_h_sigma = float(h @ s)
-    elif h.ndim == 1:
-        tr_h_sigma = float(h @ np.diagonal(s))
-    elif s.ndim == 1:
-        tr_h_sigma = float(np.diagonal(h) @ s)
-    else:
-        tr_h_sigma = float(np.einsum("ij,ji->", h, s))
-    tr_sigma = float(s.sum() if s.ndim == 1 else np.trace(s))
-    return QuadraticStats(float(g @ g), float(g @ hg), tr_sigma, tr_h_sigma)
+    with np.errstate(invalid="ignore"):  # inf − inf from overflow: reported below
+        hg = h * g if h.ndim == 1 else h @ g
+        if h.ndim == 1 and s.ndim == 1:
+            tr_h_sigma = float(h @ s)
+        elif h.ndim == 1:
+            tr_h_sigma = float(h @ np.diagonal(s))
+        elif s.ndim == 1:
+            tr_h_sigma = float(np.diagonal(h) @ s)
+        else:
+            tr_h_sigma = float(np.einsum("ij,ji->", h, s))
+        values = {"grad_sq": float(g @ g), "g_h_g": float(g @ hg),
+                  "tr_sigma": float(s.sum() if s.ndim == 1 else np.trace(s)),
+                  "tr_h_sigma": tr_h_sigma}
+    sources = {"grad_sq": "grad", "g_h_g": "grad and hessian", "tr_sigma": "sigma",
+               "tr_h_sigma": "hessian and sigma"}
+    for key, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{sources[key]} are too large: {key} overflows float64")
+    return QuadraticStats(**values)
 
 
 # --------------------------------------------------------------------------- steps / examples
 
 
+@_quiet
 def steps_examples(batch, s_min, e_min):
     r"""Steps and examples to reach a target at batch B (McCandlish et al. eq. 2.11).
 
@@ -419,6 +507,7 @@ def steps_examples(batch, s_min, e_min):
     return _out(s_min * (1.0 + b_crit / batch)), _out(e_min * (1.0 + batch / b_crit))
 
 
+@_quiet
 def critical_batch(s_min, e_min):
     r"""Critical batch size B_crit = E_min / S_min (in examples).
 
@@ -428,6 +517,7 @@ def critical_batch(s_min, e_min):
     return _out(_positive("e_min", e_min) / _positive("s_min", s_min))
 
 
+@_quiet
 def fit_steps_examples(steps, examples):
     r"""Fit S_min and E_min to measured (steps, examples) pairs at one target loss.
 
@@ -452,12 +542,22 @@ def fit_steps_examples(steps, examples):
         raise ValueError(f"steps and examples must have the same shape, got {s.shape}, {e.shape}")
     if s.size < 2:
         raise ValueError("fit_steps_examples needs at least two (steps, examples) points")
+    # S_min/S + E_min/E = 1 is homogeneous: fit in units of max S and max E, scale back
+    s_scale, e_scale = float(s.max()), float(e.max())
+    s, e = s / s_scale, e / e_scale
+    if np.any(s < 1e-300) or np.any(e < 1e-300):
+        raise ValueError("steps and examples each span more than 300 orders of magnitude: "
+                         "no fit in float64")
     batch = e / s
     if np.ptp(np.log(batch)) < 1e-9:
         raise ValueError("fit_steps_examples needs at least two different batch sizes "
                          "(examples/steps); S_min and E_min are not identifiable from one")
     a = np.stack([1.0 / s, 1.0 / e], axis=1)
-    (s0, e0), *_ = np.linalg.lstsq(a, np.ones_like(s), rcond=None)
+    try:
+        (s0, e0), *_ = np.linalg.lstsq(a, np.ones_like(s), rcond=None)
+    except np.linalg.LinAlgError:
+        raise ValueError("steps and examples: the linear least-squares start of the fit "
+                         "failed") from None
     if not (s0 > 0 and e0 > 0):
         s0, e0 = s.min() * 0.5, e.min() * 0.5
 
@@ -467,13 +567,16 @@ def fit_steps_examples(steps, examples):
 
     sol = optimize.least_squares(residual, np.log([s0, e0]), method="lm", xtol=1e-14,
                                  ftol=1e-14)
-    s_min, e_min = np.exp(sol.x)
+    s_min, e_min = np.exp(sol.x) * (s_scale, e_scale)
+    if not (np.isfinite(s_min) and np.isfinite(e_min) and s_min > 0 and e_min > 0):
+        raise ValueError("steps and examples: the fit of S_min and E_min did not converge")
     return float(s_min), float(e_min)
 
 
 # --------------------------------------------------------------------------- learning-rate units
 
 
+@_quiet
 def base_lr(lr, batch):
     r"""Base learning rate η̃ = η/B: the step per example (sum convention).
 
@@ -483,6 +586,7 @@ def base_lr(lr, batch):
     return _out(_positive("lr", lr) / _positive("batch", batch))
 
 
+@_quiet
 def lr_from_base(base, batch):
     r"""Learning rate η = η̃·B that multiplies the mean minibatch gradient.
 
@@ -492,6 +596,7 @@ def lr_from_base(base, batch):
     return _out(_positive("base", base) * _positive("batch", batch))
 
 
+@_quiet
 def effective_lr(lr, momentum):
     r"""Effective learning rate of heavy-ball momentum (torch form), η/(1−μ).
 
@@ -501,6 +606,7 @@ def effective_lr(lr, momentum):
     return _out(_positive("lr", lr) / (1.0 - _momentum(momentum)))
 
 
+@_quiet
 def temperature(lr, batch, momentum=0.0):
     r"""SGD temperature T = η / (B (1−μ)) (Smith & Le), in base-rate units.
 
@@ -510,6 +616,7 @@ def temperature(lr, batch, momentum=0.0):
     return _out(_positive("lr", lr) / (_positive("batch", batch) * (1.0 - _momentum(momentum))))
 
 
+@_quiet
 def smith_le_noise_scale(lr, batch, n_data, momentum=0.0):
     r"""Smith–Le noise scale g = T·N = η N / (B (1−μ)) (dimensionless).
 
@@ -519,6 +626,7 @@ def smith_le_noise_scale(lr, batch, n_data, momentum=0.0):
     return _out(temperature(lr, batch, momentum) * _positive("n_data", n_data))
 
 
+@_quiet
 def scaled_lr(lr_ref, batch_ref, batch, rule: str = "linear"):
     r"""Scale a learning rate tuned at ``batch_ref`` to ``batch``.
 
@@ -528,6 +636,8 @@ def scaled_lr(lr_ref, batch_ref, batch, rule: str = "linear"):
     >>> scaled_lr(0.1, 128, 512), scaled_lr(0.1, 128, 512, rule="sqrt")
     (0.4, 0.2)
     """
+    if not isinstance(rule, str) or rule not in ("linear", "sqrt"):
+        raise ValueError(f"rule must be 'linear' or 'sqrt', got {_short(rule)}")
     ratio = _positive("batch", batch) / _positive("batch_ref", batch_ref)
     lr_ref = _positive("lr_ref", lr_ref)
     if rule == "linear":
@@ -540,6 +650,7 @@ def scaled_lr(lr_ref, batch_ref, batch, rule: str = "linear"):
 # --------------------------------------------------------------------------- stability limits
 
 
+@_quiet
 def gd_stability_limit(lambda_max, momentum=0.0, *, nesterov=False):
     r"""Largest stable ``lr`` of gradient descent on a quadratic: 2(1+μ)/λ_max.
 
@@ -554,6 +665,7 @@ def gd_stability_limit(lambda_max, momentum=0.0, *, nesterov=False):
     0.339285714286
     """
     mu = _momentum(momentum)
+    nesterov = flag("nesterov", nesterov)
     limit = 2.0 * (1.0 + mu) / _positive("lambda_max", lambda_max)
     return _out(limit / (1.0 + 2.0 * mu) if nesterov else limit)
 
@@ -565,11 +677,12 @@ def _eigenvalues(eigenvalues):
     return lam
 
 
+@_quiet
 def linreg_moment_matrix(eigenvalues, lr, batch):
     r"""Transition matrix of E[e_j²] for SGD on linear regression with Gaussian features.
 
     With x ~ N(0, diag(λ)), e = w − w*, m_j = E[e_j²] and batches of B drawn with
-    replacement (DESIGN §3),
+    replacement (docs/design.md §3),
 
         m ← A m + (η²/B) σ² λ,   A = diag(1 − 2ηλ_j + η²λ_j²(1 + 1/B)) + (η²/B) λλᵀ.
 
@@ -578,15 +691,23 @@ def linreg_moment_matrix(eigenvalues, lr, batch):
         lr: η (scalar, multiplier of the mean minibatch gradient). batch: B (scalar).
 
     Returns:
-        A, shape (d, d).
+        A, shape (d, d); entries beyond float64 (huge η) are ``inf``.
 
     >>> linreg_moment_matrix([1.0], 0.5, 1)  # (1-0.5)^2 + 0.25 + 0.25
     array([[0.75]])
     """
     lam = _eigenvalues(eigenvalues)
     lr, batch = _scalar("lr", _positive("lr", lr)), _scalar("batch", _positive("batch", batch))
-    diag = 1.0 - 2.0 * lr * lam + lr**2 * lam**2 * (1.0 + 1.0 / batch)
-    return np.diag(diag) + (lr**2 / batch) * np.outer(lam, lam)
+    u = lr * lam
+    v = u / math.sqrt(batch)  # A = diag((1 − u)² + v²) + v vᵀ
+    with np.errstate(invalid="ignore"):
+        cross = np.outer(v, v)
+    lost = np.isnan(cross) & np.outer(lam > 0, lam > 0)  # v_j underflowed, v_l overflowed
+    if lost.any():
+        log_v = math.log(lr) - 0.5 * math.log(batch) + np.log(np.where(lam > 0, lam, 1.0))
+        cross[lost] = np.exp(np.add.outer(log_v, log_v))[lost]
+    cross[~np.outer(lam > 0, lam > 0)] = 0.0  # λ_j = 0: exactly 0 (not inf·0)
+    return np.diag((1.0 - u) ** 2 + v * v) + cross
 
 
 def _momentum_scalar(momentum) -> float:
@@ -612,6 +733,8 @@ def _secular_coefficients(mu: float, batch: float, nesterov: bool):
     a₂u² + a₁u − a₀ = 0, where s(u_B) = B.
     """
     scale = max(batch, 1.0)
+    if batch < 1e-290:  # η_c ∝ B: below this it is not a normal float64 for any spectrum
+        raise ValueError(f"batch {batch:.3g} is too small: η_c(B) ∝ B underflows float64")
     if nesterov:
         c = mu * (1.0 + 2.0 * mu)
         a2 = c * (1.0 / scale + batch / scale)
@@ -636,6 +759,7 @@ def _secular_margin(t: float, lam: np.ndarray, counts: np.ndarray, mu: float, co
     return 1.0 - 2.0 / (phi + 1.0)
 
 
+@_quiet
 def linreg_stability_limit(eigenvalues, batch, *, momentum=0.0, nesterov=False, counts=None):
     r"""Largest stable ``lr`` η_c(B) of SGD (or torch momentum) on Gaussian linear regression.
 
@@ -712,16 +836,22 @@ def linreg_stability_limit(eigenvalues, batch, *, momentum=0.0, nesterov=False, 
         if _secular_margin(hi, *args) <= 0:  # root within one rounding step of the pole
             t = hi
         else:
-            t = optimize.brentq(_secular_margin, 0.0, hi, args=args, xtol=1e-300,
-                                rtol=4 * np.finfo(float).eps, maxiter=500)
+            try:
+                t = optimize.brentq(_secular_margin, 0.0, hi, args=args, xtol=1e-300,
+                                    rtol=4 * np.finfo(float).eps, maxiter=4000)
+            except (ValueError, RuntimeError):  # not expected: φ is continuous, monotone
+                raise ValueError(f"eigenvalues and batch {b:.6g}: no root of the secular "
+                                 "equation found (please report this input)") from None
         with np.errstate(over="ignore", under="ignore"):
             out[idx] = t * coef[3] / lam_max
         if not (np.isfinite(out[idx]) and out[idx] >= np.finfo(float).tiny):
+            given = "" if counts is None else f", counts with Σn = {n.sum():.3g}"
             raise ValueError(f"η_c = {t * coef[3]:.3g}/λ_max is not a normal float64 for "
-                             f"eigenvalues with λ_max = {lam_max:.3g} and batch {b:.3g}")
+                             f"eigenvalues with λ_max = {lam_max:.3g}{given} and batch {b:.3g}")
     return _out(out)
 
 
+@_quiet
 def spectrum_from_top_and_trace(top_eigenvalues, trace, dim, *, trace_se=0.0):
     r"""A spectrum (eigenvalues, counts) from the top-k Hessian eigenvalues, tr(H) and p.
 
@@ -760,7 +890,7 @@ def spectrum_from_top_and_trace(top_eigenvalues, trace, dim, *, trace_se=0.0):
         raise ValueError(f"top_eigenvalues must be a non-empty 1-D array, got shape {top.shape}")
     trace = _scalar("trace", _arr("trace", trace))
     trace_se = _scalar("trace_se", _positive("trace_se", trace_se, allow_zero=True))
-    dim = integer("dim", dim, minimum=top.size)
+    dim = _integer("dim", dim, minimum=top.size)
     rest_dim = dim - top.size
     with np.errstate(over="ignore"):
         remainder = trace - float(top.sum())
@@ -768,7 +898,8 @@ def spectrum_from_top_and_trace(top_eigenvalues, trace, dim, *, trace_se=0.0):
         raise ValueError(f"trace and top_eigenvalues overflow float64 (trace={trace!r})")
     if remainder < 0 or rest_dim == 0:
         if abs(remainder) > 2.0 * trace_se:
-            what = "is below the sum of" if remainder < 0 else "exceeds the sum of all"
+            what = ("is below the sum of" if remainder < 0
+                    else f"with dim = k = {dim} exceeds the sum of all")
             raise ValueError(f"trace ({trace:.6g} ± {trace_se:.2g}) {what} the top eigenvalues "
                              f"({top.sum():.6g}) by more than 2 standard errors")
         remainder = 0.0

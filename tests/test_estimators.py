@@ -543,3 +543,22 @@ def test_advise_batch_size_respects_multiple_of_within_limits():
         top = 10**6 if hi is None else hi
         cands = [m * step for m in range(1, int(top // step) + 1) if lo <= m * step <= top]
         assert rec == min(cands, key=lambda c: (abs(c - b_noise), c))
+
+
+def test_noise_scale_ema_is_a_ratio_ema_of_tr_sigma_over_grad_sq():
+    """NoiseScaleEMA names RatioEMA's numerator tr Σ and denominator |G|², nothing more."""
+    rng = np.random.default_rng(40)
+    a, b = est.NoiseScaleEMA(beta=0.8), est.RatioEMA(beta=0.8)
+    gs, ts = rng.normal(1.0, 0.3, size=30), rng.normal(10.0, 2.0, size=30)
+    for g, t in zip(gs, ts, strict=True):
+        a.update(g, t)
+        b.update(t, g)
+    for mine, generic in (("grad_sq", "denominator"), ("tr_sigma", "numerator"),
+                          ("grad_sq_stderr", "denominator_stderr"),
+                          ("tr_sigma_stderr", "numerator_stderr"), ("b_simple", "ratio"),
+                          ("b_simple_stderr", "ratio_stderr"), ("reliable", "reliable"),
+                          ("df", "df"), ("n_eff", "n_eff")):
+        assert getattr(a, mine) == getattr(b, generic), mine
+    assert a.b_simple_ci() == b.ratio_ci()
+    w = 0.8 ** np.arange(30)[::-1]  # brute force: the weighted means, then their ratio
+    assert a.b_simple == pytest.approx((w @ ts) / (w @ gs), rel=1e-12)

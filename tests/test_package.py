@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import sgdtheory
 
 ROOT = pathlib.Path(sgdtheory.__file__).parent
@@ -46,3 +48,30 @@ def test_only_backend_branches_on_the_backend_name():
     for path in list(ROOT.rglob("*.py")) + list((ROOT.parent / "benchmarks").glob("*.py")):
         if path.name != "backend.py":
             assert not pattern.search(path.read_text()), f"{path} branches on a backend name"
+
+
+def test_every_module_declares_its_public_names():
+    for path in ROOT.rglob("*.py"):
+        if path.name != "__main__.py":
+            assert re.search(r"^__all__ = \[", path.read_text(), re.MULTILINE), path
+
+
+def test_top_level_names_are_the_modules_objects_and_load_lazily():
+    """``import sgdtheory`` imports no submodule (no SciPy); every name in __all__ resolves to
+    the object of its module."""
+    code = ("import sys, sgdtheory\n"
+            "assert not [m for m in sys.modules if m.startswith('sgdtheory.')], sys.modules\n"
+            "assert 'scipy' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import importlib
+
+    for name in sgdtheory.__all__:
+        value = getattr(sgdtheory, name)
+        if name in sgdtheory._MODULES:
+            assert value is importlib.import_module(f"sgdtheory.{name}")
+        elif name != "__version__":
+            module = importlib.import_module(f"sgdtheory.{sgdtheory._NAMES[name]}")
+            assert value is getattr(module, name) and name in module.__all__
+    assert set(sgdtheory.__all__) <= set(dir(sgdtheory))
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        sgdtheory.nonsense  # noqa: B018

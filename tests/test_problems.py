@@ -273,3 +273,44 @@ def test_bad_input_raises_value_error():
         P.LogisticRegression(np.zeros((2, 1)), [1.0, 3.0])
     with pytest.raises(ValueError, match="noise_std"):
         P.LinearRegression([1.0], noise_std=-1.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t0: P.NoisyQuadratic([1.0, 2.0], [1.0, 1.0], theta0=t0),
+    lambda t0: P.FiniteSumQuadratic([1.0, 2.0], np.zeros((3, 2)), theta0=t0),
+    lambda t0: P.LinearRegression([1.0, 2.0], theta0=t0),
+    lambda t0: P.LinearRegressionData([1.0, 2.0], 5, theta0=t0),
+    lambda t0: P.LogisticRegression(np.ones((3, 2)), [1, 0, 1], theta0=t0),
+])
+def test_every_problem_checks_its_start_the_same_way(make):
+    """One shared validator: θ₀ of the wrong length or not finite, the same message."""
+    np.testing.assert_array_equal(make([0.5, -1.0]).theta0, [0.5, -1.0])
+    assert make([0.5, -1.0]).dim == 2
+    with pytest.raises(ValueError, match=r"theta0 must have shape \(2,\)"):
+        make([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="theta0 must be finite"):
+        make([1.0, np.inf])
+
+
+@pytest.mark.parametrize("make", [lambda lam: P.LinearRegression(lam),
+                                  lambda lam: P.LinearRegressionData(lam, 4)])
+def test_linear_regression_takes_a_spectrum(make):
+    with pytest.raises(ValueError, match="lam must be the 1-D spectrum"):
+        make(np.eye(2))
+    with pytest.raises(ValueError, match="lam must be positive semi-definite"):
+        make([1.0, -0.5])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_softplus_and_sigmoid_against_direct_formulas(backend):
+    """One softplus and one sigmoid for every backend: equal to log(1 + eᶻ) and 1/(1 + e⁻ᶻ)
+    where those are finite, and without overflow for |z| = 800."""
+    be = get_backend(backend)
+    z = np.linspace(-30.0, 30.0, 121)
+    sp = be.to_numpy(P._softplus(be.asarray(z)))
+    sg = be.to_numpy(P._sigmoid(be.asarray(z)))
+    np.testing.assert_allclose(sp, np.log1p(np.exp(z)), rtol=1e-13)
+    # ½(1 + tanh(z/2)) is accurate in absolute terms (≈ 1e-16), not relative in the far tail
+    np.testing.assert_allclose(sg, 1.0 / (1.0 + np.exp(-z)), rtol=1e-13, atol=1e-15)
+    big = be.to_numpy(P._softplus(be.asarray([-800.0, 800.0])))
+    np.testing.assert_allclose(big, [0.0, 800.0], atol=1e-300)

@@ -491,3 +491,28 @@ def test_job_keys_depend_on_settings_data_and_code():
     assert k != runner.job_key(j, ident, "cuda")
     assert k != runner.job_key(runner.Job("validate.experiments.runs:memory_run",
                                           j.settings), ident, "cpu")
+
+
+def test_reference_run_on_the_fast_resnet_with_batchnorm_and_augmentation():
+    """The CIFAR path on a tiny scale: FastResNet (BatchNorm in training mode, so micro-batches
+    as units), crops and flips, Ĥ on sampled batches (λ_max's standard error from their
+    spread); the run's numbers are finite and the Hessian batches are independent draws."""
+    d = data.synthetic_cifar10(96, 32, seed=0)
+    cfg = train.make_config("quick", epochs=1, batch_size=16, subset=64, eval_batch=64)
+    measure = dict(vars(recipes.MeasureConfig(points=2, measure_batch=16, micro_batch=4,
+                                              hessian_batch=16, hessian_reps=2, top_k=2,
+                                              lanczos_iters=12, hutchinson=6)))
+    settings = {"train": {k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in vars(cfg).items()}, "measure": measure}
+    ref = runs.reference_run(settings, d, "cpu")
+    assert ref["model"] == "FastResNet" and [m["step"] for m in ref["measurements"]] == [0, 4]
+    for m in ref["measurements"]:
+        assert m["hessian_reps"] == 2 and not m["hessian_whole_subset"]
+        assert m["micro_batch"] == 4 and m["hessian_batch"] == 16
+        assert math.isfinite(m["lambda_max"]) and m["lambda_max_stderr"] > 0
+        assert math.isfinite(m["grad_sq"]) and m["tr_sigma"] > 0
+    # the same settings give the same numbers (the measurement batches come from seeds)
+    again = runs.reference_run(settings, d, "cpu")
+    from validate._io import jsonable
+
+    assert jsonable(again["measurements"]) == jsonable(ref["measurements"])  # nan → None

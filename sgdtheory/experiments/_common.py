@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+__all__ = ["Check", "factor_check", "minibatch_grads", "relative_check"]
+
 
 @dataclass(frozen=True)
 class Check:

@@ -53,6 +53,10 @@ from sgdtheory.experiments._common import Check, factor_check
 from sgdtheory.problems import LinearRegressionData
 from sgdtheory.simulate import run
 
+__all__ = [
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "base_rate", "spectrum", "sweep",
+]
+
 NAME = "curvature_vs_forgetting"
 TITLE = "Final train/test loss vs lr factor for several dataset sizes and two batch sizes"
 
@@ -118,23 +122,14 @@ def _loglog_slope(n, best) -> float:
     return float(np.polyfit(np.log(n), np.log(best), 1)[0])
 
 
-def compute(config: Config, backend, seed: int = 0) -> dict:
-    """Run the sweep; return final losses, limits and checks."""
-    lam = spectrum(config)
-    factors = np.asarray(config.factors, dtype=float)
-    batches = np.array([config.batch, config.batch * config.batch_ratio])
-    eta0 = base_rate(config)
-    lr = factors[None, :] * eta0 * batches[:, None]  # (2, F)
-    eta_c = np.array([theory.linreg_stability_limit(lam, b) for b in batches])
-    f_curv = eta_c / (batches * eta0)  # curvature limit in factor units, per batch
-    lam_rep = float(np.median(lam))
+def sweep(config: Config, lam, lr, batches, backend, seed: int):
+    """Final training and test losses of every (N, batch, factor, dataset × replica) run,
+    (N, 2, F, n_datasets·replicas) each, and the mean initial loss per N."""
     n_data = np.asarray(config.n_data)
-    f_forget = np.array([memory.forgetting_limit(n, lam_rep) for n in n_data]) / eta0
-    n_n, n_f = n_data.size, factors.size
     reps = config.n_datasets * config.replicas
-    train = np.empty((n_n, 2, n_f, reps))
-    test = np.empty((n_n, 2, n_f, reps))
-    init_loss = np.empty(n_n)
+    train = np.empty((n_data.size, 2, lr.shape[1], reps))
+    test = np.empty_like(train)
+    init_loss = np.empty(n_data.size)
     for i, n in enumerate(n_data):
         init = []
         for j in range(config.n_datasets):
@@ -149,6 +144,24 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
             train[i, :, :, sl] = res.train_loss[..., -1]
             test[i, :, :, sl] = res.test_loss[..., -1]
         init_loss[i] = float(np.mean(init))
+    return train, test, init_loss
+
+
+def compute(config: Config, backend, seed: int = 0) -> dict:
+    """Run the sweep; return final losses, limits and checks."""
+    lam = spectrum(config)
+    factors = np.asarray(config.factors, dtype=float)
+    batches = np.array([config.batch, config.batch * config.batch_ratio])
+    eta0 = base_rate(config)
+    lr = factors[None, :] * eta0 * batches[:, None]  # (2, F)
+    eta_c = np.array([theory.linreg_stability_limit(lam, b) for b in batches])
+    f_curv = eta_c / (batches * eta0)  # curvature limit in factor units, per batch
+    lam_rep = float(np.median(lam))
+    n_data = np.asarray(config.n_data)
+    f_forget = np.array([memory.forgetting_limit(n, lam_rep) for n in n_data]) / eta0
+    n_n = n_data.size
+    reps = config.n_datasets * config.replicas
+    train, test, init_loss = sweep(config, lam, lr, batches, backend, seed)
     # a run "blows up" when its final training loss exceeds the initial loss
     blown = ~(train < init_loss[:, None, None, None])
     frac_blown = blown.mean(axis=-1)  # (N, 2, F)
@@ -169,7 +182,35 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
                             train.std(axis=-1, ddof=1) / np.sqrt(reps))
     best = np.array([[_best_factor(factors, test_mean[i, b]) for b in range(2)]
                      for i in range(n_n)])
+    checks = _checks(config, batches, n_data, f_inst, f_curv, f_forget, best)
+    return {
+        "eigenvalues": lam,
+        "factors": factors,
+        "batches": batches,
+        "base_lr0": eta0,
+        "lr": lr,
+        "n_data": n_data,
+        "epochs": config.epochs,
+        "lam_rep": lam_rep,
+        "eta_c": eta_c,
+        "f_curv": f_curv,
+        "f_forget": f_forget,
+        "f_inst": f_inst,
+        "f_inst_pred": f_inst_pred,
+        "best_factor": best,
+        "init_loss": init_loss,
+        "noise_var": config.noise_std**2,
+        "train_mean": train_mean,
+        "train_se": train_se,
+        "test_mean": test_mean,
+        "test_se": test_se,
+        "frac_blown": frac_blown,
+        "checks": checks,
+    }
 
+
+def _checks(config: Config, batches, n_data, f_inst, f_curv, f_forget, best) -> list:
+    """The checks of the module docstring, from the measured instability and best factors."""
     checks: list[Check] = []
     for b, name in enumerate(("B", f"{config.batch_ratio}B")):
         spread = float(np.max(f_inst[:, b]) / np.min(f_inst[:, b]))
@@ -202,30 +243,7 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
                                "best/f_forget for the N whose forgetting limit is below half "
                                "the curvature limit (forgetting-limited); pass within a factor "
                                f"{config.forget_tol:g}"))
-    return {
-        "eigenvalues": lam,
-        "factors": factors,
-        "batches": batches,
-        "base_lr0": eta0,
-        "lr": lr,
-        "n_data": n_data,
-        "epochs": config.epochs,
-        "lam_rep": lam_rep,
-        "eta_c": eta_c,
-        "f_curv": f_curv,
-        "f_forget": f_forget,
-        "f_inst": f_inst,
-        "f_inst_pred": f_inst_pred,
-        "best_factor": best,
-        "init_loss": init_loss,
-        "noise_var": config.noise_std**2,
-        "train_mean": train_mean,
-        "train_se": train_se,
-        "test_mean": test_mean,
-        "test_se": test_se,
-        "frac_blown": frac_blown,
-        "checks": checks,
-    }
+    return checks
 
 
 def plot(data: dict):

@@ -34,6 +34,11 @@ from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
+__all__ = [
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "SPECTRA", "line_search",
+    "noise_for_b_noise", "spectrum",
+]
+
 NAME = "eps_opt_vs_batch"
 TITLE = "Measured one-step optimal step ε_opt/ε_max vs B/B_noise on three spectra"
 

@@ -44,6 +44,11 @@ from sgdtheory.experiments._common import Check, factor_check
 from sgdtheory.problems import LinearRegression
 from sgdtheory.simulate import linear_decay, run
 
+__all__ = [
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "spectrum", "sweep",
+    "tuned_base_rate",
+]
+
 NAME = "linear_scaling"
 TITLE = "Final loss at fixed examples with η ∝ B and η ∝ √B vs B/B_noise, with warmup"
 
@@ -110,14 +115,13 @@ def _break_point(batches, ratio, threshold):
     return np.inf
 
 
-def compute(config: Config, backend, seed: int = 0) -> dict:
-    lam = spectrum(config)
+def sweep(config: Config, prob, base_ref: float, backend, seed: int):
+    """Simulated and exact final excess losses for both rules at every batch size.
+
+    Returns (sim (2, n_B, replicas), theory (2, n_B), lr (2, n_B), run-averaged B_noise
+    (geometric and arithmetic mean over the B = 1 linear run))."""
+    lam = prob.lam
     noise_var = config.noise_std**2
-    prob = LinearRegression(lam, noise_std=config.noise_std)
-    stats0 = prob.stats(prob.theta0)
-    b_noise0 = float(stats0.b_noise)
-    base_onestep = float(stats0.eps_max / stats0.b_noise)  # ε_max/B_noise = |G|²/tr(HΣ)
-    base_ref = tuned_base_rate(config, lam, base_onestep)
     batches = np.asarray(config.batches)
     rules = ("linear", "sqrt")
     sched = _schedule(config)
@@ -146,6 +150,18 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
             loss = nqm.linreg_expected_loss(lam, lrs[:, None] * mult[None, :], b, None,
                                             noise_var=noise_var, init_m=1.0)[..., -1]
         th[:, i] = np.where(np.isfinite(loss) & (loss < 1e6), loss - noise_var / 2.0, np.inf)
+    return sim, th, lr, b_noise_run, b_noise_arith
+
+
+def compute(config: Config, backend, seed: int = 0) -> dict:
+    lam = spectrum(config)
+    prob = LinearRegression(lam, noise_std=config.noise_std)
+    stats0 = prob.stats(prob.theta0)
+    b_noise0 = float(stats0.b_noise)
+    base_onestep = float(stats0.eps_max / stats0.b_noise)  # ε_max/B_noise = |G|²/tr(HΣ)
+    base_ref = tuned_base_rate(config, lam, base_onestep)
+    batches = np.asarray(config.batches)
+    sim, th, lr, b_noise_run, b_noise_arith = sweep(config, prob, base_ref, backend, seed)
     blown = ~(sim < 1e6)
     with np.errstate(invalid="ignore", over="ignore"):
         mean = np.where(blown.any(axis=-1), np.inf, sim.mean(axis=-1))
@@ -156,7 +172,33 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
     thr = 1.0 + config.margin
     b_break = _break_point(batches, rel[0], thr)
     b_break_th = _break_point(batches, rel_th[0], thr)
+    checks = _checks(config, batches, mean, se, th, rel, b_noise_run, b_break, b_break_th)
+    return {
+        "eigenvalues": lam,
+        "batches": batches,
+        "rules": ["linear", "sqrt"],
+        "lr": lr,
+        "base_lr_ref": base_ref,
+        "base_lr_onestep": base_onestep,
+        "b_noise_start": b_noise0,
+        "b_noise_run": b_noise_run,
+        "b_noise_run_arith": b_noise_arith,
+        "examples": config.examples,
+        "warmup": config.warmup,
+        "excess_mean": mean,
+        "excess_se": se,
+        "excess_theory": th,
+        "break_batch": b_break,
+        "break_batch_theory": b_break_th,
+        "margin": config.margin,
+        "checks": checks,
+    }
 
+
+def _checks(config: Config, batches, mean, se, th, rel, b_noise_run, b_break,
+            b_break_th) -> list:
+    """The checks of the module docstring, from the final excess losses (linear rule: row 0)."""
+    thr = 1.0 + config.margin
     checks: list[Check] = []
     small = batches <= b_noise_run / 8
     se_rel = rel[0] * np.sqrt((se[0] / mean[0]) ** 2 + (se[0, 0] / mean[0, 0]) ** 2)
@@ -182,26 +224,7 @@ def compute(config: Config, backend, seed: int = 0) -> dict:
     frac = float(np.mean(z <= 3.0))
     checks.append(Check("simulated final loss within 3 s.e. of exact theory", 1.0, frac, 0.8,
                         frac >= 0.8, "fraction of stable (rule, B) points; pass if >= 0.8"))
-    return {
-        "eigenvalues": lam,
-        "batches": batches,
-        "rules": list(rules),
-        "lr": lr,
-        "base_lr_ref": base_ref,
-        "base_lr_onestep": base_onestep,
-        "b_noise_start": b_noise0,
-        "b_noise_run": b_noise_run,
-        "b_noise_run_arith": b_noise_arith,
-        "examples": config.examples,
-        "warmup": config.warmup,
-        "excess_mean": mean,
-        "excess_se": se,
-        "excess_theory": th,
-        "break_batch": b_break,
-        "break_batch_theory": b_break_th,
-        "margin": config.margin,
-        "checks": checks,
-    }
+    return checks
 
 
 def plot(data: dict):

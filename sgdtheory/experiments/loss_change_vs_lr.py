@@ -40,7 +40,11 @@ from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, minibatch_grads, relative_check
 from sgdtheory.experiments.eps_opt_vs_batch import noise_for_b_noise, spectrum
-from sgdtheory.problems import LogisticRegression, NoisyQuadratic
+from sgdtheory.problems import LogisticRegression, NoisyQuadratic, _softplus
+
+__all__ = [
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "logistic_point", "zero_crossing",
+]
 
 NAME = "loss_change_vs_lr"
 TITLE = "Expected one-step loss change vs ε/ε_opt(B): zero crossing at 2ε_opt (NQM, logistic)"
@@ -135,8 +139,7 @@ def _nqm_panel(config: Config, backend, gen):
     xp_h = backend.asarray(h, dtype="float64")
     x_pts = np.asarray(config.x_points, dtype=float)
     x_fine = np.linspace(1.0, config.x_max, config.n_x)
-    rows = {k: [] for k in ("mean", "sem", "crossing", "crossing_se", "batch",
-                            "delta_loss_opt")}
+    rows = []
     for ratio in config.ratios:
         batch = int(round(ratio * stats.b_noise))
         e_opt = stats.eps_opt(batch)
@@ -150,15 +153,22 @@ def _nqm_panel(config: Config, backend, gen):
         mean, sem, _ = _quadratic_curves(x_pts * e_opt, lin, quad, config.n_groups)
         fmean, _, fgroups = _quadratic_curves(x_fine * e_opt, lin, quad, config.n_groups)
         cross, cross_se = _crossing_and_se(x_fine * e_opt, fgroups, fmean)
-        rows["mean"].append(mean / dl_opt)
-        rows["sem"].append(sem / dl_opt)
-        rows["crossing"].append(cross / e_opt)
-        rows["crossing_se"].append(cross_se / e_opt)
-        rows["batch"].append(batch)
-        rows["delta_loss_opt"].append(dl_opt)
-    out = {k: np.asarray(v, dtype=float) for k, v in rows.items()}
+        rows.append(_row(mean, sem, cross, cross_se, batch, dl_opt, e_opt))
+    return _stack_rows(rows, stats, x_pts)
+
+
+def _row(mean, sem, cross, cross_se, batch, dl_opt, e_opt) -> dict:
+    """One batch size of a panel: ΔL curve and its s.e. in units of ΔL_opt(B), the zero
+    crossing and its s.e. in units of ε_opt(B)."""
+    return {"mean": mean / dl_opt, "sem": sem / dl_opt, "crossing": cross / e_opt,
+            "crossing_se": cross_se / e_opt, "batch": batch, "delta_loss_opt": dl_opt}
+
+
+def _stack_rows(rows: list, stats, x_pts, **extra) -> dict:
+    """The rows of a panel stacked into arrays, with the x grid and the noise scale."""
+    out = {k: np.asarray([r[k] for r in rows], dtype=float) for k in rows[0]}
     out.update(x=x_pts, ratio=out["batch"] / stats.b_noise, b_noise=stats.b_noise,
-               eps_max=stats.eps_max)
+               eps_max=stats.eps_max, **extra)
     return out
 
 
@@ -170,11 +180,6 @@ def logistic_point(problem, fraction: float) -> np.ndarray:
                             jac=lambda w: problem.grad(w), method="BFGS",
                             options={"gtol": 1e-10})
     return fraction * res.x
-
-
-def _softplus(z):
-    """log(1 + eˣ), stable for large |z|."""
-    return np.maximum(z, 0.0) + np.log1p(np.exp(-np.abs(z)))
 
 
 def _logistic_panel(config: Config, backend, gen, seed):
@@ -191,8 +196,7 @@ def _logistic_panel(config: Config, backend, gen, seed):
     x_pts = np.asarray(config.x_points, dtype=float)
     x_search = np.linspace(1.0, config.x_max, config.logistic_n_x)
     x_all = np.concatenate([x_pts, x_search])
-    rows = {k: [] for k in ("mean", "sem", "crossing", "crossing_se", "batch",
-                            "delta_loss_opt")}
+    rows = []
     n = config.logistic_draws
     for ratio in config.ratios:
         batch = max(1, int(round(ratio * stats.b_noise)))
@@ -214,17 +218,9 @@ def _logistic_panel(config: Config, backend, gen, seed):
         groups = np.array_split(np.arange(n), config.n_groups)
         cross, cross_se = _crossing_and_se(x_search * e_opt,
                                            [fine[gi].mean(0) for gi in groups], fine.mean(0))
-        rows["mean"].append(per_draw[:, :k].mean(0) / dl_opt)
-        rows["sem"].append(per_draw[:, :k].std(0, ddof=1) / np.sqrt(n) / dl_opt)
-        rows["crossing"].append(cross / e_opt)
-        rows["crossing_se"].append(cross_se / e_opt)
-        rows["batch"].append(batch)
-        rows["delta_loss_opt"].append(dl_opt)
-    out = {k: np.asarray(v, dtype=float) for k, v in rows.items()}
-    out.update(x=x_pts, ratio=out["batch"] / stats.b_noise, b_noise=stats.b_noise,
-               eps_max=stats.eps_max, n_data=problem.n_data,
-               fraction=config.logistic_fraction)
-    return out
+        rows.append(_row(per_draw[:, :k].mean(0), per_draw[:, :k].std(0, ddof=1) / np.sqrt(n),
+                         cross, cross_se, batch, dl_opt, e_opt))
+    return _stack_rows(rows, stats, x_pts, n_data=problem.n_data, fraction=config.logistic_fraction)
 
 
 def compute(config: Config, backend, seed: int) -> dict:

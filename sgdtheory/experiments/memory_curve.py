@@ -35,6 +35,11 @@ from sgdtheory.backend import get_backend
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
+__all__ = [
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "lag_grid", "learning_rates",
+    "simulate_gaps", "spectrum",
+]
+
 NAME = "memory_curve"
 TITLE = "Loss of the batch seen k steps ago minus unseen loss, high vs low lr, with derived curve"
 

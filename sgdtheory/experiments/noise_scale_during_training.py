@@ -46,6 +46,8 @@ from sgdtheory.experiments._common import Check
 from sgdtheory.experiments.steps_vs_examples import sgd_second_moments
 from sgdtheory.problems import Layout, NoisyQuadratic
 
+__all__ = ["NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "nested_batch_grads"]
+
 NAME = "noise_scale_during_training"
 TITLE = "B_noise(t), B_simple(t) along an SGD run and the two-batch EMA estimator tracking them"
 

@@ -32,6 +32,8 @@ from sgdtheory import nqm, theory
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, relative_check
 
+__all__ = ["NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "OPTIMIZERS", "best_steps"]
+
 NAME = "nqm_optimizers"
 TITLE = "Steps to target vs batch size for SGD, momentum and preconditioned SGD (exact NQM)"
 

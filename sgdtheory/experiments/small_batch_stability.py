@@ -37,6 +37,8 @@ from sgdtheory.experiments._common import Check, factor_check
 from sgdtheory.problems import LinearRegression
 from sgdtheory.simulate import run
 
+__all__ = ["NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "base_grid", "spectrum"]
+
 NAME = "small_batch_stability"
 TITLE = "Range of good base learning rates η/B vs batch size, with the curvature limit"
 

@@ -42,6 +42,11 @@ from sgdtheory import nqm, theory
 from sgdtheory.experiments import _plotting as P
 from sgdtheory.experiments._common import Check, factor_check, relative_check
 
+__all__ = [
+    "NAME", "TITLE", "Config", "PRESETS", "compute", "plot", "b_noise_along_run",
+    "run_averaged_b_noise", "sgd_second_moments",
+]
+
 NAME = "steps_vs_examples"
 TITLE = "Steps vs examples to a target loss (exact NQM), fitted hyperbolas, B_crit vs B_noise"
 

@@ -26,7 +26,7 @@ from sgdtheory.experiments._common import Check, factor_check
 from validate._io import jsonable, write_json
 
 from .recipes import Recipe
-from .runner import DataSpec, Job, make_executor, run_jobs
+from .runner import DataSpec, Job, code_fingerprint, make_executor, run_jobs
 
 __all__ = ["Context", "claim", "factor_claim", "run_experiment", "summary_table", "sweep_jobs"]
 
@@ -203,6 +203,7 @@ def run_experiment(module, ctx: Context, *, out, executor: str = "local", worker
         "data": {**ctx.identity, "spec": dataclasses.asdict(ctx.data)},
         "model": {"name": ref["result"].get("model"), "parameters": ref["result"].get("params")},
         "torch": torch.__version__,
+        "code": code_fingerprint(),
         "device": ctx.device,
         "seed": ctx.seed,
         "executor": executor,

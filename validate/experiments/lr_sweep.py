@@ -349,6 +349,15 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
     pts = pr.valid_points(ref["result"]["measurements"])
     findings.append("reference run λ_max: " + ", ".join(
         f"step {m['step']}: {m['lambda_max']:.3g}" for m in pts))
+    mu = float(ctx.recipe.train.momentum)
+    prod = [(m["lr"] * m["lambda_max"] / (1 + mu), m["step"]) for m in pts if m["lr"] > 0]
+    if prod:
+        top, at = max(prod)
+        findings.append(
+            f"reference run η·λ_max/(1+μ) (above 2: beyond the local curvature limit): max "
+            f"{top:.3g} at step {at}, median {float(np.median([v for v, _ in prod])):.3g}, "
+            f"above 2 at {sum(v > 2 for v, _ in prod)} of {len(prod)} points — the run trains "
+            "on regardless")
     rows = [{"label": r["label"], "key": r["key"],
              **{k: r["settings"]["train"][k] for k in ("batch_size", "subset", "lr_factor",
                                                        "seed")},
@@ -451,9 +460,12 @@ def plot(report: dict):
     P.theory(ax, steps, np.where(lr > 0, 2 * (1 + mu) / np.where(lr > 0, lr, 1), np.nan),
              "2(1+μ)/η of the run", c="0.4", ls="--")
     ax.set_yscale("log")
+    positive = [v for v in (*lam, *tr) if np.isfinite(v) and v > 0]
+    if positive:  # room below the points for the legend; the 2/η curve clipped above
+        ax.set_ylim(min(positive) / 300, max(positive) * 20)
     ax.set_title("reference run: curvature", fontsize=9)
     ax.set_xlabel("step")
-    P.legend(ax, key=False, loc="center right")
+    P.legend(ax, key=False, loc="lower right", ncol=1)
     ax = axes[5]
     for k, (key, lab) in enumerate((("b_simple", "B_simple = tr Σ/|G|²"),
                                     ("b_noise", "B_noise = tr(HΣ)/GᵀHG"))):

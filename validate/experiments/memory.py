@@ -143,7 +143,8 @@ def jobs(ctx: Context) -> list[Job]:
                                             epochs=p["epochs"]),
                 "memory": {"probes": ctx.config.probes, "start": p["start"],
                            "every": p["every"], "track": p["track"],
-                           "unseen": ctx.config.unseen}},
+                           "unseen": ctx.config.unseen},
+                "measure": ctx.measure_settings()},
                 f"memory {name} f={f:g} seed={s}"))
     return out
 
@@ -263,6 +264,26 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
             f"measured memory time {c['memory_time_steps']:.3g} steps vs predicted "
             f"{pr_[name]['memory_time_steps']:.3g}; area under gap(k)/gap(1) over the "
             f"{mean.size} tracked steps {area:.3g} steps")
+    mu = float(ctx.recipe.train.momentum)
+    for name in ("high", "low"):
+        own = [r["result"].get("probe_start_measurement") or {} for r in records
+               if r["label"].startswith(f"memory {name} ") and not r["result"]["failed"]]
+        own = [m for m in own if m.get("tr_sigma") and m.get("tr_h_sigma") is not None]
+        if not own:
+            continue
+        lam_max = float(np.mean([m["lambda_max"] for m in own]))
+        lam_s = float(np.mean([m["tr_h_sigma"] for m in own]) / np.mean([m["tr_sigma"]
+                                                                        for m in own]))
+        lr = pr_[name]["lr"]
+        tau = pr.memory_time(lr, lam_s, mu) if lam_s > 0 else math.nan
+        curves[name].update(own_lambda_max=lam_max, own_lambda_sigma=lam_s,
+                            own_memory_time_steps=tau)
+        findings.append(
+            f"{name} rate (lr {lr:.3g}), measured in its own runs when probing starts: λ_max "
+            f"{lam_max:.3g} (η·λ_max = {lr * lam_max:.2g}), λ_Σ {lam_s:.3g} (the reference "
+            f"run's: {predictions['lambda_sigma']['value']:.3g}); with it the memory time "
+            f"(1−μ)/(η λ_Σ) would be {tau:.3g} steps (measured "
+            f"{curves[name]['memory_time_steps']:.3g})")
     areas = [curves[n].get("area_steps", math.nan) for n in ("high", "low")]
     findings.append(f"area ratio low/high rate {areas[1] / areas[0]:.3g} (the rate ratio is "
                     f"{ctx.config.ratio:g}; areas are truncated at the tracked lags)")
@@ -302,6 +323,9 @@ def plot(report: dict):
         if first and tau and math.isfinite(tau) and tau > 0:
             P.theory(ax0, k, first * np.exp(-(k - 1) / tau), c=col, ls="--", lw=1.0)
             P.theory(ax1, k / spe, np.exp(-(k - 1) / tau), c=col, ls="--", lw=1.0)
+        own = c.get("own_memory_time_steps")
+        if first and own and math.isfinite(own) and own > 0:
+            P.theory(ax1, k / spe, np.exp(-(k - 1) / own), c=col, ls=":", lw=1.0)
         if first:
             ax1.fill_between(k / spe, (mean - se) / first, (mean + se) / first, color=col,
                              alpha=0.2, lw=0)
@@ -329,6 +353,7 @@ def plot(report: dict):
     ax1.set_ylim(-0.4, 1.3)
     ax1.set_xlabel("k in epochs")
     ax1.set_ylabel("gap(k) / gap(1)")
-    ax1.set_title("dotted: 1/e (memory time, ○) and one epoch; dash-dot: 10%", fontsize=8)
+    ax1.set_title("grey: 1/e (memory time, ○), 10% (dash-dot), one epoch;\n"
+                  "coloured dotted: τ from the λ_Σ of the memory runs themselves", fontsize=8)
     P.legend(ax1, key=False, loc="upper right")
     return fig

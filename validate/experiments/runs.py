@@ -240,7 +240,9 @@ def memory_run(settings: dict, data, device) -> dict:
     while P is remembered. P and U are exchangeable before step s, so E[G(k)] is exactly the
     difference between the loss of a seen batch and of unseen data, and subtracting the values
     at θ_s removes the batch-to-batch differences that are not memory. Returns the gaps of
-    every probe (``gaps``: probes × track), the steps per epoch, and the run's numbers.
+    every probe (``gaps``: probes × track), the run's numbers, and — with
+    ``settings['measure']`` — :func:`measure_point` at the first probe's step
+    (``probe_start_measurement``: the curvature and noise the probes meet at this rate).
     """
     import dataclasses
 
@@ -282,8 +284,17 @@ def memory_run(settings: dict, data, device) -> dict:
         probe = per[:n_probe].view(len(steps), b).mean(1).cpu().numpy()
         return probe, float(per[n_probe:].mean())
 
+    measure = settings.get("measure")
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    measured = {}
+
     def callback(state):
         t = state.step
+        if measure and t == steps[0]:  # the curvature the probes meet, before the first one
+            try:
+                measured.update(measure_point(state, criterion, measure, cfg.seed))
+            except ValueError as e:  # non-finite: the run is failing; say so
+                measured["error"] = " ".join(str(e).split())
         active = [j for j, s in enumerate(steps) if s <= t <= s + track]
         if not active:
             return
@@ -300,5 +311,6 @@ def memory_run(settings: dict, data, device) -> dict:
     out["gaps"] = gaps.tolist()
     out["probe_steps"] = steps
     out["held_aside"] = int(plan["hold"].size)
+    out["probe_start_measurement"] = measured or None
     out["timing"] = timing
     return out
