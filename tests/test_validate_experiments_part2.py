@@ -116,6 +116,46 @@ def test_best_rates_and_pooled_ratio_by_hand():
         [{"step": s} for s in (0, 10, 20, 30, 40)], 19, 1)] == [10, 20, 30]
 
 
+def _fake_records(ctx, pred, table):
+    """Records of critical_batch runs: table {(B, k): (steps per target or None, failed)}."""
+    out = []
+    for (b, k), (steps, failed) in table.items():
+        for r in range(ctx.config.seeds):
+            job = critical_batch._job(ctx, pred, b, k, ctx.seed + r)
+            out.append({"settings": job.settings, "result": {
+                "failed": failed, "targets": [{"step": s, "reached": s is not None}
+                                              for s in (steps or [None] * 2)]}})
+    return out
+
+
+def test_critical_batch_grid_extension():
+    """A B whose best rate is the top (bottom) of the rates tried gets the next rate above
+    (below); one where no rate reaches a target goes up unless the top rate's runs fail; no
+    more than ``extend`` rates beyond each end of the initial grid."""
+    import dataclasses
+
+    args = cli.build_parser().parse_args(["critical_batch", "--preset", "smoke"])
+    ctx = cli.make_context(args, critical_batch)
+    ctx = dataclasses.replace(ctx, config=dataclasses.replace(
+        ctx.config, batches=(8, 16, 32, 64), lr_exponents=(0, 1), extend=1))
+    pred = {"eps_opt": {str(b): {"lr": 0.01 * b} for b in ctx.config.batches},
+            "targets": [{"loss": 1.0}, {"loss": 0.5}]}
+    table = {(8, 0): ([50, 90], False), (8, 1): ([40, 80], False),     # best at the top
+             (16, 0): ([30, 60], False), (16, 1): ([35, 70], False),   # best at the bottom
+             (32, 0): (None, False), (32, 1): (None, False),           # too slow: go up
+             (64, 0): (None, False), (64, 1): (None, True)}            # top fails: go down
+    jobs = critical_batch.follow_up(ctx, pred, _fake_records(ctx, pred, table))
+    got = sorted({(j.settings["train"]["batch_size"],
+                   critical_batch.exponent(pred, j.settings["train"]["batch_size"],
+                                           j.settings["train"]["lr"])) for j in jobs})
+    assert got == [(8, 2.0), (16, -1.0), (32, 2.0), (64, -1.0)]
+    assert len(jobs) == 4 * ctx.config.seeds
+    # still at the edge after one extension each side: extend = 1 stops there
+    table.update({(8, 2): ([30, 70], False), (16, -1): ([20, 50], False),
+                  (32, 2): (None, False), (64, -1): (None, True)})
+    assert critical_batch.follow_up(ctx, pred, _fake_records(ctx, pred, table)) == []
+
+
 # ---------------------------------------------------------------------------- the heat map
 def test_good_range_outline_on_a_hand_made_grid():
     """An L-shaped good range on a 4 (B) × 5 (rate) grid: the mask (within 1 point of the best
@@ -381,7 +421,14 @@ def test_smoke_critical_batch_end_to_end(smoke):
     cfg = critical_batch.PRESETS["smoke"]
     p = rep["predictions"]
     ref = rep["reference"]["result"]
-    assert len(rep["runs"]) == len(cfg.batches) * len(cfg.lr_exponents) * cfg.seeds
+    grid = rep["analysis"]["grid"]
+    assert len(rep["runs"]) == sum(len(grid[str(b)]["exponents"]) for b in cfg.batches) * \
+        cfg.seeds
+    for b in cfg.batches:  # the initial grid, extended by at most ``extend`` each side
+        ks = grid[str(b)]["exponents"]
+        assert set(cfg.lr_exponents) <= set(ks) and ks == sorted(ks)
+        assert min(cfg.lr_exponents) - cfg.extend <= ks[0] and \
+            ks[-1] <= max(cfg.lr_exponents) + cfg.extend
     # the targets are the reference run's training loss at the fractions of its budget
     loss_at = dict(zip(ref["curve"]["steps"], ref["curve"]["losses"], strict=True))
     for q, t in zip(cfg.fractions, p["targets"], strict=True):

@@ -8,7 +8,10 @@ ask,
   least ``ratio`` × the previous one, plus the steps in ``at``), and for each of the ``targets``
   the first step at which L ≤ target (:func:`crossing_step`, interpolated log-linearly between
   evaluations); with ``stop`` the run ends once the lowest target is reached (it is not a
-  failure);
+  failure), and with ``give_up`` = q a run whose training loss is still not below the chance
+  loss (:func:`validate.train.chance_loss`: a network that collapsed, or never left the start)
+  at an evaluation after q × its step budget ends there as a failure (it cannot reach a
+  target: a collapsed network stays at chance);
 * ``measure`` — the reference measurements of :func:`validate.experiments.runs.measure_point`
   (|G|², tr(Σ), GᵀHG, tr(HΣ), B_simple, B_noise, ε_max, λ_max, tr(H), with standard errors) at
   ``measure['points']`` evenly spaced steps;
@@ -164,7 +167,16 @@ def batch_run(settings: dict, data, device) -> dict:
     crit_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
     targets = sorted((float(t) for t in (curve or {}).get("targets") or ()), reverse=True)
     rec = {"steps": [], "losses": [], "measurements": [], "sharpness": None,
-           "stopped_at_target": None}
+           "stopped_at_target": None, "gave_up": None}
+    give_up = (curve or {}).get("give_up")
+    chance = None
+    if give_up is not None:
+        from validate.train import chance_loss, subset_size
+
+        n = subset_size(cfg, data.train_images.shape[0])
+        idx = np.sort(np.random.default_rng(int(cfg.seed)).permutation(
+            data.train_images.shape[0])[:n]) if n < data.train_images.shape[0] else slice(None)
+        chance = chance_loss(data.train_labels[idx], data.num_classes, cfg.label_smoothing)
     seconds = {"curve_s": 0.0, "measure_s": 0.0, "sharpness_s": 0.0}
     plan: dict = {}
 
@@ -186,6 +198,11 @@ def batch_run(settings: dict, data, device) -> dict:
             if curve.get("stop") and targets and math.isfinite(loss) and loss <= targets[-1]:
                 rec["stopped_at_target"] = t
                 state.diverged = True  # ends training; not a failure (see below)
+                return
+            if chance is not None and t >= give_up * state.total_steps and t > 0 and \
+                    not loss < chance:
+                rec["gave_up"] = (t, loss)
+                state.diverged = True  # ends training: a failure (see below)
                 return
         if t in plan["measure"]:
             t0 = time.perf_counter()
@@ -210,6 +227,11 @@ def batch_run(settings: dict, data, device) -> dict:
     out, timing = _summary(result)
     if rec["stopped_at_target"] is not None:  # our own early stop, not a failure of training
         out.update(failed=False, failure=None, failed_at_step=None)
+    if rec["gave_up"] is not None:
+        t, loss = rec["gave_up"]
+        out.update(failed=True, failed_at_step=t, failure=(
+            f"collapsed to chance (training loss {loss:.4g} not below the chance loss "
+            f"{chance:.4g} after {t} of {out['total_steps']} steps; stopped)"))
     out["stopped_at_target"] = rec["stopped_at_target"]
     out["curve"] = {"steps": rec["steps"], "losses": rec["losses"]}
     b = int(cfg.batch_size)

@@ -25,9 +25,13 @@ budget.
 
 **Sweep**: for each B in ``batches`` (×2 grid), each lr of its grid and ``seeds`` seeds, train at
 that constant rate until the training loss reaches the lowest target (or ``cap`` × the reference
-run's steps; for B ≥ the reference batch fewer steps suffice at the best rate), recording the
-steps S to each target (:func:`.batch_runs.crossing_step`, log-spaced evaluations of L) and
-E = S·B.
+run's steps; for B ≥ the reference batch fewer steps suffice at the best rate; a run still at the
+chance loss after ``give_up`` of that budget has collapsed and is stopped as failed), recording
+the steps S to each target (:func:`.batch_runs.crossing_step`, log-spaced evaluations of L) and
+E = S·B. **Grid extension** (:func:`follow_up`): while, at some B, the best rate for some target
+is the highest (lowest) rate tried there, the next rate ×2 above (below) is added, at most
+``extend`` times on each side — so the best rate of the grid is bracketed, wherever ε_opt(B)
+puts the grid's centre. Every rate tried is reported.
 
 **Analysis**: per target and B, the best lr of the grid is the one with the fewest steps (the
 geometric mean over seeds; only rates at which every seed reached the target), as in the paper's
@@ -77,6 +81,8 @@ class Config:
     reference_factor: float = 1.0   # reference run's lr = f·η̃₀·B (η̃₀ the recipe's base rate)
     cap: float = 1.25               # a sweep run stops after cap × the reference's steps
     #                                 (× B_ref/B below the reference batch) if not at the target
+    give_up: float = 0.25           # … or at chance loss after this fraction of those steps
+    extend: int = 2                 # rates added (×2 steps) beyond each end of a B's grid
     window: int = 1                 # neighbouring measurement points pooled on each side
     curve_ratio: float = 1.03       # successive loss evaluations ≥ this ratio of steps apart
     epochs: int | None = None       # reference run's epochs (its budget); None: the recipe's
@@ -98,11 +104,13 @@ class Config:
         if k.ndim != 1 or k.size < 1 or np.any(np.diff(k) <= 0):
             raise ValueError(f"lr_exponents must be increasing numbers, got "
                              f"{self.lr_exponents!r}")
-        for name in ("seeds", "window"):
+        for name in ("seeds", "window", "extend"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "seeds" else 0):
                 raise ValueError(f"{name} must be an integer ≥ {1 if name == 'seeds' else 0}, "
                                  f"got {v!r}")
+        if not (isinstance(self.give_up, (int, float)) and 0 < self.give_up <= 1):
+            raise ValueError(f"give_up must lie in (0, 1], got {self.give_up!r}")
         for name in ("reference_factor", "cap"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -113,7 +121,8 @@ class Config:
 
 PRESETS = {
     "smoke": Config(batches=(8, 32, 128), lr_exponents=(0, 1), fractions=(0.5, 0.75), seeds=2,
-                    epochs=2, points=5, lanczos_iters=8, hutchinson=4, curve_ratio=1.1),
+                    extend=1, epochs=2, points=5, lanczos_iters=8, hutchinson=4,
+                    curve_ratio=1.1),
     "quick": Config(batches=(8, 16, 32, 64, 128, 256, 512), lr_exponents=(0, 1, 2), seeds=1,
                     epochs=10, points=11, lanczos_iters=20, hutchinson=8),
     "default": Config(lanczos_iters=40, hutchinson=20),
@@ -254,8 +263,21 @@ def predict(ctx: Context, ref: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- the sweep
+def _job(ctx: Context, predictions: dict, batch: int, k: float, seed: int) -> Job:
+    """The run at ``batch`` with lr = ε_opt(B)·2^k and ``seed``, to the targets."""
+    lr = float(predictions["eps_opt"][str(batch)]["lr"] * 2.0**k)
+    epochs = int(math.ceil(step_cap(ctx, batch) / (ctx.n_train // batch)))
+    return Job(JOB, job_settings(
+        train=_constant(ctx, lr=lr, batch_size=batch, seed=seed, epochs=epochs),
+        curve={"ratio": ctx.config.curve_ratio, "dense": 20, "stop": True,
+               "give_up": ctx.config.give_up,
+               "targets": [t["loss"] for t in predictions["targets"]]}),
+        f"B={batch} lr=ε_opt·2^{k:g}={lr:.3g} seed={seed}")
+
+
 def jobs(ctx: Context, predictions: dict | None = None) -> list[Job]:
-    """The sweep (B × lr grid × seeds); with ``predictions=None`` only the grid is checked."""
+    """The sweep's first stage (B × lr grid × seeds); with ``predictions=None`` only the grid
+    is checked."""
     big = [b for b in ctx.config.batches if b > ctx.n_train]
     if big:
         raise ValueError(f"critical_batch: batch sizes {big} exceed the {ctx.n_train} training "
@@ -265,19 +287,66 @@ def jobs(ctx: Context, predictions: dict | None = None) -> list[Job]:
                          f"{ctx.n_train} training examples")
     if predictions is None:
         return []
-    targets = [t["loss"] for t in predictions["targets"]]
+    return [_job(ctx, predictions, b, k, ctx.seed + r) for b in ctx.config.batches
+            for k in ctx.config.lr_exponents for r in range(ctx.config.seeds)]
+
+
+def exponent(predictions: dict, batch: int, lr: float) -> float:
+    """k of a rate lr = ε_opt(B)·2^k (rounded to 1e-6)."""
+    return round(math.log2(lr / predictions["eps_opt"][str(batch)]["lr"]), 6)
+
+
+def grids(ctx: Context, predictions: dict, records: list[dict]) -> dict:
+    """For each B: {k: {"steps": targets × seeds array (nan: not reached or failed),
+    "failed": runs failed}} over every rate tried so far, k ascending."""
+    out = {b: {} for b in ctx.config.batches}
+    n_t = len(predictions["targets"])
+    for rec in records:
+        t = rec["settings"]["train"]
+        b = int(t["batch_size"])
+        k = exponent(predictions, b, t["lr"])
+        cell = out[b].setdefault(k, {"steps": np.full((n_t, ctx.config.seeds), np.nan),
+                                     "failed": 0})
+        r = rec["result"]
+        s = int(t["seed"]) - ctx.seed
+        if r["failed"]:
+            cell["failed"] += 1
+            continue
+        for i, x in enumerate(r["targets"]):
+            if x["reached"] and x["step"] is not None:
+                cell["steps"][i, s] = x["step"]
+    return {b: dict(sorted(g.items())) for b, g in out.items()}
+
+
+def follow_up(ctx: Context, predictions: dict, records: list[dict]) -> list[Job]:
+    """The next rates to try: at each B, ×2 beyond an end of the rates tried where that end is
+    the best rate for some target (or, where no rate reached a target, beyond the top when the
+    top rate's runs did not fail, else below the bottom), at most ``extend`` per side."""
+    c = ctx.config
+    lo0, hi0 = min(c.lr_exponents), max(c.lr_exponents)
     out = []
-    for b in ctx.config.batches:
-        spe = ctx.n_train // b
-        epochs = int(math.ceil(step_cap(ctx, b) / spe))
-        for k, lr in zip(ctx.config.lr_exponents, predictions["lr_grid"][str(b)], strict=True):
-            for r in range(ctx.config.seeds):
-                s = ctx.seed + r
-                out.append(Job(JOB, job_settings(
-                    train=_constant(ctx, lr=lr, batch_size=b, seed=s, epochs=epochs),
-                    curve={"ratio": ctx.config.curve_ratio, "dense": 20, "targets": targets,
-                           "stop": True}),
-                    f"B={b} lr=ε_opt·2^{k:g}={lr:.3g} seed={s}"))
+    for b, g in grids(ctx, predictions, records).items():
+        ks = list(g)
+        if not ks:
+            continue
+        up = down = False
+        for t_i in range(len(predictions["targets"])):
+            i, _ = best_rates(ks, np.array([g[k]["steps"][t_i] for k in ks]))
+            if i is None:
+                if g[ks[-1]]["failed"] * 2 <= c.seeds:
+                    up = True
+                else:
+                    down = True
+            else:
+                up |= i == len(ks) - 1
+                down |= i == 0
+        new = []
+        if up and ks[-1] + 1 <= hi0 + c.extend:
+            new.append(ks[-1] + 1)
+        if down and ks[0] - 1 >= lo0 - c.extend:
+            new.append(ks[0] - 1)
+        out += [_job(ctx, predictions, b, k, ctx.seed + r) for k in new
+                for r in range(c.seeds)]
     return out
 
 
@@ -352,25 +421,6 @@ def best_rates(lrs, steps) -> tuple[int | None, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------- analysis
-def _steps_table(ctx: Context, records: list[dict], n_targets: int) -> np.ndarray:
-    """Steps to each target: array (targets, batches, lrs, seeds), nan where not reached or
-    the run failed."""
-    c = ctx.config
-    out = np.full((n_targets, len(c.batches), len(c.lr_exponents), c.seeds), np.nan)
-    i = 0
-    for b_i in range(len(c.batches)):
-        for k_i in range(len(c.lr_exponents)):
-            for s_i in range(c.seeds):
-                r = records[i]["result"]
-                i += 1
-                if r["failed"]:
-                    continue
-                for t_i, t in enumerate(r["targets"]):
-                    if t["reached"] and t["step"] is not None:
-                        out[t_i, b_i, k_i, s_i] = t["step"]
-    return out
-
-
 def _fmt(v, spec=".3g") -> str:
     return "—" if v is None or not math.isfinite(v) else format(v, spec)
 
@@ -378,15 +428,16 @@ def _fmt(v, spec=".3g") -> str:
 def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
     c = ctx.config
     tgt = predictions["targets"]
-    table = _steps_table(ctx, records, len(tgt))
+    table = grids(ctx, predictions, records)
     fits, chosen, checks, findings = [], [], [], []
     for t_i, t in enumerate(tgt):
         rows, used, best = [], [], []
-        for b_i, b in enumerate(c.batches):
-            k, s = best_rates(predictions["lr_grid"][str(b)], table[t_i, b_i])
+        for b in c.batches:
+            ks = list(table[b])
+            k, s = best_rates(ks, np.array([table[b][x]["steps"][t_i] for x in ks]))
             best.append(None if k is None else {
-                "batch": b, "lr_index": k, "exponent": c.lr_exponents[k],
-                "lr": predictions["lr_grid"][str(b)][k], "steps": s.tolist()})
+                "batch": b, "lr_index": k, "exponent": ks[k], "at_edge": k in (0, len(ks) - 1),
+                "lr": predictions["eps_opt"][str(b)]["lr"] * 2.0 ** ks[k], "steps": s.tolist()})
             if k is not None:
                 rows.append(s)
                 used.append(b)
@@ -450,11 +501,13 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
     edges = []
     for t, best in zip(tgt, chosen, strict=True):
         for x in best:
-            if x is not None and x["lr_index"] in (0, len(c.lr_exponents) - 1) and \
-                    len(c.lr_exponents) > 1:
+            if x is not None and x["at_edge"]:
                 edges.append(f"B={x['batch']} (target {t['loss']:.3g}, k={x['exponent']:g})")
-    findings.append("best lr at the edge of its grid (the true optimum may lie outside): "
-                    + (", ".join(edges) if edges else "none"))
+    findings.append(f"rates tried, as k in ε_opt(B)·2^k (initial {list(c.lr_exponents)}, "
+                    f"extended up to {c.extend} steps each side while the best was at an edge): "
+                    + "; ".join(f"B={b}: {[float(k) for k in table[b]]}" for b in c.batches))
+    findings.append("best lr still at the edge of the rates tried (the optimum may lie "
+                    "outside): " + (", ".join(edges) if edges else "none"))
     findings.append("best lr per B as ε_opt(B)·2^k, k per target: " + "; ".join(
         f"B={b}: " + "/".join(_fmt(best[b_i]["exponent"], "g") if best[b_i] else "—"
                               for best in chosen)
@@ -476,7 +529,11 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
     return {
         "batches": list(c.batches), "lr_exponents": list(c.lr_exponents),
         "targets": [t["loss"] for t in tgt],
-        "steps": table.tolist(), "best": chosen, "fits": fits,
+        "grid": {str(b): {"exponents": list(g), "lr": [
+            predictions["eps_opt"][str(b)]["lr"] * 2.0**k for k in g],
+            "steps": [g[k]["steps"].tolist() for k in g],
+            "failed_runs": [g[k]["failed"] for k in g]} for b, g in table.items()},
+        "best": chosen, "fits": fits,
         "tracks_better": better, "mean_abs_log_ratio": dev,
         "reference_curve": ref["result"]["curve"],
         "checks": checks, "findings": findings, "runs": rows,
@@ -556,23 +613,25 @@ def plot(report: dict):
     P.legend(ax_b, key=False, loc="best")
     # (d) the lr grid: steps to the middle target vs lr/ε_opt(B)
     mid = len(tg) // 2
-    steps = np.asarray([[[np.nan if v is None else v for v in seeds] for seeds in row]
-                        for row in a["steps"][mid]], dtype=float)  # (B, lr, seeds)
-    ks = np.asarray(a["lr_exponents"], dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        geo = np.exp(np.nanmean(np.log(steps), axis=2))
-        reached = np.all(np.isfinite(steps), axis=2)
-    for b_i, b in enumerate(a["batches"]):
+    curves = []
+    for b in a["batches"]:
+        g = a["grid"][str(b)]
+        ks = np.asarray(g["exponents"], dtype=float)
+        steps = np.asarray([[np.nan if v is None else v for v in row[mid]]
+                            for row in g["steps"]], dtype=float).reshape(len(ks), -1)
+        reached = np.all(np.isfinite(steps) & (steps > 0), axis=1)
+        geo = np.full(len(ks), np.nan)
+        geo[reached] = np.exp(np.log(steps[reached]).mean(axis=1))
+        curves.append((ks, geo, reached))
+    top = max([np.nanmax(c[1]) for c in curves if np.isfinite(c[1]).any()] or [1.0])
+    for b_i, (b, (ks, geo, reached)) in enumerate(zip(a["batches"], curves, strict=True)):
         col = P.color(b_i)
-        y = np.where(reached[b_i], geo[b_i], np.nan)
-        ax_l.plot(2.0**ks, y, "-o", color=col, ms=3.5, mfc="white", lw=1.0, label=f"B={b}")
-        miss = ~reached[b_i]
-        ax_l.plot(2.0**ks[miss], np.full(miss.sum(), np.nanmax(geo) * 1.6 if np.isfinite(
-            geo).any() else 1.0), "x", color=col, ms=4)
+        ax_l.plot(2.0**ks, geo, "-o", color=col, ms=3.5, mfc="white", lw=1.0, label=f"B={b}")
+        ax_l.plot(2.0**ks[~reached], np.full((~reached).sum(), top * 1.5), "x", color=col, ms=4)
     ax_l.set_xscale("log", base=2)
     ax_l.set_yscale("log")
     ax_l.set_xlabel("lr / ε_opt(B)   (ε_opt from the reference run)")
     ax_l.set_ylabel(f"steps to L = {tg[mid]['loss']:.3g}")
-    ax_l.set_title("(d) the lr grid at each B (× = a seed did not reach it)", fontsize=9)
+    ax_l.set_title("(d) the rates tried at each B (×: a seed did not reach L)", fontsize=9)
     ax_l.legend(fontsize=6.5, ncol=2, loc="best", frameon=False)
     return fig
