@@ -127,7 +127,7 @@ PRESETS = {
                     epochs=10, points=11, lanczos_iters=20, hutchinson=8),
     "default": Config(lanczos_iters=40, hutchinson=20),
     "paper": Config(batches=(64, 128, 256, 512, 1024, 2048, 4096, 8192), seeds=2, epochs=10,
-                    points=21),
+                    cap=0.6, points=21),
 }
 
 
@@ -415,7 +415,8 @@ def best_rates(lrs, steps) -> tuple[int | None, np.ndarray]:
     ok = np.all(np.isfinite(s) & (s > 0), axis=1)
     if not ok.any():
         return None, np.zeros(0)
-    geo = np.where(ok, np.exp(np.nanmean(np.log(np.where(s > 0, s, np.nan)), axis=1)), np.inf)
+    geo = np.full(s.shape[0], np.inf)
+    geo[ok] = np.exp(np.log(s[ok]).mean(axis=1))
     i = int(np.argmin(geo))
     return i, s[i]
 
@@ -581,7 +582,13 @@ def plot(report: dict):
     ax_e.set_xlabel("optimiser steps S to the target")
     ax_e.set_ylabel("examples E = S·B")
     ax_e.set_title("(a) S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit)", fontsize=9)
-    P.legend(ax_e, loc="upper right", title="target training loss", title_fontsize=7.5)
+    from matplotlib.lines import Line2D
+
+    P.legend(ax_e, key=False, loc="upper right", title="target training loss",
+             title_fontsize=7.5, extra=[
+                 (Line2D([], [], color="0.35", lw=1.2), "fitted hyperbola"),
+                 (Line2D([], [], color="0.35", marker="o", mfc="white", ls="none", ms=4),
+                  "measured: geometric mean\nover seeds (± s.e.)")])
     ax_s.set_xscale("log", base=2)
     ax_s.set_yscale("log")
     ax_s.set_xlabel("batch size B")

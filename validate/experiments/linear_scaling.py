@@ -94,7 +94,7 @@ PRESETS = {
                     points=11, lanczos_iters=60, hutchinson=20),
     "default": Config(),
     "paper": Config(batches=(128, 256, 512, 1024, 2048, 4096, 8192),
-                    base_rates=tuple(2.0**k for k in range(-13, -8)), seeds=2, epochs=10),
+                    base_rates=tuple(2.0**k for k in range(-13, -7)), seeds=2, epochs=10),
 }
 
 

@@ -36,7 +36,8 @@ for reference 2·ε_opt(B)/B (effective-rate form) and the curvature limit 2(1+�
    (one grid step);
 5. (Keskar) large batches end in sharper minima: at each B's best rate, the slope of
    log λ_max on log B is > 0. Reported with it (findings): the size of the effect, and λ_max
-   over B at an equal base rate and at an equal lr — whether the learning rate explains it.
+   over B at an equal base rate and at an equal lr (:func:`equal_rate_cells`) — whether the
+   learning rate explains it.
 """
 
 from __future__ import annotations
@@ -103,11 +104,11 @@ PRESETS = {
                     momenta=(0.9, 0.0), seeds=1, epochs=1, reference_epochs=2, sharp_lanczos=8,
                     sharp_hutchinson=4, points=3, lanczos_iters=20, hutchinson=8),
     "quick": Config(batches=(4, 8, 16, 32, 64, 128, 256), base_rates=tuple(
-        2.0**k for k in range(-11, -2)), seeds=1, epochs=5, sharp_lanczos=20,
+        2.0**k for k in range(-11, -3)), seeds=1, epochs=4, sharp_lanczos=16,
         sharp_hutchinson=8, points=11, lanczos_iters=60, hutchinson=20),
     "default": Config(),
     "paper": Config(batches=(16, 32, 64, 128, 256, 512, 1024, 2048), base_rates=tuple(
-        2.0**k for k in range(-16, -7)), seeds=2, epochs=10, sharp_lanczos=30,
+        2.0**k for k in range(-12, -3)), seeds=2, epochs=10, sharp_lanczos=30,
         sharp_hutchinson=12),
 }
 
@@ -270,6 +271,35 @@ def largest_working(frac_failed, acc) -> tuple[int | None, int | None]:
         if not working[k]:
             return best, k - 1
     return best, None
+
+
+def equal_rate_cells(batches, rates_, best_idx, working):
+    """The cells of two comparisons at each B (None where that cell fails or is missing):
+
+    * equal base rate: the row η̃ = the best base rate of the *largest* B with a best rate (a
+      smaller B is stable there: the failure base rate falls with B);
+    * equal lr: the diagonal η = η̃·B = the best lr of the *smallest* B with a best rate (a
+      larger B takes a smaller, stable, base rate at that lr).
+
+    Returns (row index, cells per B, the lr, cells per B).
+
+    >>> equal_rate_cells([2, 4, 8], [0.25, 0.5, 1.0], [2, 1, 0], np.ones((3, 3), bool))
+    (0, [0, 0, 0], 2.0, [2, 1, 0])
+    """
+    b = np.asarray(batches, dtype=float)
+    lr = np.log2(np.asarray(rates_, dtype=float))
+    have = [i for i, j in enumerate(best_idx) if j is not None]
+    if not have:
+        return None, [None] * b.size, None, [None] * b.size
+    j_eq = int(best_idx[have[-1]])
+    eq = [j_eq if working[i, j_eq] else None for i in range(b.size)]
+    i0 = have[0]
+    lr_eq = float(2.0 ** (lr[best_idx[i0]] + math.log2(b[i0])))
+    diag = []
+    for i in range(b.size):
+        k = np.flatnonzero(np.abs(lr + np.log2(b[i]) - math.log2(lr_eq)) < 1e-6)
+        diag.append(int(k[0]) if k.size and working[i, k[0]] else None)
+    return j_eq, eq, lr_eq, diag
 
 
 def _slope(x, y) -> float:
@@ -438,21 +468,13 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
             note=f"λ_max({span}) ratio {_fmt(size)}; per B: " + ", ".join(
                 f"{int(b)}: {_fmt(x)}±{_fmt(s, '.2g')}" for b, x, s in
                 zip(bs, at_best[:, 0], at_best[:, 1], strict=True))))
-        # equal base rate and equal lr comparisons
+        # equal base rate and equal lr comparisons (see equal_rate_cells)
         lam_mean, _ = _mean_se(v["lam"])
         working = ~cell_fail & np.isfinite(lam_mean)
-        counts = working.sum(axis=0)
-        j_eq = int(np.argmax(counts)) if counts.any() else None
-        eq_base = _sharp_at(v["lam"], v["tr"], [j_eq if j_eq is not None and working[i, j_eq]
-                                                else None for i in range(len(bs))])
-        lr_cells = {}
-        for i, b in enumerate(bs):
-            for j, eta in enumerate(rs):
-                if working[i, j]:
-                    lr_cells.setdefault(round(math.log2(eta * b), 6), {})[i] = j
-        lr_key = max(lr_cells, key=lambda k: (len(lr_cells[k]), -abs(k))) if lr_cells else None
-        eq_lr = _sharp_at(v["lam"], v["tr"], [lr_cells[lr_key].get(i) if lr_key is not None
-                                              else None for i in range(len(bs))])
+        j_eq, eq_cells, lr_eq, lr_cells = equal_rate_cells(bs, rs, best_idx, working)
+        eq_base = _sharp_at(v["lam"], v["tr"], eq_cells)
+        eq_lr = _sharp_at(v["lam"], v["tr"], lr_cells)
+        lr_key = None if lr_eq is None else math.log2(lr_eq)
         s_base, r_base, span_b = _effect(bs, eq_base[:, 0])
         s_lr, r_lr, span_l = _effect(bs, eq_lr[:, 0])
         s_tr, r_tr, span_t = _effect(bs, at_best[:, 2])
@@ -482,8 +504,7 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
             "sharpness_at_best": at_best.tolist(),
             "equal_base_rate": {"rate": None if j_eq is None else float(rs[j_eq]),
                                 "sharpness": eq_base.tolist()},
-            "equal_lr": {"lr": None if lr_key is None else float(2.0 ** lr_key),
-                         "sharpness": eq_lr.tolist()},
+            "equal_lr": {"lr": lr_eq, "sharpness": eq_lr.tolist()},
             "lambda_max": lam_mean.tolist(),
             "outline": outline_segments(good)}
     rows = [{"label": r["label"], "key": r["key"], "momentum": r["settings"]["train"]["momentum"],
