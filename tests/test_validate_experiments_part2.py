@@ -97,15 +97,30 @@ def test_fit_hyperbola_exact_and_bad_input():
     assert critical_batch.fit_hyperbola(b, 50.0 * (1 + 20.0 / b))["b_crit_stderr"] is None
     with pytest.raises(ValueError, match="at least three batch sizes"):
         critical_batch.fit_hyperbola(b[:2], [1.0, 2.0])
-    with pytest.raises(ValueError, match="finite and positive"):
+    with pytest.raises(ValueError, match="at least one seed at each batch size"):
         critical_batch.fit_hyperbola(b, [1.0, np.nan, 2.0, 3.0])
+    with pytest.raises(ValueError, match="positive and finite"):
+        critical_batch.fit_hyperbola(b, [1.0, -1.0, 2.0, 3.0])
+    # a seed that did not reach the target is left out of that batch size's mean only
+    steps = np.tile(50.0 * (1 + 20.0 / b), (3, 1)) * np.exp([[0.1], [-0.1], [0.0]])
+    holed = steps.copy()
+    holed[0, 1] = np.nan
+    fit = critical_batch.fit_hyperbola(b, holed)
+    want = np.exp(np.log(steps).mean(axis=0))
+    want[1] = np.exp(np.log(steps[1:, 1]).mean())
+    assert fit["steps"] == pytest.approx(want.tolist(), rel=1e-12)
+    assert fit["b_crit_stderr"] is not None
+    holed[1, 1] = np.nan  # leaving seed 2 out would empty B = 16: no jackknife
+    assert critical_batch.fit_hyperbola(b, holed)["b_crit_stderr"] is None
     with pytest.raises(ValueError, match="steps must be"):
         critical_batch.fit_hyperbola(b, np.ones((2, 3)))
 
 
 def test_best_rates_and_pooled_ratio_by_hand():
-    k, s = critical_batch.best_rates([1, 2, 4], [[10, 40], [20, 20], [np.nan, 5]])
-    assert k == 1 and s.tolist() == [20, 20]  # geometric means 20 vs 20: the first
+    k, s = critical_batch.best_rates([1, 2, 4], [[10, 40], [18, 20], [np.nan, 5]])
+    assert k == 1 and s.tolist() == [18, 20]  # [nan, 5]: half the seeds only, not eligible
+    k, s = critical_batch.best_rates([1, 2], [[10, 40, 30], [np.nan, 12, 15]])
+    assert k == 1 and np.isnan(s[0]) and s[1:].tolist() == [12, 15]  # 2 of 3 reached
     assert critical_batch.best_rates([1], [[np.nan]])[0] is None
     pts = [{"a": 3.0, "a_stderr": 0.3, "b": 1.0, "b_stderr": 0.1},
            {"a": 5.0, "a_stderr": 0.4, "b": 3.0, "b_stderr": 0.2}]

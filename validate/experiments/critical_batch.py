@@ -34,9 +34,10 @@ is the highest (lowest) rate tried there, the next rate ×2 above (below) is add
 puts the grid's centre. Every rate tried is reported.
 
 **Analysis**: per target and B, the best lr of the grid is the one with the fewest steps (the
-geometric mean over seeds; only rates at which every seed reached the target), as in the paper's
-grid search; per target, S = S_min(1 + B_crit/B) ⇔ E = E_min(1 + B/B_crit) is fitted by least
-squares in log space to the seeds' geometric-mean S (:func:`fit_hyperbola`, through
+geometric mean over the seeds that reached the target, among rates at which more than half the
+seeds reached it — part 1's rule for a working grid point), as in the paper's grid search; per
+target, S = S_min(1 + B_crit/B) ⇔ E = E_min(1 + B/B_crit) is fitted by least squares in log
+space to those geometric-mean S (:func:`fit_hyperbola`, through
 :func:`sgdtheory.theory.fit_steps_examples`), with jackknife standard errors over the seeds (the
 best rates held fixed).
 
@@ -354,8 +355,10 @@ def follow_up(ctx: Context, predictions: dict, records: list[dict]) -> list[Job]
 def fit_hyperbola(batches, steps) -> dict:
     r"""Fit S = S_min(1 + B_crit/B) (⇔ E = E_min(1 + B/B_crit), E = S·B, B_crit = E_min/S_min)
     by least squares in log space (:func:`sgdtheory.theory.fit_steps_examples`) to the geometric
-    mean over seeds of ``steps`` (seeds × batches; a 1-D array is one seed), with jackknife
-    standard errors over the seeds (each seed left out in turn; None with one seed).
+    mean over seeds of ``steps`` (seeds × batches, nan where a seed did not reach the target —
+    the mean is over the others; a 1-D array is one seed), with jackknife standard errors over
+    the seeds (each seed left out in turn; None with one seed, or when leaving a seed out
+    empties a batch size).
 
     Returns ``{s_min, e_min, b_crit, log_s_min_stderr, log_b_crit_stderr, s_min_stderr,
     b_crit_stderr, steps (geometric means), fitted, misfit}``; ``misfit`` is the worst
@@ -375,11 +378,17 @@ def fit_hyperbola(batches, steps) -> dict:
                          f"{s.shape}")
     if b.size < 3:
         raise ValueError("fit_hyperbola needs at least three batch sizes (two parameters)")
-    if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(b > 0)):
-        raise ValueError("steps and batches must be finite and positive")
+    if not (np.all(np.isfinite(b)) and np.all(b > 0) and np.all(np.isnan(s) | (s > 0)) and
+            np.all(np.isfinite(s) | np.isnan(s)) and np.all(np.isfinite(s).any(axis=0))):
+        raise ValueError("steps and batches must be positive and finite (steps nan where not "
+                         "reached), with at least one seed at each batch size")
+
+    def geo(rows):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.exp(np.nanmean(np.log(rows), axis=0))
 
     def fit(rows):
-        g = np.exp(np.log(rows).mean(axis=0))
+        g = geo(rows)
         s_min, e_min = theory.fit_steps_examples(g, g * b)
         return s_min, e_min, g
 
@@ -388,9 +397,10 @@ def fit_hyperbola(batches, steps) -> dict:
     fitted = s_min * (1.0 + b_crit / b)
     n = s.shape[0]
     se_s = se_b = None
-    if n >= 2:
+    keep = [np.delete(s, i, axis=0) for i in range(n)]
+    if n >= 2 and all(np.isfinite(k).any(axis=0).all() for k in keep):
         jack = np.array([[math.log(v[0]), math.log(v[1] / v[0])]
-                         for v in (fit(np.delete(s, i, axis=0)) for i in range(n))])
+                         for v in (fit(k) for k in keep)])
         var = (n - 1) / n * np.sum((jack - jack.mean(axis=0)) ** 2, axis=0)
         se_s, se_b = (float(v) for v in np.sqrt(var))
     return {"s_min": float(s_min), "e_min": float(e_min), "b_crit": b_crit,
@@ -402,23 +412,28 @@ def fit_hyperbola(batches, steps) -> dict:
 
 
 def best_rates(lrs, steps) -> tuple[int | None, np.ndarray]:
-    """(index of the rate with the fewest steps — the geometric mean over seeds, among rates at
-    which every seed reached the target —, that rate's steps per seed); (None, empty) when no
-    rate has every seed at the target.
+    """(index of the rate with the fewest steps — the geometric mean over the seeds that reached
+    the target, among rates at which more than half the seeds reached it (part 1's rule: a grid
+    point works when at most half its seeds fail) —, that rate's steps per seed, nan where a
+    seed did not reach it); (None, empty) when no rate qualifies.
 
     ``steps``: rates × seeds (nan: not reached).
 
-    >>> best_rates([0.1, 0.2, 0.4], [[50, 60], [30, 40], [20, np.nan]])
-    (1, array([30., 40.]))
+    >>> best_rates([0.1, 0.2, 0.4], [[50, 60, 70], [30, 40, 50], [20, np.nan, np.nan]])
+    (1, array([30., 40., 50.]))
+    >>> best_rates([0.1, 0.2], [[50, 60, 70], [30, np.nan, 40]])[0]
+    1
     """
     s = np.asarray(steps, dtype=float)
-    ok = np.all(np.isfinite(s) & (s > 0), axis=1)
+    reached = np.isfinite(s) & (s > 0)
+    ok = 2 * reached.sum(axis=1) > s.shape[1]
     if not ok.any():
         return None, np.zeros(0)
     geo = np.full(s.shape[0], np.inf)
-    geo[ok] = np.exp(np.log(s[ok]).mean(axis=1))
+    for i in np.flatnonzero(ok):
+        geo[i] = np.exp(np.log(s[i, reached[i]]).mean())
     i = int(np.argmin(geo))
-    return i, s[i]
+    return i, np.where(reached[i], s[i], np.nan)
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -565,10 +580,13 @@ def plot(report: dict):
         best = [x for x in a["best"][i] if x is not None]
         if best:
             b = np.array([x["batch"] for x in best], dtype=float)
-            s = np.array([x["steps"] for x in best], dtype=float)
-            g = np.exp(np.log(s).mean(axis=1))
-            se = np.exp(np.log(s).std(axis=1, ddof=1) / np.sqrt(s.shape[1])) \
-                if s.shape[1] > 1 else np.ones_like(g)
+            s = np.array([[np.nan if v is None else v for v in x["steps"]] for x in best],
+                         dtype=float)
+            ls = np.log(s)
+            n = np.isfinite(ls).sum(axis=1)
+            g = np.exp(np.nanmean(ls, axis=1))
+            se = np.exp(np.where(n > 1, np.nanstd(ls, axis=1, ddof=min(1, s.shape[1] - 1))
+                                 / np.sqrt(np.maximum(n, 1)), 0.0))
             yerr = np.vstack([g - g / se, g * se - g])
             P.simulated(ax_e, g, g * b, yerr=yerr * b, c=col, label=f"L = {t['loss']:.3g}")
             P.simulated(ax_s, b, g, yerr=yerr, c=col, label=f"L = {t['loss']:.3g}")
@@ -626,19 +644,24 @@ def plot(report: dict):
         ks = np.asarray(g["exponents"], dtype=float)
         steps = np.asarray([[np.nan if v is None else v for v in row[mid]]
                             for row in g["steps"]], dtype=float).reshape(len(ks), -1)
-        reached = np.all(np.isfinite(steps) & (steps > 0), axis=1)
+        ok = np.isfinite(steps) & (steps > 0)
+        reached = 2 * ok.sum(axis=1) > steps.shape[1]
         geo = np.full(len(ks), np.nan)
-        geo[reached] = np.exp(np.log(steps[reached]).mean(axis=1))
+        for i in np.flatnonzero(reached):
+            geo[i] = np.exp(np.log(steps[i, ok[i]]).mean())
         curves.append((ks, geo, reached))
     top = max([np.nanmax(c[1]) for c in curves if np.isfinite(c[1]).any()] or [1.0])
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["viridis"]
     for b_i, (b, (ks, geo, reached)) in enumerate(zip(a["batches"], curves, strict=True)):
-        col = P.color(b_i)
+        col = cmap(b_i / max(len(curves) - 1, 1) * 0.9)
         ax_l.plot(2.0**ks, geo, "-o", color=col, ms=3.5, mfc="white", lw=1.0, label=f"B={b}")
         ax_l.plot(2.0**ks[~reached], np.full((~reached).sum(), top * 1.5), "x", color=col, ms=4)
     ax_l.set_xscale("log", base=2)
     ax_l.set_yscale("log")
     ax_l.set_xlabel("lr / ε_opt(B)   (ε_opt from the reference run)")
     ax_l.set_ylabel(f"steps to L = {tg[mid]['loss']:.3g}")
-    ax_l.set_title("(d) the rates tried at each B (×: a seed did not reach L)", fontsize=9)
+    ax_l.set_title("(d) the rates tried at each B (×: most seeds did not reach L)", fontsize=9)
     ax_l.legend(fontsize=6.5, ncol=2, loc="best", frameon=False)
     return fig
