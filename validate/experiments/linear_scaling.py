@@ -14,9 +14,12 @@ lr = B·η̃₀ with the warm-up, and — for the figure — the same without wa
 B₀ runs with warm-up are stage 1's runs at η̃₀, reused.)
 
 **Predictions** (from part 1's reference run — the lr sweep's — and η̃₀; nothing fitted to stage
-2): B_noise = tr(HΣ)/GᵀHG measured along the reference run, pooled over all its points as a
-ratio of means (McCandlish et al.: the critical batch is about the noise scale averaged over
-training; delta-method standard error), B_simple likewise for comparison; the curvature limit
+2): B_noise = tr(HΣ)/GᵀHG measured along the reference run, averaged over its measurement points
+(:func:`step_average`: McCandlish et al.'s critical batch is the noise scale averaged over
+training, and the uniform average over steps is the one the derivation of S(B) gives — each
+step's noise term is B_noise(t)/B, see :mod:`sgdtheory.experiments.steps_vs_examples`; standard
+error from the points' jackknife errors; points where it is not resolved are left out and
+counted), B_simple likewise for comparison; the curvature limit
 B_curv = η_c/η̃₀, the batch at which lr = B·η̃₀ reaches η_c = 2(1+μ)/λ_max (the largest λ_max
 along the reference run; the Nesterov form where used). The predicted break is the smaller of
 B_noise and B_curv — the curvature limit *binds* when B_curv < B_noise. For reference the batch
@@ -166,6 +169,22 @@ def follow_up(ctx: Context, predictions: dict, records: list[dict]) -> list[Job]
     return out
 
 
+def step_average(points: list[dict], key: str) -> tuple[float, float, int]:
+    """(mean of ``key`` over the points where it is resolved — a finite positive value —, its
+    standard error √(Σ s.e.²)/n from the points' own errors, n).
+
+    >>> step_average([{"b": 2.0, "b_stderr": 0.3}, {"b": None, "b_stderr": None},
+    ...               {"b": 4.0, "b_stderr": 0.4}], "b")
+    (3.0, 0.25, 2)
+    """
+    vals = [(float(m[key]), float(m[f"{key}_stderr"] or 0.0)) for m in points
+            if m.get(key) is not None and math.isfinite(m[key]) and m[key] > 0]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    v = np.array(vals)
+    return float(v[:, 0].mean()), float(math.sqrt(np.sum(v[:, 1] ** 2)) / len(v)), len(v)
+
+
 def predict(ctx: Context, ref: dict) -> dict:
     """B_noise and B_simple pooled over the reference run; λ_max and the curvature limit; the
     noise-aware limit η_c(B) per B."""
@@ -175,8 +194,12 @@ def predict(ctx: Context, ref: dict) -> dict:
     pts = pr.valid_points(meas)
     if not pts:
         raise ValueError("the reference run has no valid measurement")
-    bn, bn_se = pooled_ratio(pts, "tr_h_sigma", "g_h_g")
-    bs, bs_se = pooled_ratio(pts, "tr_sigma", "grad_sq")
+    bn, bn_se, bn_n = step_average(pts, "b_noise")
+    bs, bs_se, bs_n = step_average(pts, "b_simple")
+    pooled = {"b_noise": pooled_ratio(pts, "tr_h_sigma", "g_h_g"),
+              "b_simple": pooled_ratio(pts, "tr_sigma", "grad_sq")}
+    median = {k: float(np.median([m[k] for m in pts if m[k] is not None and m[k] > 0]))
+              for k in ("b_noise", "b_simple")}
     lam = pr.largest_lambda(meas)
     curv, curv_se = pr.curvature_limit(lam["lambda_max"], mu, nest, lam["stderr"] or 0.0)
     noise = {}
@@ -188,11 +211,17 @@ def predict(ctx: Context, ref: dict) -> dict:
         except ValueError:
             v, se = None, None
         noise[str(b)] = {"lr": v, "stderr": se}
-    summary = [f"B_noise (reference run, pooled over {len(pts)} points) = {bn:.3g} ± "
-               f"{bn_se:.2g}; B_simple = {bs:.3g} ± {bs_se:.2g}",
+    summary = [f"B_noise (reference run, mean over {bn_n} of {len(pts)} points) = {bn:.3g} ± "
+               f"{bn_se:.2g}; B_simple = {bs:.3g} ± {bs_se:.2g} ({bs_n} points); medians "
+               f"{median['b_noise']:.3g}, {median['b_simple']:.3g}; ratios of the means "
+               f"{pooled['b_noise'][0]:.3g}, {pooled['b_simple'][0]:.3g}",
                f"largest λ_max {lam['lambda_max']:.4g}: curvature limit η_c = {curv:.4g} "
                "(B_curv = η_c/η̃₀ once η̃₀ is chosen at the smallest batch)"]
-    return {"b_noise": {"value": bn, "stderr": bn_se}, "b_simple": {"value": bs, "stderr": bs_se},
+    return {"b_noise": {"value": bn, "stderr": bn_se, "points": bn_n, "of": len(pts),
+                        "median": median["b_noise"], "ratio_of_means": pooled["b_noise"][0]},
+            "b_simple": {"value": bs, "stderr": bs_se, "points": bs_n, "of": len(pts),
+                         "median": median["b_simple"],
+                         "ratio_of_means": pooled["b_simple"][0]},
             "lambda_max": {k: v for k, v in lam.items() if k != "point"},
             "curvature_limit": {"lr": curv, "stderr": curv_se}, "noise_limit": noise,
             "momentum": mu, "summary": summary}
@@ -273,7 +302,9 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
     pred_break = min(bn, b_curv) if math.isfinite(bn) else b_curv
     checks.append(factor_claim(
         f"B_break vs the predicted break ({binds} binds)", pred_break, b_break, 4.0,
-        note=f"B_noise = {_fmt(bn)} ± {_fmt(predictions['b_noise']['stderr'])}; B_curv = "
+        note=f"B_noise = {_fmt(bn)} ± {_fmt(predictions['b_noise']['stderr'])} (mean over the "
+             f"reference run; median {_fmt(predictions['b_noise']['median'])}, ratio of the means "
+             f"{_fmt(predictions['b_noise']['ratio_of_means'])}); B_curv = "
              f"η_c/η̃₀ = {predictions['curvature_limit']['lr']:.3g}/{eta0:.3g} = {b_curv:.3g} "
              f"(λ_max = {predictions['lambda_max']['lambda_max']:.3g}); B_simple = "
              f"{_fmt(predictions['b_simple']['value'])}"))
