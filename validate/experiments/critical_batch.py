@@ -602,7 +602,7 @@ def plot(report: dict):
     ax_e.set_title("(a) S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit)", fontsize=9)
     from matplotlib.lines import Line2D
 
-    P.legend(ax_e, key=False, loc="upper right", title="target training loss",
+    P.legend(ax_s, key=False, loc="upper right", title="target training loss",
              title_fontsize=7.5, extra=[
                  (Line2D([], [], color="0.35", lw=1.2), "fitted hyperbola"),
                  (Line2D([], [], color="0.35", marker="o", mfc="white", ls="none", ms=4),

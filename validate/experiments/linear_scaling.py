@@ -375,7 +375,8 @@ def plot(report: dict):
     ax.axhspan(100 * (a["acc0"] - WITHIN), 100 * a["acc0"] + 100 * WITHIN, color="0.6",
                alpha=0.2, lw=0, label="acc(B₀) ± 1 point")
     lines = [(pred["b_noise"]["value"], "B_noise (reference run)", "-", P.color(2)),
-             (pred["b_simple"]["value"], "B_simple", "--", P.color(2)),
+             (pred["b_simple"].get("median"), "B_simple (median over the run)", "--",
+              P.color(2)),
              (a["b_curv"], "B_curv = η_c/η̃₀", ":", "k")]
     for axis in (ax, ax_l):
         for v, lab, ls, col in lines:
