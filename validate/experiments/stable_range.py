@@ -474,19 +474,21 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
         j_eq, eq_cells, lr_eq, lr_cells = equal_rate_cells(bs, rs, best_idx, working)
         eq_base = _sharp_at(v["lam"], v["tr"], eq_cells)
         eq_lr = _sharp_at(v["lam"], v["tr"], lr_cells)
-        lr_key = None if lr_eq is None else math.log2(lr_eq)
         s_base, r_base, span_b = _effect(bs, eq_base[:, 0])
         s_lr, r_lr, span_l = _effect(bs, eq_lr[:, 0])
         s_tr, r_tr, span_t = _effect(bs, at_best[:, 2])
         direction = "sharper" if slope > 0 else "flatter" if slope < 0 else "undetermined"
+        def per_b(arr):
+            return ", ".join(f"{int(b)}: {_fmt(x)}" for b, x in zip(bs, arr[:, 0], strict=True))
+
         findings.append(
             f"μ={m}: at each B's best rate large batches end {direction}: λ_max ratio "
             f"{_fmt(size)} over {span} (slope of log λ_max on log B {_fmt(slope)}); tr(H) ratio "
             f"{_fmt(r_tr)} (slope {_fmt(s_tr)}). At an equal base rate η̃ = "
-            f"{_fmt(rs[j_eq]) if j_eq is not None else '—'}: λ_max ratio {_fmt(r_base)} over "
-            f"{span_b} (slope {_fmt(s_base)}); at an equal lr η = "
-            f"{_fmt(2.0 ** lr_key) if lr_key is not None else '—'}: ratio {_fmt(r_lr)} over "
-            f"{span_l} (slope {_fmt(s_lr)})")
+            f"{_fmt(rs[j_eq]) if j_eq is not None else '—'} (the largest B's best): λ_max ratio "
+            f"{_fmt(r_base)} over {span_b} (slope {_fmt(s_base)}; per B {per_b(eq_base)}); at an "
+            f"equal lr η = {_fmt(lr_eq) if lr_eq is not None else '—'} (the smallest B's best): "
+            f"ratio {_fmt(r_lr)} over {span_l} (slope {_fmt(s_lr)}; per B {per_b(eq_lr)})")
         peak_best = best_rate * bs
         curv_ratio = at_best[:, 0] * peak_best / (2 * (1 + mu))
         findings.append(
