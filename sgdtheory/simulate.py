@@ -452,9 +452,8 @@ def plan(problem, *, lr, batch=1, steps=None, epochs=None, momentum=0.0, nestero
         check_every: steps between divergence checks (also checked at every record).
 
     Raises:
-        ValueError: non-positive lr, non-integer or non-positive batch, batch > N without
-            replacement, momentum outside [0, 1), shapes that do not broadcast, both or neither
-            of steps/epochs, an init of the wrong shape, and every other bad setting (named).
+        ValueError: a bad setting, named (e.g. batch > N without replacement, momentum ∉ [0, 1),
+            shapes that do not broadcast, both or neither of steps/epochs).
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -734,7 +733,8 @@ class _Rows:
         every record and at the end), record. The hot loop of the simulator."""
         g, every = self.group, self.plan.check_every
         rec_pos = {int(t): i for i, t in enumerate(g.record_steps)}
-        n0 = self.n
+        n0, step = self.n, self._step
+        lr_mult, batches = g.lr_mult.tolist(), g.batches.tolist()  # Python floats and ints
         for t in range(g.steps + 1):
             if t in rec_pos or t % every == 0 or t == g.steps:
                 bad = self._check(t, rec_pos.get(t), records, diverged_at)
@@ -743,7 +743,7 @@ class _Rows:
                     return
             if t == g.steps:
                 break
-            self._step(float(g.lr_mult[t]), int(g.batches[t]))
+            step(lr_mult[t], batches[t])
             if t % every == every - 1:
                 bar.update(every * n0)
         bar.update(g.steps % every * n0)

@@ -22,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def _cli(*args, timeout=240):
+def _cli(*args, timeout=500):
     """Run the CLI in a subprocess (fresh process: the timing of a real run); returns it."""
     return subprocess.run([sys.executable, "-m", "validate.experiments", *args,
                            "--no-progress"], cwd=ROOT, env=ENV, capture_output=True, text=True,
@@ -69,6 +69,7 @@ def smoke_sweep(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_smoke_lr_sweep_end_to_end(smoke_sweep):
     out, proc, seconds = smoke_sweep
     assert seconds < 120  # 19-25 s measured on the idle 2-core machine; headroom for a loaded box
@@ -103,6 +104,7 @@ def test_smoke_lr_sweep_end_to_end(smoke_sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_rerun_uses_stored_runs_and_force_recomputes(smoke_sweep, tmp_path):
     out, _, _ = smoke_sweep
     before = _results(out)
@@ -115,9 +117,20 @@ def test_rerun_uses_stored_runs_and_force_recomputes(smoke_sweep, tmp_path):
     assert rep["timing"]["runs_cached"] == len(before)
     assert rep["runs"] == first["runs"] and rep["checks"] == first["checks"]
     assert _results(out) == before
+    # force: the stored run is computed again (same numbers), not read back
+    args = cli.build_parser().parse_args(["lr_sweep", "--preset", "smoke", "--device", "cpu"])
+    ctx = cli.make_context(args, lr_sweep)
+    job = lr_sweep.jobs(ctx)[-1]
+    common = {"spec": ctx.data, "identity": ctx.identity, "device_type": "cpu", "out": out,
+              "progress": False}
+    (cached,) = runner.run_jobs([job], **common)
+    (again,) = runner.run_jobs([job], force=True, **common)
+    assert cached["cached"] and not again["cached"]
+    assert again["result"] == cached["result"] == before[cached["key"]]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two CLI runs; minutes when the machine is loaded
 def test_resume_after_kill_gives_the_uninterrupted_results(smoke_sweep, tmp_path):
     """Kill the sweep (SIGKILL) once k runs are stored, rerun: the same per-run results and the
     same report as the uninterrupted sweep, and the k runs are not computed again."""
@@ -128,7 +141,7 @@ def test_resume_after_kill_gives_the_uninterrupted_results(smoke_sweep, tmp_path
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     k = 2  # the reference run and the first run of the sweep (a smoke run takes ~0.1-0.3 s)
-    deadline = time.time() + 180
+    deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
         if len(list((out / "runs").glob("*.json"))) >= k:
             proc.send_signal(signal.SIGKILL)
@@ -149,6 +162,7 @@ def test_resume_after_kill_gives_the_uninterrupted_results(smoke_sweep, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_dask_local_cluster_equals_local_pool(tmp_path):
     """Jobs of the smoke sweep (the reference run, a training run that works and one that
     fails) on a Dask LocalCluster with two worker processes, through ``--executor

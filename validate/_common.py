@@ -8,13 +8,31 @@ each functional forward pass, so a measurement in training mode leaves them unto
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["check_batch", "check_criterion", "has_training_batchnorm", "ModelFunction"]
+__all__ = [
+    "ModelFunction",
+    "check_batch",
+    "check_count",
+    "check_criterion",
+    "declared_reduction",
+    "has_training_batchnorm",
+]
+
+
+def declared_reduction(criterion):
+    """The reduction a loss declares: ``criterion.reduction`` (torch loss modules), the
+    ``reduction`` keyword of a ``functools.partial``, else None (a plain callable: undeclared).
+    """
+    reduction = getattr(criterion, "reduction", None)
+    if reduction is None:
+        reduction = (getattr(criterion, "keywords", None) or {}).get("reduction")
+    return reduction
 
 
 def check_criterion(criterion) -> None:
@@ -22,16 +40,13 @@ def check_criterion(criterion) -> None:
 
     A ``torch.nn`` loss module must have ``reduction == 'mean'`` (the per-example gradients
     and the estimators assume L = mean of per-example losses). A plain callable without a
-    ``reduction`` attribute is accepted and must return the mean loss (a 0-d tensor; checked
-    on every call).
+    ``reduction`` attribute must return the mean loss, a 0-d tensor: its shape is checked on
+    every call and its reduction once per measurement by :meth:`ModelFunction.check_reduction`.
     """
     if not callable(criterion):
         raise ValueError(f"criterion must be callable (a torch loss), got {criterion!r}")
-    # functools.partial(F.cross_entropy, reduction=...) carries its reduction in .keywords
-    reduction = getattr(criterion, "reduction", None)
-    if reduction is None:
-        reduction = (getattr(criterion, "keywords", None) or {}).get("reduction", "mean")
-    if reduction != "mean":
+    reduction = declared_reduction(criterion)
+    if reduction not in (None, "mean"):
         raise ValueError(
             f"criterion must use reduction='mean' (L = mean of per-example losses), "
             f"got reduction={reduction!r}"
@@ -58,14 +73,28 @@ def check_batch(inputs, targets) -> int:
     return n
 
 
+def check_count(value, name: str, *, minimum: int = 1) -> int:
+    """``value`` as a Python int ≥ ``minimum``; accepts any integer type (``np.int64``, a 0-d
+    integer tensor via ``__index__``) but not bool or float. Raises ``ValueError`` naming it."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}") from None
+    if out < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {out}")
+    return out
+
+
 def check_micro_batch(micro_batch, n: int, *, name: str = "micro_batch", min_units: int = 2,
                       batch_stats: bool = False):
     """Check that ``micro_batch`` is a positive integer dividing n into ≥ min_units parts
     (and ≥ 2 examples when ``batch_stats``: BatchNorm normalising by batch statistics)."""
-    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int):
-        raise ValueError(f"{name} must be a positive integer, got {micro_batch!r}")
-    if micro_batch < 1:
-        raise ValueError(f"{name} must be positive, got {micro_batch}")
+    try:
+        micro_batch = check_count(micro_batch, name)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {micro_batch!r}") from None
     if n % micro_batch:
         raise ValueError(f"{name} ({micro_batch}) must divide the batch size ({n})")
     if n // micro_batch < min_units:
@@ -123,7 +152,9 @@ class ModelFunction:
         named = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters (requires_grad=True)")
-        bad = [k for k, v in named if not bool(torch.isfinite(v.detach()).all())]
+        finite = torch.stack([torch.isfinite(v.detach()).all() for _, v in named])
+        bad = [] if bool(finite.all()) else [k for (k, _), ok in zip(named, finite.tolist(),
+                                                                     strict=True) if not ok]
         if bad:
             raise ValueError(f"model parameters are not finite (diverged?): {', '.join(bad[:3])}"
                              + (" …" if len(bad) > 3 else ""))
@@ -137,9 +168,16 @@ class ModelFunction:
         self.device = self.params[0].device
 
     # ------------------------------------------------------------------ functional loss
-    def loss(self, params, x, y):
-        """Mean loss at ``params`` (a tuple of tensors shaped like the trainable ones)."""
-        buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+    def buffers(self) -> dict:
+        """Clones of the model's buffers: a functional forward pass may update them (BatchNorm
+        running statistics in training mode) without touching the model's own."""
+        return {k: b.clone() for k, b in self.model.named_buffers()}
+
+    def loss(self, params, x, y, buffers=None):
+        """Mean loss at ``params`` (a tuple of tensors shaped like the trainable ones), with
+        ``buffers`` (default: fresh clones of the model's)."""
+        if buffers is None:
+            buffers = self.buffers()
         out = functional_call(
             self.model, (dict(zip(self.names, params, strict=True)), self.frozen, buffers), (x,)
         )
@@ -154,6 +192,47 @@ class ModelFunction:
     def example_loss(self, params, x, y):
         """Loss of one example (x, y without batch axis): used under ``vmap``."""
         return self.loss(params, x.unsqueeze(0), y.unsqueeze(0))
+
+    def check_reduction(self, x, y) -> None:
+        """Refuse a plain callable criterion that does not average over examples.
+
+        A criterion that declares its reduction (a torch loss module, a ``functools.partial``
+        with ``reduction=``) is trusted. Otherwise, on one no-grad forward pass of up to 8
+        examples (outputs o, targets t, halves 1 and 2 of n₁, n₂ examples), a mean satisfies
+        L(o, t) = (n₁ L(o₁, t₁) + n₂ L(o₂, t₂))/n, a sum L(o, t) = L(o₁, t₁) + L(o₂, t₂).
+        Summed losses scale |G|², tr(Σ) by b² and are refused, as is a loss matching neither
+        (not an average of per-example losses). Ties (all losses 0) pass.
+        """
+        if declared_reduction(self.criterion) is not None or x.shape[0] < 2:
+            return
+        n = min(8, x.shape[0])
+        x, y = x[:n], y[:n]
+        with torch.no_grad():
+            out = functional_call(self.model, (dict(zip(self.names, self.params, strict=True)),
+                                               self.frozen, self.buffers()), (x,))
+            h = n // 2
+            parts = [self.criterion(out, y), self.criterion(out[:h], y[:h]),
+                     self.criterion(out[h:], y[h:])]
+        if any(not isinstance(v, torch.Tensor) or v.ndim != 0 for v in parts):
+            raise ValueError("criterion must return a scalar (reduction='mean'), got "
+                             f"{getattr(parts[0], 'shape', type(parts[0]))}")
+        whole, first, second = (float(v) for v in parts)
+        n1, n2 = n // 2, n - n // 2
+        mean = (n1 * first + n2 * second) / n
+        summed = first + second
+        tol = max(float(torch.finfo(self.dtype).eps) ** 0.5, 1e-12) * max(
+            abs(whole), abs(mean), abs(summed), 1e-30)
+        if abs(whole - mean) <= tol:
+            return
+        if abs(whole - summed) <= tol:
+            raise ValueError(
+                "criterion sums the per-example losses (the loss of a batch equals the sum of "
+                "the losses of its halves), which would scale |G|² and tr(Σ) by b²; use a mean "
+                "reduction (e.g. nn.CrossEntropyLoss(), or divide by the batch size)")
+        raise ValueError(
+            "criterion is not a mean of per-example losses: on the same outputs the loss of a "
+            f"batch ({whole:.6g}) is neither the mean ({mean:.6g}) nor the sum ({summed:.6g}) of "
+            "its halves' losses; pass a loss with reduction='mean'")
 
     # ------------------------------------------------------------------ flat vectors
     def flatten(self, tensors, batch_dims: int = 0) -> torch.Tensor:
@@ -174,7 +253,9 @@ class ModelFunction:
         """(loss, per-parameter gradients) of the mean loss on (x, y) by reverse mode."""
         params = tuple(self.params)
         loss = self.loss(params, x, y)
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        # materialize: a parameter the loss does not use has gradient 0, not an error
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph,
+                                    allow_unused=True, materialize_grads=True)
         return loss, grads
 
     def flat_grad(self, x, y) -> torch.Tensor:

@@ -5,7 +5,7 @@ parameters (``model.parameters()`` order, requires_grad only). GᵀHG and tr(HΣ
 loss·(loss/param)²/param² ... i.e. (loss/param)²·(loss/param²); ε_max = |G|²/GᵀHG is in ``lr``
 units (the multiplier of the mean minibatch gradient); B_noise = tr(HΣ)/GᵀHG in examples.
 
-The two-batch trick on the quadratic form (this project's estimator; DESIGN §6): with H
+The two-batch trick on the quadratic form (this project's estimator; docs/design.md §6): with H
 estimated on a batch *independent* of the gradients, unit gradients g_k of b examples and the
 big-batch mean ḡ of B = M b examples,
 
@@ -17,6 +17,7 @@ HVPs Ĥg_k also give every ḡᵀĤḡ = (1/M²) Σ_kl g_kᵀĤg_l, hence a jack
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from . import _noise
 from ._common import (
     ModelFunction,
     check_batch,
+    check_count,
     check_micro_batch,
     default_micro_batch,
     has_training_batchnorm,
@@ -52,11 +54,16 @@ class HessianOperator:
     ``double_backward`` builds the first-order graph once (∇L with ``create_graph=True``) and
     each product is one more backward pass through it (``retain_graph``): the cheapest for
     many products (Lanczos, Hutchinson) and deterministic even with dropout (the forward pass
-    is shared). ``forward_over_reverse`` is ``torch.func.jvp`` of ``torch.func.grad``: a fresh
+    is shared); :meth:`matmat` applies H to k vectors in one vectorised backward pass.
+    ``forward_over_reverse`` is ``torch.func.jvp`` of ``torch.func.grad``: a fresh
     forward+backward with dual numbers per product, no graph kept between products.
+
+    A parameter in which the loss is linear (or that it does not use) has a zero row and column
+    of H: its gradient is constant, and its Hessian-vector entries are 0.
 
     Attributes:
         dim: p, the number of trainable scalars. ``like``: a (p,) tensor of their dtype/device.
+        calls: Hessian-vector products made so far (a k-column :meth:`matmat` counts k).
     """
 
     def __init__(self, model, criterion, inputs, targets, *, method: str = "double_backward"):
@@ -66,33 +73,84 @@ class HessianOperator:
             )
         self.fn = ModelFunction(model, criterion)
         check_batch(inputs, targets)
+        self.fn.check_reduction(inputs, targets)
         self.method = method
         self.inputs, self.targets = inputs, targets
         self.dim = self.fn.numel
         self.like = torch.zeros(0, dtype=self.fn.dtype, device=self.fn.device)
         self.calls = 0
         if method == "double_backward":
-            _, self._grads = self.fn.grad(inputs, targets, create_graph=True)
+            _, grads = self.fn.grad(inputs, targets, create_graph=True)
+            # gradients that are constant (loss linear in the parameter) have no graph
+            self._live = [i for i, g in enumerate(grads) if g.requires_grad]
+            self._grads = [grads[i] for i in self._live]
+            self._batched_ok = True
         else:
             params = tuple(p.detach() for p in self.fn.params)
             self._params = params
             self._grad_fn = grad(lambda *ps: self.fn.loss(ps, inputs, targets), argnums=tuple(
                 range(len(params))))
 
-    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
-        """Hv for a flat (p,) tensor v (returns a detached flat tensor)."""
+    def _vector(self, vector) -> torch.Tensor:
         if not isinstance(vector, torch.Tensor):
             vector = torch.as_tensor(vector)
-        v = self.fn.unflatten(vector.to(dtype=self.fn.dtype, device=self.fn.device))
+        return vector.to(dtype=self.fn.dtype, device=self.fn.device)
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        """Hv for a flat (p,) tensor v (returns a detached flat tensor)."""
+        v = self.fn.unflatten(self._vector(vector))
         self.calls += 1
-        if self.method == "double_backward":
-            hv = torch.autograd.grad(self._grads, self.fn.params, grad_outputs=v,
-                                     retain_graph=True)
-        else:
+        if self.method == "forward_over_reverse":
             with warnings.catch_warnings():  # torch's own jit deprecation on first forward AD
                 warnings.simplefilter("ignore", DeprecationWarning)
                 _, hv = jvp(self._grad_fn, self._params, v)
+            return self.fn.flatten([h.detach() for h in hv])
+        if not self._grads:
+            return torch.zeros(self.dim, dtype=self.fn.dtype, device=self.fn.device)
+        hv = torch.autograd.grad(self._grads, self.fn.params,
+                                 grad_outputs=[v[i] for i in self._live], retain_graph=True,
+                                 allow_unused=True, materialize_grads=True)
         return self.fn.flatten([h.detach() for h in hv])
+
+    def matmat(self, vectors: torch.Tensor, *, chunk: int = 16) -> torch.Tensor:
+        """H V for a (k, p) tensor of k vectors (rows), as a (k, p) tensor.
+
+        Double backward: ``chunk`` rows per vectorised backward pass (``is_grads_batched``,
+        one pass instead of k Python-level ones; halved while the GPU runs out of memory);
+        row by row where vmap cannot batch a layer.
+        """
+        vectors = self._vector(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors must be a (k, {self.dim}) tensor, got shape "
+                             f"{tuple(vectors.shape)}")
+        if self.method != "double_backward" or not self._grads or vectors.shape[0] == 1:
+            return torch.stack([self(v) for v in vectors]) if vectors.shape[0] else vectors
+        out, start = [], 0
+        while start < vectors.shape[0]:
+            block = vectors[start:start + chunk]
+            k = block.shape[0]
+            if self._batched_ok:
+                try:
+                    cols = block.split(self.fn.sizes, 1)
+                    outs = [cols[i].reshape(k, *self.fn.shapes[i]) for i in self._live]
+                    hv = torch.autograd.grad(self._grads, self.fn.params, grad_outputs=outs,
+                                             retain_graph=True, is_grads_batched=True,
+                                             allow_unused=True, materialize_grads=True)
+                    out.append(torch.cat([h.detach().reshape(k, -1) for h in hv], 1))
+                    self.calls += k
+                    start += k
+                    continue
+                except torch.cuda.OutOfMemoryError:  # k copies of the backward pass: fewer
+                    if k == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    chunk = max(1, k // 2)
+                    continue
+                except RuntimeError:  # an op without a vmap rule: one product at a time
+                    self._batched_ok = False
+            out.append(torch.stack([self(v) for v in block]))
+            start += k
+        return torch.cat(out)
 
 
 def hvp(model, criterion, inputs, targets, vector, *, method: str = "double_backward"):
@@ -112,7 +170,7 @@ def hvp(model, criterion, inputs, targets, vector, *, method: str = "double_back
 
 
 @dataclass(frozen=True)
-class HessianNoise:
+class HessianNoise(_noise._Report):
     """GᵀHG, tr(HΣ), ε_max, B_noise (and |G|², tr(Σ), B_simple from the same gradients).
 
     All unbiased except the ratios (ε_max = |G|²/GᵀHG, B_noise = tr(HΣ)/GᵀHG,
@@ -120,6 +178,11 @@ class HessianNoise:
     not positive). ``*_stderr``: jackknife standard errors over the micro-batches (nan with
     fewer than 3). ``batch``: examples whose gradients were used (B); ``micro_batch``: b;
     ``hessian_batch``: examples of the independent batch that defines Ĥ.
+
+    ``resolved``: whether GᵀHG and |G|² are both significantly positive (> t₀.₉₇₅·stderr), so
+    that ε_max and B_noise mean something; early in training GᵀHG is often ≤ 0 within its
+    error. ``reason`` says why not (e.g. "GᵀHG = -3 ± 5: not resolved; use more examples"),
+    '' when resolved. :meth:`as_dict` gives strict-JSON values (None for nan/inf).
     """
 
     g_h_g: float
@@ -139,15 +202,27 @@ class HessianNoise:
     batch: int
     micro_batch: int
     hessian_batch: int
+    resolved: bool = True
+    reason: str = ""
 
     def eps_opt(self, batch) -> float:
         """Predicted optimal step ε_opt(B) = ε_max/(1 + B_noise/B) (``lr`` units); ``inf`` when
-        the GᵀHG estimate is not positive (no curvature resolved along G: no optimum)."""
+        the GᵀHG estimate is not positive (no curvature resolved along G: no optimum; see
+        ``reason``)."""
         from sgdtheory import theory
 
         if not self.g_h_g > 0:
             return float("inf")
-        return theory.eps_opt(batch, self.eps_max, self.b_noise)
+        return theory.eps_opt(batch, self.eps_max, max(self.b_noise, 0.0)
+                              if math.isfinite(self.b_noise) else 0.0)
+
+    def summary(self) -> str:
+        """One console line with standard errors, or the reason the ratios are not resolved."""
+        head = (f"B_noise {self._pair('b_noise')}, eps_max {self._pair('eps_max')}"
+                if self.resolved else self.reason)
+        return (f"{head} (GᵀHG {self._pair('g_h_g')}, tr(HΣ) {self._pair('tr_h_sigma')}, "
+                f"B_simple {self._pair('b_simple')}; B = {self.batch}, b = {self.micro_batch}, "
+                f"Hessian batch {self.hessian_batch})")
 
 
 def hessian_noise(
@@ -165,8 +240,10 @@ def hessian_noise(
     The Hessian Ĥ is that of the mean loss on ``hessian_inputs`` (or, when not given, on the
     second half of ``inputs``; the gradients then use the first half), independent of the
     gradient examples. The gradient examples are split into M micro-batches of b examples;
-    one backward pass each gives g_k and one HVP each gives Ĥg_k, so the cost is M gradients
-    plus M HVPs (one graph built on the Hessian batch). Then
+    their gradients g_k come from one vectorised pass (as :func:`gradient_noise`) and the M
+    products Ĥg_k from vectorised backward passes through one graph built on the Hessian
+    batch, so the cost is about that of M b example gradients plus M HVPs on the Hessian
+    batch (2 × its size in example gradients each). Then
 
         GᵀHG, tr(HΣ) = two_batch_curvature(mean_k g_kᵀĤg_k, ḡᵀĤḡ, b, M b),
         |G|², tr(Σ)  = two_batch(mean_k |g_k|², |ḡ|², b, M b).
@@ -179,7 +256,8 @@ def hessian_noise(
         hessian_inputs, hessian_targets: optional independent batch for Ĥ.
 
     Returns:
-        :class:`HessianNoise`.
+        :class:`HessianNoise` (with ``resolved`` and ``reason``; never raises for estimates
+        that happen to be negative).
 
     >>> import torch
     >>> from torch import nn
@@ -208,12 +286,15 @@ def hessian_noise(
     if micro_batch is None:
         micro_batch = default_micro_batch(n_g, max_units=_MAX_UNITS, min_size=2 if bn else 1)
     b = check_micro_batch(micro_batch, n_g, batch_stats=bn)
-    units = torch.stack(list(_noise.micro_batch_gradients(fn, gx, gy, b)))  # (M, p)
+    fn.check_reduction(gx, gy)
+    units = torch.cat([g for _, g in _noise.unit_gradients(fn, gx, gy, b)])  # (M, p)
     op = HessianOperator(model, criterion, hx, hy)
-    h_units = torch.stack([op(u) for u in units])
-    gram = (units.double() @ units.double().T).cpu().numpy()
-    curv = (units.double() @ h_units.double().T).cpu().numpy()
+    h_units = op.matmat(units)
+    gram = _noise.safe_gram(units)
+    curv = _noise.safe_gram(units, h_units)
     curv = 0.5 * (curv + curv.T)
+    if not np.all(np.isfinite(curv.sum(1))):
+        raise ValueError("gᵀHg overflows float64; rescale the loss before measuring")
     from sgdtheory.estimators import two_batch, two_batch_curvature
 
     ones = np.ones(units.shape[0])
@@ -248,8 +329,71 @@ def hessian_noise(
             "tr_sigma_stderr": se(lo_g[:, 1]),
             "b_simple_stderr": se(ratio(lo_g[:, 1], lo_g[:, 0])),
         }
+    m = units.shape[0]
+    reasons = [r for r in (_noise.resolution("GᵀHG", g_h_g, errs["g_h_g_stderr"], m - 1),
+                           _noise.resolution("|G|²", grad_sq, errs["grad_sq_stderr"], m - 1))
+               if r]
     return HessianNoise(**values, **errs, batch=n_g, micro_batch=b,
-                        hessian_batch=hx.shape[0])
+                        hessian_batch=hx.shape[0], resolved=not reasons,
+                        reason="; ".join(reasons))
+
+
+# --------------------------------------------------------------------------- λ_max
+
+
+def lanczos_top(matvec, dim: int, *, v0: torch.Tensor, tol: float, max_iter: int,
+                basis_size: int = 30, criterion: str = "residual"):
+    r"""Largest (algebraic) eigenpair (θ, u) of a symmetric operator by Lanczos from ``v0``.
+
+    Full reorthogonalisation; when the basis holds ``basis_size`` vectors the iteration
+    restarts from the current Ritz vector (explicit restart: memory basis_size × dim). After
+    every product the Ritz pair of the tridiagonal T is updated (NumPy, at most 30 × 30) and
+    the iteration stops when ``criterion`` is met:
+
+    * ``'residual'``: ‖Au − θu‖ = β_j |s_j| ≤ tol·|θ| (as :func:`sgdtheory.krylov.
+      top_eigenvalues`; the eigenvalue error is then ≲ tol²·θ²/gap);
+    * ``'change'``: |θ_j − θ_{j−1}| ≤ tol·|θ_j| between consecutive products (PyHessian's
+      power-iteration criterion; Lanczos Ritz values increase monotonically to λ_max).
+
+    Returns (θ, u, matvecs, converged) with u of unit norm.
+    """
+    u = v0 / torch.linalg.vector_norm(v0)
+    n_mv, scale, previous = 0, 0.0, math.nan
+    while True:
+        m = max(1, min(basis_size, dim, max_iter - n_mv))
+        basis = torch.zeros(m + 1, dim, dtype=u.dtype, device=u.device)
+        basis[0] = u
+        alpha, beta = np.zeros(m), np.zeros(m)
+        done = False
+        for j in range(m):
+            w = matvec(basis[j])
+            n_mv += 1
+            v = basis[: j + 1]
+            h = v @ w
+            w = w - h @ v
+            h2 = v @ w  # classical Gram–Schmidt twice: full reorthogonalisation
+            w = w - h2 @ v
+            alpha[j] = float(h[j] + h2[j])
+            beta[j] = float(torch.linalg.vector_norm(w))
+            scale = max(scale, abs(alpha[j]), beta[j])
+            off = beta[:j]
+            vals, vecs = np.linalg.eigh(np.diag(alpha[: j + 1]) + np.diag(off, 1)
+                                        + np.diag(off, -1))
+            theta, s = float(vals[-1]), vecs[:, -1]
+            exact = beta[j] <= 1e-12 * scale or j + 1 == dim  # invariant subspace
+            if criterion == "change":
+                done = abs(theta - previous) <= tol * abs(theta)
+            else:
+                done = abs(beta[j] * s[-1]) <= tol * max(abs(theta), 1e-300)
+            previous = theta
+            if done or exact or n_mv >= max_iter or j + 1 == m:
+                done = done or exact
+                break
+            basis[j + 1] = w / beta[j]
+        u = torch.as_tensor(s, dtype=u.dtype, device=u.device) @ basis[: j + 1]
+        u = u / torch.linalg.vector_norm(u)
+        if done or n_mv >= max_iter:
+            return theta, u, n_mv, bool(done)
 
 
 def top_hessian_eigenvalue(
@@ -263,31 +407,73 @@ def top_hessian_eigenvalue(
     tol: float = 1e-6,
     max_iter: int = 100,
     seed: int = 0,
+    v0: torch.Tensor | None = None,
+    return_vector: bool = False,
+    stop: str = "residual",
 ):
     r"""λ_max of the Hessian of the mean loss on (inputs, targets), by Lanczos on HVPs.
 
-    Uses :func:`sgdtheory.krylov.top_eigenvalues` on torch tensors (one graph, one backward
-    pass per product). λ_max sets the gradient-descent stability limit lr < 2(1+μ)/λ_max.
+    k = 1 with Lanczos: :func:`lanczos_top` on torch tensors (one graph, one backward pass per
+    product), started from ``v0`` when given — the top eigenvector of the previous measurement
+    point (``return_vector=True`` returns it) is a warm start: when the top direction moves
+    little between points, the residual tolerance is met in fewer products, or a fixed budget
+    gives a closer λ_max. Otherwise :func:`sgdtheory.krylov.top_eigenvalues`. λ_max sets the
+    gradient-descent stability limit lr < 2(1+μ)/λ_max.
 
     Args:
         k: number of eigenvalues (largest algebraic first); ``k=1`` returns a float.
-        method: ``'lanczos'`` or ``'power'``; tol, max_iter, seed: passed to the solver.
+        method: ``'lanczos'`` or ``'power'``; tol, max_iter (HVPs), seed (of the random start
+            vector): passed to the solver. A :class:`sgdtheory.krylov.KrylovConvergenceWarning`
+            says when ``max_iter`` stopped it before ``tol``.
+        v0: start vector, flat (p,) over the trainable parameters (k = 1, Lanczos only).
+        return_vector: also return the unit top eigenvector (flat (p,) tensor; k = 1 only).
+        stop: when ``tol`` is met (k = 1, Lanczos): ``'residual'`` ‖Hu − λu‖ ≤ tol·λ
+            (default; eigenvalue error ≲ tol²λ²/gap) or ``'change'``, a relative change of λ
+            below tol between products (PyHessian's criterion); see :func:`lanczos_top`.
 
     Returns:
-        λ_max as a float (loss/param² units), or a list of the k largest when k > 1.
+        λ_max as a float (loss/param² units), a list of the k largest when k > 1, or
+        (λ_max, vector) with ``return_vector``.
     """
     from sgdtheory import krylov
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_count(k, "k")
+    max_iter = check_count(max_iter, "max_iter")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0
+            and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    if stop not in ("residual", "change"):
+        raise ValueError(f"stop must be 'residual' or 'change', got {stop!r}")
+    if (v0 is not None or return_vector or stop != "residual") and (
+            k != 1 or method != "lanczos"):
+        raise ValueError("v0, return_vector and stop='change' need k=1 and method='lanczos'")
     op = HessianOperator(model, criterion, inputs, targets)
     if k > op.dim:
         raise ValueError(f"k ({k}) must not exceed the number of parameters ({op.dim})")
-    vals = krylov.top_eigenvalues(
-        op, op.dim, k=k, method=method, tol=tol, max_iter=max_iter, seed=seed, like=op.like
-    )
-    vals = [float(v) for v in vals]
-    return vals[0] if k == 1 else vals
+    if k > 1 or method != "lanczos":
+        vals = krylov.top_eigenvalues(
+            op, op.dim, k=k, method=method, tol=tol, max_iter=max_iter, seed=seed, like=op.like
+        )
+        vals = [float(v) for v in vals]
+        return vals[0] if k == 1 else vals
+    if v0 is None:
+        start = torch.as_tensor(np.random.default_rng(seed).standard_normal(op.dim))
+    else:
+        start = op._vector(v0)
+        if start.shape != (op.dim,):
+            raise ValueError(f"v0 must be a flat vector of the {op.dim} trainable parameters, "
+                             f"got shape {tuple(start.shape)}")
+        if not bool(torch.isfinite(start).all()) or not float(torch.linalg.vector_norm(start)):
+            raise ValueError("v0 must be a finite, non-zero vector")
+    start = start.to(dtype=op.fn.dtype, device=op.fn.device)
+    lam, vec, n_mv, converged = lanczos_top(op, op.dim, v0=start, tol=tol, max_iter=max_iter,
+                                            criterion=stop)
+    if not converged:
+        warnings.warn(f"Lanczos stopped after {n_mv} matvecs before the residual reached "
+                      f"tol·|θ| (tol={tol:g})", krylov.KrylovConvergenceWarning, stacklevel=2)
+    return (lam, vec) if return_vector else lam
 
 
 def hessian_trace(
@@ -302,17 +488,34 @@ def hessian_trace(
 ):
     r"""tr(H) of the mean loss on (inputs, targets) by Hutchinson's estimator E[vᵀHv].
 
-    Uses :func:`sgdtheory.krylov.hutchinson_trace` (Rademacher probes, or Hutch++).
+    ``'hutchinson'``: Rademacher probes z_i (drawn as :func:`sgdtheory.krylov.hutchinson_trace`
+    draws them from ``seed``), their products Hz_i in vectorised batches
+    (:meth:`HessianOperator.matmat`); estimate mean_i z_iᵀHz_i with standard error
+    std/√n. ``'hutch++'``: :func:`sgdtheory.krylov.hutchinson_trace` (one product at a time).
 
     Returns:
         (estimate, stderr) as floats (loss/param² units).
     """
     from sgdtheory import krylov
 
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer ≥ 2, got {n_samples!r}")
+    n_samples = check_count(n_samples, "n_samples", minimum=2)
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
     op = HessianOperator(model, criterion, inputs, targets)
-    est, err = krylov.hutchinson_trace(
-        op, op.dim, n_samples, seed=seed, like=op.like, method=method
-    )
-    return float(est), float(err)
+    if method == "hutch++":
+        est, err = krylov.hutchinson_trace(
+            op, op.dim, n_samples, seed=seed, like=op.like, method=method
+        )
+        return float(est), float(err)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for start in range(0, n_samples, 16):
+        count = min(16, n_samples - start)
+        z = np.stack([rng.integers(0, 2, size=op.dim).astype(float) * 2.0 - 1.0
+                      for _ in range(count)])
+        z = torch.as_tensor(z, dtype=op.fn.dtype, device=op.fn.device)
+        vals.append((z * op.matmat(z)).sum(1).double().cpu())
+    vals = torch.cat(vals).numpy()
+    if not np.all(np.isfinite(vals)):
+        raise ValueError("Hessian-vector products are not finite")
+    return float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(n_samples))

@@ -96,15 +96,25 @@ def jsonable(obj):
     return str(obj)
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask: what ``open`` would give a new file (``mkstemp`` gives
+    0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then
-    ``os.replace``); parents are created. Returns the path."""
+    ``os.replace``); parents are created; the file gets the usual permissions. Returns the
+    path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -128,6 +138,7 @@ def save_torch(obj, path) -> Path:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

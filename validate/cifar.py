@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sgdtheory import _threads
+
 from . import data as data_mod
 
 HERE_HELP = """\
@@ -197,6 +199,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "differs) unless it was written by the same command with the same "
                         "resolved settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads.add_threads_argument(p)
     h = p.add_argument_group("hyperparameters (defaults from the preset; units in the epilog)")
     h.add_argument("--epochs", type=int, help="passes over the training subset (integer ≥ 1)")
     h.add_argument("--batch-size", type=int, help="B, examples per step (global across ranks)")
@@ -582,6 +585,8 @@ def run(args, log=print) -> dict:
             "data": data.source, "torch": torch.__version__, "hyp": hyp, "noise_config": cfg,
             "run_info": run_info}
     summary = {**meta, **result}
+    if cfg is not None:  # measurement time, apart from the training time time_s
+        summary["measure_time_s"] = sum(r["seconds"] for r in extra.get("noise", []))
     diverged = result["diverged_at_step"]
     if diverged is not None:
         why = extra.get("noise_diverged", {}).get("reason", "training loss not finite")
@@ -595,7 +600,8 @@ def run(args, log=print) -> dict:
     else:
         say(f"test accuracy {result['test_acc']:.4f}  test loss {result['test_loss']:.4f}  "
             f"train time {result['time_s']:.1f} s  {result['examples_per_s']:.0f} examples/s  "
-            f"({result['steps']} steps)")
+            f"({result['steps']} steps)" + (f"  measurement time {summary['measure_time_s']:.1f} s"
+                                            if cfg is not None else ""))
     if rank == 0:
         if args.command == "train":
             write_json(out / "train.json", summary, indent=2)
@@ -625,6 +631,7 @@ def main(argv=None) -> int:
                                 default_preset="paper")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _threads.limit_threads(args.threads)  # before torch loads: passive OpenMP waits
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:  # includes data.DatasetError

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import _hvp, _noise
-from ._common import check_criterion
+from ._common import check_count, check_criterion
 
 __all__ = ["NoiseMonitor"]
 
@@ -53,7 +53,7 @@ COLUMNS = [
     "step", "lr", "batch", "micro_batches", "grad_sq", "tr_sigma", "grad_sq_ema",
     "tr_sigma_ema", "b_simple_ema", "b_simple_ema_stderr", "g_h_g", "tr_h_sigma",
     "eps_max_ema", "b_noise_ema", "b_noise_ema_stderr", "lambda_max", "eps_opt",
-    "lr_over_eps_opt", "gd_limit",
+    "lr_over_eps_opt", "gd_limit", "resolved", "reason",
 ]
 
 
@@ -72,7 +72,8 @@ class NoiseMonitor:
         csv_path: append one row per measured step (columns :data:`COLUMNS`).
         tensorboard_dir: also log scalars with ``torch.utils.tensorboard`` (when installed).
         hessian_micro_batch: micro-batch size for :func:`hessian_noise` (default: automatic).
-        lanczos_iters: Lanczos iterations for λ_max (0: skip λ_max; else ≥ 3).
+        lanczos_iters: Lanczos iterations for λ_max (0: skip λ_max; else ≥ 3), each started
+            from the previous measurement's top eigenvector (a warm start).
         momentum, nesterov: the optimiser's momentum μ (torch form) and Nesterov flag, for the
             stability limit ``gd_limit`` (2(1+μ)/λ_max, Nesterov 2(1+μ)/((1+2μ)λ_max), in
             ``lr`` units) and ``lr_over_eps_opt``, which compares the effective step
@@ -83,6 +84,15 @@ class NoiseMonitor:
     Attributes:
         records: list of dicts, one per measured step. ``noise_ema``, ``curvature_ema``: the
         estimators' EMAs.
+
+    Unresolved estimates: early in training the averaged |G|² or GᵀHG is often ≤ 0 within its
+    error, so B_simple, ε_max, B_noise and ε_opt mean nothing yet. Such a record has
+    ``resolved`` False and ``reason`` saying which estimate and its error (e.g. "GᵀHG (EMA) =
+    -3 ± 5: not resolved; use more examples"); a ratio whose denominator is ≤ 0 is NaN, never
+    ±inf, and the first record unresolved for a reason other than too few measurements raises
+    one ``UserWarning``. ``resolved`` is True once every estimate in
+    the record is significantly positive (> t₀.₉₇₅·standard error, which needs ≥ 2
+    measurements).
     """
 
     def __init__(
@@ -105,11 +115,13 @@ class NoiseMonitor:
         from sgdtheory import theory
         from sgdtheory.estimators import CurvatureEMA, NoiseScaleEMA
 
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+        every = check_count(every, "every")
         if curvature_every is not None:
-            if (isinstance(curvature_every, bool) or not isinstance(curvature_every, int)
-                    or curvature_every < 1 or curvature_every % every):
+            try:
+                curvature_every = check_count(curvature_every, "curvature_every")
+            except ValueError:
+                curvature_every = 0
+            if curvature_every < 1 or curvature_every % every:
                 raise ValueError(
                     f"curvature_every must be a positive multiple of every ({every}), "
                     f"got {curvature_every!r}"
@@ -120,13 +132,17 @@ class NoiseMonitor:
             raise ValueError(f"accumulation must be 'mean' or 'sum', got {accumulation!r}")
         if criterion is not None:
             check_criterion(criterion)
-        if hessian_micro_batch is not None and (
-                isinstance(hessian_micro_batch, bool) or not isinstance(hessian_micro_batch, int)
-                or hessian_micro_batch < 1):
-            raise ValueError(f"hessian_micro_batch must be a positive integer or None, got "
-                             f"{hessian_micro_batch!r}")
-        if (isinstance(lanczos_iters, bool) or not isinstance(lanczos_iters, int)
-                or lanczos_iters < 0 or 0 < lanczos_iters < 3):
+        if hessian_micro_batch is not None:
+            try:
+                hessian_micro_batch = check_count(hessian_micro_batch, "hessian_micro_batch")
+            except ValueError:
+                raise ValueError(f"hessian_micro_batch must be a positive integer or None, got "
+                                 f"{hessian_micro_batch!r}") from None
+        try:
+            lanczos_iters = check_count(lanczos_iters, "lanczos_iters", minimum=0)
+        except ValueError:
+            lanczos_iters = -1
+        if lanczos_iters < 0 or 0 < lanczos_iters < 3:
             raise ValueError(f"lanczos_iters must be 0 (skip λ_max) or an integer ≥ 3, got "
                              f"{lanczos_iters!r}")
         self.momentum = float(theory._momentum(momentum))
@@ -146,6 +162,8 @@ class NoiseMonitor:
         self.lambda_max = math.nan
         self.records: list[dict] = []
         self.step_count = 0
+        self._warned = False
+        self._lanczos_vector = None
         self._prev = None
         self._sq: list[float] = []
         self._csv_path = csv_path
@@ -219,8 +237,10 @@ class NoiseMonitor:
             if inputs is None:
                 raise ValueError("give batch_size or inputs to NoiseMonitor.step")
             batch_size = int(inputs.shape[0])
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        try:
+            batch_size = check_count(batch_size, "batch_size")
+        except ValueError:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}") from None
         grad_scale = float(grad_scale)
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be positive and finite, got {grad_scale!r}")
@@ -277,20 +297,40 @@ class NoiseMonitor:
             if self.lanczos_iters > 0:
                 with warnings.catch_warnings():  # a few iterations on purpose: approximate
                     warnings.simplefilter("ignore", UserWarning)
-                    self.lambda_max = _hvp.top_hessian_eigenvalue(
+                    self.lambda_max, self._lanczos_vector = _hvp.top_hessian_eigenvalue(
                         self.model, self.criterion, inputs, targets,
-                        max_iter=self.lanczos_iters)
+                        max_iter=self.lanczos_iters, v0=self._lanczos_vector,
+                        return_vector=True)  # warm start: the last point's top eigenvector
+        reasons = [_noise.resolution("|G|² (EMA)", self.noise_ema.grad_sq,
+                                     self.noise_ema.grad_sq_stderr, self.noise_ema.df,
+                                     hint="wait for more measurements")]
         if self.curvature_ema.n_updates:
             est = self.curvature_ema.estimate()
             rec.update(eps_max_ema=est.eps_max, b_noise_ema=est.b_noise,
                        b_noise_ema_stderr=est.b_noise_stderr, lambda_max=self.lambda_max)
+            reasons.append(_noise.resolution("GᵀHG (EMA)", est.g_h_g, est.g_h_g_stderr,
+                                             self.curvature_ema.df,
+                                             hint="wait for more curvature measurements"))
             if 0 < est.eps_max < math.inf and 0 <= est.b_noise < math.inf:
                 rec["eps_opt"] = theory.eps_opt(batch, est.eps_max, est.b_noise)
                 rec["lr_over_eps_opt"] = theory.effective_lr(lr, self.momentum) / rec["eps_opt"]
             if self.lambda_max > 0:
                 rec["gd_limit"] = theory.gd_stability_limit(self.lambda_max, self.momentum,
                                                             nesterov=self.nesterov)
-        rec = {k: (float(v) if k not in ("step", "batch", "micro_batches") else int(v))
+        reasons = [r for r in reasons if r]
+        for k in ("b_simple_ema", "b_simple_ema_stderr", "eps_max_ema", "b_noise_ema",
+                  "b_noise_ema_stderr", "eps_opt", "lr_over_eps_opt"):
+            if not math.isfinite(rec[k]):  # a ratio with a denominator ≤ 0: nan, with reason
+                rec[k] = math.nan
+        rec["resolved"] = not reasons
+        rec["reason"] = "; ".join(reasons)
+        if reasons and not self._warned and any("no standard error" not in r for r in reasons):
+            self._warned = True
+            warnings.warn(f"NoiseMonitor step {self.step_count}: {rec['reason']} (records say "
+                          "so in 'resolved' and 'reason' until resolved; warned once)",
+                          UserWarning, stacklevel=3)
+        rec = {k: (v if k in ("resolved", "reason") else
+                   int(v) if k in ("step", "batch", "micro_batches") else float(v))
                for k, v in rec.items()}
         self.records.append(rec)
         self._write(rec)
@@ -303,7 +343,7 @@ class NoiseMonitor:
             self._csv_file.flush()
         if self._tb is not None:
             for k, v in rec.items():
-                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                if k != "step" and type(v) is float and math.isfinite(v):
                     self._tb.add_scalar(f"noise/{k}", v, rec["step"])
 
     def close(self) -> None:

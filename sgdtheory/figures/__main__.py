@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sgdtheory import _threads
 from sgdtheory.experiments import EXPERIMENTS, PRESET_NAMES
 from sgdtheory.experiments import load as load_experiment
 from sgdtheory.experiments._common import Check
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed, an integer >= 0 (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="recompute even when outputs for the same config exist")
+    _threads.add_threads_argument(p)
     return p
 
 
@@ -407,6 +409,7 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status (0 all passed, 1 failures/errors, 2 bad options)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _threads.limit_threads(args.threads)  # before torch/BLAS work: no spinning, no oversubscription
     if args.list:
         _list(sys.stdout)
         return 0

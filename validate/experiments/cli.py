@@ -198,6 +198,9 @@ def main(argv=None, *, prog: str = "python -m validate.experiments",
         return 0
     if args.experiment is None:
         parser.error("the experiment is required (or --list)")
+    from sgdtheory import _threads
+
+    _threads.limit_threads(1)  # one thread per run (before torch loads: passive OpenMP waits)
     from .base import run_experiment
     from .runner import JobError, default_workers
 

@@ -90,10 +90,11 @@ class JobError(RuntimeError):
 
 # ---------------------------------------------------------------------------- keys
 #: Files whose code decides a run's numbers (relative to the repository root); the module of
-#: each job's function is added per job.
+#: each job's function is added per job. (Plumbing that only moves numbers — validate/_io.py —
+#: is left out, so that fixing it does not invalidate stored runs.)
 CODE_FILES = (
     "validate/train.py", "validate/data.py", "validate/models.py", "validate/measure.py",
-    "validate/_hvp.py", "validate/_noise.py", "validate/_common.py", "validate/_io.py",
+    "validate/_hvp.py", "validate/_noise.py", "validate/_common.py",
     "validate/experiments/runner.py", "sgdtheory/krylov.py", "sgdtheory/estimators.py",
     "sgdtheory/backend.py", "sgdtheory/_checks.py",
 )
@@ -158,10 +159,11 @@ def load_data_cached(spec: DataSpec, sha256: str):
 
 
 def _init_worker(threads: int, devices, counter) -> None:
-    """Process-pool initializer: torch threads, and one GPU per worker on CUDA."""
-    import torch
+    """Process-pool initializer: the threads of torch and BLAS (:mod:`sgdtheory._threads`: no
+    nested parallelism, passive OpenMP waits), and one GPU per worker on CUDA."""
+    from sgdtheory import _threads
 
-    torch.set_num_threads(threads)
+    _threads.limit_threads(threads)
     if devices:
         with counter.get_lock():
             i = counter.value
@@ -210,15 +212,15 @@ class _InProcess(cf.Executor):
 
 
 def default_workers(device_type: str) -> int:
-    """What the device allows: one per GPU on CUDA, one per CPU core otherwise."""
+    """What the device allows: one per GPU on CUDA, one per CPU core this process may use
+    otherwise (affinity and cgroup quota, :func:`sgdtheory._threads.available_cores`)."""
     if device_type == "cuda":
         import torch
 
         return max(1, torch.cuda.device_count())
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    from sgdtheory import _threads
+
+    return _threads.available_cores()
 
 
 @contextlib.contextmanager
