@@ -32,11 +32,11 @@ def main() -> None:
     t0 = time.perf_counter()
     d = data.synthetic_cifar10(n_train, n_test, seed=0)
     t_data = time.perf_counter() - t0
-    hyp = train.hyperparameters(args.preset, epochs=args.epochs)
+    hyp = train.make_config(args.preset, epochs=args.epochs)
     r = train.train(hyp, d, device=args.device, progress=False)
     per_epoch = r["time_s"] / len(r["history"])
     print(f"device {args.device}  preset {args.preset}  threads {torch.get_num_threads()}  "
-          f"load {os.getloadavg()[0]:.1f}  params {r['params']}  B {hyp['batch_size']}")
+          f"load {os.getloadavg()[0]:.1f}  params {r['params']}  B {hyp.batch_size}")
     print(f"synthetic data {n_train}+{n_test} images generated in {t_data:.1f} s")
     print(f"{r['examples_per_s']:.0f} examples/s  {per_epoch:.2f} s/epoch  "
           f"({r['steps']} steps, {r['train_examples']} examples/epoch)")

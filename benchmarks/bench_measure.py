@@ -76,13 +76,13 @@ def setups(args, device):
     from validate.cifar import NOISE_PRESETS
     from validate.digits_check import DigitsCNN
     from validate.models import FastResNet
-    from validate.train import hyperparameters
+    from validate.train import make_config
 
     out = []
     if "digits" in args.models:
         out.append(("digits CNN", DigitsCNN, (1, 8, 8), 256, 16, 256))
     if "resnet" in args.models:
-        width = hyperparameters(args.preset)["width"]
+        width = make_config(args.preset).width
         cfg = NOISE_PRESETS[args.preset]
         out.append((f"CIFAR ResNet (width {width:g})", lambda: FastResNet(width=width),
                     (3, 32, 32), cfg["measure_batch"], cfg["micro_batch"],

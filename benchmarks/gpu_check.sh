@@ -151,12 +151,12 @@ dev, dry = os.environ["GPU_CHECK_DEVICE"], os.environ["GPU_CHECK_DRY"] == "1"
 preset = "quick" if dry else "default"
 n_train, n_test = (512, 128) if dry else (50_000, 10_000)
 d = data.synthetic_cifar10(n_train, n_test, seed=0)
-hyp = train.hyperparameters(preset, epochs=2, subset=None if not dry else 256)
+hyp = train.make_config(preset, epochs=2, subset=None if not dry else 256)
 r = train.train(hyp, d, device=dev, progress=False)
 hist = r["history"]
 epoch2 = hist[-1]["time_s"] - hist[-2]["time_s"] if len(hist) >= 2 else r["time_s"]
 out = {"preset": preset, "train_examples": r["train_examples"], "params": r["params"],
-       "batch_size": hyp["batch_size"], "examples_per_s": r["examples_per_s"],
+       "batch_size": hyp.batch_size, "examples_per_s": r["examples_per_s"],
        "seconds_per_epoch": epoch2, "first_epoch_seconds": hist[0]["time_s"],
        "test_acc_synthetic": r["test_acc"], "steps": r["steps"]}
 json.dump(out, open(os.path.join(os.environ["GPU_CHECK_WORK"], "3_cifar.json"), "w"))

@@ -147,11 +147,11 @@ def test_help_shows_presets_and_every_option(capsys, argv):
         cifar.main(argv)
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for name in ("quick", "default"):  # each preset's values, from the presets themselves
-        h = train.hyperparameters(name)
+        h = train.make_config(name)
         peak = train.peak_lr(h)
-        assert f"{name} batch size B = {h['batch_size']}, {h['epochs']} epochs" in text
+        assert f"{name} batch size B = {h.batch_size}, {h.epochs} epochs" in text
         assert f"peak lr η = {peak:.4g} (mean gradient); base rate η/B = " \
-               f"{peak / h['batch_size']:.3g}" in text
+               f"{peak / h.batch_size:.3g}" in text
         n = cifar.NOISE_PRESETS[name]
         assert f"noise: {n['points']} points, measure batch {n['measure_batch']}" in text
     if argv != ["--help"]:

@@ -210,3 +210,170 @@ def test_unrelated_file_is_not_called_a_corrupt_archive(tmp_path):
     (folder / "cifar-10-python.tar.gz").write_bytes(other.read_bytes())
     with pytest.raises(data.DatasetError, match="delete it and use --download"):
         data.load_cifar10(folder)
+
+
+# ---------------------------------------------------------------------------- digits and .npz
+def test_digits_split_is_fixed_stratified_and_normalised():
+    from sklearn.datasets import load_digits
+
+    d = data.load_digits_data()
+    raw = load_digits()
+    assert d.train_images.shape == (1437, 1, 8, 8) and d.test_images.shape == (360, 1, 8, 8)
+    assert d.train_images.dtype == np.float32 and d.num_classes == 10 and d.is_image
+    # every image appears exactly once, in one split, with its label (brute-force match)
+    both = np.concatenate([d.train_images, d.test_images])[:, 0]
+    labels = np.concatenate([d.train_labels, d.test_labels])
+    want = {(raw.images[i] / 16.0).astype(np.float32).tobytes(): raw.target[i]
+            for i in range(len(raw.target))}
+    got = {}
+    for img, lab in zip(both, labels, strict=True):
+        got.setdefault(img.tobytes(), set()).add(int(lab))
+    assert len(both) == 1797 and all({want[k]} == v for k, v in got.items())
+    # stratified: each class is 20% ± one image of the test set
+    for k in range(10):
+        n_k = int((raw.target == k).sum())
+        assert abs(int((d.test_labels == k).sum()) - n_k * 360 / 1797) <= 1
+    # the same split every time; statistics from the training split only
+    again = data.load_digits_data()
+    assert np.array_equal(again.test_labels, d.test_labels)
+    assert d.mean[0] == pytest.approx(float(d.train_images.astype(np.float64).mean()), rel=1e-12)
+    assert d.std[0] == pytest.approx(float(d.train_images.astype(np.float64).std()), rel=1e-12)
+    assert data.data_identity(d) == data.data_identity(again)
+
+
+def _write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _good_arrays(rng, shape=(6, 5), dtype=np.uint8, k=3):
+    def x(n):
+        if dtype == np.uint8:
+            return rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+        return rng.standard_normal((n, *shape)).astype(dtype)
+
+    return {"x_train": x(12), "y_train": np.arange(12) % k, "x_test": x(5),
+            "y_test": np.arange(5) % k}
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((6, 5), np.uint8), ((2, 6, 5), np.float64),
+                                              ((7,), np.float32)])
+def test_npz_round_trip(tmp_path, shape, dtype):
+    rng = np.random.default_rng(0)
+    arrays = _good_arrays(rng, shape, dtype)
+    path = _write_npz(tmp_path / "d.npz", **arrays, classes=np.array(["a", "b", "c"]))
+    d = data.load_data(str(path))
+    extra = (1,) if len(shape) == 2 else ()  # (N, H, W) gains a channel axis
+    assert d.train_images.shape == (12, *extra, *shape)
+    assert d.input_shape == (*extra, *shape) and d.classes == ("a", "b", "c")
+    np.testing.assert_array_equal(d.train_images.reshape(arrays["x_train"].shape),
+                                  arrays["x_train"].astype(d.train_images.dtype))
+    np.testing.assert_array_equal(d.test_labels, arrays["y_test"])
+    assert d.train_labels.dtype == np.int64
+    assert d.train_images.dtype == (np.uint8 if dtype == np.uint8 else np.float32)
+    # per-channel (images) or per-feature (vectors) statistics of the training split, by hand
+    x = arrays["x_train"].astype(d.train_images.dtype).astype(np.float64)  # as stored
+    x = x.reshape(d.train_images.shape) / (255.0 if dtype == np.uint8 else 1.0)
+    for c in range(len(d.mean)):
+        col = x[:, c]
+        assert d.mean[c] == pytest.approx(col.mean(), rel=1e-9, abs=1e-12)
+        assert d.std[c] == pytest.approx(col.std(), rel=1e-9)
+    # without class names: K = 1 + the largest training label
+    path2 = _write_npz(tmp_path / "e.npz", **arrays)
+    assert data.load_npz(path2).classes == ("0", "1", "2")
+    # identity: the data, not the path
+    id1, id2 = data.data_identity(d), data.data_identity(data.load_npz(path2))
+    assert id1["sha256"] == id2["sha256"] and id1["source"] != id2["source"]
+    arrays["x_test"] = arrays["x_test"].copy()
+    arrays["x_test"].flat[0] += 1
+    path3 = _write_npz(tmp_path / "f.npz", **arrays)
+    assert data.data_identity(data.load_npz(path3))["sha256"] != id1["sha256"]
+
+
+def _bad(rng, case):
+    a = _good_arrays(rng, (4, 4), np.float32)
+    if case == "missing":
+        del a["x_test"], a["y_test"]
+    elif case == "lengths":
+        a["y_train"] = a["y_train"][:-1]
+    elif case == "label_range":
+        a["y_test"] = a["y_test"] + 5
+    elif case == "negative":
+        a["y_train"] = a["y_train"] - 1
+    elif case == "nan":
+        a["x_train"][3, 1, 1] = np.nan
+    elif case == "inf":
+        a["x_test"][0, 0, 0] = np.inf
+    elif case == "one_class":
+        a["y_train"] = np.zeros(12, dtype=np.int64)
+        a["y_test"] = np.zeros(5, dtype=np.int64)
+    elif case == "float_labels":
+        a["y_train"] = a["y_train"].astype(float)
+    elif case == "int_pixels":
+        a["x_train"] = a["x_train"].astype(np.int32)
+    elif case == "shapes":
+        a["x_test"] = np.zeros((5, 3, 3), dtype=np.float32)
+    elif case == "ndim":
+        a["x_train"] = np.zeros((12, 1, 1, 4, 4), dtype=np.float32)
+    elif case == "empty":
+        a["x_test"], a["y_test"] = np.zeros((0, 4, 4), np.float32), np.zeros(0, np.int64)
+    elif case == "object":
+        a["y_test"] = np.array([1, "a", None, 2, 3], dtype=object)
+    elif case == "dtypes":
+        a["x_test"] = (a["x_test"] * 0).astype(np.uint8)
+    return a
+
+
+BAD_NPZ = {
+    "missing": "missing array(s) x_test, y_test",
+    "lengths": "y_train has 11 labels but x_train has 12 examples",
+    "label_range": "y_test has labels outside 0…2",
+    "negative": "y_train has labels outside 0…1",
+    "nan": "x_train has 1 non-finite values (NaN or inf)",
+    "inf": "x_test has 1 non-finite values",
+    "one_class": "y_train holds fewer than two classes",
+    "float_labels": "y_train must be a 1-D array of integer labels",
+    "int_pixels": "x_train must be uint8 or float, got int32",
+    "shapes": "x_train examples are shaped (1, 4, 4) but x_test examples (1, 3, 3)",
+    "ndim": "x_train must be shaped (N, H, W), (N, C, H, W) or (N, features)",
+    "empty": "x_test holds no examples",
+    "object": "y_test is an object array",
+    "dtypes": "x_train is float32 but x_test is uint8",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NPZ))
+def test_malformed_npz_gives_one_clear_line(tmp_path, case):
+    rng = np.random.default_rng(1)
+    arrays = _bad(rng, case)
+    path = tmp_path / "bad.npz"
+    if case == "object":
+        np.savez(path, **arrays)  # pickled inside; the loader refuses pickles
+    else:
+        _write_npz(path, **arrays)
+    with pytest.raises(data.DatasetError) as e:
+        data.load_data(str(path))
+    msg = str(e.value)
+    assert BAD_NPZ[case] in msg and "\n" not in msg and str(path) in msg
+
+
+def test_not_an_npz_and_missing_file(tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    with pytest.raises(data.DatasetError, match="not a readable .npz file"):
+        data.load_npz(text)
+    single = tmp_path / "one.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(data.DatasetError, match="single .npy array"):
+        data.load_npz(single)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data.load_data(str(tmp_path / "absent.npz"))
+    with pytest.raises(ValueError, match="data must be one of digits, synthetic, cifar10"):
+        data.load_data("mnist")
+
+
+def test_synthetic_size():
+    d = data.synthetic_cifar10(20, 10, seed=3, size=8)
+    assert d.train_images.shape == (20, 3, 8, 8) and d.source == "synthetic(seed=3, size=8)"
+    assert data.synthetic_cifar10(20, 10, seed=3).source == "synthetic(seed=3)"

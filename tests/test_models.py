@@ -66,3 +66,53 @@ def test_residual_block_adds_its_input():
 def test_bad_width(width):
     with pytest.raises(ValueError, match="width"):
         models.FastResNet(width=width)
+
+
+@pytest.mark.parametrize(("shape", "channels"), [((1, 8, 8), (4, 8)), ((1, 8, 8), (8, 16)),
+                                                 ((3, 16, 12), (5, 7)), ((2, 9, 9), (3, 4))])
+def test_small_cnn_parameter_count_by_hand(shape, channels):
+    c, h, w = shape
+    c1, c2 = channels
+    feats = c2 * (h // 4) * (w // 4)
+    want = (c * c1 * 9 + c1) + (c1 * c2 * 9 + c2) + (feats * 10 + 10)
+    m = models.SmallCNN(shape, 10, channels=channels)
+    assert models.count_parameters(m) == want
+    assert m(torch.randn(3, *shape)).shape == (3, 10)
+
+
+def test_small_cnn_is_the_digits_cnn_and_matches_a_hand_forward():
+    """(4, 8) channels on 8×8 is the 666-parameter digits CNN; its forward is conv → ReLU →
+    pool twice, then the linear head (written out with torch.nn.functional)."""
+    from validate import digits_check
+
+    torch.manual_seed(0)
+    m = digits_check.DigitsCNN()
+    assert isinstance(m, models.SmallCNN) and models.count_parameters(m) == 666
+    x = torch.randn(4, 1, 8, 8)
+    F = torch.nn.functional
+    p = dict(m.named_parameters())
+    h = F.max_pool2d(F.relu(F.conv2d(x, p["features.0.weight"], p["features.0.bias"],
+                                     padding=1)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, p["features.3.weight"], p["features.3.bias"],
+                                     padding=1)), 2)
+    want = h.flatten(1) @ p["head.weight"].T + p["head.bias"]
+    torch.testing.assert_close(m(x), want)
+
+
+def test_mlp_and_build_model():
+    m = models.build_model("auto", (7,), 3, hidden=5)
+    assert isinstance(m, models.MLP) and models.count_parameters(m) == 7 * 5 + 5 + 5 * 3 + 3
+    assert isinstance(models.build_model("auto", (3, 32, 32), 10, width=0.125),
+                      models.FastResNet)
+    assert isinstance(models.build_model("auto", (3, 16, 16), 10), models.SmallCNN)
+    assert isinstance(models.build_model("cnn", (3, 32, 32), 10), models.SmallCNN)
+    for name, shape, match in (("resnet", (1, 8, 8), "colour images"),
+                               ("cnn", (7,), "needs \\(C, H, W\\)"),
+                               ("mlp", (1, 8, 8), "needs \\(features,\\)"),
+                               ("vgg", (7,), "model must be")):
+        with pytest.raises(ValueError, match=match):
+            models.build_model(name, shape, 10)
+    with pytest.raises(ValueError, match="at least 4×4"):
+        models.SmallCNN((1, 3, 3), 2)
+    with pytest.raises(ValueError, match="channels"):
+        models.SmallCNN((1, 8, 8), 2, channels=(4, 0))

@@ -34,12 +34,12 @@ def test_lr_schedule_matches_piecewise_linear_definition():
 
 
 def test_peak_lr_units():
-    hyp = train.hyperparameters("default")
-    assert hyp["lr"] is None
-    assert train.peak_lr(hyp) == pytest.approx(hyp["base_lr"] * hyp["lr_factor"] * 512)
-    hyp = train.hyperparameters("default", base_lr=1e-3, lr_factor=3.0, batch_size=100)
+    hyp = train.make_config("default")
+    assert hyp.lr is None
+    assert train.peak_lr(hyp) == pytest.approx(hyp.base_lr * hyp.lr_factor * 512)
+    hyp = train.make_config("default", base_lr=1e-3, lr_factor=3.0, batch_size=100)
     assert train.peak_lr(hyp) == pytest.approx(0.3)
-    assert train.peak_lr(train.hyperparameters("default", lr=0.05)) == 0.05
+    assert train.peak_lr(train.make_config("default", lr=0.05)) == 0.05
 
 
 def test_crop_flip_against_loops():
@@ -67,19 +67,21 @@ def test_epoch_plan_is_a_function_of_seed_and_epoch():
     assert 0 <= a.dy.min() and a.dy.max() <= 8
 
 
-def test_bad_hyperparameters():
+def test_bad_hyperparameters(dataset):
     with pytest.raises(ValueError, match="preset"):
-        train.hyperparameters("fast")
-    with pytest.raises(ValueError, match="unknown hyperparameter"):
-        train.hyperparameters("quick", learning_rate=1.0)
-    hyp = train.hyperparameters("quick", batch_size=2000)
-    with pytest.raises(ValueError, match=r"batch_size \(2000\) is larger than the training subset"):
-        train.check_hyperparameters(hyp, 5000)
-    for key, value in (("lr", -1.0), ("epochs", 0), ("momentum", 1.0), ("warmup", 1.5)):
+        train.make_config("fast")
+    with pytest.raises(ValueError, match="unknown setting"):
+        train.make_config("quick", learning_rate=1.0)
+    hyp = train.make_config("quick", batch_size=200, subset=128)
+    with pytest.raises(ValueError, match=r"batch_size \(200\) is larger than the training subset"):
+        train.check_config(hyp, dataset)
+    for key, value in (("lr", -1.0), ("epochs", 0), ("momentum", 1.0), ("warmup", 1.5),
+                       ("schedule", "cosine"), ("model", "vgg"), ("channels", (4,)),
+                       ("fail_factor", 1.0), ("crop_pad", 17)):
         with pytest.raises(ValueError, match=key):
-            train.check_hyperparameters(train.hyperparameters("quick", **{key: value}), 5000)
+            train.make_config("quick", **{key: value})
     with pytest.raises(ValueError, match="subset"):
-        train.check_hyperparameters(train.hyperparameters("quick", subset=10**6), 5000)
+        train.check_config(train.make_config("quick", subset=10**6), dataset)
 
 
 @pytest.mark.parametrize(("momentum", "nesterov", "factor"),
@@ -87,7 +89,7 @@ def test_bad_hyperparameters():
 def test_first_step_is_lr_times_mean_gradient(dataset, momentum, nesterov, factor):
     """θ₁ = θ₀ − η₀ ∇L_B(θ₀) with L_B the MEAN loss over the batch and η₀ from the base rate;
     torch-form momentum from v₀ = 0: heavy ball steps η₀g, Nesterov η₀(g + μg) = η₀(1+μ)g."""
-    hyp = train.hyperparameters("quick", **TINY, momentum=momentum, nesterov=nesterov,
+    hyp = train.make_config("quick", **TINY, momentum=momentum, nesterov=nesterov,
                                 weight_decay=0.0, label_smoothing=0.0, base_lr=1e-3,
                                 lr_factor=2.0, warmup=0.5)
     snaps = {}
@@ -99,11 +101,11 @@ def test_first_step_is_lr_times_mean_gradient(dataset, momentum, nesterov, facto
 
     train.train(hyp, dataset, callback=cb, progress=False)
     # rebuild the first batch by hand: seeded subset, epoch-0 plan, crops and flips
-    n, pad = hyp["subset"], hyp["crop_pad"]
-    idx = np.sort(np.random.default_rng(hyp["seed"]).permutation(256)[:n])
+    n, pad = hyp.subset, hyp.crop_pad
+    idx = np.sort(np.random.default_rng(hyp.seed).permutation(256)[:n])
     imgs = np.pad(dataset.train_images[idx], ((0, 0), (0, 0), (pad, pad), (pad, pad)),
                   mode="reflect")
-    plan = train.epoch_plan(hyp["seed"], 0, n, pad, True, "cpu")
+    plan = train.epoch_plan(hyp.seed, 0, n, pad, True, "cpu")
     j = plan.perm[:32]
     x = train.normalize(train.crop_flip(torch.from_numpy(imgs)[j], plan.dy[:32], plan.dx[:32],
                                         plan.flip[:32]))
@@ -126,7 +128,7 @@ def test_first_step_is_lr_times_mean_gradient(dataset, momentum, nesterov, facto
 
 
 def test_resume_after_interruption_reproduces_the_run(dataset, tmp_path):
-    hyp = train.hyperparameters("quick", **TINY, checkpoint_every=3)
+    hyp = train.make_config("quick", **TINY, checkpoint_every=3)
     seen = []
 
     def record(state):
@@ -162,13 +164,13 @@ def test_resume_after_interruption_reproduces_the_run(dataset, tmp_path):
     assert resumed["extra"]["steps"] == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # 0–4 from the checkpoint
     assert resumed["test_acc"] == full["test_acc"]
     with pytest.raises(ValueError, match=r"different hyperparameters: seed \(0 → 1\)"):
-        train.train({**hyp, "seed": 1}, dataset, progress=False, checkpoint=ckpt, resume=True)
+        train.train(hyp.replace(seed=1), dataset, progress=False, checkpoint=ckpt, resume=True)
 
 
 def test_resume_compares_run_info(dataset, tmp_path):
     """The caller's other settings are saved with the checkpoint; resuming with different ones,
     or from a checkpoint that does not record them, is refused naming the difference."""
-    hyp = train.hyperparameters("quick", **{**TINY, "epochs": 1})
+    hyp = train.make_config("quick", **{**TINY, "epochs": 1})
     ckpt = tmp_path / "c.pt"
     info = {"command": "noise", "noise_config": {"points": 2, "measure_mode": "train"}}
     first = train.train(hyp, dataset, progress=False, checkpoint=ckpt, run_info=info)
@@ -191,7 +193,7 @@ def test_resume_compares_run_info(dataset, tmp_path):
 
 
 def test_training_learns_the_synthetic_task(dataset):
-    hyp = train.hyperparameters("quick", **{**TINY, "epochs": 4, "subset": 256})
+    hyp = train.make_config("quick", **{**TINY, "epochs": 4, "subset": 256})
     r = train.train(hyp, dataset, progress=False)
     assert r["steps"] == 4 * 8 and len(r["history"]) == 4
     h = r["history"]
@@ -201,7 +203,7 @@ def test_training_learns_the_synthetic_task(dataset):
 
 
 def test_divergence_is_a_result(dataset):
-    hyp = train.hyperparameters("quick", **TINY, lr=1e6, warmup=0.0)
+    hyp = train.make_config("quick", **TINY, lr=1e6, warmup=0.0)
     r = train.train(hyp, dataset, progress=False)
     assert r["diverged_at_step"] is not None and np.isnan(r["test_acc"])
 
@@ -209,7 +211,7 @@ def test_divergence_is_a_result(dataset):
 def test_callback_can_stop_a_diverged_run(dataset, tmp_path):
     """A callback that finds the model non-finite sets state.diverged: training stops at that
     step, reports it like a loss divergence, and does not checkpoint the bad weights."""
-    hyp = train.hyperparameters("quick", **TINY)
+    hyp = train.make_config("quick", **TINY)
     seen = []
 
     def cb(state):
@@ -220,7 +222,7 @@ def test_callback_can_stop_a_diverged_run(dataset, tmp_path):
             state.diverged = True
 
     ckpt = tmp_path / "c.pt"
-    r = train.train({**hyp, "checkpoint_every": 1}, dataset, callback=cb, progress=False,
+    r = train.train(hyp.replace(checkpoint_every=1), dataset, callback=cb, progress=False,
                     checkpoint=ckpt)
     assert seen == [0, 1, 2, 3] and r["diverged_at_step"] == 3 and r["steps"] == 3
     assert np.isnan(r["test_acc"]) and np.isnan(r["test_loss"])
@@ -230,4 +232,100 @@ def test_callback_can_stop_a_diverged_run(dataset, tmp_path):
 def test_bad_seed_and_nesterov_are_rejected():
     for key, value in (("seed", -1), ("seed", 1.5), ("nesterov", "yes")):
         with pytest.raises(ValueError, match=key):
-            train.check_hyperparameters(train.hyperparameters("quick", **{key: value}), 5000)
+            train.make_config("quick", **{key: value})
+
+
+# ---------------------------------------------------------------------------- generic data
+def vector_data(n_train=256, n_test=128, seed=0):
+    """A learnable 3-class Gaussian mixture of 6-feature float vectors."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((3, 6)) * 2.0
+
+    def make(n):
+        y = np.arange(n) % 3
+        return (centres[y] + rng.standard_normal((n, 6))).astype(np.float32), y.astype(np.int64)
+
+    (xt, yt), (xv, yv) = make(n_train), make(n_test)
+    return data.ImageData(xt, yt, xv, yv, ("a", "b", "c"), "mixture", tuple(xt.mean(0)),
+                          tuple(xt.std(0)))
+
+
+PLAIN = {"momentum": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "warmup": 0.0,
+         "crop_pad": 0, "flip": False, "tta": False, "model": "mlp", "hidden": 8,
+         "eval_batch": 64}
+
+
+def test_mlp_on_vectors_learns_and_measures_its_ends_by_hand():
+    d = vector_data()
+    cfg = train.make_config("digits", **PLAIN, epochs=5, batch_size=16, lr=0.2,
+                            schedule="constant", record_loss=True)
+    r = train.train(cfg, d, progress=False)
+    assert not r["failed"] and r["test_acc"] > 0.8 and r["steps"] == 5 * 16
+    # the initial training loss: the same network, built from the seed, on all examples
+    torch.manual_seed(0)
+    from validate.models import MLP
+
+    m0 = MLP((6,), 3, hidden=8)
+    x = train.model_inputs(d.train_images, d, "cpu")
+    y = torch.from_numpy(d.train_labels)
+    with torch.no_grad():
+        assert r["initial_train_loss"] == pytest.approx(float(F.cross_entropy(m0(x), y)),
+                                                        rel=1e-6)
+        # the first recorded step loss is the first shuffled batch's loss at θ₀
+        j = train.epoch_plan(0, 0, 256, 0, False, "cpu").perm[:16]
+        assert r["train_losses"][0] == pytest.approx(float(F.cross_entropy(m0(x[j]), y[j])),
+                                                     rel=1e-6)
+        m1 = r["model"]
+        assert r["final_train_loss"] == pytest.approx(float(F.cross_entropy(m1(x), y)),
+                                                      rel=1e-6)
+    assert len(r["train_losses"]) == r["steps"]
+    assert r["chance_loss"] == pytest.approx(np.log(3), rel=1e-3)  # 86/85/85 labels
+    with pytest.raises(ValueError, match="need images"):
+        train.check_config(cfg.replace(flip=True), d)
+
+
+def test_chance_loss_is_the_best_constant_prediction():
+    """H(q) equals the minimum over constant logits of the (smoothed) cross-entropy, found
+    by gradient descent on the logits."""
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])
+
+    def best_constant(eps):
+        logits = torch.zeros(5, requires_grad=True)
+        opt = torch.optim.LBFGS([logits], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(logits.expand(10, 5), labels, label_smoothing=eps)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return float(closure().detach())
+
+    for eps in (0.0, 0.2):
+        best = best_constant(eps)
+        assert train.chance_loss(labels.numpy(), 5, eps) == pytest.approx(best, abs=1e-6)
+
+
+def test_failures_are_results_with_the_step_they_happened():
+    """A run that explodes stops at the first step whose minibatch loss is non-finite or above
+    10× the initial loss (found here from the recorded losses of the same run without the
+    check); a run that ends no better than chance is failed too."""
+    d = vector_data()
+    cfg = train.make_config("digits", **PLAIN, epochs=3, batch_size=16, lr=40.0,
+                            schedule="constant", record_loss=True)
+    r = train.train(cfg, d, progress=False)
+    free = train.train(cfg.replace(fail_factor=1e300), d, progress=False)
+    losses = np.array(free["train_losses"], dtype=float)
+    bad = ~np.isfinite(losses) | (losses > 10 * r["initial_train_loss"])
+    first = int(np.flatnonzero(bad)[0])
+    assert r["failed"] and r["failed_at_step"] == first and r["diverged_at_step"] == first + 1
+    assert r["train_losses"] == pytest.approx(list(losses[:first + 1]), nan_ok=True)
+    assert r["failure"].startswith("non-finite" if not np.isfinite(losses[first]) else "loss above")
+    assert np.isnan(r["test_loss"])
+    # a run whose steps are too small to change the loss ends not below its initial loss
+    still = train.train(cfg.replace(lr=1e-12), d, progress=False)
+    assert still["failed"] and still["failure"] == \
+        "final training loss not below the initial one" and still["failed_at_step"] == 48
+    ok = train.train(cfg.replace(lr=0.2), d, progress=False)
+    assert not ok["failed"] and ok["failure"] is None

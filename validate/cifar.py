@@ -3,6 +3,9 @@ r"""``python -m validate.cifar``: train a fast ResNet on CIFAR-10 and measure it
 Subcommands:
 
 * ``train`` — one run; prints and saves test accuracy, losses, time and examples/s.
+* ``lr_sweep``, ``memory``, ``critical_batch``, ``stable_range``, ``linear_scaling`` — the
+  experiments of :mod:`validate.experiments` with CIFAR-10, the fast ResNet and the ``paper``
+  preset as defaults (``python -m validate.cifar lr_sweep --help``).
 * ``noise`` — the same run, measuring at evenly spaced steps |G|², tr(Σ), B_simple, GᵀHG,
   tr(HΣ), ε_max, B_noise and λ_max (``validate.measure``), saved as JSON + CSV with a figure
   that overlays the predicted optimal step ε_opt(B) = ε_max/(1 + B_noise/B) for the batch in
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -86,20 +88,20 @@ def presets_help() -> str:
 
     lines = ["presets (the defaults that flags override):"]
     for name in ("quick", "default"):
-        h = train_mod.hyperparameters(name)
-        peak, b = train_mod.peak_lr(h), h["batch_size"]
+        h = train_mod.make_config(name)
+        peak, b = train_mod.peak_lr(h), h.batch_size
         n = NOISE_PRESETS[name]
-        subset = f"a {h['subset']}-image subset" if h["subset"] else "all training images"
-        nesterov = " (Nesterov)" if h["nesterov"] and h["momentum"] > 0 else ""
+        subset = f"a {h.subset}-image subset" if h.subset else "all training images"
+        nesterov = " (Nesterov)" if h.nesterov and h.momentum > 0 else ""
         lines += [
-            f"  {name:<8} batch size B = {b}, {h['epochs']} epochs on {subset}, width "
-            f"{h['width']:g}, whitening {'on' if h['whiten'] else 'off'}, "
-            f"TTA {'on' if h['tta'] else 'off'}",
+            f"  {name:<8} batch size B = {b}, {h.epochs} epochs on {subset}, width "
+            f"{h.width:g}, whitening {'on' if h.whiten else 'off'}, "
+            f"TTA {'on' if h.tta else 'off'}",
             f"           peak lr η = {peak:.4g} (mean gradient); base rate η/B = "
-            f"{peak / b:.3g} (--base-lr {h['base_lr']:.3g} × --lr-factor {h['lr_factor']:g})",
-            f"           momentum {h['momentum']:g}{nesterov}, weight decay "
-            f"{h['weight_decay']:g}, label smoothing {h['label_smoothing']:g}, warm-up "
-            f"{h['warmup']:g}, seed {h['seed']}",
+            f"{peak / b:.3g} (--base-lr {h.base_lr:.3g} × --lr-factor {h.lr_factor:g})",
+            f"           momentum {h.momentum:g}{nesterov}, weight decay "
+            f"{h.weight_decay:g}, label smoothing {h.label_smoothing:g}, warm-up "
+            f"{h.warmup:g}, seed {h.seed}",
             f"           noise: {n['points']} points, measure batch {n['measure_batch']}, "
             f"micro-batch {n['micro_batch']}, Hessian batch {n['hessian_batch']}, "
             f"{n['lanczos_iters']} Lanczos HVPs",
@@ -132,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a fast ResNet on CIFAR-10 (GPU; --device cpu --preset quick for small "
                     "machines) and measure gradient noise and curvature during training.",
         epilog=HERE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,noise}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,noise,lr_sweep,memory,critical_batch,"
+                                        "stable_range,linear_scaling}")
     for name, text in (("train", "one training run; saves accuracy, losses and time"),
                        ("noise", "train and measure |G|², tr(Σ), B_simple, GᵀHG, tr(HΣ), ε_max, "
                                  "B_noise, λ_max at points through training")):
@@ -157,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "BatchNorm with running statistics, per-example gradients "
                                 "(micro-batch 1: one HVP per measured example, so lower "
                                 "--measure-batch on big runs) unless --micro-batch is given")
+    for name, text in (("lr_sweep", "Myrtle's lr × dataset-size × batch sweep, predicted from a "
+                                    "measured reference run (python -m validate.experiments "
+                                    "with CIFAR-10, the fast ResNet and preset paper as "
+                                    "defaults; --help for its options)"),
+                       ("memory", "Myrtle's memory experiment, the same way"),
+                       ("critical_batch", "McCandlish's critical batch: steps to target losses "
+                                          "vs B, B_crit against B_simple and B_noise"),
+                       ("stable_range", "Graphcore's stable learning-rate range over base "
+                                        "rate × B, and the final sharpness vs B (Keskar)"),
+                       ("linear_scaling", "Goyal's linear scaling rule lr = B·η̃₀ with "
+                                          "warm-up: where it breaks vs B_noise")):
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -223,37 +239,6 @@ def _seed_arg(text: str) -> int:
     return v
 
 
-def _finite(x):
-    """JSON-safe float: None for nan/inf."""
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (bool, str)) or obj is None:
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _finite(obj)
-    return str(obj)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(rows[0]) if rows else []
     with open(path, "w", newline="") as f:
@@ -264,18 +249,19 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def stability_limit(lambda_max: float, momentum: float, nesterov: bool) -> float:
-    r"""Largest stable ``lr`` of (momentum) gradient descent on the top Hessian mode λ_max.
-
-    Heavy ball (torch form): η λ < 2(1+μ). Nesterov (torch form, θ ← θ − η(g + μv)):
-    η λ < 2(1+μ)/(1+2μ). Returns nan when λ_max ≤ 0 or is not finite.
+    r"""Largest stable ``lr`` of (momentum) gradient descent on the top Hessian mode λ_max:
+    :func:`sgdtheory.theory.gd_stability_limit`, nan when λ_max ≤ 0 or is not finite (an
+    unresolved estimate early in training).
 
     >>> stability_limit(4.0, 0.0, False), stability_limit(4.0, 0.5, True)
     (0.5, 0.375)
     """
+    from sgdtheory import theory
+
     if not (math.isfinite(lambda_max) and lambda_max > 0):
         return float("nan")
-    top = 2.0 * (1.0 + momentum)
-    return top / ((1.0 + 2.0 * momentum) if nesterov and momentum > 0 else 1.0) / lambda_max
+    return float(theory.gd_stability_limit(lambda_max, momentum, nesterov=nesterov and
+                                           momentum > 0))
 
 
 def predicted_eps_opt(batch: int, eps_max: float, b_noise: float) -> float:
@@ -303,7 +289,7 @@ def measurement_steps(total_steps: int, points: int) -> list[int]:
     return sorted({int(round(s)) for s in np.linspace(0, total_steps, points)})
 
 
-def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, log=print):
+def make_noise_callback(cfg: dict, hyp, *, rank: int = 0, world: int = 1, log=print):
     """A :func:`validate.train.train` callback measuring the noise scales at evenly spaced steps.
 
     At each measurement step it draws two independent batches of augmented training examples
@@ -331,8 +317,8 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
 
     from . import measure
 
-    criterion = nn.CrossEntropyLoss(label_smoothing=hyp["label_smoothing"])
-    seed = int(hyp["seed"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=hyp.label_smoothing)
+    seed = int(hyp.seed)
 
     def loss_on(model, x, y) -> float:
         """Loss of the model as measured (buffers restored: running statistics unchanged)."""
@@ -411,7 +397,7 @@ def make_noise_callback(cfg: dict, hyp: dict, *, rank: int = 0, world: int = 1, 
             "lambda_max": lam, "lambda_max_converged": converged,
             "eps_opt": predicted_eps_opt(state.batch_size, hn.eps_max, hn.b_noise),
             "stability_limit": stability_limit(lam, state.momentum,
-                                               bool(hyp["nesterov"])),
+                                               bool(hyp.nesterov)),
             "measure_batch": hn.batch, "micro_batch": hn.micro_batch,
             "method": "per_sample" if hn.micro_batch == 1 else "micro_batch",
             "hessian_batch": hn.hessian_batch,
@@ -489,16 +475,6 @@ def plot_noise(records: list[dict], batch: int, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- main
-def _device(arg: str | None):
-    import torch
-
-    if arg == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    if arg is None:
-        arg = "cuda" if torch.cuda.is_available() else "cpu"
-    return arg
-
-
 def _noise_cfg(args) -> dict:
     cfg = dict(NOISE_PRESETS[args.preset])
     for k in cfg:
@@ -532,13 +508,14 @@ def run(args, log=print) -> dict:
     import torch
 
     from . import train as train_mod
+    from ._io import resolve_device, write_json
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     overrides = {k: getattr(args, k) for k in (
         "epochs", "batch_size", "lr", "base_lr", "lr_factor", "momentum", "weight_decay",
         "label_smoothing", "warmup", "subset", "width", "whiten", "tta", "checkpoint_every",
         "seed", "nesterov")}
-    hyp = train_mod.hyperparameters(args.preset, **overrides)
+    hyp = train_mod.make_config(args.preset, **overrides)
     cfg = _noise_cfg(args) if args.command == "noise" else None
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -547,20 +524,20 @@ def run(args, log=print) -> dict:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        if hyp["batch_size"] % world:
-            raise ValueError(f"--batch-size ({hyp['batch_size']}) must be divisible by the "
+            device = torch.device(f"cuda:{local}")
+        if hyp.batch_size % world:
+            raise ValueError(f"--batch-size ({hyp.batch_size}) must be divisible by the "
                              f"number of ranks ({world})")
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     def load(download: bool):
         return data_mod.load_data(args.data, data_dir=args.data_dir, md5=args.md5,
-                                  download=download, seed=hyp["seed"],
+                                  download=download, seed=hyp.seed,
                                   n_synthetic=SYNTHETIC_SIZES[args.preset])
 
     if world > 1 and args.download:  # rank 0 fetches the archive while the others wait
@@ -571,7 +548,7 @@ def run(args, log=print) -> dict:
         data = data if data is not None else load(False)
     else:
         data = load(args.download)
-    train_mod.check_hyperparameters(hyp, data.train_images.shape[0])
+    train_mod.check_config(hyp, data)
 
     out = args.out if args.out is not None else Path("runs") / f"cifar-{args.command}"
     if rank == 0:
@@ -582,8 +559,8 @@ def run(args, log=print) -> dict:
         f"{data.test_images.shape[0]}  device {device}  ranks {world}")
     peak = train_mod.peak_lr(hyp)
     say(f"peak lr η = {peak:.4g} on the mean gradient (base rate η/B = "
-        f"{peak / hyp['batch_size']:.3g} per example), B = {hyp['batch_size']}, "
-        f"momentum {hyp['momentum']}, {hyp['epochs']} epochs")
+        f"{peak / hyp.batch_size:.3g} per example), B = {hyp.batch_size}, "
+        f"momentum {hyp.momentum}, {hyp.epochs} epochs")
     callback = make_noise_callback(cfg, hyp, rank=rank, world=world, log=say) \
         if cfg is not None else None
     # everything besides hyp that changes the results: --resume must find the same in the
@@ -594,7 +571,7 @@ def run(args, log=print) -> dict:
         else f"cifar10 (archive md5 {(args.md5 or data_mod.default_md5()).strip().lower()})",
         "train_images": int(data.train_images.shape[0]),
         "test_images": int(data.test_images.shape[0]),
-        "device_type": str(device).split(":")[0],
+        "device_type": device.type,
         "world_size": world,
         "noise_config": cfg,
     }
@@ -603,7 +580,8 @@ def run(args, log=print) -> dict:
                              progress=not args.no_progress and not quiet, run_info=run_info)
     result.pop("model")
     extra = result.pop("extra")
-    meta = {"command": args.command, "argv": sys.argv[1:], "device": device, "world_size": world,
+    meta = {"command": args.command, "argv": sys.argv[1:], "device": str(device),
+            "world_size": world,
             "data": data.source, "torch": torch.__version__, "hyp": hyp, "noise_config": cfg,
             "run_info": run_info}
     summary = {**meta, **result}
@@ -626,14 +604,14 @@ def run(args, log=print) -> dict:
                                             if cfg is not None else ""))
     if rank == 0:
         if args.command == "train":
-            _write_json(out / "train.json", summary)
+            write_json(out / "train.json", summary, indent=2)
             _write_csv(out / "history.csv", result["history"])
         else:
             records = extra.get("noise", [])
             summary["measurements"] = records
-            _write_json(out / "noise.json", summary)
+            write_json(out / "noise.json", summary, indent=2)
             _write_csv(out / "noise.csv", records)
-            plot_noise(records, hyp["batch_size"], out / "noise.png")
+            plot_noise(records, hyp.batch_size, out / "noise.png")
         say(f"wrote {out}")
     if world > 1:
         import torch.distributed as dist
@@ -643,6 +621,14 @@ def run(args, log=print) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .experiments import EXPERIMENTS
+
+    if argv and argv[0] in EXPERIMENTS:  # the experiments' CLI with CIFAR-10 defaults
+        from .experiments.cli import main as experiments_main
+
+        return experiments_main(argv, prog="python -m validate.cifar", default_data="cifar10",
+                                default_preset="paper")
     parser = build_parser()
     args = parser.parse_args(argv)
     _threads.limit_threads(args.threads)  # before torch loads: passive OpenMP waits

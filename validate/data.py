@@ -1,11 +1,13 @@
-r"""CIFAR-10 from the standard python archive, and a synthetic stand-in with the same shapes.
+r"""The data sets of ``validate``: CIFAR-10 from its python archive, scikit-learn's digits, a
+user's ``.npz`` file, and a learnable synthetic stand-in — all as one in-memory
+:class:`ImageData`.
 
-The archive is ``cifar-10-python.tar.gz`` from https://www.cs.toronto.edu/~kriz/cifar.html
-(md5 ``c58f30108f718f92721af3b95e74349a``). It holds ``cifar-10-batches-py/`` with
-``data_batch_1`` … ``data_batch_5`` (training, 10 000 images each), ``test_batch`` and
-``batches.meta``. Each batch is a pickled dict with ``b'data'`` (n × 3072 uint8: the red, green
-and blue 32×32 planes one after another, row-major) and ``b'labels'`` (n ints in 0…9);
-``batches.meta`` has ``b'label_names'``. Loading uses ``pickle.load(f, encoding='bytes')``.
+**CIFAR-10.** The archive is ``cifar-10-python.tar.gz`` from
+https://www.cs.toronto.edu/~kriz/cifar.html (md5 ``c58f30108f718f92721af3b95e74349a``). It holds
+``cifar-10-batches-py/`` with ``data_batch_1`` … ``data_batch_5`` (training, 10 000 images each),
+``test_batch`` and ``batches.meta``. Each batch is a pickled dict with ``b'data'`` (n × 3072 uint8:
+the red, green and blue 32×32 planes one after another, row-major) and ``b'labels'`` (n ints in
+0…9); ``batches.meta`` has ``b'label_names'``. Loading uses ``pickle.load(f, encoding='bytes')``.
 
 :func:`load_cifar10` reads the archive directly (no extraction) after checking its md5, or an
 already extracted ``cifar-10-batches-py`` folder after checking its structure (and, for the
@@ -13,14 +15,32 @@ official data, the md5 of every member). The expected archive md5 is an argument
 that mirrors and the small archives the tests generate can be verified; the CLI exposes it as
 ``--md5`` or the environment variable ``SGDTHEORY_CIFAR10_MD5``. :func:`download_cifar10`
 fetches the archive with an atomic write (temporary file, checksum, ``os.replace``).
-
 Images come back as ``(n, 3, 32, 32)`` uint8 arrays (channels first, RGB) and labels as
-``(n,)`` int64 arrays. :func:`synthetic_cifar10` builds a learnable dataset of the same shape
-(class-dependent colour and grating texture plus noise), deterministic from a seed, for
-machines without CIFAR-10.
+``(n,)`` int64 arrays. Pickle files can run code when loaded: only load archives you trust (the
+md5 check is the guard for the official one).
 
-Pickle files can run code when loaded: only load archives you trust (the md5 check is the
-guard for the official one).
+**Digits** (:func:`load_digits_data`): scikit-learn's bundled 1,797 8×8 handwritten digits
+(no download), pixel values 0…16 scaled to [0, 1], shaped (n, 1, 8, 8). A fixed stratified split
+(``sklearn.model_selection.train_test_split(test_size=360, stratify=labels, random_state=0)``)
+gives 1,437 training and 360 test images; the split never depends on a run's seed, so every run
+is scored on the same test set.
+
+**A user's .npz** (:func:`load_npz`): arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``
+(and optionally ``classes``, the K class names); ``x`` uint8 (scaled by 1/255) or float, shaped
+(N, H, W) (one channel), (N, C, H, W) or (N, features); ``y`` integer labels 0…K−1 (K =
+``len(classes)`` when given, else 1 + the largest training label). Every malformed file —
+missing keys, mismatched lengths or shapes, labels out of range, NaN or infinite pixels, fewer
+than two classes, object arrays, not an .npz at all — is a :class:`DatasetError` whose message
+is one line naming the array and the problem.
+
+**Synthetic** (:func:`synthetic_cifar10`): a learnable data set of CIFAR-10's shape (or smaller
+square images), class-dependent colour and grating texture plus noise, deterministic from a
+seed, for tests and machines without CIFAR-10.
+
+**Normalisation.** :class:`ImageData` carries the per-channel ``mean`` and ``std`` that the
+training code subtracts and divides by (after scaling uint8 by 1/255): CIFAR-10's published
+training statistics for CIFAR-10 and the synthetic set, the training split's own statistics for
+digits and ``.npz`` files (per channel for images, per feature for vectors).
 """
 
 from __future__ import annotations
@@ -49,7 +69,10 @@ __all__ = [
     "file_md5",
     "find_cifar10",
     "load_cifar10",
+    "data_identity",
     "load_data",
+    "load_digits_data",
+    "load_npz",
     "synthetic_cifar10",
 ]
 
@@ -77,20 +100,27 @@ MD5_ENV = "SGDTHEORY_CIFAR10_MD5"
 DATA_DIR_ENV = "SGDTHEORY_DATA"
 
 
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the training images (RGB, [0, 1])
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)   # per-channel std
+
+
 class DatasetError(ValueError):
-    """The dataset files exist but are corrupt, truncated or not in the CIFAR-10 format."""
+    """The dataset files exist but are corrupt, truncated or not in the expected format."""
 
 
 @dataclass(frozen=True)
 class ImageData:
-    """An image classification dataset held in memory.
+    """A classification data set held in memory (images, or feature vectors).
 
     Attributes:
-      train_images: (n_train, 3, 32, 32) uint8, channels first (RGB).
+      train_images: (n_train, C, H, W) images or (n_train, features) vectors; uint8 (scaled by
+        1/255 before normalisation) or float32.
       train_labels: (n_train,) int64 in 0 … len(classes) − 1.
       test_images, test_labels: the same for the test split.
       classes: class names.
-      source: where it came from (a path, or ``synthetic(seed=…)``).
+      source: where it came from (a path, ``digits``, or ``synthetic(seed=…)``).
+      mean, std: per-channel (images) or per-feature (vectors) statistics subtracted and divided
+        by after the 1/255 scaling of uint8 data; default CIFAR-10's.
     """
 
     train_images: np.ndarray
@@ -99,10 +129,41 @@ class ImageData:
     test_labels: np.ndarray
     classes: tuple[str, ...]
     source: str
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example: (C, H, W) or (features,)."""
+        return tuple(int(v) for v in self.train_images.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+
+def data_identity(data: ImageData) -> dict:
+    """What identifies a data set in a run's settings and outputs: source, sizes, shapes, dtype,
+    number of classes, and a SHA-256 (16 hex digits) of the four arrays' bytes and shapes, so
+    that the same data under another path keeps its identity and changed data does not."""
+    h = hashlib.sha256()
+    for a in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).reshape(-1).data if a.size else b"")
+    return {
+        "source": data.source,
+        "sha256": h.hexdigest()[:16],
+        "train_examples": int(data.train_images.shape[0]),
+        "test_examples": int(data.test_images.shape[0]),
+        "input_shape": list(data.input_shape),
+        "dtype": str(data.train_images.dtype),
+        "classes": int(data.num_classes),
+    }
 
 
 def default_data_dir() -> Path:
@@ -342,8 +403,8 @@ def download_cifar10(data_dir, *, url: str = CIFAR10_URL, md5: str | None = CIFA
 
 def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
                       noise: float = 0.25, colour_jitter: float = 0.15,
-                      num_classes: int = 10) -> ImageData:
-    r"""A learnable 32×32×3 dataset with CIFAR-10's shapes, deterministic from ``seed``.
+                      num_classes: int = 10, size: int = 32) -> ImageData:
+    r"""A learnable 3×size×size dataset (default CIFAR-10's shapes), deterministic from ``seed``.
 
     Class k has a mean colour c_k ∈ [0.2, 0.8]³ and a grating of spatial frequency f_k (cycles per
     image) and orientation θ_k. Image i of class k is, per channel and pixel (x, y) ∈ [0, 1)²,
@@ -360,7 +421,8 @@ def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
     >>> d.train_images.shape, d.train_images.dtype, d.test_labels.shape
     ((20, 3, 32, 32), dtype('uint8'), (10,))
     """
-    for name, v in (("n_train", n_train), ("n_test", n_test), ("num_classes", num_classes)):
+    for name, v in (("n_train", n_train), ("n_test", n_test), ("num_classes", num_classes),
+                    ("size", size)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     for name, v in (("noise", noise), ("colour_jitter", colour_jitter)):
@@ -372,7 +434,8 @@ def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
     freq = rng.uniform(1.5, 6.0, size=num_classes)
     angle = rng.uniform(0.0, np.pi, size=num_classes)
     weights = rng.uniform(-1.0, 1.0, size=(num_classes, 3))
-    grid = (np.arange(32) + 0.5) / 32.0
+    size = int(size)
+    grid = (np.arange(size) + 0.5) / size
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
 
     def make(n: int, stream: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -380,7 +443,7 @@ def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
         amp = stream.uniform(0.1, 0.3, size=n)
         phase = stream.uniform(0.0, 2 * np.pi, size=n)
         tint = colour[labels] + colour_jitter * stream.standard_normal((n, 3))
-        images = np.empty((n, 3, 32, 32), dtype=np.uint8)
+        images = np.empty((n, 3, size, size), dtype=np.uint8)
         for lo in range(0, n, 4096):  # chunks keep the float64 temporaries small
             k, sl = labels[lo:lo + 4096], slice(lo, lo + 4096)
             arg = (xx[None] * np.cos(angle[k])[:, None, None]
@@ -388,27 +451,168 @@ def synthetic_cifar10(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0,
             wave = np.cos(2 * np.pi * freq[k][:, None, None] * arg + phase[sl, None, None])
             img = (tint[sl][:, :, None, None]
                    + (amp[sl, None] * weights[k])[:, :, None, None] * wave[:, None]
-                   + noise * stream.standard_normal((k.size, 3, 32, 32)))
+                   + noise * stream.standard_normal((k.size, 3, size, size)))
             images[sl] = np.round(np.clip(img, 0.0, 1.0) * 255)
         return images, labels
 
     tx, ty = make(int(n_train), np.random.default_rng(train_seq))
     vx, vy = make(int(n_test), np.random.default_rng(test_seq))
     classes = tuple(f"class{k}" for k in range(num_classes))
-    return ImageData(tx, ty, vx, vy, classes, f"synthetic(seed={seed})")
+    source = f"synthetic(seed={seed})" if size == 32 else f"synthetic(seed={seed}, size={size})"
+    return ImageData(tx, ty, vx, vy, classes, source)
+
+
+def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (images) or per-feature (vectors) mean and std of training data, after the
+    1/255 scaling of uint8; a std below 1e-6 (a constant pixel or feature) is set to 1."""
+    scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
+    axes = (0, 2, 3) if x.ndim == 4 else (0,)
+    xs = x.astype(np.float64) * scale
+    mean = xs.mean(axis=axes)
+    std = xs.std(axis=axes)
+    std = np.where(std < 1e-6, 1.0, std)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+DIGITS_TEST_SIZE = 360  # test images of the fixed stratified digits split (20%)
+
+
+def load_digits_data() -> ImageData:
+    """scikit-learn's digits as (n, 1, 8, 8) float32 in [0, 1]: 1,437 training and 360 test
+    images from a fixed stratified split (``random_state=0``; see the module docstring).
+
+    >>> d = load_digits_data()
+    >>> d.train_images.shape, d.test_images.shape, d.num_classes
+    ((1437, 1, 8, 8), (360, 1, 8, 8), 10)
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    raw = load_digits()
+    x = (raw.images / 16.0).astype(np.float32)[:, None]
+    y = raw.target.astype(np.int64)
+    tr, te = train_test_split(np.arange(y.size), test_size=DIGITS_TEST_SIZE, stratify=y,
+                              random_state=0)
+    tr, te = np.sort(tr), np.sort(te)
+    mean, std = _channel_stats(x[tr])
+    return ImageData(x[tr], y[tr], x[te], y[te], tuple(str(k) for k in range(10)), "digits",
+                     mean, std)
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_array(f, path, key):
+    try:
+        return f[key]
+    except ValueError:  # allow_pickle=False refuses object arrays
+        raise DatasetError(f"{path}: {key} is an object array (only numeric arrays are "
+                           "supported)") from None
+    except Exception as e:  # noqa: BLE001 - a damaged member: any of several exception types
+        raise DatasetError(f"{path}: {key} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _check_x(path, key, x) -> np.ndarray:
+    if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+        raise DatasetError(f"{path}: {key} must be uint8 or float, got {x.dtype}")
+    if x.ndim not in (2, 3, 4):
+        raise DatasetError(f"{path}: {key} must be shaped (N, H, W), (N, C, H, W) or "
+                           f"(N, features), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise DatasetError(f"{path}: {key} holds no examples")
+    if x.dtype != np.uint8:
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise DatasetError(f"{path}: {key} has {bad} non-finite values (NaN or inf)")
+        x = x.astype(np.float32)
+    return x[:, None] if x.ndim == 3 else x
+
+
+def _check_y(path, key, y, n: int, xkey: str) -> np.ndarray:
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{path}: {key} must be a 1-D array of integer labels, got "
+                           f"shape {y.shape} {y.dtype}")
+    if y.shape[0] != n:
+        raise DatasetError(f"{path}: {key} has {y.shape[0]} labels but {xkey} has {n} examples")
+    return y.astype(np.int64)
+
+
+def load_npz(path) -> ImageData:
+    """A user's data set from an ``.npz`` file (format and checks in the module docstring).
+
+    Raises:
+      FileNotFoundError: no such file.
+      DatasetError: a malformed file (one line naming the array and the problem).
+    """
+    import zipfile
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path}: a single .npy array, not an .npz archive of "
+                           f"{', '.join(NPZ_KEYS)}")
+    with f:
+        missing = [k for k in NPZ_KEYS if k not in f.files]
+        if missing:
+            raise DatasetError(f"{path}: missing array(s) {', '.join(missing)} (found: "
+                               f"{', '.join(sorted(f.files)) or 'none'})")
+        xtr = _check_x(path, "x_train", _npz_array(f, path, "x_train"))
+        xte = _check_x(path, "x_test", _npz_array(f, path, "x_test"))
+        ytr = _check_y(path, "y_train", _npz_array(f, path, "y_train"), xtr.shape[0], "x_train")
+        yte = _check_y(path, "y_test", _npz_array(f, path, "y_test"), xte.shape[0], "x_test")
+        names = _npz_array(f, path, "classes") if "classes" in f.files else None
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DatasetError(f"{path}: x_train examples are shaped {xtr.shape[1:]} but x_test "
+                           f"examples {xte.shape[1:]}")
+    if xtr.dtype != xte.dtype:
+        raise DatasetError(f"{path}: x_train is {xtr.dtype} but x_test is {xte.dtype}; use one "
+                           "dtype (uint8 or float)")
+    if names is not None:
+        names = tuple(str(v) for v in np.asarray(names).reshape(-1))
+        k, where = len(names), f"K = {len(names)} from classes"
+    else:
+        k, where = int(ytr.max()) + 1, "K = 1 + the largest y_train label"
+    for key, y in (("y_train", ytr), ("y_test", yte)):
+        if y.min() < 0 or y.max() >= k:
+            raise DatasetError(f"{path}: {key} has labels outside 0…{k - 1} ({where}): "
+                               f"min {int(y.min())}, max {int(y.max())}")
+    if np.unique(ytr).size < 2:
+        raise DatasetError(f"{path}: y_train holds fewer than two classes "
+                           f"({np.unique(ytr).size}); a classifier needs at least two")
+    mean, std = _channel_stats(xtr)
+    classes = names if names is not None else tuple(str(c) for c in range(k))
+    return ImageData(xtr, ytr, xte, yte, classes, str(path), mean, std)
+
+
+DATA_KINDS = ("digits", "synthetic", "cifar10")
 
 
 def load_data(kind: str, *, data_dir=None, md5: str | None = None, download: bool = False,
-              seed: int = 0, n_synthetic: tuple[int, int] = (5000, 1000)) -> ImageData:
-    """Entry point used by the CLI: ``kind`` is ``"cifar"`` or ``"synthetic"``.
+              seed: int = 0, n_synthetic: tuple[int, int] = (5000, 1000),
+              synthetic_size: int = 32) -> ImageData:
+    """Entry point of the CLIs: ``kind`` is ``"digits"``, ``"synthetic"``, ``"cifar10"`` (or its
+    alias ``"cifar"``), or the path of an ``.npz`` file.
 
-    For ``"cifar"``, ``data_dir`` defaults to :func:`default_data_dir` and ``md5`` to
-    :func:`default_md5`; ``download=True`` fetches the archive first if it is not there.
+    For CIFAR-10, ``data_dir`` defaults to :func:`default_data_dir` and ``md5`` to
+    :func:`default_md5`; ``download=True`` fetches the archive first if it is not there. The
+    synthetic set has ``n_synthetic`` = (train, test) images of ``synthetic_size`` pixels drawn
+    from ``seed``.
     """
     if kind == "synthetic":
-        return synthetic_cifar10(*n_synthetic, seed=seed)
-    if kind != "cifar":
-        raise ValueError(f"data must be 'cifar' or 'synthetic', got {kind!r}")
+        return synthetic_cifar10(*n_synthetic, seed=seed, size=synthetic_size)
+    if kind == "digits":
+        return load_digits_data()
+    if kind not in ("cifar", "cifar10"):
+        if str(kind).endswith(".npz") or Path(str(kind)).expanduser().is_file():
+            return load_npz(kind)
+        raise ValueError(f"data must be one of {', '.join(DATA_KINDS)} or a path to an .npz "
+                         f"file, got {kind!r}")
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     md5 = default_md5() if md5 is None else md5
     if download:

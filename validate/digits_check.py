@@ -30,7 +30,6 @@ with the config, the exact and estimated statistics and every curve.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -43,12 +42,14 @@ from torch.func import functional_call
 
 from sgdtheory import theory
 from validate._common import ModelFunction
+from validate._io import write_json
 from validate.measure import (
     HessianOperator,
     hessian_noise,
     per_sample_gradients,
     top_hessian_eigenvalue,
 )
+from validate.models import SmallCNN
 
 
 @dataclass(frozen=True)
@@ -76,19 +77,10 @@ PRESETS = {
 }
 
 
-class DigitsCNN(nn.Module):
-    """conv3×3(1→4) → ReLU → maxpool2 → conv3×3(4→8) → ReLU → maxpool2 → linear(32→10)."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(torch.flatten(self.features(x), 1))
+def DigitsCNN() -> nn.Module:  # noqa: N802 - kept as the name of this model
+    """conv3×3(1→4) → ReLU → maxpool2 → conv3×3(4→8) → ReLU → maxpool2 → linear(32→10):
+    :class:`validate.models.SmallCNN` with channels (4, 8), 666 parameters."""
+    return SmallCNN((1, 8, 8), 10, channels=(4, 8))
 
 
 def load_digits_tensors(dtype=torch.float32):
@@ -374,16 +366,11 @@ def _prepare_out(ap: argparse.ArgumentParser, out: str) -> None:
 
 
 def _write_result(ap: argparse.ArgumentParser, out: str, res: dict) -> None:
-    """Atomic JSON write (temporary file, then os.replace); a one-line error if it fails."""
-    tmp = f"{out}.tmp"
+    """Atomic strict-JSON write (:func:`validate._io.write_json`); a one-line error if it
+    fails."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(tmp, "w") as fh:
-            json.dump(res, fh, indent=1)
-        os.replace(tmp, out)
+        write_json(out, res)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         ap.exit(1, f"{ap.prog}: error: cannot write {out}: {_reason(e)}\n")
 
 

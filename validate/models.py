@@ -1,4 +1,12 @@
-r"""A fast residual network for 32×32 images, in plain PyTorch (no torchvision).
+r"""The networks of ``validate``, in plain PyTorch (no torchvision), sized from the data's shape.
+
+* :class:`FastResNet` — a fast residual network for 32×32 colour images (CIFAR-10);
+* :class:`SmallCNN` — two 3×3 conv + ReLU + 2×2 max-pool layers and a linear head, for small
+  images such as scikit-learn's 8×8 digits (no BatchNorm: per-example gradients are defined);
+* :class:`MLP` — one hidden ReLU layer, for feature vectors;
+* :func:`build_model` — picks one from the input shape (``"auto"``) or by name.
+
+The fast residual network:
 
 The architecture follows the public CIFAR-10 speed-run recipes (David Page's ResNet-9 for
 DAWNBench, Keller Jordan's airbench): a few wide 3×3 convolutions, each followed by max-pooling,
@@ -24,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FastResNet", "channels", "init_whitening"]
+__all__ = ["MLP", "MODELS", "FastResNet", "SmallCNN", "build_model", "channels",
+           "count_parameters", "init_whitening"]
 
 BASE_WIDTHS = (64, 128, 256, 512)
 
@@ -120,3 +129,95 @@ def init_whitening(model: FastResNet, images: torch.Tensor, eps: float = 5e-4) -
     filters = (vec.T / torch.sqrt(lam + eps)[:, None]).reshape(12, 3, 2, 2)
     conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
     conv.bias.zero_()
+
+
+class SmallCNN(nn.Module):
+    r"""conv3×3(C→c₁) · ReLU · maxpool2 · conv3×3(c₁→c₂) · ReLU · maxpool2 · linear(→classes).
+
+    For (n, C, H, W) images with H, W ≥ 4; the head sees c₂·⌊⌊H/2⌋/2⌋·⌊⌊W/2⌋/2⌋ features. With
+    C = 1, (c₁, c₂) = (4, 8) and 8×8 inputs it is the 666-parameter digits CNN of
+    ``validate.digits_check``; the experiments' digits default is (8, 16): 1,898 parameters.
+
+    >>> sum(p.numel() for p in SmallCNN((1, 8, 8), 10, channels=(4, 8)).parameters())
+    666
+    """
+
+    def __init__(self, input_shape, num_classes: int, *, channels=(8, 16)):
+        super().__init__()
+        c, h, w = (int(v) for v in input_shape)
+        if h < 4 or w < 4:
+            raise ValueError(f"SmallCNN needs images of at least 4×4 pixels, got {h}×{w}")
+        c1, c2 = _positive_ints("channels", channels, 2)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(c2 * (h // 2 // 2) * (w // 2 // 2), num_classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class MLP(nn.Module):
+    """linear(features→hidden) · ReLU · linear(hidden→classes), for (n, features) inputs."""
+
+    def __init__(self, input_shape, num_classes: int, *, hidden: int = 64):
+        super().__init__()
+        (features,) = (int(v) for v in input_shape)
+        (hidden,) = _positive_ints("hidden", (hidden,), 1)
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _positive_ints(name: str, values, n: int) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in values)
+        ok = len(out) == n and all(o == v and o >= 1 for o, v in zip(out, values, strict=True))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be {n} positive integer(s), got {values!r}")
+    return out
+
+
+#: Model names :func:`build_model` accepts (besides ``"auto"``).
+MODELS = ("resnet", "cnn", "mlp")
+
+
+def build_model(name: str, input_shape, num_classes: int, *, width: float = 1.0,
+                channels=(8, 16), hidden: int = 64, whiten: bool = False,
+                bn_momentum: float = 0.1) -> nn.Module:
+    """The network for inputs of ``input_shape`` (one example, no batch axis).
+
+    ``name``: ``"auto"`` (FastResNet for 3×32×32 images, :class:`SmallCNN` for other images,
+    :class:`MLP` for vectors), or one of :data:`MODELS`. ``width``/``whiten``/``bn_momentum``
+    configure the ResNet, ``channels`` the CNN, ``hidden`` the MLP.
+
+    >>> [type(build_model("auto", s, 10)).__name__ for s in ((3, 32, 32), (1, 8, 8), (5,))]
+    ['FastResNet', 'SmallCNN', 'MLP']
+    """
+    shape = tuple(int(v) for v in input_shape)
+    if name == "auto":
+        name = "resnet" if shape == (3, 32, 32) else "cnn" if len(shape) == 3 else "mlp"
+    if name == "resnet":
+        if len(shape) != 3 or shape[0] != 3:
+            raise ValueError(f"model 'resnet' needs (3, H, W) colour images, got {shape}")
+        return FastResNet(num_classes, width=width, whiten=whiten, bn_momentum=bn_momentum)
+    if name == "cnn":
+        if len(shape) != 3:
+            raise ValueError(f"model 'cnn' needs (C, H, W) images, got input shape {shape}")
+        return SmallCNN(shape, num_classes, channels=channels)
+    if name == "mlp":
+        if len(shape) != 1:
+            raise ValueError(f"model 'mlp' needs (features,) vectors, got input shape {shape}")
+        return MLP(shape, num_classes, hidden=hidden)
+    raise ValueError(f"model must be 'auto' or one of {MODELS}, got {name!r}")
+
+
+def count_parameters(model: nn.Module, *, trainable: bool = False) -> int:
+    """Number of scalars in ``model.parameters()`` (only ``requires_grad`` ones if
+    ``trainable``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

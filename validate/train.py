@@ -1,11 +1,16 @@
-r"""Fast CIFAR-10 training in one readable file (airbench style).
+r"""Training in one readable file (airbench style), for any :class:`validate.data.ImageData`.
 
-Provenance: the recipe is the public CIFAR-10 speed-run one — David Page's ResNet-9 for DAWNBench
-("How to train your ResNet", 2018) and Keller Jordan's airbench (2024): a small wide ResNet
-(``validate/models.py``), the whole dataset kept on the device with augmentation done there
-(random crop with reflect padding, horizontal flips), SGD with Nesterov momentum, label
-smoothing, a linear warm-up then linear decay, weight decay, optional flip test-time augmentation,
-bf16 autocast and channels-last on GPU.
+Provenance: the CIFAR-10 recipe is the public speed-run one — David Page's ResNet-9 for
+DAWNBench ("How to train your ResNet", 2018) and Keller Jordan's airbench (2024): a small wide
+ResNet (``validate/models.py``), the whole dataset kept on the device with augmentation done
+there (random crop with reflect padding, horizontal flips), SGD with Nesterov momentum, label
+smoothing, a linear warm-up then linear decay, weight decay, optional flip test-time
+augmentation, bf16 autocast and channels-last on GPU. The same loop trains the small CNN on
+scikit-learn's digits, an MLP on feature vectors, or a user's ``.npz`` (the model is built from
+the data's shape, :func:`validate.models.build_model`); augmentation is optional.
+
+Configuration: a frozen :class:`TrainConfig` (units in its comments) from a named preset in
+:data:`PRESETS`, changed by :func:`make_config` — the one place that turns flags into settings.
 
 Units (see README "Units and conventions"):
 
@@ -15,8 +20,21 @@ Units (see README "Units and conventions"):
   airbench). Give either ``lr`` or ``base_lr``; the peak step is then
   η = ``lr`` or η = ``base_lr`` · ``lr_factor`` · B;
 * momentum as ``torch.optim.SGD`` (v ← μ v + g, θ ← θ − η v; Nesterov looks ahead), effective
-  rate η/(1 − μ); ``weight_decay`` adds λθ to the mean-loss gradient;
-* schedules are in fractions of the whole run.
+  rate η/(1 − μ); ``weight_decay`` adds λθ to the mean-loss gradient; μ = 0 is plain SGD;
+* schedules (:func:`lr_schedule`) are in fractions of the whole run.
+
+**Failure** (a result, not an error): a run fails when its minibatch loss becomes non-finite or
+exceeds ``fail_factor`` (10) × its initial loss at any step — training stops there — or when it
+ends with a training loss not below the initial one, nor below the *chance loss* (on small
+networks a too-large rate often collapses to chance, loss ≈ log K with dead units, rather than
+exploding). The chance loss is that of the best constant prediction, the entropy H(q) of the
+training labels' distribution q (smoothed as the criterion smooths them): no network that
+ignores its input does better, and a freshly initialised one starts slightly above it (on
+digits 2.313 against log 10 = 2.303), so a network that collapsed to chance ends *between* the
+two — below its initial loss, yet it has learnt nothing. The initial and final training losses
+are the training criterion (with its label smoothing) on the whole training subset, without
+augmentation, the network in training mode with BatchNorm's running statistics left untouched
+(so both ends are measured the same way as the steps in between).
 
 Determinism and resuming: the model is initialised from ``seed``; the shuffle, crops and flips
 of epoch e are drawn from a generator seeded by (seed, e), so any step can be reconstructed.
@@ -31,179 +49,251 @@ B/world slice of every global batch (same permutation everywhere) and gradients 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageData
-from .models import FastResNet, init_whitening
+from ._io import resolve_device, save_torch
+from .data import CIFAR10_MEAN, CIFAR10_STD, ImageData
+from .models import MODELS, build_model, init_whitening
 
 __all__ = [
-    "HYP",
     "PRESETS",
+    "SCHEDULES",
+    "TrainConfig",
     "TrainState",
+    "chance_loss",
+    "check_config",
     "evaluate",
-    "hyperparameters",
     "lr_schedule",
+    "make_config",
     "peak_lr",
     "train",
 ]
 
-# Peak step η = 0.4 on the mean gradient at B = 512 is Page's ResNet-9 setting (0.4 on the summed
-# loss divided by B), i.e. a base rate of 0.4/512 = 7.8e-4 per example.
-HYP = {
-    "epochs": 10,              # passes over the training subset
-    "batch_size": 512,         # B: examples per optimiser step (global, summed over ranks)
-    "lr": None,                # η: peak step on the MEAN minibatch gradient; None → from base_lr
-    "base_lr": 0.4 / 512,      # η̃ = η/B: peak step per example (sum convention)
-    "lr_factor": 1.0,          # multiplies base_lr (the "learning-rate factor" of LR sweeps)
-    "momentum": 0.9,           # μ (torch.optim.SGD convention); 0 → plain SGD
-    "nesterov": True,          # Nesterov look-ahead (needs μ > 0)
-    "weight_decay": 5e-4,      # λ: adds λθ to the mean-loss gradient (per step, not per example)
-    "label_smoothing": 0.2,    # probability mass spread uniformly over the classes
-    "warmup": 0.2,             # fraction of the run with linear warm-up 0 → η
-    "final_lr": 0.0,           # step at the end of the run, as a fraction of η (linear decay)
-    "subset": None,            # training examples used (a seeded random subset); None → all
-    "width": 1.0,              # channel multiplier of FastResNet (64, 128, 256, 512)
-    "whiten": True,            # fixed 2×2 whitening stem initialised from training patches
-    "bn_momentum": 0.1,        # BatchNorm running-average momentum (PyTorch convention)
-    "crop_pad": 4,             # random-crop padding in pixels (reflect); 0 → no crops
-    "flip": True,              # random horizontal flips
-    "tta": True,               # test: average logits of the image and its mirror
-    "eval_batch": 1024,        # examples per forward pass at test time
-    "checkpoint_every": 0,     # steps between checkpoints; 0 → epoch ends only
-    "seed": 0,                 # model init, subset, shuffles and augmentation
-}
-
-PRESETS = {
-    # GPU: the full recipe, 10 epochs on 50 000 images.
-    "default": {},
-    # CPU smoke test / CI: a narrow network, a small subset, two short epochs.
-    "quick": {
-        "epochs": 2,
-        "batch_size": 64,
-        "base_lr": 0.4 / 512,
-        "lr_factor": 2.0,
-        "subset": 1024,
-        "width": 0.125,
-        "whiten": False,
-        "crop_pad": 2,
-        "tta": False,
-        "eval_batch": 500,
-    },
-}
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the training images (RGB, [0, 1])
-CIFAR_STD = (0.2470, 0.2435, 0.2616)   # per-channel std
+#: Learning-rate schedules of :func:`lr_schedule`.
+SCHEDULES = ("linear", "constant")
 
 
-def hyperparameters(preset: str = "default", **overrides) -> dict:
-    """HYP updated by a named preset and then by ``overrides`` (``None`` values are ignored,
-    except ``lr`` and ``subset`` which may be set to ``None`` explicitly only via the preset)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    hyp = {**HYP, **PRESETS[preset]}
-    for k, v in overrides.items():
-        if k not in HYP:
-            raise ValueError(f"unknown hyperparameter {k!r}; known: {sorted(HYP)}")
-        if v is not None:
-            hyp[k] = v
-    return hyp
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (units in the comments; checked on creation).
+
+    Peak step η = 0.4 on the mean gradient at B = 512 is Page's ResNet-9 setting (0.4 on the
+    summed loss divided by B), i.e. a base rate of 0.4/512 = 7.8e-4 per example.
+    """
+
+    epochs: int = 10               # passes over the training subset
+    batch_size: int = 512          # B: examples per optimiser step (global, summed over ranks)
+    lr: float | None = None        # η: peak step on the MEAN minibatch gradient; None → base_lr
+    base_lr: float = 0.4 / 512     # η̃ = η/B: peak step per example (sum convention)
+    lr_factor: float = 1.0         # multiplies base_lr (the "learning-rate factor" of LR sweeps)
+    momentum: float = 0.9          # μ (torch.optim.SGD convention); 0 → plain SGD
+    nesterov: bool = True          # Nesterov look-ahead (only with μ > 0)
+    weight_decay: float = 5e-4     # λ: adds λθ to the mean-loss gradient (per step)
+    label_smoothing: float = 0.2   # probability mass spread uniformly over the classes
+    schedule: str = "linear"       # 'linear': warm-up, then linear decay; 'constant': warm-up, flat
+    warmup: float = 0.2            # fraction of the run with linear warm-up 0 → η
+    final_lr: float = 0.0          # 'linear': step at the end of the run, as a fraction of η
+    subset: int | None = None      # training examples used (a seeded random subset); None → all
+    model: str = "auto"            # 'auto' (from the data's shape), 'resnet', 'cnn' or 'mlp'
+    width: float = 1.0             # resnet: channel multiplier of (64, 128, 256, 512)
+    channels: tuple = (8, 16)      # cnn: channels of its two conv layers
+    hidden: int = 64               # mlp: hidden units
+    whiten: bool = True            # resnet: fixed 2×2 whitening stem from training patches
+    bn_momentum: float = 0.1       # BatchNorm running-average momentum (PyTorch convention)
+    crop_pad: int = 4              # random-crop padding in pixels (reflect); 0 → no crops
+    flip: bool = True              # random horizontal flips (images only)
+    tta: bool = True               # test: average logits of the image and its mirror
+    eval_batch: int = 1024         # examples per forward pass when evaluating
+    checkpoint_every: int = 0      # steps between checkpoints; 0 → epoch ends only
+    fail_factor: float = 10.0      # a minibatch loss above fail_factor × initial loss: failed
+    record_loss: bool = False      # keep every step's minibatch loss (``train_losses``)
+    seed: int = 0                  # model init, subset, shuffles and augmentation
+
+    def __post_init__(self):
+        _check_fields(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with ``changes`` (checked)."""
+        return dataclasses.replace(self, **changes)
 
 
-def check_hyperparameters(hyp: dict, n_train: int) -> None:
-    """Raise ``ValueError`` naming the first hyperparameter that is out of range."""
-    def positive(name, integer=False):
-        v = hyp[name]
-        if v is None or not math.isfinite(v) or v <= 0 or (integer and int(v) != v):
-            kind = "a positive integer" if integer else "positive and finite"
-            raise ValueError(f"{name} must be {kind}, got {v!r}")
+def _check_fields(c: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the first field that is out of range."""
+    def number(name, *, integer=False, positive=True, allow_zero=False):
+        v = getattr(c, name)
+        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+            and math.isfinite(v) and (not integer or int(v) == v)
+        if ok and positive:
+            ok = v > 0 or (allow_zero and v == 0)
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            bound = " ≥ 0" if allow_zero else " > 0" if positive else ""
+            raise ValueError(f"{name} must be {kind}{bound}, got {v!r}")
 
-    positive("epochs", True)
-    positive("batch_size", True)
-    positive("eval_batch", True)
-    positive("width")
-    if hyp["lr"] is not None:
-        positive("lr")
+    def flag(name):
+        if not isinstance(getattr(c, name), (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+
+    for name in ("epochs", "batch_size", "eval_batch", "hidden"):
+        number(name, integer=True)
+    for name in ("checkpoint_every", "crop_pad"):
+        number(name, integer=True, allow_zero=True)
+    number("width")
+    number("weight_decay", allow_zero=True)
+    number("bn_momentum", allow_zero=True)
+    if c.lr is not None:
+        number("lr")
     else:
-        positive("base_lr")
-        positive("lr_factor")
+        number("base_lr")
+        number("lr_factor")
     for name in ("momentum", "warmup", "final_lr", "label_smoothing"):
-        v = hyp[name]
+        number(name, positive=False)
+        v = getattr(c, name)
         half_open = name in ("momentum", "warmup")
         if not (0.0 <= v <= 1.0) or (half_open and v == 1.0):
             raise ValueError(f"{name} must lie in [0, 1{')' if half_open else ']'}, got {v!r}")
-    if hyp["weight_decay"] < 0 or not math.isfinite(hyp["weight_decay"]):
-        raise ValueError(f"weight_decay must be finite and ≥ 0, got {hyp['weight_decay']!r}")
-    if hyp["crop_pad"] < 0 or int(hyp["crop_pad"]) != hyp["crop_pad"] or hyp["crop_pad"] > 16:
-        raise ValueError(f"crop_pad must be an integer in 0..16, got {hyp['crop_pad']!r}")
-    seed = hyp["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer ≥ 0, got {seed!r}")
-    if not isinstance(hyp["nesterov"], (bool, np.bool_)):
-        raise ValueError(f"nesterov must be True or False, got {hyp['nesterov']!r}")
-    if int(hyp["checkpoint_every"]) != hyp["checkpoint_every"] or hyp["checkpoint_every"] < 0:
-        raise ValueError(f"checkpoint_every must be an integer ≥ 0, got "
-                         f"{hyp['checkpoint_every']!r}")
-    n = subset_size(hyp, n_train)
-    if hyp["batch_size"] > n:
-        raise ValueError(f"batch_size ({hyp['batch_size']}) is larger than the training subset "
-                         f"({n} examples); lower --batch-size or raise --subset")
+    if c.crop_pad > 16:
+        raise ValueError(f"crop_pad must be an integer in 0..16, got {c.crop_pad!r}")
+    number("fail_factor")
+    if c.fail_factor <= 1:
+        raise ValueError(f"fail_factor must be > 1, got {c.fail_factor!r}")
+    for name in ("nesterov", "whiten", "flip", "tta", "record_loss"):
+        flag(name)
+    if isinstance(c.seed, bool) or not isinstance(c.seed, (int, np.integer)) or c.seed < 0:
+        raise ValueError(f"seed must be an integer ≥ 0, got {c.seed!r}")
+    if c.subset is not None:
+        number("subset", integer=True)
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
+    if c.model not in ("auto", *MODELS):
+        raise ValueError(f"model must be 'auto' or one of {MODELS}, got {c.model!r}")
+    try:
+        ok = len(c.channels) == 2 and all(int(v) == v and v >= 1 for v in c.channels)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"channels must be two positive integers, got {c.channels!r}")
 
 
-def subset_size(hyp: dict, n_train: int) -> int:
+#: Named starting points (flags override them through :func:`make_config`).
+PRESETS = {
+    # GPU: the full CIFAR-10 recipe, 10 epochs on 50 000 images.
+    "default": TrainConfig(),
+    # CPU smoke test / CI on CIFAR-shaped data: a narrow network, a small subset, two epochs.
+    "quick": TrainConfig(epochs=2, batch_size=64, base_lr=0.4 / 512, lr_factor=2.0, subset=1024,
+                         width=0.125, whiten=False, crop_pad=2, tta=False, eval_batch=500),
+    # scikit-learn's digits (CPU): the small CNN, heavy ball, no augmentation or smoothing.
+    "digits": TrainConfig(epochs=20, batch_size=32, base_lr=0.1 / 32, momentum=0.9,
+                          nesterov=False, weight_decay=0.0, label_smoothing=0.0, warmup=0.2,
+                          model="cnn", crop_pad=0, flip=False, tta=False, eval_batch=2048),
+}
+
+
+def make_config(preset: str | TrainConfig = "default", **overrides) -> TrainConfig:
+    """The preset (a name in :data:`PRESETS` or a config) with ``overrides`` applied; ``None``
+    values are ignored (an unset flag keeps the preset's value).
+
+    >>> make_config("quick", batch_size=32, lr=None).batch_size
+    32
+    """
+    if isinstance(preset, TrainConfig):
+        base = preset
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{sorted(names)}")
+    return base.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def subset_size(cfg: TrainConfig, n_train: int) -> int:
     """Number of training examples used: ``subset`` (checked ≤ n_train) or all of them."""
-    s = hyp["subset"]
-    if s is None:
+    if cfg.subset is None:
         return n_train
-    if int(s) != s or s < 1:
-        raise ValueError(f"subset must be a positive integer, got {s!r}")
-    if s > n_train:
-        raise ValueError(f"subset ({s}) exceeds the {n_train} training examples available")
-    return int(s)
+    if cfg.subset > n_train:
+        raise ValueError(f"subset ({cfg.subset}) exceeds the {n_train} training examples "
+                         "available")
+    return int(cfg.subset)
 
 
-def peak_lr(hyp: dict) -> float:
+def check_config(cfg: TrainConfig, data: ImageData) -> None:
+    """Raise ``ValueError`` when ``cfg`` does not fit ``data`` (batch vs subset, augmentation of
+    vectors, the ResNet on non-colour images)."""
+    n = subset_size(cfg, data.train_images.shape[0])
+    if cfg.batch_size > n:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training subset "
+                         f"({n} examples); lower --batch-size or raise --subset")
+    if not data.is_image and (cfg.crop_pad or cfg.flip or cfg.tta):
+        raise ValueError("crop_pad, flip and tta need images; set them to 0/False for feature "
+                         "vectors")
+    if cfg.crop_pad and min(data.input_shape[1:]) <= cfg.crop_pad:
+        raise ValueError(f"crop_pad ({cfg.crop_pad}) must be smaller than the images "
+                         f"({data.input_shape[1]}×{data.input_shape[2]})")
+
+
+def peak_lr(cfg: TrainConfig) -> float:
     """Peak step η on the mean gradient: ``lr`` if given, else ``base_lr · lr_factor · B``.
 
-    >>> peak_lr({"lr": None, "base_lr": 0.4 / 512, "lr_factor": 1.0, "batch_size": 512})
+    >>> peak_lr(make_config("default"))
     0.4
-    >>> peak_lr({"lr": 0.1, "base_lr": 1.0, "lr_factor": 1.0, "batch_size": 512})
+    >>> peak_lr(make_config("default", lr=0.1))
     0.1
     """
-    if hyp["lr"] is not None:
-        return float(hyp["lr"])
-    return float(hyp["base_lr"] * hyp["lr_factor"] * hyp["batch_size"])
+    if cfg.lr is not None:
+        return float(cfg.lr)
+    return float(cfg.base_lr * cfg.lr_factor * cfg.batch_size)
 
 
-def lr_schedule(step: int, total_steps: int, peak: float, warmup: float, final: float) -> float:
+def lr_schedule(step: int, total_steps: int, peak: float, warmup: float, final: float,
+                kind: str = "linear") -> float:
     r"""Step η_t for optimiser step t ∈ {0, …, T−1} of a run of T steps.
 
-    Linear warm-up over the first W = ⌈warmup·T⌉ steps, η_t = η (t+1)/W, then linear decay
-    from η to ``final``·η at t = T:  η_t = η (final + (1 − final)(T − t)/(T − W)).
+    Linear warm-up over the first W = ⌈warmup·T⌉ steps, η_t = η (t+1)/W; then ``'linear'``
+    decays linearly from η to ``final``·η at t = T:  η_t = η (final + (1 − final)(T − t)/(T − W)),
+    and ``'constant'`` stays at η.
 
     >>> [round(lr_schedule(t, 10, 1.0, 0.2, 0.0), 2) for t in range(10)]
     [0.5, 1.0, 1.0, 0.88, 0.75, 0.62, 0.5, 0.38, 0.25, 0.12]
+    >>> [lr_schedule(t, 4, 1.0, 0.5, 0.0, "constant") for t in range(4)]
+    [0.5, 1.0, 1.0, 1.0]
     """
     w = math.ceil(warmup * total_steps)
     if step < w:
         return peak * (step + 1) / w
+    if kind == "constant":
+        return peak
     return peak * (final + (1.0 - final) * (total_steps - step) / (total_steps - w))
 
 
 # ---------------------------------------------------------------------------- data on device
-def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, 3, h, w) → float32, per-channel (x/255 − mean)/std."""
-    mean = torch.tensor(CIFAR_MEAN, device=x_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x_uint8.device).view(1, 3, 1, 1)
-    return (x_uint8.float() / 255.0 - mean) / std
+def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """(n, C, h, w) images or (n, F) vectors → float32 (x·s − mean)/std per channel or feature,
+    with s = 1/255 for uint8 and 1 for floats."""
+    shape = (1, -1, 1, 1) if x.ndim == 4 else (1, -1)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    xf = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return (xf - m) / s
+
+
+def model_inputs(images, data: ImageData, device) -> torch.Tensor:
+    """Images or vectors of ``data`` (NumPy or torch) as the normalised float32 tensor the
+    network sees (no augmentation), on ``device``."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    return normalize(x.to(device), data.mean, data.std)
 
 
 @dataclass
@@ -242,6 +332,61 @@ def crop_flip(padded: torch.Tensor, dy, dx, flip, size: int = 32) -> torch.Tenso
     return padded[i, ch, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+class _TrainingSet:
+    """The training subset on the device and how batch ``j`` of an epoch plan is formed.
+
+    With augmentation (crops or flips) the raw images are kept reflect-padded and each batch is
+    cropped, flipped and normalised on the device; without, the whole subset is normalised once
+    and batches are plain index lookups (no per-step overhead).
+    """
+
+    def __init__(self, data: ImageData, idx: np.ndarray, cfg: TrainConfig, device):
+        self.mean, self.std = data.mean, data.std
+        self.pad = int(cfg.crop_pad)
+        self.flip = bool(cfg.flip)
+        self.augment = data.is_image and (self.pad > 0 or self.flip)
+        self.device = device
+        raw = data.train_images[idx]
+        self.raw = torch.from_numpy(raw).to(device)
+        self.labels = torch.from_numpy(data.train_labels[idx]).to(device)
+        self.n = int(idx.size)
+        self.size = raw.shape[-1] if data.is_image else None
+        if self.augment:
+            p = self.pad
+            self.padded = torch.from_numpy(
+                np.pad(raw, ((0, 0), (0, 0), (p, p), (p, p)), mode="reflect")).to(device)
+            self.inputs = None
+        else:
+            self.inputs = normalize(self.raw, self.mean, self.std)
+
+    def batch(self, j, dy=None, dx=None, flip=None) -> torch.Tensor:
+        if not self.augment:
+            return self.inputs[j]
+        x = crop_flip(self.padded[j], dy, dx, flip, self.size)
+        return normalize(x, self.mean, self.std)
+
+    def plain(self, sl: slice) -> torch.Tensor:
+        """Normalised training examples ``sl`` without augmentation (for evaluation)."""
+        if self.inputs is not None:
+            return self.inputs[sl]
+        return normalize(self.raw[sl], self.mean, self.std)
+
+    def sample(self, count: int, sample_seed: int):
+        """``count`` examples drawn with replacement (augmented like training), normalised."""
+        g = torch.Generator().manual_seed(int(sample_seed))
+        j = torch.randint(0, self.n, (count,), generator=g)
+        dy, dx = (torch.randint(0, 2 * self.pad + 1, (count,), generator=g) for _ in range(2))
+        fl = (torch.rand(count, generator=g) < 0.5) & self.flip
+        j, dy, dx, fl = (t.to(self.device) for t in (j, dy, dx, fl))
+        return _memory_format(self.batch(j, dy, dx, fl)), self.labels[j]
+
+
+def _memory_format(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cuda" and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 # ---------------------------------------------------------------------------- evaluation
 def _dist():
     import torch.distributed as dist
@@ -257,34 +402,44 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch: int = 1024,
-             tta: bool = False) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on uint8 ``images`` (n, 3, 32, 32) in eval mode.
+def evaluate(model: nn.Module, inputs, labels: torch.Tensor, *, batch: int = 1024,
+             tta: bool = False, criterion=None, train_mode: bool = False) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on a data set, sharded over ranks and all-reduced.
 
-    With ``tta`` the logits of each image and its mirror image are averaged. Under
-    ``torch.distributed`` each rank scores a shard and the sums are all-reduced.
+    Args:
+      inputs: a normalised (n, …) tensor, or ``inputs(slice) -> tensor`` giving its rows
+        (e.g. uint8 images normalised chunk by chunk).
+      labels: (n,) int64 tensor.
+      tta: average the logits of each image and its mirror image.
+      criterion: loss with ``reduction='sum'``; default plain cross-entropy.
+      train_mode: evaluate in training mode (BatchNorm with the statistics of each chunk of
+        ``batch`` examples, running statistics restored afterwards) instead of eval mode.
     """
     dist, rank, world = _dist()
     was_training = model.training
-    model.eval()
-    device = images.device
-    n = images.shape[0]
+    saved = {k: b.clone() for k, b in model.named_buffers()} if train_mode else None
+    model.train(train_mode)
+    device = labels.device
+    rows = inputs if callable(inputs) else (lambda sl: inputs[sl])
+    crit = criterion if criterion is not None else nn.CrossEntropyLoss(reduction="sum")
+    n = labels.shape[0]
     lo, hi = rank * n // world, (rank + 1) * n // world
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     for s in range(lo, hi, batch):
-        x = normalize(images[s:min(s + batch, hi)])
-        y = labels[s:min(s + batch, hi)]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        sl = slice(s, min(s + batch, hi))
+        x, y = _memory_format(rows(sl)), labels[sl]
         with _autocast(device):
             logits = model(x).float()
             if tta:
                 logits = 0.5 * (logits + model(torch.flip(x, dims=(3,))).float())
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[0] += crit(logits, y).double()
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += y.numel()
     if dist is not None:
         dist.all_reduce(sums)
+    if saved is not None:
+        for k, b in model.named_buffers():
+            b.copy_(saved[k])
     model.train(was_training)
     return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
@@ -305,7 +460,7 @@ class TrainState:
     batch_size: int
     lr: float                      # the step η that the *next* optimiser step uses
     momentum: float
-    train_images: torch.Tensor     # uint8 (n, 3, 32, 32) training subset on the device
+    train_images: torch.Tensor     # raw (uint8 or float) training subset on the device
     train_labels: torch.Tensor
     device: torch.device
     extra: dict = field(default_factory=dict)
@@ -313,19 +468,8 @@ class TrainState:
     #                                drawn with replacement, normalised, on the device
     diverged: bool = False         # a callback sets this when it finds the model non-finite:
     #                                training stops and reports diverged_at_step = step
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _resolve_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-    return device
+    plain: object = None           # plain(slice) -> those training examples normalised, without
+    #                                augmentation, on the device
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -342,94 +486,137 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return out
 
 
-def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.PathLike | None = None,
-          resume: bool = False, callback=None, progress: bool = True,
-          run_info: dict | None = None) -> dict:
-    """Train FastResNet on ``data`` with hyperparameters ``hyp`` (see :data:`HYP` for units).
+def _settings(cfg: TrainConfig) -> dict:
+    """The config as a plain dict with lists for tuples (as stored in checkpoints)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+
+
+def _criterion(cfg: TrainConfig, reduction: str = "mean"):
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction=reduction)
+
+
+def chance_loss(labels, num_classes: int, label_smoothing: float = 0.0) -> float:
+    r"""Loss of the best constant prediction: H(q) = −Σ_k q_k log q_k with q the label
+    frequencies smoothed as the criterion does, q = (1 − ε)·freq + ε/K.
+
+    >>> round(chance_loss([0, 1, 2, 3], 4), 6) == round(math.log(4), 6)
+    True
+    """
+    freq = np.bincount(np.asarray(labels), minlength=num_classes) / len(labels)
+    q = (1.0 - label_smoothing) * freq + label_smoothing / num_classes
+    q = q[q > 0]
+    return float(-(q * np.log(q)).sum())
+
+
+def build(cfg: TrainConfig, data: ImageData, device, train_inputs=None) -> nn.Module:
+    """The network of ``cfg`` for ``data``, initialised from ``cfg.seed`` (and, for the whitened
+    ResNet, its stem from the first 5,000 normalised training examples ``train_inputs``)."""
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model, data.input_shape, data.num_classes, width=cfg.width,
+                        channels=cfg.channels, hidden=cfg.hidden, whiten=cfg.whiten,
+                        bn_momentum=cfg.bn_momentum).to(device)
+    if getattr(model, "whiten", False):
+        init_whitening(model, train_inputs)
+    if device.type == "cuda" and len(data.input_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train(cfg: TrainConfig, data: ImageData, *, device=None,
+          checkpoint: str | os.PathLike | None = None, resume: bool = False, callback=None,
+          progress: bool = True, run_info: dict | None = None, batch_hook=None) -> dict:
+    """Train the network of ``cfg`` on ``data`` (see :class:`TrainConfig` for units).
 
     Args:
-      hyp: a full hyperparameter dict (use :func:`hyperparameters`).
-      data: the dataset (uint8 images).
-      device: ``"cpu"``, ``"cuda"`` or a torch device.
+      cfg: a :class:`TrainConfig` (use :func:`make_config`).
+      data: the data set.
+      device: ``None`` (cuda when available), ``"cpu"``, ``"cuda[:N]"`` or a torch device.
       checkpoint: file to write checkpoints to (None: no checkpoints).
-      resume: continue from ``checkpoint`` if it exists; its hyperparameters and ``run_info``
-        must equal these (``ValueError`` naming what differs otherwise).
+      resume: continue from ``checkpoint`` if it exists; its settings and ``run_info`` must
+        equal these (``ValueError`` naming what differs otherwise).
       callback: ``callback(state: TrainState)`` called before the first step and after every
         step; it may measure the model (it must leave it unchanged) and write to ``state.extra``.
         Setting ``state.diverged = True`` stops training there (reported as a divergence).
       progress: show a tqdm bar (rank 0 only).
       run_info: JSON-like dict of the other settings that affect the results (the command, the
         measurement settings, the data, …); saved in checkpoints and compared on ``resume``.
+      batch_hook: ``batch_hook(step, x, y) -> (x, y)`` may replace the (normalised, on-device)
+        batch of optimiser step ``step`` (e.g. to train once on a held-aside batch).
 
-    Divergence: the training loss is checked every 10 steps and at epoch ends (each check is a
-    host synchronisation, so not every step); a callback that measures must check the model
-    itself (as ``validate.cifar``'s does). A non-finite loss, or a callback setting
-    ``state.diverged``, ends the run with ``diverged_at_step`` set, ``test_acc``/``test_loss``
-    nan and no checkpoint of the non-finite weights.
+    Failure (see the module docstring): the minibatch loss is compared with ``fail_factor`` ×
+    the initial training loss at every step (on the device; read every step on CPU, every 10 on
+    a GPU); a non-finite or too-large loss, or a callback setting ``state.diverged``, ends the
+    run with ``diverged_at_step`` set, test results nan and no checkpoint of the bad weights.
 
     Returns:
-      dict with ``test_acc``, ``test_loss``, ``history`` (one entry per epoch: train loss/acc,
-      test loss/acc, lr, seconds, examples/s), ``time_s`` (training only), ``examples_per_s``,
+      dict with ``test_acc``, ``test_loss``, ``initial_train_loss``, ``chance_loss``,
+      ``final_train_loss``,
+      ``final_train_acc``, ``failed``, ``failure`` (reason or None), ``failed_at_step`` (the
+      step whose loss failed, or the last step when the final loss failed), ``diverged_at_step``
+      (steps completed when training stopped early, else None), ``history`` (one entry per epoch:
+      train loss/acc, test loss/acc, lr, seconds, examples/s), ``train_losses`` (every step's
+      minibatch loss, with ``record_loss``), ``time_s`` (training only), ``examples_per_s``,
       ``steps``, ``params``, ``peak_lr``, ``base_lr``, ``extra`` and ``model``.
     """
     from tqdm.auto import tqdm
 
-    device = _resolve_device(device)
+    device = resolve_device(device)
     dist, rank, world = _dist()
+    check_config(cfg, data)
     n_all = data.train_images.shape[0]
-    check_hyperparameters(hyp, n_all)
-    B = int(hyp["batch_size"])
+    B = int(cfg.batch_size)
     if B % world:
         raise ValueError(f"batch_size ({B}) must be divisible by the number of ranks ({world})")
     b_local = B // world
-    seed = int(hyp["seed"])
+    seed = int(cfg.seed)
+    settings = _settings(cfg)
 
-    # --- data on the device: a seeded subset, reflect-padded once (uint8)
-    n = subset_size(hyp, n_all)
+    # --- data on the device: a seeded subset
+    n = subset_size(cfg, n_all)
     idx = np.sort(np.random.default_rng(seed).permutation(n_all)[:n]) if n < n_all \
         else np.arange(n_all)
-    pad = int(hyp["crop_pad"])
-    train_u8 = data.train_images[idx]
-    padded_np = np.pad(train_u8, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
-    padded = torch.from_numpy(padded_np).to(device)
-    train_x = torch.from_numpy(train_u8).to(device)
-    train_y = torch.from_numpy(data.train_labels[idx]).to(device)
+    ts = _TrainingSet(data, idx, cfg, device)
     test_x = torch.from_numpy(data.test_images).to(device)
     test_y = torch.from_numpy(data.test_labels).to(device)
 
+    def test_rows(sl):
+        return normalize(test_x[sl], data.mean, data.std)
+
     # --- model and optimiser
-    torch.manual_seed(seed)
-    model = FastResNet(data.num_classes, width=hyp["width"], whiten=hyp["whiten"],
-                       bn_momentum=hyp["bn_momentum"]).to(device)
-    if hyp["whiten"]:
-        init_whitening(model, normalize(train_x[:5000]))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build(cfg, data, device, ts.plain(slice(0, 5000)) if cfg.whiten else None)
     net = model
     if dist is not None:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                       else None)
-    peak = peak_lr(hyp)
-    mu = float(hyp["momentum"])
+    peak = peak_lr(cfg)
+    mu = float(cfg.momentum)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=peak, momentum=mu, nesterov=bool(hyp["nesterov"]) and mu > 0,
-                          weight_decay=hyp["weight_decay"])
+    opt = torch.optim.SGD(params, lr=peak, momentum=mu, nesterov=bool(cfg.nesterov) and mu > 0,
+                          weight_decay=cfg.weight_decay)
+    crit = _criterion(cfg)
+    crit_sum = _criterion(cfg, "sum")
     steps_per_epoch = n // B
-    total = int(hyp["epochs"]) * steps_per_epoch
+    total = int(cfg.epochs) * steps_per_epoch
+
+    def train_loss_now() -> float:
+        return evaluate(model, ts.plain, ts.labels, batch=int(cfg.eval_batch), criterion=crit_sum,
+                        train_mode=True)[0]
 
     # --- resume
     start, elapsed, extra = 0, 0.0, {}
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # epoch loss·n, correct, count
     history: list[dict] = []
+    losses = torch.zeros(total if cfg.record_loss else 0, dtype=torch.float32, device=device)
+    init_loss = None
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if "hyp" not in ck or "run_info" not in ck:
+        if "hyp" not in ck or "run_info" not in ck or "initial_train_loss" not in ck:
             raise ValueError(f"checkpoint {ckpt_path} does not record its run settings (written "
                              "by an older version); use another --out or drop --resume")
-        diff = _differences(ck["hyp"], hyp)
+        diff = _differences(ck["hyp"], settings)
         if diff:
             raise ValueError(f"checkpoint {ckpt_path} was written with different hyperparameters: "
                              f"{'; '.join(diff)}; use another --out or drop --resume")
@@ -443,35 +630,36 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
         start, elapsed, extra = ck["step"], ck["elapsed"], ck["extra"]
         sums = ck["sums"].to(device)
         history = ck["history"]
+        init_loss = ck["initial_train_loss"]
+        if cfg.record_loss:
+            losses = ck["losses"].to(device)
+    if init_loss is None:
+        init_loss = train_loss_now()
+    threshold = float(cfg.fail_factor) * init_loss
+    chance = chance_loss(data.train_labels[idx], data.num_classes, cfg.label_smoothing)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step of the first bad loss
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)      # was it not finite?
 
     def save(step: int) -> None:
         if ckpt_path is None or rank != 0:
             return
-        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
-                      "extra": extra, "sums": sums.cpu(), "history": history, "hyp": hyp,
-                      "run_info": run_info},
-                     ckpt_path)
+        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
+                    "extra": extra, "sums": sums.cpu(), "history": history, "hyp": settings,
+                    "run_info": run_info, "initial_train_loss": init_loss,
+                    "losses": losses.cpu()}, ckpt_path)
 
-    def sample(count: int, sample_seed: int):
-        g = torch.Generator().manual_seed(int(sample_seed))
-        j = torch.randint(0, n, (count,), generator=g)
-        dy, dx = (torch.randint(0, 2 * pad + 1, (count,), generator=g) for _ in range(2))
-        fl = (torch.rand(count, generator=g) < 0.5) & bool(hyp["flip"])
-        j, dy, dx, fl = (t.to(device) for t in (j, dy, dx, fl))
-        x = normalize(crop_flip(padded[j], dy, dx, fl))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, train_y[j]
+    state = TrainState(model, start, total, steps_per_epoch, B, 0.0, mu, ts.raw, ts.labels,
+                       device, extra, ts.sample, plain=ts.plain)
 
-    state = TrainState(model, start, total, steps_per_epoch, B, 0.0, mu, train_x, train_y,
-                       device, extra, sample)
+    def lr_at(step: int) -> float:
+        return lr_schedule(step, total, peak, cfg.warmup, cfg.final_lr, cfg.schedule)
 
     def notify(step: int) -> None:
         if callback is None:
             return
         state.step = step
-        state.lr = lr_schedule(min(step, total - 1), total, peak, hyp["warmup"], hyp["final_lr"])
+        state.lr = lr_at(min(step, total - 1))
         callback(state)
         model.train()
 
@@ -483,56 +671,67 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    plan, diverged = None, None
+    check_every = 10 if device.type == "cuda" else 1
+    plan, stopped, failure, failed_at = None, None, None, None
     model.train()
     if start == 0:
         notify(0)
     if state.diverged:  # the callback rejected the starting point (e.g. non-finite weights)
-        diverged = start
+        stopped, failure, failed_at = start, "stopped by the callback", start
     t0 = clock()
-    for step in range(start, total if diverged is None else start):
+    for step in range(start, total if stopped is None else start):
         epoch, i = divmod(step, steps_per_epoch)
         if plan is None or plan.epoch != epoch:
-            plan = epoch_plan(seed, epoch, n, pad, bool(hyp["flip"]), device)
+            plan = epoch_plan(seed, epoch, n, ts.pad, ts.flip and ts.augment, device)
         sl = slice(i * B + rank * b_local, i * B + (rank + 1) * b_local)
         j = plan.perm[sl]
-        x = normalize(crop_flip(padded[j], plan.dy[sl], plan.dx[sl], plan.flip[sl]))
-        y = train_y[j]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = lr_schedule(step, total, peak, hyp["warmup"], hyp["final_lr"])
+        x = _memory_format(ts.batch(j, plan.dy[sl], plan.dx[sl], plan.flip[sl]))
+        y = ts.labels[j]
+        if batch_hook is not None:
+            x, y = batch_hook(step, x, y)
+        lr = lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr
         with _autocast(device):
             logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=hyp["label_smoothing"])
+            loss = crit(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
-            sums[0] += loss.detach().double() * y.numel()
+            ld = loss.detach()
+            finite = torch.isfinite(ld)
+            first = (~finite | (ld > threshold)) & (first_bad < 0)
+            first_bad = torch.where(first, step, first_bad)
+            nonfinite = nonfinite | (first & ~finite)
+            if cfg.record_loss:
+                losses[step] = ld
+            sums[0] += ld.double() * y.numel()
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += y.numel()
         bar.update(1)
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
-        save_due = end_of_epoch or (hyp["checkpoint_every"] and done % hyp["checkpoint_every"] == 0)
-        if end_of_epoch or done % 10 == 0:  # a host sync: not every step on a GPU
-            loss_v, acc_v = float(sums[0] / sums[2]), float(sums[1] / sums[2])
-            now = elapsed + clock() - t0
-            bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}",
-                            ex_s=f"{B * (done - start) / max(now - elapsed, 1e-9):.0f}")
-            if not math.isfinite(loss_v):
-                diverged = done
+        save_due = end_of_epoch or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        if end_of_epoch or done % check_every == 0 or done == total:  # a host sync on a GPU
+            bad_step = int(first_bad)
+            if bad_step >= 0:
+                stopped, failed_at = done, bad_step
+                failure = "non-finite loss" if bool(nonfinite) else \
+                    f"loss above {cfg.fail_factor:g}× the initial {init_loss:.4g}"
                 break
+            if progress and rank == 0:
+                now = elapsed + clock() - t0
+                bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.3f}",
+                                ex_s=f"{B * (done - start) / max(now - elapsed, 1e-9):.0f}")
         if not (end_of_epoch or save_due or callback is not None):
             continue
         elapsed += clock() - t0  # evaluation, measurements and checkpoints are not timed
         if end_of_epoch:
             if dist is not None:
                 dist.all_reduce(sums)
-            test_loss, test_acc = evaluate(model, test_x, test_y, batch=int(hyp["eval_batch"]),
-                                           tta=bool(hyp["tta"]))
+            test_loss, test_acc = evaluate(model, test_rows, test_y, batch=int(cfg.eval_batch),
+                                           tta=bool(cfg.tta))
             history.append({"epoch": epoch + 1, "step": done,
                             "train_loss": float(sums[0] / sums[2]),
                             "train_acc": float(sums[1] / sums[2]),
@@ -541,30 +740,48 @@ def train(hyp: dict, data: ImageData, *, device="cpu", checkpoint: str | os.Path
             sums.zero_()
         notify(done)
         if state.diverged:
-            diverged, t0 = done, clock()  # time up to here is already counted
+            stopped, t0 = done, clock()  # time up to here is already counted
+            failure, failed_at = "stopped by the callback", done
             break
         if save_due:
             save(done)
         t0 = clock()
     bar.close()
-    if diverged is not None:
+    nan = float("nan")
+    if stopped is not None:
         elapsed += clock() - t0
-        test_loss, test_acc = float("nan"), float("nan")
-    elif history:
-        test_loss, test_acc = history[-1]["test_loss"], history[-1]["test_acc"]
+        test_loss = test_acc = final_loss = final_acc = nan
     else:
-        test_loss, test_acc = evaluate(model, test_x, test_y, batch=int(hyp["eval_batch"]),
-                                       tta=bool(hyp["tta"]))
-    steps_done = diverged if diverged is not None else total
+        final_loss, final_acc = evaluate(model, ts.plain, ts.labels, batch=int(cfg.eval_batch),
+                                         criterion=crit_sum, train_mode=True)
+        if history and history[-1]["step"] == total:
+            test_loss, test_acc = history[-1]["test_loss"], history[-1]["test_acc"]
+        else:
+            test_loss, test_acc = evaluate(model, test_rows, test_y, batch=int(cfg.eval_batch),
+                                           tta=bool(cfg.tta))
+        if not final_loss < init_loss:
+            failure, failed_at = "final training loss not below the initial one", total
+        elif not final_loss < chance:
+            failure, failed_at = f"collapsed to chance (final training loss {final_loss:.4g} " \
+                f"not below the chance loss {chance:.4g})", total
+    steps_done = stopped if stopped is not None else total
     return {
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "initial_train_loss": init_loss,
+        "chance_loss": chance,
+        "final_train_loss": final_loss,
+        "final_train_acc": final_acc,
+        "failed": failure is not None,
+        "failure": failure,
+        "failed_at_step": failed_at,
         "history": history,
+        "train_losses": losses[:steps_done].tolist() if cfg.record_loss else None,
         "time_s": elapsed,
         "examples_per_s": B * steps_done / max(elapsed, 1e-9),
         "steps": steps_done,
         "total_steps": total,
-        "diverged_at_step": diverged,
+        "diverged_at_step": stopped,
         "steps_per_epoch": steps_per_epoch,
         "train_examples": n,
         "params": sum(p.numel() for p in model.parameters()),
