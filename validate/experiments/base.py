@@ -118,8 +118,8 @@ def factor_claim(name: str, predicted, measured, factor: float, note: str = "") 
 
 def _as_checks(records: list[dict]) -> list[Check]:
     """Check objects for :func:`sgdtheory.experiments._plotting.check_note`."""
-    return [Check(r["name"], r["predicted"] if r["predicted"] is not None else math.nan,
-                  r["measured"] if r["measured"] is not None else math.nan,
+    return [Check(r["name"], r["predicted"] if r["predicted"] is not None else math.inf,
+                  r["measured"] if r["measured"] is not None else math.inf,
                   r["tolerance"] or 0.0, r["pass"], r["note"]) for r in records]
 
 

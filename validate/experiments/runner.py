@@ -302,27 +302,36 @@ def run_jobs(jobs: list[Job], *, spec: DataSpec, identity: dict, device_type: st
             executor = _InProcess()
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
                    disable=not progress, dynamic_ncols=True)
-        futures = {}
+        futures: dict = {}
+        collected: set = set()
+
+        def collect(fut, i: int) -> None:
+            job = jobs[i]
+            try:
+                done = fut.result()
+            except Exception as e:  # noqa: BLE001 - reported with the job's label
+                raise JobError(f"run {job.label or keys[i]} failed: {type(e).__name__}: "
+                               f"{' '.join(str(e).split())}") from e
+            rec = {"key": keys[i], "fn": job.fn, "label": job.label,
+                   "settings": jsonable(job.settings), "data": identity,
+                   "result": done["result"], "timing": done["timing"],
+                   "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_json(runs / f"{keys[i]}.json", rec)
+            records[i] = {**rec, "cached": False}
+            collected.add(fut)
+            bar.update(1)
+
+        in_process = isinstance(executor, _InProcess)
         try:
             for i in todo:
                 job = jobs[i]
-                futures[executor.submit(execute, job.fn, job.settings, spec,
-                                        identity["sha256"], device_type, threads)] = i
-            for fut in cf.as_completed(futures):
-                i = futures[fut]
-                job = jobs[i]
-                try:
-                    done = fut.result()
-                except Exception as e:  # noqa: BLE001 - reported with the job's label
-                    raise JobError(f"run {job.label or keys[i]} failed: {type(e).__name__}: "
-                                   f"{' '.join(str(e).split())}") from e
-                rec = {"key": keys[i], "fn": job.fn, "label": job.label,
-                       "settings": jsonable(job.settings), "data": identity,
-                       "result": done["result"], "timing": done["timing"],
-                       "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                write_json(runs / f"{keys[i]}.json", rec)
-                records[i] = {**rec, "cached": False}
-                bar.update(1)
+                fut = executor.submit(execute, job.fn, job.settings, spec,
+                                      identity["sha256"], device_type, threads)
+                futures[fut] = i
+                if in_process:  # finished already: save it before the next run starts
+                    collect(fut, i)
+            for fut in cf.as_completed([f for f in futures if f not in collected]):
+                collect(fut, futures[fut])
         finally:
             for f in futures:
                 f.cancel()
