@@ -903,7 +903,8 @@ class _Rows:
                 self.sampler.grad(self.theta, self.layout, batch)  # keep the random stream
         else:
             grad = self.sampler.grad(self.theta, self.layout, batch)
-            self.theta, self.state = self.opt.update(grad, self.state, self.theta, m_t)
+            # validated once by the plan; the loop runs under np.errstate (see execute)
+            self.theta, self.state = self.opt.step(grad, self.state, self.theta, m_t)
         if self.avg is not None:
             optim.ema_update(self.avg, self.theta, self.plan.ema)
 

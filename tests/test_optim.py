@@ -49,6 +49,21 @@ def test_update_equals_torch_sgd_per_row(nesterov):
         np.testing.assert_allclose(theta[i], w.detach().numpy(), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_unchecked_step_equals_update(nesterov):
+    """``step`` (the simulator's unchecked path) gives bit-identical iterates to ``update``."""
+    n, p, steps = 3, 4, 7
+    a, b = _gradients(steps, n, p)
+    opt = optim.sgd(np.array([[0.1], [0.2], [0.05]]), np.array([[0.9], [0.0], [0.5]]), nesterov)
+    t1, t2 = np.ones((n, p)), np.ones((n, p))
+    s1, s2 = opt.init(t1), opt.init(t2)
+    for t in range(steps):
+        t1, s1 = opt.update(t1 @ a + b[t], s1, t1, 0.5)
+        t2, s2 = opt.step(t2 @ a + b[t], s2, t2, 0.5)
+    np.testing.assert_array_equal(t1, t2)
+    np.testing.assert_array_equal(s1.velocity, s2.velocity)
+
+
 def test_plain_sgd_keeps_no_state_and_is_theta_minus_lr_grad():
     opt = optim.sgd(0.3)
     theta = np.array([[1.0, -2.0]])
