@@ -7,17 +7,27 @@ https://www.cs.toronto.edu/~kriz/cifar.html (md5 ``c58f30108f718f92721af3b95e743
 ``cifar-10-batches-py/`` with ``data_batch_1`` … ``data_batch_5`` (training, 10 000 images each),
 ``test_batch`` and ``batches.meta``. Each batch is a pickled dict with ``b'data'`` (n × 3072 uint8:
 the red, green and blue 32×32 planes one after another, row-major) and ``b'labels'`` (n ints in
-0…9); ``batches.meta`` has ``b'label_names'``. Loading uses ``pickle.load(f, encoding='bytes')``.
+0…9); ``batches.meta`` has ``b'label_names'``. The members are Python 2 pickles, read with
+``encoding='bytes'`` by a restricted unpickler that builds only dicts, lists, tuples, bytes, str,
+numbers and plain numeric NumPy arrays (NumPy's pickled form, checked and rebuilt with
+``numpy.frombuffer``) and refuses any other global — ``os.system`` and the like — before it is
+imported or called, with a :class:`DatasetError` naming the member and the global. So a hostile
+or tampered member is refused whether or not an md5 was checked.
 
 :func:`load_cifar10` reads the archive directly (no extraction) after checking its md5, or an
 already extracted ``cifar-10-batches-py`` folder after checking its structure (and, for the
 official data, the md5 of every member). The expected archive md5 is an argument (``md5=``) so
 that mirrors and the small archives the tests generate can be verified; the CLI exposes it as
-``--md5`` or the environment variable ``SGDTHEORY_CIFAR10_MD5``. :func:`download_cifar10`
-fetches the archive with an atomic write (temporary file, checksum, ``os.replace``).
-Images come back as ``(n, 3, 32, 32)`` uint8 arrays (channels first, RGB) and labels as
-``(n,)`` int64 arrays. Pickle files can run code when loaded: only load archives you trust (the
-md5 check is the guard for the official one).
+``--md5`` or the environment variable ``SGDTHEORY_CIFAR10_MD5``. The archive is read in one pass
+to the end of its gzip stream, so gzip verifies its CRC-32 and length even with ``md5=None`` (a
+flipped bit or a cut-off trailer is a :class:`DatasetError`); a member with an absolute path,
+``..``, a link pointing outside or a device node, or larger than :data:`MAX_MEMBER_BYTES`,
+rejects the archive. :func:`download_cifar10` fetches the archive with an atomic write
+(temporary file, checksum, ``os.replace``) from :data:`CIFAR10_URL` or, when set, the URL in
+the environment variable ``SGDTHEORY_CIFAR10_URL`` (a mirror; ``file://`` works); a failed
+download is one line saying which URL, where the file would have gone and how to place it by
+hand. Images come back as ``(n, 3, 32, 32)`` uint8 arrays (channels first, RGB) and labels as
+``(n,)`` int64 arrays.
 
 **Digits** (:func:`load_digits_data`): scikit-learn's bundled 1,797 8×8 handwritten digits
 (no download), pixel values 0…16 scaled to [0, 1], shaped (n, 1, 8, 8). A fixed stratified split
@@ -45,16 +55,19 @@ digits and ``.npz`` files (per channel for images, per feature for vectors).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import http.client
 import io
 import os
 import pickle
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -97,7 +110,11 @@ TRAIN_MEMBERS = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_MEMBER = "test_batch"
 META_MEMBER = "batches.meta"
 MD5_ENV = "SGDTHEORY_CIFAR10_MD5"
+URL_ENV = "SGDTHEORY_CIFAR10_URL"
 DATA_DIR_ENV = "SGDTHEORY_DATA"
+#: Largest member read (bytes): the official batches are 31 MB; a member claiming more is refused
+#: before it is decompressed into memory.
+MAX_MEMBER_BYTES = 256 << 20
 
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the training images (RGB, [0, 1])
@@ -178,6 +195,12 @@ def default_md5() -> str:
     return os.environ.get(MD5_ENV) or CIFAR10_MD5
 
 
+def default_url() -> str:
+    """Where ``--download`` fetches the archive: ``$SGDTHEORY_CIFAR10_URL`` if set (a mirror,
+    including a ``file://`` URL), else the official :data:`CIFAR10_URL`."""
+    return os.environ.get(URL_ENV) or CIFAR10_URL
+
+
 def file_md5(path, chunk: int = 1 << 20) -> str:
     """Hex md5 of a file, read in chunks of ``chunk`` bytes."""
     h = hashlib.md5()
@@ -219,12 +242,223 @@ def find_cifar10(data_dir) -> Path:
     )
 
 
-def _parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Unpickle one batch file and check its format; returns (images (n,3,32,32), labels (n,))."""
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+class _Refused(Exception):
+    """Something in a member's pickle that the CIFAR-10 format never holds (message: what)."""
+
+
+_NUMERIC_DTYPES = frozenset(("b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8",
+                             "f2", "f4", "f8"))
+_NDARRAY = object()  # what the global numpy.ndarray resolves to: a marker, never the class
+
+
+def _text(v) -> str | None:
+    """A pickled Python 2 ``str`` arrives as bytes under ``encoding='bytes'``."""
+    if isinstance(v, bytes):
+        try:
+            return v.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return v if isinstance(v, str) else None
+
+
+def _shape(v) -> tuple[int, ...]:
+    if not isinstance(v, tuple) or not all(type(n) is int and n >= 0 for n in v):
+        raise _Refused(f"array shape {v!r:.60}")
+    return v
+
+
+class _Dtype:
+    """Stand-in for ``numpy.dtype(spec, align, copy)`` in a pickle: only plain numeric dtypes,
+    and only their standard state. NumPy's own ``dtype.__setstate__`` accepts forged flags (a
+    uint8 dtype claiming to hold object pointers), so the state is checked here instead."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, spec, align=False, copy=False):
+        text = _text(spec)
+        if text not in _NUMERIC_DTYPES:
+            raise _Refused(f"dtype {spec!r:.60} (only numeric dtypes: "
+                           f"{', '.join(sorted(_NUMERIC_DTYPES))})")
+        self.dtype = np.dtype(text)
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) != 8 \
+                or state[0] != 3:
+            raise _Refused(f"dtype state {state!r:.80}")
+        order = _text(state[1])
+        if order not in ("<", ">", "|", "=") or state[2:5] != (None, None, None) \
+                or state[5:7] != (-1, -1) or state[7] != self.dtype.flags:
+            raise _Refused(f"dtype state {state!r:.80} for {self.dtype} (only a plain numeric "
+                           f"dtype's: byte order, no fields, flags {self.dtype.flags})")
+        if order in "<>" and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+def _as_dtype(v) -> np.dtype:
+    if not isinstance(v, _Dtype):
+        raise _Refused(f"array dtype {type(v).__name__}")
+    return v.dtype
+
+
+def _from_bytes(raw, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    if not isinstance(raw, (bytes, bytearray)):
+        raise _Refused(f"array data of type {type(raw).__name__} (only raw bytes)")
+    count = 1
+    for n in shape:
+        count *= n
+    if len(raw) != count * dtype.itemsize:
+        raise _Refused(f"array data of {len(raw)} bytes for shape {shape} {dtype}")
+    if count == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape, order=order)
+
+
+class _Array:
+    """Stand-in for an ndarray being unpickled: ``_reconstruct(ndarray, (0,), b'b')`` makes
+    one, BUILD fills it once from (version, shape, dtype, is_fortran, raw bytes)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self):
+        self.array = None
+
+    def __setstate__(self, state):
+        if self.array is not None or not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _Refused(f"array state {state!r:.80}")
+        if len(state) == 5:
+            if state[0] != 1:
+                raise _Refused(f"array state version {state[0]!r:.20}")
+            state = state[1:]
+        shape, dtype, fortran, raw = state
+        if type(fortran) not in (bool, int):
+            raise _Refused(f"array order {fortran!r:.20}")
+        self.array = _from_bytes(raw, _as_dtype(dtype), _shape(shape), "F" if fortran else "C")
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _NDARRAY:
+        raise _Refused(f"_reconstruct of {type(cls).__name__}")
+    return _Array()
+
+
+def _frombuffer(buf, dtype, shape, order):
+    arr = _Array()
+    order = _text(order)
+    if order not in ("C", "F"):
+        raise _Refused(f"array order {order!r:.20}")
+    arr.array = _from_bytes(buf, _as_dtype(dtype), _shape(shape), order)
+    return arr
+
+
+def _scalar(dtype, raw=None):
+    """A NumPy scalar (e.g. a label as numpy.int64) → the equal Python number."""
+    return _from_bytes(raw, _as_dtype(dtype), (), "C").item()
+
+
+def _latin1(text, encoding="latin1"):
+    """How Python 3 writes ``bytes`` at pickle protocol 2: ``_codecs.encode(str, 'latin1')``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode with {encoding!r:.20}")
+    return text.encode("latin-1")
+
+
+class _Global:
+    """What an allowed global resolves to: a call-only wrapper without attributes to set, so
+    that a pickle's BUILD opcode cannot alter the stand-ins for later loads."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn):
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def __setattr__(self, name, value):
+        raise _Refused(f"setting attribute {name!r:.40} of a global")
+
+
+_ALLOWED_GLOBALS = {
+    **{(m, "_reconstruct"): _Global(_reconstruct)
+       for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "scalar"): _Global(_scalar)
+       for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): _Global(_frombuffer)
+       for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Global(_Dtype),
+    ("_codecs", "encode"): _Global(_latin1),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 member holds — dicts, lists, tuples, bytes, str, numbers and
+    plain numeric NumPy arrays (as pickled by Python 2's cPickle or by NumPy's
+    ``ndarray.__reduce__`` at protocols 2…5) — and refuses every other global before it is
+    imported or called. The NumPy globals resolve to local stand-ins that check the pickled
+    state and build the arrays with ``numpy.frombuffer``; nothing of NumPy's own unpickling
+    runs. (Only memory bounded by the member's size is allocated.)"""
+
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise _Refused(f"global {module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise _Refused("persistent id")
+
+
+def _resolve(obj):
+    """Replace the stand-ins in the unpickled dicts and lists by real arrays and dtypes."""
+    def real(v):
+        if isinstance(v, _Array):
+            if v.array is None:
+                raise _Refused("array without its data")
+            return v.array
+        if isinstance(v, _Dtype):
+            return v.dtype
+        return v
+
+    obj = real(obj)
+    seen, stack = set(), [obj] if isinstance(obj, (dict, list)) else []
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        items = c.items() if isinstance(c, dict) else enumerate(c)
+        for k, v in list(items):
+            c[k] = v = real(v)
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+    return obj
+
+
+def _unpickle(raw: bytes, where: str):
+    """Unpickle one member with :class:`_CifarUnpickler`; a refused global or state, or any
+    unreadable pickle, is a one-line DatasetError naming ``where`` (the member)."""
     try:
-        d = pickle.load(io.BytesIO(raw), encoding="bytes")
-    except Exception as e:  # truncated or garbage pickle: any of several exception types
-        raise DatasetError(f"{name}: not a readable pickle ({type(e).__name__}: {e})") from None
+        return _resolve(_CifarUnpickler(io.BytesIO(raw), encoding="bytes").load())
+    except _Refused as e:
+        raise DatasetError(f"{where}: refused to unpickle {e}: a CIFAR-10 member holds only "
+                           "dicts, lists, bytes, numbers and numeric NumPy arrays, so this file "
+                           "is not CIFAR-10 (or was tampered with); nothing in it was run") \
+            from None
+    except Exception as e:  # noqa: BLE001 - truncated or garbage pickle: many exception types
+        raise DatasetError(f"{where}: not a readable pickle ({type(e).__name__}: "
+                           f"{_one_line(e)[:200]})") from None
+
+
+def _parse_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unpickle one batch file and check its format; returns (images (n,3,32,32), labels (n,)).
+    ``where`` names the member in messages."""
+    d = _unpickle(raw, where)
+    name = where
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise DatasetError(f"{name}: expected a dict with keys b'data' and b'labels'")
     data, labels = d[b"data"], d[b"labels"]
@@ -244,29 +478,32 @@ def _parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).copy(), labels.astype(np.int64)
 
 
-def _parse_meta(raw: bytes) -> tuple[str, ...]:
+def _parse_meta(raw: bytes, where: str) -> tuple[str, ...]:
+    d = _unpickle(raw, where)
     try:
-        d = pickle.load(io.BytesIO(raw), encoding="bytes")
         names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in d[b"label_names"])
-    except Exception as e:
-        raise DatasetError(f"{META_MEMBER}: no readable b'label_names' ({type(e).__name__})") \
+    except Exception as e:  # noqa: BLE001 - not a dict, no key, not a sequence, not text
+        raise DatasetError(f"{where}: no readable b'label_names' ({type(e).__name__})") \
             from None
     if len(names) != len(CIFAR10_CLASSES):
-        raise DatasetError(f"{META_MEMBER}: expected 10 label names, got {len(names)}")
+        raise DatasetError(f"{where}: expected 10 label names, got {len(names)}")
     return names
 
 
-def _assemble(read, source: str) -> ImageData:
-    """Build ImageData from ``read(member_name) -> bytes``."""
-    train = [_parse_batch(read(m), m) for m in TRAIN_MEMBERS]
-    test_x, test_y = _parse_batch(read(TEST_MEMBER), TEST_MEMBER)
-    classes = _parse_meta(read(META_MEMBER))
+def _parse_member(member: str, raw: bytes, where: str):
+    return _parse_meta(raw, where) if member == META_MEMBER else _parse_batch(raw, where)
+
+
+def _assemble(parsed: dict, source: str) -> ImageData:
+    """Build ImageData from the parsed members (member name → _parse_member's result)."""
+    train = [parsed[m] for m in TRAIN_MEMBERS]
+    test_x, test_y = parsed[TEST_MEMBER]
     return ImageData(
         train_images=np.concatenate([x for x, _ in train]),
         train_labels=np.concatenate([y for _, y in train]),
         test_images=test_x,
         test_labels=test_y,
-        classes=classes,
+        classes=parsed[META_MEMBER],
         source=source,
     )
 
@@ -294,35 +531,91 @@ def _check_is_archive(path: Path) -> None:
                            f"{CIFAR10_ARCHIVE} or {CIFAR10_FOLDER}/, or at the archive itself")
 
 
-def _read_archive(path: Path) -> ImageData:
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            def read(member: str) -> bytes:
-                name = f"{CIFAR10_FOLDER}/{member}"
-                try:
-                    f = tar.extractfile(name)
-                except KeyError:
-                    raise DatasetError(f"{path}: member {name} is missing") from None
-                if f is None:
-                    raise DatasetError(f"{path}: member {name} is not a regular file")
-                return f.read()
+def _unsafe_member(info: tarfile.TarInfo) -> str | None:
+    """Why a tar member could not be part of CIFAR-10 (would land outside its folder when
+    extracted, or is a device or FIFO), or None."""
+    def escapes(name: str) -> bool:
+        p = PurePosixPath(name.replace("\\", "/"))
+        return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
 
-            return _assemble(read, str(path))
+    if escapes(info.name):
+        return "an absolute path or one with '..'"
+    if (info.issym() or info.islnk()) and escapes(info.linkname):
+        return f"a link to {info.linkname!r} (outside the archive's folder)"
+    if info.ischr() or info.isblk() or info.isfifo():
+        return "a device or FIFO"
+    return None
+
+
+def _read_archive(path: Path) -> ImageData:
+    """Read the members from the archive in one pass (never extracted), then read the gzip
+    stream to its end so that gzip checks every stream's CRC-32 and length, md5 or not."""
+    wanted = {f"{CIFAR10_FOLDER}/{m}": m for m in (*TRAIN_MEMBERS, TEST_MEMBER, META_MEMBER)}
+    parsed, errors = {}, {}
+    try:
+        with gzip.open(path, "rb") as gz:
+            with tarfile.open(fileobj=gz, mode="r|") as tar:
+                for info in tar:
+                    why = _unsafe_member(info)
+                    if why is not None:
+                        raise DatasetError(f"{path}: member {info.name!r} is unsafe ({why}); "
+                                           f"not a {CIFAR10_ARCHIVE} archive, refusing to read "
+                                           "it (and do not extract it)")
+                    member = wanted.get(info.name)
+                    if member is None:
+                        continue
+                    if not info.isreg():
+                        raise DatasetError(f"{path}: member {info.name} is not a regular file")
+                    if info.size > MAX_MEMBER_BYTES:
+                        raise DatasetError(f"{path}: member {info.name} is larger than "
+                                           f"{MAX_MEMBER_BYTES} bytes ({info.size}); not "
+                                           "CIFAR-10 (its batches are 31 MB)")
+                    raw = tar.extractfile(info).read()
+                    try:  # a format error is reported after the integrity check below
+                        parsed[member] = _parse_member(member, raw, f"{path}: {info.name}")
+                        errors.pop(member, None)
+                    except DatasetError as e:
+                        errors[member] = e
+                        parsed.pop(member, None)
+                    del raw
+            while gz.read(1 << 20):  # to the end: gzip verifies each CRC-32 and length
+                pass
+    except DatasetError:
+        raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DatasetError(f"{path}: not a readable {CIFAR10_ARCHIVE} archive "
-                           f"({type(e).__name__}: {e}); {_archive_advice(path)}") from None
+        raise DatasetError(f"{path}: not a readable {CIFAR10_ARCHIVE} archive, corrupt or "
+                           f"truncated ({type(e).__name__}: {_one_line(e)}); "
+                           f"{_archive_advice(path)}") from None
+    for member in (*TRAIN_MEMBERS, TEST_MEMBER, META_MEMBER):
+        if member in errors:
+            raise errors[member]
+        if member not in parsed:
+            raise DatasetError(f"{path}: member {CIFAR10_FOLDER}/{member} is missing")
+    return _assemble(parsed, str(path))
 
 
 def _read_folder(path: Path, member_md5: dict[str, str] | None) -> ImageData:
+    files = {}
     for member in (*TRAIN_MEMBERS, TEST_MEMBER, META_MEMBER):
         f = path / member
         if not f.is_file():
             raise FileNotFoundError(f"CIFAR-10 folder {path} lacks {member}; re-extract "
                                     f"{CIFAR10_ARCHIVE} or pass --download")
-        if member_md5 is not None and file_md5(f) != member_md5[member]:
-            raise DatasetError(f"{f}: md5 {file_md5(f)} does not match the expected "
-                               f"{member_md5[member]}; the file is corrupt or not CIFAR-10")
-    return _assemble(lambda m: (path / m).read_bytes(), str(path))
+        files[member] = f
+    parsed = {}
+    for member, f in files.items():
+        size = f.stat().st_size
+        if size > MAX_MEMBER_BYTES:
+            raise DatasetError(f"{f}: larger than {MAX_MEMBER_BYTES} bytes ({size}); not "
+                               "CIFAR-10 (its batches are 31 MB)")
+        raw = f.read_bytes()  # read once: the bytes checked are the bytes parsed
+        if member_md5 is not None:
+            got = hashlib.md5(raw).hexdigest()
+            if got != member_md5[member]:
+                raise DatasetError(f"{f}: md5 {got} does not match the expected "
+                                   f"{member_md5[member]}; the file is corrupt or not CIFAR-10")
+        parsed[member] = _parse_member(member, raw, str(f))
+    return _assemble(parsed, str(path))
 
 
 def load_cifar10(data_dir, *, md5: str | None = CIFAR10_MD5,
@@ -364,15 +657,22 @@ def load_cifar10(data_dir, *, md5: str | None = CIFAR10_MD5,
     return _read_folder(path, member_md5)
 
 
-def download_cifar10(data_dir, *, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5,
+def download_cifar10(data_dir, *, url: str | None = None, md5: str | None = CIFAR10_MD5,
                      progress: bool = True) -> Path:
     """Fetch the archive into ``data_dir/cifar-10-python.tar.gz`` unless a verified copy is there.
 
+    ``url`` defaults to :func:`default_url` (``$SGDTHEORY_CIFAR10_URL`` or the official one).
     The bytes go to a temporary file in the same folder, the md5 is checked, and only then is the
     file moved into place with ``os.replace`` (atomic), so an interrupted or corrupt download never
     leaves a file under the final name. Returns the archive path.
+
+    Raises:
+      DatasetError: the download failed (no network, refused, HTTP error, cut short: one line
+        with the URL, the destination, the reason and how to place the file by hand) or the
+        downloaded bytes have the wrong md5.
     """
     md5 = _check_md5_string(md5)
+    url = default_url() if url is None else str(url)
     root = Path(data_dir).expanduser()
     dest = root / CIFAR10_ARCHIVE
     if dest.is_file() and (md5 is None or file_md5(dest) == md5):
@@ -380,17 +680,30 @@ def download_cifar10(data_dir, *, url: str = CIFAR10_URL, md5: str | None = CIFA
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".cifar10-", suffix=".part", dir=root)
     try:
-        h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            from tqdm.auto import tqdm
+        h, got = hashlib.md5(), 0
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                from tqdm.auto import tqdm
 
-            with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10",
-                      disable=not progress) as bar:
-                while block := resp.read(1 << 20):
-                    out.write(block)
-                    h.update(block)
-                    bar.update(len(block))
+                with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10",
+                          disable=not progress) as bar:
+                    while block := resp.read(1 << 20):
+                        out.write(block)
+                        h.update(block)
+                        got += len(block)
+                        bar.update(len(block))
+                if total is not None and got != total:  # connection closed early
+                    raise http.client.IncompleteRead(b"", total - got)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) if isinstance(e, urllib.error.URLError) \
+                and not isinstance(e, urllib.error.HTTPError) else e
+            raise DatasetError(
+                f"download of {url} into {dest} failed ({type(e).__name__}: "
+                f"{_one_line(reason if reason is not None else e)}); nothing was saved. Without "
+                f"network access, fetch that file elsewhere and place it at {dest} (md5 "
+                f"{md5 or 'unchecked'}), or set ${URL_ENV} to a mirror (a file:// URL works)"
+            ) from None
         if md5 is not None and h.hexdigest() != md5:
             raise DatasetError(f"download from {url}: md5 {h.hexdigest()} does not match the "
                                f"expected {md5}; nothing was saved")
@@ -600,7 +913,8 @@ def load_data(kind: str, *, data_dir=None, md5: str | None = None, download: boo
     alias ``"cifar"``), or the path of an ``.npz`` file.
 
     For CIFAR-10, ``data_dir`` defaults to :func:`default_data_dir` and ``md5`` to
-    :func:`default_md5`; ``download=True`` fetches the archive first if it is not there. The
+    :func:`default_md5`; ``download=True`` fetches the archive first, from :func:`default_url`,
+    if it is not there. The
     synthetic set has ``n_synthetic`` = (train, test) images of ``synthetic_size`` pixels drawn
     from ``seed``.
     """
