@@ -85,8 +85,8 @@ def setups(args, device):
         width = make_config(args.preset).width
         cfg = NOISE_PRESETS[args.preset]
         out.append((f"CIFAR ResNet (width {width:g})", lambda: FastResNet(width=width),
-                    (3, 32, 32), cfg["measure_batch"], cfg["micro_batch"],
-                    cfg["hessian_batch"]))
+                    (3, 32, 32), cfg.measure_batch, cfg.micro_batch,
+                    cfg.hessian_batch))
     return out
 
 

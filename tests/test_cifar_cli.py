@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cifar_archive import split_into_batches, write_archive
 
-from validate import cifar, data, digits_check, train
+from validate import cifar, data, digits_check, monitor, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # an 8-step run (256 images, B = 32, 1 epoch) and the cheapest valid noise settings
@@ -55,7 +55,7 @@ def test_noise_end_to_end_on_generated_archive(archive, tmp_path):
     assert all(r["measure_batch"] == 256 and r["micro_batch"] == 16 for r in recs)
     for r in recs:
         for key in ("grad_sq", "tr_sigma", "b_simple", "g_h_g", "tr_h_sigma", "lambda_max",
-                    "lr", "effective_lr", "stability_limit"):
+                    "lr", "effective_lr", "gd_limit"):
             assert r[key] is not None and math.isfinite(r[key]), (r["step"], key)
         assert r["b_simple"] > 0 and r["tr_sigma"] > 0 and r["lambda_max"] > 0
         assert r["b_simple"] == pytest.approx(r["tr_sigma"] / r["grad_sq"], rel=1e-9)
@@ -153,7 +153,7 @@ def test_help_shows_presets_and_every_option(capsys, argv):
         assert f"peak lr η = {peak:.4g} (mean gradient); base rate η/B = " \
                f"{peak / h.batch_size:.3g}" in text
         n = cifar.NOISE_PRESETS[name]
-        assert f"noise: {n['points']} points, measure batch {n['measure_batch']}" in text
+        assert f"noise: {n.points} points, measure batch {n.measure_batch}" in text
     if argv != ["--help"]:
         assert "--epochs EPOCHS passes over the training subset (integer ≥ 1)" in text
         assert "--label-smoothing LABEL_SMOOTHING probability mass in [0, 1]" in text
@@ -196,14 +196,15 @@ def test_measure_mode_eval_uses_per_example_gradients(tmp_path):
     parser = cifar.build_parser()
 
     def cfg(*extra):
-        return cifar._noise_cfg(parser.parse_args(["noise", *extra]))
+        args = parser.parse_args(["noise", *extra])
+        return cifar.noise_config(args.preset, **cifar._from_args(cifar.NoiseConfig, args))
 
-    default = cifar.NOISE_PRESETS["default"]["micro_batch"]
-    assert (cfg()["micro_batch"], cfg()["method"]) == (default, "micro_batch")
+    default = cifar.NOISE_PRESETS["default"].micro_batch
+    assert (cfg().micro_batch, cfg().method) == (default, "micro_batch")
     c = cfg("--measure-mode", "eval")
-    assert (c["micro_batch"], c["method"]) == (1, "per_sample")
+    assert (c.micro_batch, c.method) == (1, "per_sample")
     c = cfg("--measure-mode", "eval", "--micro-batch", "4", "--preset", "quick")
-    assert (c["micro_batch"], c["method"]) == (4, "micro_batch")
+    assert (c.micro_batch, c.method) == (4, "micro_batch")
     out = tmp_path / "eval"
     cifar.main(["noise", *TINY, "--points", "2", "--measure-batch", "8", "--hessian-batch", "4",
                 "--lanczos-iters", "2", "--measure-mode", "eval", "--out", str(out)])
@@ -301,7 +302,12 @@ def test_stability_limit_matches_iteration():
         for _ in range(40):
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if stable(mid, mu, nesterov) else (lo, mid)
-        assert cifar.stability_limit(lam, mu, nesterov) == pytest.approx(lo, rel=2e-3)
-    assert math.isnan(cifar.stability_limit(-1.0, 0.9, True))
-    assert math.isnan(cifar.predicted_eps_opt(64, float("nan"), 3.0))
-    assert cifar.predicted_eps_opt(64, 2.0, 64.0) == pytest.approx(1.0)
+        assert monitor.gd_limit(lam, mu, nesterov) == pytest.approx(lo, rel=2e-3)
+    assert math.isnan(monitor.gd_limit(-1.0, 0.9, True))
+
+    def eps_opt(batch, eps_max, b_noise):
+        return monitor.predictions(0.1, batch, eps_max=eps_max, b_noise=b_noise,
+                                   lambda_max=1.0)["eps_opt"]
+
+    assert math.isnan(eps_opt(64, float("nan"), 3.0))
+    assert eps_opt(64, 2.0, 64.0) == pytest.approx(1.0)

@@ -24,6 +24,23 @@ then (a divergence is a result), 2 on bad input.
 command with the same resolved hyperparameters, measurement settings, data, device type and
 number of ranks; otherwise it stops with a one-line error naming what differs.
 
+Estimates that are not resolved (early in training GᵀHG is often ≤ 0 within its error, so
+ε_max, B_noise and ε_opt mean nothing yet) are reported as such: the console says
+"unresolved" and why, every measured value is printed as value ± standard error, and
+noise.json / noise.csv hold ``null`` (an empty CSV cell) for a value that is not a finite
+number, with ``resolved`` and ``reason`` in each record (strict JSON: no NaN/Infinity). The
+stability limit of gradient descent on λ_max is the column ``gd_limit``, as in
+:class:`validate.monitor.NoiseMonitor`, whose measurement core
+(:func:`validate.monitor.measure_curvature`, :func:`validate.monitor.predictions`) this
+command uses.
+
+Checked before training (one line, exit status 2): ``--out`` must be a folder that can be
+created and written (not a file, nor under one, nor read-only); ``--seed`` must lie in
+[0, 2**32) (every seed the run derives, e.g. ``seed·1000003 + epoch`` for the epoch shuffles,
+then fits torch's and NumPy's 64-bit seeds); and the run must fit in memory: a lower bound of
+the memory the batch, width and measurement sizes need (:func:`memory_needed`) is compared with
+the memory available (MemAvailable on CPU, ``torch.cuda.mem_get_info`` on a GPU).
+
 Under ``torchrun --nproc_per_node W`` training is data parallel (gloo on CPU, nccl on GPU) with
 ``--batch-size`` the global batch, and ``noise`` also records the data-parallel estimate in
 which each rank's local gradient is a small batch and their average the big one.
@@ -33,11 +50,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import sys
+import tempfile
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,20 +85,101 @@ data:
 
 outputs (in --out):
   train: train.json, history.csv, checkpoint.pt      noise: noise.json, noise.csv, noise.png
+  noise.json/noise.csv: a value that is not resolved or not finite is null (empty cell), with
+  'resolved' and 'reason' in its record; the stability limit 2(1+μ)/λ_max (Nesterov:
+  /(1+2μ)) is the column gd_limit, as in NoiseMonitor.
   A diverged run (non-finite loss or weights) still writes them, with diverged_at_step; exit 0.
   --resume refuses a checkpoint written by another command or with other settings.
 """
 
-# Noise-measurement settings per preset: points along the run, examples whose gradients are
-# measured (per rank), micro-batch (the units of the two-batch estimator), examples of the
-# independent batch defining Ĥ (for GᵀHG, tr(HΣ) and λ_max), Lanczos HVPs for λ_max.
+# ---------------------------------------------------------------------------- noise settings
+def _count(value, name: str, minimum: int) -> int:
+    """``value`` as an int ≥ ``minimum`` (NumPy integers accepted, bool and float refused);
+    ``ValueError`` naming the flag otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Settings of the noise measurement of ``python -m validate.cifar noise`` (checked on
+    creation; messages name the flags).
+
+    Attributes:
+        points: measurements, evenly spaced in steps from the start to the end (≥ 2).
+        measure_batch: examples whose gradients are measured, per rank (≥ 4).
+        micro_batch: examples per unit of the two-batch estimator; divides ``measure_batch``
+            into ≥ 2 units; ≥ 2 with ``measure_mode='train'`` (BatchNorm batch statistics).
+        hessian_batch: examples of the independent batch defining Ĥ (GᵀHG, tr(HΣ), λ_max; ≥ 2).
+        lanczos_iters: Lanczos matvecs (HVPs) for λ_max (≥ 2).
+        measure_mode: ``'train'`` (BatchNorm batch statistics) or ``'eval'`` (running ones).
+        method: derived, ``'per_sample'`` when ``micro_batch`` is 1, else ``'micro_batch'``.
+    """
+
+    points: int = 11
+    measure_batch: int = 2048
+    micro_batch: int = 64
+    hessian_batch: int = 1024
+    lanczos_iters: int = 30
+    measure_mode: str = "train"
+    method: str = field(init=False, default="")
+
+    def __post_init__(self):
+        for name, low in (("points", 2), ("measure_batch", 4), ("micro_batch", 1),
+                          ("hessian_batch", 2), ("lanczos_iters", 2)):
+            object.__setattr__(self, name, _count(getattr(self, name),
+                                                  "--" + name.replace("_", "-"), low))
+        if self.measure_mode not in ("train", "eval"):
+            raise ValueError(f"--measure-mode must be 'train' or 'eval', got "
+                             f"{self.measure_mode!r}")
+        m, n = self.micro_batch, self.measure_batch
+        if n % m or n // m < 2:
+            raise ValueError(f"--micro-batch ({m}) must divide --measure-batch ({n}) into at "
+                             "least 2 parts")
+        if self.measure_mode == "train" and m < 2:
+            raise ValueError("--micro-batch must be ≥ 2 with --measure-mode train (BatchNorm)")
+        object.__setattr__(self, "method", "per_sample" if m == 1 else "micro_batch")
+
+    @property
+    def units(self) -> int:
+        """M, the number of micro-batch gradients per measurement."""
+        return self.measure_batch // self.micro_batch
+
+
+#: The noise settings of each preset (flags override them through :func:`noise_config`).
 NOISE_PRESETS = {
-    "default": {"points": 11, "measure_batch": 2048, "micro_batch": 64, "hessian_batch": 1024,
-                "lanczos_iters": 30},
-    "quick": {"points": 3, "measure_batch": 256, "micro_batch": 16, "hessian_batch": 32,
-              "lanczos_iters": 30},
+    "default": NoiseConfig(),
+    "quick": NoiseConfig(points=3, measure_batch=256, micro_batch=16, hessian_batch=32),
 }
 SYNTHETIC_SIZES = {"default": (50_000, 10_000), "quick": (2048, 512)}
+
+
+def noise_config(preset: str, **flags) -> NoiseConfig:
+    """The preset's :class:`NoiseConfig` with the flags that were given (None: unset). With
+    ``measure_mode='eval'`` and no ``micro_batch`` the units are single examples (running
+    statistics make per-example gradients well defined).
+
+    >>> noise_config("quick", measure_mode="eval").micro_batch
+    1
+    """
+    base = NOISE_PRESETS[preset]
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given.get("measure_mode") == "eval" and "micro_batch" not in given:
+        given["micro_batch"] = 1
+    return dataclasses.replace(base, **given)
+
+
+def _fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def _from_args(cls, args) -> dict:
+    """The flags of ``args`` named like the init fields of the dataclass ``cls`` (one name for
+    a flag's dest and the setting it overrides)."""
+    return {k: getattr(args, k) for k in _fields(cls) if hasattr(args, k)}
 
 
 def presets_help() -> str:
@@ -102,9 +202,9 @@ def presets_help() -> str:
             f"           momentum {h.momentum:g}{nesterov}, weight decay "
             f"{h.weight_decay:g}, label smoothing {h.label_smoothing:g}, warm-up "
             f"{h.warmup:g}, seed {h.seed}",
-            f"           noise: {n['points']} points, measure batch {n['measure_batch']}, "
-            f"micro-batch {n['micro_batch']}, Hessian batch {n['hessian_batch']}, "
-            f"{n['lanczos_iters']} Lanczos HVPs",
+            f"           noise: {n.points} points, measure batch {n.measure_batch}, "
+            f"micro-batch {n.micro_batch}, Hessian batch {n.hessian_batch}, "
+            f"{n.lanczos_iters} Lanczos HVPs",
             f"           --data synthetic: {SYNTHETIC_SIZES[name][0]} training / "
             f"{SYNTHETIC_SIZES[name][1]} test images",
         ]
@@ -113,17 +213,23 @@ def presets_help() -> str:
 
 class _Parser(argparse.ArgumentParser):
     """Appends the preset table to the epilog when help is shown (it imports torch, so it is not
-    built for ordinary runs)."""
+    built for ordinary runs); errors print one short usage line and the error, status 2."""
 
     def format_help(self) -> str:
         if self.epilog == HERE_HELP:
             self.epilog = HERE_HELP + "\n" + presets_help()
         return super().format_help()
 
+    def error(self, message: str):
+        self.exit(2, f"usage: {self.prog} [options]  (--help lists them)\n"
+                     f"{self.prog}: error: {message}\n")
+
+
+#: Columns of noise.json's measurements that come from the HessianNoise estimate.
 MEASURE_KEYS = (
     "grad_sq", "grad_sq_stderr", "tr_sigma", "tr_sigma_stderr", "b_simple", "b_simple_stderr",
     "g_h_g", "g_h_g_stderr", "tr_h_sigma", "tr_h_sigma_stderr", "eps_max", "eps_max_stderr",
-    "b_noise", "b_noise_stderr", "lambda_max",
+    "b_noise", "b_noise_stderr",
 )
 
 
@@ -228,81 +334,254 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+#: --seed must lie in [0, SEED_LIMIT): every seed derived from it (seed·1000003 + epoch for the
+#: epoch shuffles, SeedSequence entropy) then fits torch's and NumPy's 64-bit seed range.
+SEED_LIMIT = 2**32
+
+
 def _seed_arg(text: str) -> int:
-    """argparse type of --seed: an integer ≥ 0 (argparse names the option in its error)."""
+    """argparse type of --seed: an integer in [0, 2**32) (argparse names the option)."""
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {v}")
+    if v >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be below 2**32 = {SEED_LIMIT} (the seeds derived "
+                                         f"from it must fit torch's 64-bit range), got {v}")
     return v
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as CSV (columns of the first row); None and non-finite floats as empty cells."""
     keys = list(rows[0]) if rows else []
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+            w.writerow({k: "" if _finite(r.get(k)) is None else r.get(k) for k in keys})
 
 
-def stability_limit(lambda_max: float, momentum: float, nesterov: bool) -> float:
-    r"""Largest stable ``lr`` of (momentum) gradient descent on the top Hessian mode λ_max:
-    :func:`sgdtheory.theory.gd_stability_limit`, nan when λ_max ≤ 0 or is not finite (an
-    unresolved estimate early in training).
-
-    >>> stability_limit(4.0, 0.0, False), stability_limit(4.0, 0.5, True)
-    (0.5, 0.375)
-    """
-    from sgdtheory import theory
-
-    if not (math.isfinite(lambda_max) and lambda_max > 0):
-        return float("nan")
-    return float(theory.gd_stability_limit(lambda_max, momentum, nesterov=nesterov and
-                                           momentum > 0))
-
-
-def predicted_eps_opt(batch: int, eps_max: float, b_noise: float) -> float:
-    """ε_opt(B) = ε_max/(1 + B_noise/B) via :func:`sgdtheory.theory.eps_opt`; nan when the
-    estimates are out of its domain (ε_max ≤ 0 or B_noise < 0, e.g. noisy early estimates)."""
-    from sgdtheory import theory
-
-    try:
-        return float(theory.eps_opt(batch, eps_max, b_noise))
-    except ValueError:
-        return float("nan")
+def _finite(v):
+    """None for None or a non-finite float (strict JSON, empty CSV cell), else ``v``."""
+    if v is None or (isinstance(v, (float, np.floating)) and not math.isfinite(v)):
+        return None
+    return v
 
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-# ---------------------------------------------------------------------------- noise measurement
 def measurement_steps(total_steps: int, points: int) -> list[int]:
-    """``points`` steps evenly spaced from 0 to ``total_steps`` (inclusive, de-duplicated).
+    """``points`` steps evenly spaced from 0 to ``total_steps`` (inclusive, de-duplicated);
+    NumPy integers accepted.
 
     >>> measurement_steps(32, 4)
     [0, 11, 21, 32]
     """
+    total_steps = _count(total_steps, "total_steps", 0)
+    points = _count(points, "points", 2)
     return sorted({int(round(s)) for s in np.linspace(0, total_steps, points)})
 
 
-def make_noise_callback(cfg: dict, hyp, *, rank: int = 0, world: int = 1, log=print):
+# ---------------------------------------------------------------------------- up-front checks
+def check_out(out: Path) -> Path:
+    """``ValueError`` (one line naming --out) unless ``out`` is, or can be created as, a
+    writable folder: not a file, not under a file, not in a read-only place. Creates nothing
+    (a probe folder is made and removed in the nearest existing ancestor)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"--out {out} lies under the file {anc}, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sgdtheory-probe-", dir=anc))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {anc} "
+                         f"({e.strerror or type(e).__name__})") from None
+    return out
+
+
+def _channels(width: float) -> list[float]:
+    """(c₀, c₁, c₂, c₃) of :func:`validate.models.channels` in floats (inf for absurd widths)."""
+    out = []
+    for base in (64, 128, 256, 512):
+        x = base * width / 8
+        out.append(max(8.0, 8.0 * (float(np.round(x)) if x < 1e15 else x)))
+    return out
+
+
+def resnet_size(width: float, whiten: bool) -> tuple[float, float]:
+    """(activations per example, parameters) of the fast ResNet at ``width``: the number of
+    float32 values its conv, max-pool, BatchNorm, GELU and residual-sum outputs hold for one
+    32×32 example (what training keeps for the backward pass), and its trainable parameter
+    count (convolutions, BatchNorm scales and shifts, head)."""
+    c0, c1, c2, c3 = _channels(width)
+    if whiten:  # fixed 2×2 conv stem (31×31, 24 channels) + GELU; its weights are frozen
+        stem_act, stem_par, c0 = 2 * 24 * 31 * 31, 24, 24
+        s1 = 31 * 31
+    else:       # ConvBN: conv, BN, GELU at 32×32
+        stem_act, stem_par = 3 * c0 * 1024, 27 * c0 + 2 * c0
+        s1 = 1024
+    q1 = (int(math.isqrt(s1)) // 2) ** 2  # after each 2×2 max-pool
+    q2 = (int(math.isqrt(q1)) // 2) ** 2
+    q3 = (int(math.isqrt(q2)) // 2) ** 2
+    act = (stem_act
+           + c1 * (s1 + 3 * q1) + 7 * c1 * q1      # ConvBN(pool) + Residual (2 ConvBN + sum)
+           + c2 * (q1 + 3 * q2)                    # ConvBN(pool)
+           + c3 * (q2 + 3 * q3) + 7 * c3 * q3      # ConvBN(pool) + Residual
+           + c3 + 10)                              # global max-pool, logits
+    par = (stem_par + 9 * c0 * c1 + 2 * c1 + 2 * (9 * c1 * c1 + 2 * c1) + 9 * c1 * c2 + 2 * c2
+           + 9 * c2 * c3 + 2 * c3 + 2 * (9 * c3 * c3 + 2 * c3) + 10 * c3)
+    return float(act), float(par)
+
+
+def memory_needed(hyp, cfg: NoiseConfig | None = None, world: int = 1) -> list[tuple]:
+    """Lower bounds (bytes, float32) of the memory a run needs, as (bytes, what, flags):
+
+    * training: the activations of a local batch (B/ranks examples) kept for the backward pass
+      plus weights, gradients and momentum (3 × parameters);
+    * measurement (``cfg``): the M = measure_batch/micro_batch micro-batch gradients and their
+      Hessian products (2·M × parameters), the activations of the Hessian batch twice (the
+      double-backward graph) or of one micro-batch, whichever is larger, and the two sampled
+      batches of 3×32×32 inputs.
+    """
+    act, par = resnet_size(hyp.width, hyp.whiten)
+    b_local = hyp.batch_size / world
+    out = [(4 * (act * b_local + 3 * par), f"a batch of {b_local:g} examples at width "
+            f"{hyp.width:g} ({act:.3g} activations per example, {par:.3g} parameters)",
+            "--batch-size / --width")]
+    if cfg is not None:
+        m = cfg.units
+        out.append((4 * (2 * m * par + 3 * par), f"{m} micro-batch gradients and their Hessian "
+                    f"products of {par:.3g} parameters each", "--measure-batch / --micro-batch "
+                    "/ --width"))
+        out.append((4 * (act * max(2 * cfg.hessian_batch, cfg.micro_batch) + 3 * par
+                         + 3072 * (cfg.measure_batch + cfg.hessian_batch)),
+                    f"the Hessian batch of {cfg.hessian_batch} and micro-batches of "
+                    f"{cfg.micro_batch} examples at width {hyp.width:g}",
+                    "--hessian-batch / --micro-batch / --width"))
+    return out
+
+
+def memory_available(device) -> float | None:
+    """Bytes free for the run: ``torch.cuda.mem_get_info`` on a GPU, MemAvailable of
+    /proc/meminfo (else free pages × page size) on CPU; None when unknown."""
+    try:
+        if device.type == "cuda":
+            import torch
+
+            return float(torch.cuda.mem_get_info(device)[0])
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return 1024.0 * float(line.split()[1])
+        except OSError:
+            pass
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if math.isfinite(n) else "an unbounded amount"
+
+
+def check_memory(hyp, cfg: NoiseConfig | None, device, world: int = 1,
+                 available: float | None = None) -> None:
+    """``ValueError`` (one line naming the flags) when a lower bound of the memory the run needs
+    (:func:`memory_needed`) exceeds what is available (:func:`memory_available`)."""
+    available = memory_available(device) if available is None else available
+    if available is None:
+        return
+    need, what, flags = max(memory_needed(hyp, cfg, world), key=lambda t: t[0])
+    if not need <= available:
+        where = "GPU memory" if device.type == "cuda" else "RAM"
+        raise ValueError(f"{flags}: the run needs at least {_gib(need)} for {what}, but only "
+                         f"{_gib(available)} of {where} is available; lower them")
+
+
+# ---------------------------------------------------------------------------- noise measurement
+def _pm(value, stderr, resolved: bool = True) -> str:
+    """'v ± se' for the console, '(unresolved)' appended when the estimate is not resolved,
+    'unresolved' alone when there is no finite value."""
+    if _finite(value) is None:
+        return "unresolved"
+    text = f"{value:.4g} (no s.e.)" if _finite(stderr) is None else f"{value:.4g} ± {stderr:.2g}"
+    return text if resolved else text + " (unresolved)"
+
+
+def noise_record(point, *, step: int, steps_per_epoch: int, batch: int, lr: float,
+                 momentum: float, nesterov: bool, cfg: NoiseConfig, loss: float) -> dict:
+    """One row of noise.json from a :class:`validate.monitor.CurvaturePoint`: the estimates of
+    :data:`MEASURE_KEYS` with standard errors, λ_max, the predictions of
+    :func:`validate.monitor.predictions` (effective_lr, eps_opt ± eps_opt_stderr, gd_limit),
+    the measurement settings, ``resolved`` (every estimate significantly positive and ε_opt,
+    gd_limit defined), ``reason`` ('' or why not), and per estimate ``b_simple_resolved``
+    (|G|² significantly positive) and ``eps_max_resolved`` (GᵀHG and |G|² significantly
+    positive: ε_max, B_noise, ε_opt mean something). Values that are not finite are None."""
+    from . import _noise
+    from .monitor import predictions
+
+    hn = point.noise
+    p = predictions(lr, batch, eps_max=hn.eps_max, b_noise=hn.b_noise,
+                    lambda_max=point.lambda_max, momentum=momentum, nesterov=nesterov,
+                    eps_max_stderr=hn.eps_max_stderr, b_noise_stderr=hn.b_noise_stderr)
+    reasons = [hn.reason] if not hn.resolved else [p["eps_opt_reason"]]
+    if _finite(p["gd_limit"]) is None:
+        reasons.append(f"λ_max = {point.lambda_max:.3g}: no positive curvature, no gd_limit")
+    reasons = [r for r in reasons if r]
+    units = hn.batch // hn.micro_batch
+    rec = {"step": step, "epoch": step / steps_per_epoch, "examples": step * batch,
+           "batch_size": batch, "lr": lr, "effective_lr": p["effective_lr"],
+           **{k: getattr(hn, k) for k in MEASURE_KEYS},
+           "lambda_max": point.lambda_max, "lambda_max_converged": point.lambda_max_converged,
+           "eps_opt": p["eps_opt"], "eps_opt_stderr": p["eps_opt_stderr"],
+           "gd_limit": p["gd_limit"],
+           "measure_batch": hn.batch, "micro_batch": hn.micro_batch,
+           "method": "per_sample" if hn.micro_batch == 1 else "micro_batch",
+           "hessian_batch": hn.hessian_batch, "measure_mode": cfg.measure_mode,
+           "measure_loss": loss, "resolved": not reasons, "reason": "; ".join(reasons),
+           # per estimate: B_simple needs |G|² resolved; ε_max and B_noise both GᵀHG and |G|²
+           "b_simple_resolved": not _noise.resolution("|G|²", hn.grad_sq, hn.grad_sq_stderr,
+                                                      units - 1),
+           "eps_max_resolved": bool(hn.resolved)}
+    return {k: _finite(v) for k, v in rec.items()}
+
+
+def noise_line(rec: dict) -> str:
+    """The console line of one measurement: every estimate as value ± standard error, or
+    'unresolved' with the reason at the end."""
+    ok, ok_b = rec["eps_max_resolved"], rec["b_simple_resolved"]
+    lam = rec["lambda_max"]
+    line = (f"step {rec['step']:6d}: B_simple {_pm(rec['b_simple'], rec['b_simple_stderr'], ok_b)}"
+            f"  B_noise {_pm(rec['b_noise'], rec['b_noise_stderr'], ok)}  "
+            f"eps_max {_pm(rec['eps_max'], rec['eps_max_stderr'], ok)}  "
+            f"eps_opt(B={rec['batch_size']}) {_pm(rec['eps_opt'], rec['eps_opt_stderr'], ok)}  "
+            f"lr {rec['lr']:.4g}  lambda_max "
+            + ("unresolved" if lam is None else f"{lam:.4g}")
+            + ("" if rec["lambda_max_converged"] else " (Lanczos not converged)")
+            + f"  ({rec['seconds']:.1f} s)")
+    return line if rec["resolved"] else f"{line}  [{rec['reason']}]"
+
+
+class NoiseCallback:
     """A :func:`validate.train.train` callback measuring the noise scales at evenly spaced steps.
 
-    At each measurement step it draws two independent batches of augmented training examples
-    (with replacement), ``cfg['measure_batch']`` for the gradients and ``cfg['hessian_batch']``
-    for Ĥ, then records
-
-    * GᵀHG, tr(HΣ), ε_max, B_noise and |G|², tr(Σ), B_simple from
-      :func:`validate.measure.hessian_noise` (micro-batch gradients on the first batch, Ĥ on the
-      second; the same gradients give both sides of the two-batch estimates);
-    * λ_max from :func:`validate.measure.top_hessian_eigenvalue` (Lanczos, second batch);
-    * ε_opt(B) for the run's batch B, the step η used next, η/(1−μ) and the stability limit;
-    * under ``torchrun``, the data-parallel |G|², tr(Σ), B_simple with each rank's gradient as
-      the small batch (``validate.measure.distributed_gradient_noise``).
+    At each of ``cfg.points`` steps it draws two independent batches of augmented training
+    examples (with replacement), ``cfg.measure_batch`` for the gradients and
+    ``cfg.hessian_batch`` for Ĥ, and measures them with
+    :func:`validate.monitor.measure_curvature` (the core shared with
+    :class:`validate.monitor.NoiseMonitor`): GᵀHG, tr(HΣ), ε_max, B_noise and |G|², tr(Σ),
+    B_simple from :func:`validate.measure.hessian_noise`, λ_max by Lanczos on the second batch;
+    the record (:func:`noise_record`) adds ε_opt(B), η, η/(1−μ) and ``gd_limit``. Under
+    ``torchrun`` it also records the data-parallel |G|², tr(Σ), B_simple with each rank's
+    gradient as the small batch (``validate.measure.distributed_gradient_noise``).
 
     Records go to ``state.extra['noise']`` (saved in checkpoints, so a resumed run keeps them).
 
@@ -312,109 +591,106 @@ def make_noise_callback(cfg: dict, hyp, *, rank: int = 0, world: int = 1, log=pr
     and sets ``state.diverged`` so that training stops there (under ``torchrun`` the ranks agree
     first).
     """
-    import torch
-    from torch import nn
 
-    from . import measure
+    def __init__(self, cfg: NoiseConfig, hyp, *, rank: int = 0, world: int = 1, log=print):
+        from torch import nn
 
-    criterion = nn.CrossEntropyLoss(label_smoothing=hyp.label_smoothing)
-    seed = int(hyp.seed)
+        self.cfg, self.hyp, self.rank, self.world, self.log = cfg, hyp, rank, world, log
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=hyp.label_smoothing)
+        self.seed = int(hyp.seed)
 
-    def loss_on(model, x, y) -> float:
+    def __call__(self, state) -> None:
+        records = state.extra.setdefault("noise", [])
+        if state.step not in measurement_steps(state.total_steps, self.cfg.points) \
+                or any(r["step"] == state.step for r in records):
+            return
+        t0 = time.perf_counter()
+        model = state.model
+        model.train(self.cfg.measure_mode == "train")
+        if self._agree(state, not self._finite_model(model)):
+            return self._stop(state, "weights or BatchNorm statistics not finite")
+        x, y = state.sample(self.cfg.measure_batch, _seed(self.seed, state.step, self.rank, 0))
+        xh, yh = state.sample(self.cfg.hessian_batch, _seed(self.seed, state.step, self.rank, 1))
+        loss = self._loss(model, x, y)
+        if self._agree(state, not math.isfinite(loss)):
+            return self._stop(state, "loss on the measurement batch not finite")
+        point, failed = self._measure(model, x, y, xh, yh, state.step)
+        if self._agree(state, failed is not None):
+            return self._stop(state, failed or "measurement not finite on another rank")
+        rec = noise_record(point, step=state.step, steps_per_epoch=state.steps_per_epoch,
+                           batch=state.batch_size, lr=state.lr, momentum=state.momentum,
+                           nesterov=bool(self.hyp.nesterov), cfg=self.cfg, loss=loss)
+        if self.world > 1:
+            rec.update(self._ranks(model, x, y))
+        rec["seconds"] = time.perf_counter() - t0
+        records.append(rec)
+        self.log(noise_line(rec))
+
+    def _measure(self, model, x, y, xh, yh, step: int):
+        """(CurvaturePoint, None), or (None, reason) when the estimators find non-finite
+        gradients or HVPs (a divergence)."""
+        from .monitor import measure_curvature
+
+        try:
+            point = measure_curvature(model, self.criterion, x, y, micro_batch=self.cfg.micro_batch,
+                                      hessian_inputs=xh, hessian_targets=yh,
+                                      lanczos_iters=self.cfg.lanczos_iters, tol=1e-3,
+                                      seed=_seed(self.seed, step, 2))
+        except ValueError as e:
+            if "finite" not in str(e):
+                raise
+            return None, f"measurement not finite ({e})"
+        return point, None
+
+    def _ranks(self, model, x, y) -> dict:
+        """The data-parallel estimate: each rank's local gradient is a small batch."""
+        from . import measure
+
+        dn = measure.distributed_gradient_noise(_flat_grad(model, self.criterion, x, y),
+                                                int(x.shape[0]))
+        return {k: _finite(v) for k, v in (
+            ("grad_sq_ranks", dn.grad_sq), ("tr_sigma_ranks", dn.tr_sigma),
+            ("b_simple_ranks", dn.b_simple), ("ranks", self.world),
+            ("ranks_resolved", dn.resolved), ("ranks_reason", dn.reason))}
+
+    def _loss(self, model, x, y) -> float:
         """Loss of the model as measured (buffers restored: running statistics unchanged)."""
+        import torch
+
         saved = {k: b.clone() for k, b in model.named_buffers()}
         with torch.no_grad():
-            value = float(criterion(model(x).float(), y))
+            value = float(self.criterion(model(x).float(), y))
             for k, b in model.named_buffers():
                 b.copy_(saved[k])
         return value
 
-    def stop(state, reason: str) -> None:
+    @staticmethod
+    def _finite_model(model) -> bool:
+        import torch
+
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    @staticmethod
+    def _stop(state, reason: str) -> None:
         state.extra["noise_diverged"] = {"step": state.step, "reason": reason}
         state.diverged = True
 
-    def agree(state, bad: bool) -> bool:
+    def _agree(self, state, bad: bool) -> bool:
         """Whether any rank found the run non-finite (all ranks take the same branch)."""
-        if world == 1:
+        if self.world == 1:
             return bad
+        import torch
         import torch.distributed as dist
 
         flag = torch.tensor([float(bad)], device=state.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def callback(state) -> None:
-        records = state.extra.setdefault("noise", [])
-        if state.step not in measurement_steps(state.total_steps, cfg["points"]):
-            return
-        if any(r["step"] == state.step for r in records):
-            return
-        t0 = time.perf_counter()
-        model = state.model
-        model.train(cfg["measure_mode"] == "train")
-        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        if agree(state, not finite):
-            return stop(state, "weights or BatchNorm statistics not finite")
-        x, y = state.sample(cfg["measure_batch"], _seed(seed, state.step, rank, 0))
-        xh, yh = state.sample(cfg["hessian_batch"], _seed(seed, state.step, rank, 1))
-        b = cfg["micro_batch"]
-        loss = loss_on(model, x, y)
-        if agree(state, not math.isfinite(loss)):
-            return stop(state, "loss on the measurement batch not finite")
-        # one pass gives both sides: M micro-batch gradients g_k (|G|², tr(Σ)) and Ĥg_k
-        try:
-            hn = measure.hessian_noise(model, criterion, x, y, micro_batch=b,
-                                       hessian_inputs=xh, hessian_targets=yh)
-            failed = None
-        except ValueError as e:  # the estimators reject non-finite gradients or HVPs
-            if "finite" not in str(e):
-                raise
-            failed = f"measurement not finite ({e})"
-        if agree(state, failed is not None):
-            return stop(state, failed or "measurement not finite on another rank")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            lam = measure.top_hessian_eigenvalue(model, criterion, xh, yh, tol=1e-3,
-                                                 max_iter=cfg["lanczos_iters"],
-                                                 seed=_seed(seed, state.step, 2))
-        converged = not any("converge" in str(w.message).lower()
-                            or "stopped" in str(w.message).lower() for w in caught)
-        rec = {
-            "step": state.step,
-            "epoch": state.step / state.steps_per_epoch,
-            "examples": state.step * state.batch_size,
-            "batch_size": state.batch_size,
-            "lr": state.lr,
-            "effective_lr": state.lr / (1.0 - state.momentum),
-            "grad_sq": hn.grad_sq, "grad_sq_stderr": hn.grad_sq_stderr,
-            "tr_sigma": hn.tr_sigma, "tr_sigma_stderr": hn.tr_sigma_stderr,
-            "b_simple": hn.b_simple, "b_simple_stderr": hn.b_simple_stderr,
-            "g_h_g": hn.g_h_g, "g_h_g_stderr": hn.g_h_g_stderr,
-            "tr_h_sigma": hn.tr_h_sigma, "tr_h_sigma_stderr": hn.tr_h_sigma_stderr,
-            "eps_max": hn.eps_max, "eps_max_stderr": hn.eps_max_stderr,
-            "b_noise": hn.b_noise, "b_noise_stderr": hn.b_noise_stderr,
-            "lambda_max": lam, "lambda_max_converged": converged,
-            "eps_opt": predicted_eps_opt(state.batch_size, hn.eps_max, hn.b_noise),
-            "stability_limit": stability_limit(lam, state.momentum,
-                                               bool(hyp.nesterov)),
-            "measure_batch": hn.batch, "micro_batch": hn.micro_batch,
-            "method": "per_sample" if hn.micro_batch == 1 else "micro_batch",
-            "hessian_batch": hn.hessian_batch,
-            "measure_mode": cfg["measure_mode"], "measure_loss": loss,
-        }
-        if world > 1:
-            fn_grad = _flat_grad(model, criterion, x, y)
-            dn = measure.distributed_gradient_noise(fn_grad, int(x.shape[0]))
-            rec.update({"grad_sq_ranks": dn.grad_sq, "tr_sigma_ranks": dn.tr_sigma,
-                        "b_simple_ranks": dn.b_simple, "ranks": world})
-        rec["seconds"] = time.perf_counter() - t0
-        records.append(rec)
-        log(f"step {state.step:6d}: B_simple {rec['b_simple']:.4g}  B_noise {rec['b_noise']:.4g}"
-            f"  eps_max {rec['eps_max']:.4g}  eps_opt(B={state.batch_size}) {rec['eps_opt']:.4g}"
-            f"  lr {state.lr:.4g}  lambda_max {lam:.4g}  ({rec['seconds']:.1f} s)")
 
-    return callback
+def make_noise_callback(cfg: NoiseConfig, hyp, *, rank: int = 0, world: int = 1, log=print):
+    """:class:`NoiseCallback` (kept for callers of the older function)."""
+    return NoiseCallback(cfg, hyp, rank=rank, world=world, log=log)
 
 
 def _flat_grad(model, criterion, x, y):
@@ -431,92 +707,113 @@ def _flat_grad(model, criterion, x, y):
     return torch.cat([g.reshape(-1) for g in grads]).detach()
 
 
-def plot_noise(records: list[dict], batch: int, path: Path) -> None:
-    """Figure: noise scales vs B; steps (ε_max, ε_opt(B), η, η/(1−μ), stability); |G|², tr(Σ)/B."""
-    import matplotlib
+# ---------------------------------------------------------------------------- figure
+def plot_noise(records: list[dict], batch: int, path: Path | None = None, *,
+               title: str | None = None):
+    """noise.png in the house style of ``python -m sgdtheory.figures``
+    (:mod:`sgdtheory.experiments._plotting`), four panels against the training step:
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    * noise scales B_simple, B_noise ± 1 s.e. (examples) with the batch in use;
+    * steps (``lr`` units): ε_max, ε_opt(B) ± 1 s.e., η used, η/(1−μ) and ``gd_limit``;
+    * |G|² and tr(Σ)/B ± 1 s.e. ((loss/param)²);
+    * λ_max (loss/param²).
+
+    Filled markers are resolved estimates, hollow ones unresolved (see ``reason`` in
+    noise.json); a note lists the steps where a value is missing. Returns the figure (written
+    to ``path`` when given)."""
+    from sgdtheory.experiments import _plotting as P
 
     step = np.array([r["step"] for r in records], dtype=float)
 
-    def col(k):
-        return np.array([np.nan if r.get(k) is None else r[k] for r in records], dtype=float)
+    def col(k, positive=True):
+        v = np.array([np.nan if r.get(k) is None else r[k] for r in records], dtype=float)
+        return np.where(np.isfinite(v) & (v > 0), v, np.nan) if positive else v
 
-    def pos(v):
-        return np.where(np.isfinite(v) & (v > 0), v, np.nan)
+    def se(k):
+        return col(k + "_stderr", positive=False)
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    a = ax[0]
-    a.errorbar(step, pos(col("b_simple")), yerr=col("b_simple_stderr"), marker="o", capsize=3,
-               label="B_simple = tr(Σ)/|G|²")
-    a.errorbar(step, pos(col("b_noise")), yerr=col("b_noise_stderr"), marker="s", capsize=3,
-               label="B_noise = tr(HΣ)/GᵀHG")
-    a.axhline(batch, color="k", ls="--", lw=1, label=f"batch in use B = {batch}")
-    a.set(xlabel="step", ylabel="examples", yscale="log", title="gradient noise scale")
-    a.legend(fontsize=8)
-    a = ax[1]
-    a.plot(step, pos(col("eps_max")), "o-", label="ε_max = |G|²/GᵀHG")
-    a.plot(step, pos(col("eps_opt")), "s-", label=f"predicted ε_opt(B={batch})")
-    a.plot(step, pos(col("lr")), "k-", label="η used (mean-gradient lr)")
-    a.plot(step, pos(col("effective_lr")), "k:", label="η/(1−μ)")
-    a.plot(step, pos(col("stability_limit")), "r--", label="stability limit from λ_max")
-    a.set(xlabel="step", ylabel="step size (lr units)", yscale="log",
-          title="optimal step vs the step used")
-    a.legend(fontsize=8)
-    a = ax[2]
-    a.plot(step, pos(col("grad_sq")), "o-", label="|G|²")
-    a.plot(step, pos(col("tr_sigma") / batch), "s-", label="tr(Σ)/B")
-    a.plot(step, pos(col("lambda_max")), "^-", label="λ_max")
-    a.set(xlabel="step", yscale="log", title="signal, noise at B, curvature")
-    a.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    def flag(k):
+        return np.array([bool(r.get(k, r.get("resolved", True))) for r in records], dtype=bool)
+
+    fig, ax = P.subplots(2, 2, panel_size=(5.0, 3.4), title=title)
+    _points(P, ax[0], step, col("b_simple"), se("b_simple"), flag("b_simple_resolved"),
+            "B_simple = tr(Σ)/|G|²", 0, "o")
+    _points(P, ax[0], step, col("b_noise"), se("b_noise"), flag("eps_max_resolved"),
+            "B_noise = tr(HΣ)/GᵀHG", 1, "s")
+    ax[0].axhline(batch, color="k", ls="--", lw=1, label=f"batch in use B = {batch}")
+    ax[0].set(xlabel="step", ylabel="noise scale (examples)", title="gradient noise scale")
+    _points(P, ax[1], step, col("eps_max"), se("eps_max"), flag("eps_max_resolved"),
+            "ε_max = |G|²/GᵀHG", 0, "o")
+    _points(P, ax[1], step, col("eps_opt"), se("eps_opt"), flag("eps_max_resolved"),
+            f"ε_opt(B={batch}) = ε_max/(1+B_noise/B), predicted", 1, "s")
+    P.theory(ax[1], step, col("lr"), "η used (mean-gradient lr)", c="k")
+    P.theory(ax[1], step, col("effective_lr"), "η/(1−μ)", c="k", ls=":")
+    P.theory(ax[1], step, col("gd_limit"), "gd_limit 2(1+μ)/λ_max", c=P.color(3), ls="--")
+    ax[1].set(xlabel="step", ylabel="step size (lr units, mean gradient)",
+              title="optimal step vs the step used")
+    ones = np.ones(len(records), dtype=bool)
+    _points(P, ax[2], step, col("grad_sq"), se("grad_sq"), flag("b_simple_resolved"),
+            "|G|²", 2, "o")
+    _points(P, ax[2], step, col("tr_sigma") / batch, se("tr_sigma") / batch, ones,
+            f"tr(Σ)/B (noise at B = {batch})", 3, "s")
+    ax[2].set(xlabel="step", ylabel="squared gradient norm ((loss/param)²)",
+              title="signal and noise at B")
+    _points(P, ax[3], step, col("lambda_max"), None, flag("lambda_max_converged"),
+            "λ_max (Lanczos)", 4, "^")
+    ax[3].set(xlabel="step", ylabel="λ_max (loss/param²)", title="top Hessian eigenvalue")
+    for i, a in enumerate(ax):
+        if any(np.nanmax(np.asarray(ln.get_ydata(), dtype=float), initial=0) > 0
+               for ln in a.get_lines()):
+            a.set_yscale("log")
+        P.legend(a, key=False, extra=_hollow_key("Lanczos not converged" if i == 3 else
+                                                 "not resolved (reason in noise.json)"))
+    _missing_note(fig, records)
+    if path is not None:
+        P.save(fig, path)
+    return fig
+
+
+def _points(P, ax, x, y, err, ok, label, i, marker) -> None:
+    """Resolved points filled, unresolved ones hollow, with ±1 s.e. bars."""
+    err = None if err is None else np.where(np.isfinite(err), err, np.nan)
+    for sel, filled, lab in ((ok, True, label), (~ok, False, None)):
+        if not np.any(sel & np.isfinite(y)):
+            if filled:  # keep the label in the legend
+                P.simulated(ax, [], [], label=label, c=P.color(i), marker=marker, filled=True)
+            continue
+        P.simulated(ax, x[sel], y[sel], None if err is None else err[sel], lab, c=P.color(i),
+                    marker=marker, filled=filled)
+    good = np.isfinite(y)
+    if good.sum() > 1:
+        ax.plot(x[good], y[good], color=P.color(i), lw=0.8, alpha=0.5, zorder=1)
+
+
+def _hollow_key(meaning: str) -> list:
+    from matplotlib.lines import Line2D
+
+    return [(Line2D([], [], color="0.35", marker="o", mfc="white", ls="none", ms=4),
+             f"hollow: {meaning}")]
+
+
+def _missing_note(fig, records) -> None:
+    """A footer listing the steps whose ε_max/B_noise/ε_opt are unresolved."""
+    bad = [r["step"] for r in records if not r.get("eps_max_resolved", r.get("resolved", True))]
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (" …" if len(bad) > 8 else "")
+        fig.supxlabel(f"ε_max, B_noise, ε_opt unresolved (GᵀHG or |G|² not significantly "
+                      f"positive) at step(s) {shown}; hollow markers / gaps there",
+                      fontsize=7.5, color="0.3", x=0.01, ha="left")
 
 
 # ---------------------------------------------------------------------------- main
-def _noise_cfg(args) -> dict:
-    cfg = dict(NOISE_PRESETS[args.preset])
-    for k in cfg:
-        v = getattr(args, k, None)
-        if v is not None:
-            cfg[k] = v
-    cfg["measure_mode"] = args.measure_mode
-    if args.measure_mode == "eval" and args.micro_batch is None:
-        cfg["micro_batch"] = 1  # running statistics: per-example gradients are well defined
-    if cfg["points"] < 2:
-        raise ValueError(f"--points must be at least 2, got {cfg['points']}")
-    if cfg["measure_batch"] < 4:
-        raise ValueError(f"--measure-batch must be at least 4, got {cfg['measure_batch']}")
-    if cfg["micro_batch"] < 1 or cfg["measure_batch"] % cfg["micro_batch"] \
-            or cfg["measure_batch"] // cfg["micro_batch"] < 2:
-        raise ValueError(f"--micro-batch ({cfg['micro_batch']}) must divide --measure-batch "
-                         f"({cfg['measure_batch']}) into at least 2 parts")
-    if cfg["measure_mode"] == "train" and cfg["micro_batch"] < 2:
-        raise ValueError("--micro-batch must be ≥ 2 with --measure-mode train (BatchNorm)")
-    if cfg["hessian_batch"] < 2:
-        raise ValueError(f"--hessian-batch must be at least 2, got {cfg['hessian_batch']}")
-    if cfg["lanczos_iters"] < 2:
-        raise ValueError(f"--lanczos-iters must be at least 2, got {cfg['lanczos_iters']}")
-    cfg["method"] = "per_sample" if cfg["micro_batch"] == 1 else "micro_batch"
-    return cfg
+def _silent(*args, **kwargs) -> None:
+    return None
 
 
-def run(args, log=print) -> dict:
-    """Execute one parsed command; returns what it saved. Raises ValueError / FileNotFoundError /
-    DatasetError on bad input (before anything is written)."""
+def _distributed(device):
+    """(world, rank, device): joins the process group under ``torchrun`` (nccl on GPU, gloo on
+    CPU; each rank on its local GPU) and limits CPU threads to the cores per rank."""
     import torch
-
-    from . import train as train_mod
-    from ._io import resolve_device, write_json
-
-    device = resolve_device(args.device)
-    overrides = {k: getattr(args, k) for k in (
-        "epochs", "batch_size", "lr", "base_lr", "lr_factor", "momentum", "weight_decay",
-        "label_smoothing", "warmup", "subset", "width", "whiten", "tta", "checkpoint_every",
-        "seed", "nesterov")}
-    hyp = train_mod.make_config(args.preset, **overrides)
-    cfg = _noise_cfg(args) if args.command == "noise" else None
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -529,43 +826,44 @@ def run(args, log=print) -> dict:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             device = torch.device(f"cuda:{local}")
-        if hyp.batch_size % world:
-            raise ValueError(f"--batch-size ({hyp.batch_size}) must be divisible by the "
-                             f"number of ranks ({world})")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return world, rank, device
 
+
+def _load_data(args, hyp, world: int, rank: int):
+    """The data set; under ``torchrun`` with --download rank 0 fetches while the others wait."""
     def load(download: bool):
         return data_mod.load_data(args.data, data_dir=args.data_dir, md5=args.md5,
                                   download=download, seed=hyp.seed,
                                   n_synthetic=SYNTHETIC_SIZES[args.preset])
 
-    if world > 1 and args.download:  # rank 0 fetches the archive while the others wait
+    if world > 1 and args.download:
         import torch.distributed as dist
 
         data = load(True) if rank == 0 else None
         dist.barrier()
-        data = data if data is not None else load(False)
-    else:
-        data = load(args.download)
-    train_mod.check_config(hyp, data)
+        return data if data is not None else load(False)
+    return load(args.download)
 
-    out = args.out if args.out is not None else Path("runs") / f"cifar-{args.command}"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    quiet = rank != 0
-    say = (lambda *a, **k: None) if quiet else log
-    say(f"data: {data.source}  train {data.train_images.shape[0]}  test "
-        f"{data.test_images.shape[0]}  device {device}  ranks {world}")
-    peak = train_mod.peak_lr(hyp)
-    say(f"peak lr η = {peak:.4g} on the mean gradient (base rate η/B = "
-        f"{peak / hyp.batch_size:.3g} per example), B = {hyp.batch_size}, "
-        f"momentum {hyp.momentum}, {hyp.epochs} epochs")
-    callback = make_noise_callback(cfg, hyp, rank=rank, world=world, log=say) \
-        if cfg is not None else None
-    # everything besides hyp that changes the results: --resume must find the same in the
-    # checkpoint (data identified by kind, md5 and sizes, not by where it lies)
-    run_info = {
+
+def _header(data, hyp, device, world: int, peak: float) -> str:
+    """Two console lines: the data set and the images actually trained on; the step."""
+    from . import train as train_mod
+
+    n_all, used = data.train_images.shape[0], train_mod.subset_size(hyp, data.train_images.shape[0])
+    which = "all of them" if used == n_all else f"a seeded {used}-image subset"
+    return (f"data: {data.source}: {n_all} training / {data.test_images.shape[0]} test images; "
+            f"training on {which}  device {device}  ranks {world}\n"
+            f"peak lr η = {peak:.4g} on the mean gradient (base rate η/B = "
+            f"{peak / hyp.batch_size:.3g} per example), B = {hyp.batch_size}, "
+            f"momentum {hyp.momentum}, {hyp.epochs} epochs")
+
+
+def _run_info(args, data, device, world: int, cfg: NoiseConfig | None) -> dict:
+    """Everything besides the hyperparameters that changes the results: --resume must find the
+    same in the checkpoint (data identified by kind, md5 and sizes, not by where it lies)."""
+    return {
         "command": args.command,
         "data": data.source if args.data == "synthetic"
         else f"cifar10 (archive md5 {(args.md5 or data_mod.default_md5()).strip().lower()})",
@@ -573,45 +871,82 @@ def run(args, log=print) -> dict:
         "test_images": int(data.test_images.shape[0]),
         "device_type": device.type,
         "world_size": world,
-        "noise_config": cfg,
+        "noise_config": None if cfg is None else dataclasses.asdict(cfg),
     }
-    result = train_mod.train(hyp, data, device=device, checkpoint=out / "checkpoint.pt",
-                             resume=args.resume, callback=callback,
-                             progress=not args.no_progress and not quiet, run_info=run_info)
-    result.pop("model")
-    extra = result.pop("extra")
-    meta = {"command": args.command, "argv": sys.argv[1:], "device": str(device),
-            "world_size": world,
-            "data": data.source, "torch": torch.__version__, "hyp": hyp, "noise_config": cfg,
-            "run_info": run_info}
-    summary = {**meta, **result}
-    if cfg is not None:  # measurement time, apart from the training time time_s
-        summary["measure_time_s"] = sum(r["seconds"] for r in extra.get("noise", []))
-    diverged = result["diverged_at_step"]
+
+
+def _outcome(summary: dict, extra: dict, cfg: NoiseConfig | None) -> str:
+    """The closing console line: the divergence, or test accuracy, losses and times."""
+    diverged = summary["diverged_at_step"]
     if diverged is not None:
         why = extra.get("noise_diverged", {}).get("reason", "training loss not finite")
         summary["diverged_reason"] = why
-        note = f"diverged at step {diverged} of {result['total_steps']} ({why})"
+        note = f"diverged at step {diverged} of {summary['total_steps']} ({why})"
         if cfg is not None:
-            planned = len(measurement_steps(result["total_steps"], cfg["points"]))
+            planned = len(measurement_steps(summary["total_steps"], cfg.points))
             note += (f"; measurements stopped there: {len(extra.get('noise', []))} of "
                      f"{planned} saved")
-        say(note + "; no test accuracy")
-    else:
-        say(f"test accuracy {result['test_acc']:.4f}  test loss {result['test_loss']:.4f}  "
-            f"train time {result['time_s']:.1f} s  {result['examples_per_s']:.0f} examples/s  "
-            f"({result['steps']} steps)" + (f"  measurement time {summary['measure_time_s']:.1f} s"
-                                            if cfg is not None else ""))
+        return note + "; no test accuracy"
+    return (f"test accuracy {summary['test_acc']:.4f}  test loss {summary['test_loss']:.4f}  "
+            f"train time {summary['time_s']:.1f} s  {summary['examples_per_s']:.0f} examples/s  "
+            f"({summary['steps']} steps)" + (f"  measurement time {summary['measure_time_s']:.1f} s"
+                                             if cfg is not None else ""))
+
+
+def _write_outputs(args, out: Path, summary: dict, records: list[dict], batch: int) -> None:
+    from ._io import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    if args.command == "train":
+        write_json(out / "train.json", summary, indent=2)
+        _write_csv(out / "history.csv", summary["history"])
+        return
+    summary["measurements"] = records
+    write_json(out / "noise.json", summary, indent=2)
+    _write_csv(out / "noise.csv", records)
+    title = (f"gradient noise during training: {summary['data']}, B = {batch}, preset "
+             f"{args.preset}")
+    plot_noise(records, batch, out / "noise.png", title=title)
+
+
+def run(args, log=print) -> dict:
+    """Execute one parsed command; returns what it saved. Raises ValueError / FileNotFoundError /
+    DatasetError on bad input (before anything is written). The configuration is checked once:
+    TrainConfig and NoiseConfig on creation, the batch against the data and the ranks by
+    :func:`validate.train.train` before its first step."""
+    import torch
+
+    from . import train as train_mod
+    from ._io import resolve_device
+
+    device = resolve_device(args.device)
+    hyp = train_mod.make_config(args.preset, **_from_args(train_mod.TrainConfig, args))
+    cfg = noise_config(args.preset, **_from_args(NoiseConfig, args)) \
+        if args.command == "noise" else None
+    out = check_out(args.out if args.out is not None else Path("runs") / f"cifar-{args.command}")
+    world, rank, device = _distributed(device)
+    check_memory(hyp, cfg, device, world)
+    data = _load_data(args, hyp, world, rank)
+    say = _silent if rank != 0 else log
+    peak = train_mod.peak_lr(hyp)
+    say(_header(data, hyp, device, world, peak))
+    run_info = _run_info(args, data, device, world, cfg)
+    result = train_mod.train(hyp, data, device=device, checkpoint=out / "checkpoint.pt",
+                             resume=args.resume,
+                             callback=None if cfg is None else NoiseCallback(
+                                 cfg, hyp, rank=rank, world=world, log=say),
+                             progress=not args.no_progress and rank == 0, run_info=run_info)
+    result.pop("model")
+    extra = result.pop("extra")
+    summary = {"command": args.command, "argv": sys.argv[1:], "device": str(device),
+               "world_size": world, "data": data.source, "torch": torch.__version__, "hyp": hyp,
+               "noise_config": cfg, "run_info": run_info, **result}
+    records = extra.get("noise", [])
+    if cfg is not None:  # measurement time, apart from the training time time_s
+        summary["measure_time_s"] = sum(r["seconds"] for r in records)
+    say(_outcome(summary, extra, cfg))
     if rank == 0:
-        if args.command == "train":
-            write_json(out / "train.json", summary, indent=2)
-            _write_csv(out / "history.csv", result["history"])
-        else:
-            records = extra.get("noise", [])
-            summary["measurements"] = records
-            write_json(out / "noise.json", summary, indent=2)
-            _write_csv(out / "noise.csv", records)
-            plot_noise(records, hyp.batch_size, out / "noise.png")
+        _write_outputs(args, out, summary, records, hyp.batch_size)
         say(f"wrote {out}")
     if world > 1:
         import torch.distributed as dist

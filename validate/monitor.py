@@ -40,6 +40,7 @@ import csv
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,7 +48,12 @@ from torch import nn
 from . import _hvp, _noise
 from ._common import check_count, check_criterion
 
-__all__ = ["NoiseMonitor"]
+__all__ = ["CurvaturePoint", "NoiseMonitor", "gd_limit", "measure_curvature", "predictions"]
+
+#: Name of the stability-limit column in every record of this module and of
+#: ``python -m validate.cifar noise``: the largest stable ``lr`` of (momentum) gradient descent on
+#: the measured top Hessian mode, :func:`gd_limit`.
+STABILITY_COLUMN = "gd_limit"
 
 COLUMNS = [
     "step", "lr", "batch", "micro_batches", "grad_sq", "tr_sigma", "grad_sq_ema",
@@ -55,6 +61,112 @@ COLUMNS = [
     "eps_max_ema", "b_noise_ema", "b_noise_ema_stderr", "lambda_max", "eps_opt",
     "lr_over_eps_opt", "gd_limit", "resolved", "reason",
 ]
+
+
+
+# ---------------------------------------------------------------------------- shared core
+def gd_limit(lambda_max: float, momentum: float = 0.0, nesterov: bool = False) -> float:
+    r"""Largest stable ``lr`` of (momentum) gradient descent on the top Hessian mode λ_max:
+    :func:`sgdtheory.theory.gd_stability_limit` (2(1+μ)/λ_max; Nesterov 2(1+μ)/((1+2μ)λ_max)),
+    in ``lr`` units; nan when λ_max is not a positive finite number (not measured, or no
+    positive curvature found). The one stability-limit rule of the monitor and of
+    ``python -m validate.cifar noise`` (column :data:`STABILITY_COLUMN`).
+
+    >>> gd_limit(4.0), gd_limit(4.0, 0.5, True)
+    (0.5, 0.375)
+    """
+    from sgdtheory import theory
+
+    lambda_max = float(lambda_max)
+    if not (math.isfinite(lambda_max) and lambda_max > 0):
+        return math.nan
+    momentum = float(theory._momentum(momentum))
+    return float(theory.gd_stability_limit(lambda_max, momentum,
+                                           nesterov=bool(nesterov) and momentum > 0))
+
+
+def predictions(lr: float, batch: int, *, eps_max: float, b_noise: float, lambda_max: float,
+                momentum: float = 0.0, nesterov: bool = False, eps_max_stderr: float = math.nan,
+                b_noise_stderr: float = math.nan) -> dict:
+    r"""What the measured ε_max, B_noise and λ_max predict for the step in use.
+
+    Returns a dict with ``effective_lr`` η/(1−μ), ``eps_opt`` ε_opt(B) = ε_max/(1 + B_noise/B)
+    (:func:`sgdtheory.theory.eps_opt`; nan unless ε_max > 0 and B_noise ≥ 0 are finite),
+    ``eps_opt_stderr`` (first-order propagation of the two standard errors with their
+    correlation bounded by ±1, so an upper bound of the delta-method error: ε_max and B_noise
+    share the GᵀHG estimate), ``lr_over_eps_opt`` η/(1−μ)/ε_opt and ``gd_limit``
+    (:func:`gd_limit`), and ``eps_opt_reason``: '' or why ε_opt is not defined. All steps in
+    ``lr`` units (multiplier of the mean minibatch gradient).
+
+    >>> p = predictions(0.1, 64, eps_max=2.0, b_noise=64.0, lambda_max=4.0)
+    >>> p["eps_opt"], p["gd_limit"], p["lr_over_eps_opt"]
+    (1.0, 0.5, 0.1)
+    """
+    from sgdtheory import theory
+
+    eff = float(lr) / (1.0 - float(momentum))
+    out = {"effective_lr": eff, "eps_opt": math.nan, "eps_opt_stderr": math.nan,
+           "lr_over_eps_opt": math.nan, "gd_limit": gd_limit(lambda_max, momentum, nesterov),
+           "eps_opt_reason": ""}
+    if 0 < eps_max < math.inf and 0 <= b_noise < math.inf:
+        eo = float(theory.eps_opt(batch, eps_max, b_noise))
+        d_eps = eo / eps_max                                  # ∂ε_opt/∂ε_max
+        d_bn = eo * eo / (eps_max * batch)                    # |∂ε_opt/∂B_noise|
+        out.update(eps_opt=eo, lr_over_eps_opt=eff / eo,
+                   eps_opt_stderr=d_eps * eps_max_stderr + d_bn * b_noise_stderr)
+    else:
+        out["eps_opt_reason"] = (f"ε_opt(B={batch}) not defined: needs ε_max > 0 and "
+                                 f"B_noise ≥ 0, got ε_max = {eps_max:.3g}, "
+                                 f"B_noise = {b_noise:.3g}")
+    return out
+
+
+@dataclass(frozen=True)
+class CurvaturePoint:
+    """One curvature measurement at the model's current state (:func:`measure_curvature`).
+
+    Attributes:
+        noise: the :class:`validate._hvp.HessianNoise` (GᵀHG, tr(HΣ), ε_max, B_noise, |G|²,
+            tr(Σ), B_simple with standard errors, ``resolved`` and ``reason``).
+        lambda_max: top Hessian eigenvalue (loss/param²) by Lanczos; nan when not measured.
+        lambda_max_converged: False when Lanczos stopped at its budget before its tolerance.
+        vector: the top eigenvector (flat, for a warm start next time) or None.
+    """
+
+    noise: object
+    lambda_max: float
+    lambda_max_converged: bool
+    vector: object = None
+
+
+def measure_curvature(model: nn.Module, criterion, inputs, targets, *, micro_batch=None,
+                      hessian_inputs=None, hessian_targets=None, lanczos_iters: int = 20,
+                      tol: float = 1e-6, seed: int = 0, v0=None) -> CurvaturePoint:
+    r"""hessian_noise + λ_max at the model's current state: the measurement core shared by
+    :class:`NoiseMonitor` and ``python -m validate.cifar noise``.
+
+    :func:`validate.measure.hessian_noise` on (inputs, targets) with Ĥ from
+    (hessian_inputs, hessian_targets) (default: the second half of the batch), then λ_max by
+    :func:`validate.measure.top_hessian_eigenvalue` on the Hessian batch (default: the whole
+    batch) with ``lanczos_iters`` HVPs (0: skip, λ_max nan), tolerance ``tol``, random start
+    ``seed`` or the warm start ``v0``. The model is left unchanged. A ``ValueError`` of the
+    estimators (e.g. non-finite gradients) propagates.
+    """
+    from sgdtheory import krylov
+
+    hn = _hvp.hessian_noise(model, criterion, inputs, targets, micro_batch=micro_batch,
+                            hessian_inputs=hessian_inputs, hessian_targets=hessian_targets)
+    if not lanczos_iters:
+        return CurvaturePoint(hn, math.nan, True, None)
+    hx, hy = (inputs, targets) if hessian_inputs is None else (hessian_inputs, hessian_targets)
+    with warnings.catch_warnings(record=True) as caught:  # a fixed budget on purpose
+        warnings.simplefilter("always")
+        lam, vec = _hvp.top_hessian_eigenvalue(model, criterion, hx, hy, tol=tol,
+                                               max_iter=lanczos_iters, seed=seed, v0=v0,
+                                               return_vector=True)
+    converged = not any(issubclass(w.category, krylov.KrylovConvergenceWarning)
+                        for w in caught)
+    return CurvaturePoint(hn, float(lam), converged, vec)
 
 
 class NoiseMonitor:
@@ -92,7 +204,13 @@ class NoiseMonitor:
     ±inf, and the first record unresolved for a reason other than too few measurements raises
     one ``UserWarning``. ``resolved`` is True once every estimate in
     the record is significantly positive (> t₀.₉₇₅·standard error, which needs ≥ 2
-    measurements).
+    measurements) and ε_opt(B) is defined: a record whose ``eps_opt`` is NaN although GᵀHG is
+    resolved (B_noise < 0 from a negative tr(HΣ) estimate) has ``resolved`` False and a
+    ``reason`` too, and warns once like the others.
+
+    The curvature step is :func:`measure_curvature` and the derived columns come from
+    :func:`predictions` — the same code as ``python -m validate.cifar noise`` — with the
+    stability limit in the column ``gd_limit`` (:data:`STABILITY_COLUMN`) in both.
     """
 
     def __init__(
@@ -115,36 +233,13 @@ class NoiseMonitor:
         from sgdtheory import theory
         from sgdtheory.estimators import CurvatureEMA, NoiseScaleEMA
 
-        every = check_count(every, "every")
-        if curvature_every is not None:
-            try:
-                curvature_every = check_count(curvature_every, "curvature_every")
-            except ValueError:
-                curvature_every = 0
-            if curvature_every < 1 or curvature_every % every:
-                raise ValueError(
-                    f"curvature_every must be a positive multiple of every ({every}), "
-                    f"got {curvature_every!r}"
-                )
-            if criterion is None:
-                raise ValueError("curvature_every needs a criterion")
+        every, curvature_every = _check_schedule(every, curvature_every, criterion)
         if accumulation not in ("mean", "sum"):
             raise ValueError(f"accumulation must be 'mean' or 'sum', got {accumulation!r}")
         if criterion is not None:
             check_criterion(criterion)
-        if hessian_micro_batch is not None:
-            try:
-                hessian_micro_batch = check_count(hessian_micro_batch, "hessian_micro_batch")
-            except ValueError:
-                raise ValueError(f"hessian_micro_batch must be a positive integer or None, got "
-                                 f"{hessian_micro_batch!r}") from None
-        try:
-            lanczos_iters = check_count(lanczos_iters, "lanczos_iters", minimum=0)
-        except ValueError:
-            lanczos_iters = -1
-        if lanczos_iters < 0 or 0 < lanczos_iters < 3:
-            raise ValueError(f"lanczos_iters must be 0 (skip λ_max) or an integer ≥ 3, got "
-                             f"{lanczos_iters!r}")
+        hessian_micro_batch, lanczos_iters = _check_curvature_sizes(hessian_micro_batch,
+                                                                    lanczos_iters)
         self.momentum = float(theory._momentum(momentum))
         self.nesterov = bool(nesterov)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -167,26 +262,8 @@ class NoiseMonitor:
         self._prev = None
         self._sq: list[float] = []
         self._csv_path = csv_path
-        self._csv_file = None
-        self._writer = None
-        self._tb = None
-        if csv_path is not None:  # open now: a bad path fails here, not mid-training
-            new = not (csv_append and os.path.exists(csv_path) and os.path.getsize(csv_path))
-            try:
-                self._csv_file = open(csv_path, "w" if new else "a", newline="")  # noqa: SIM115
-            except OSError as exc:
-                raise ValueError(f"cannot write csv_path {os.fspath(csv_path)!r}: {exc}") from exc
-            self._writer = csv.DictWriter(self._csv_file, fieldnames=COLUMNS)
-            if new:
-                self._writer.writeheader()
-                self._csv_file.flush()
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: CSV only
-                self._tb = None
-            else:
-                self._tb = SummaryWriter(os.fspath(tensorboard_dir))
+        self._csv_file, self._writer = _open_csv(csv_path, csv_append)
+        self._tb = _open_tensorboard(tensorboard_dir)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -258,12 +335,22 @@ class NoiseMonitor:
         return record
 
     def _measure(self, lr, batch, inputs, targets) -> dict:
-        from sgdtheory import theory
+        rec = dict.fromkeys(COLUMNS, math.nan)
+        rec.update(step=self.step_count, lr=lr, batch=batch, micro_batches=len(self._sq))
+        rec.update(self._gradient_noise(batch, inputs, targets))
+        if self.curvature_every and self.step_count % self.curvature_every == 0:
+            if inputs is None or targets is None:
+                raise ValueError("curvature measurement steps need inputs and targets")
+            rec.update(self._curvature(inputs, targets))
+        reasons = self._predict(rec, lr, batch)
+        return self._finish(rec, reasons)
+
+    def _gradient_noise(self, batch, inputs, targets) -> dict:
+        """|G|², tr(Σ) of this step (two-batch from the micro-batch increments, or the
+        fallback measurement) and the updated noise EMA."""
         from sgdtheory.estimators import two_batch
 
         m = len(self._sq)
-        rec = dict.fromkeys(COLUMNS, math.nan)
-        rec.update(step=self.step_count, lr=lr, batch=batch, micro_batches=m)
         if m >= 2:
             if batch % m:
                 raise ValueError(f"batch_size ({batch}) must be divisible by the {m} micro-batches")
@@ -282,25 +369,25 @@ class NoiseMonitor:
                 "criterion for an extra measurement"
             )
         self.noise_ema.update(grad_sq, tr_sigma)
-        rec.update(
-            grad_sq=grad_sq, tr_sigma=tr_sigma, grad_sq_ema=self.noise_ema.grad_sq,
-            tr_sigma_ema=self.noise_ema.tr_sigma, b_simple_ema=self.noise_ema.b_simple,
-            b_simple_ema_stderr=self.noise_ema.b_simple_stderr,
-        )
-        if self.curvature_every and self.step_count % self.curvature_every == 0:
-            if inputs is None or targets is None:
-                raise ValueError("curvature measurement steps need inputs and targets")
-            h = _hvp.hessian_noise(self.model, self.criterion, inputs, targets,
-                                   micro_batch=self.hessian_micro_batch)
-            self.curvature_ema.update(h.g_h_g, h.tr_h_sigma, grad_sq=h.grad_sq)
-            rec.update(g_h_g=h.g_h_g, tr_h_sigma=h.tr_h_sigma)
-            if self.lanczos_iters > 0:
-                with warnings.catch_warnings():  # a few iterations on purpose: approximate
-                    warnings.simplefilter("ignore", UserWarning)
-                    self.lambda_max, self._lanczos_vector = _hvp.top_hessian_eigenvalue(
-                        self.model, self.criterion, inputs, targets,
-                        max_iter=self.lanczos_iters, v0=self._lanczos_vector,
-                        return_vector=True)  # warm start: the last point's top eigenvector
+        return dict(grad_sq=grad_sq, tr_sigma=tr_sigma, grad_sq_ema=self.noise_ema.grad_sq,
+                    tr_sigma_ema=self.noise_ema.tr_sigma, b_simple_ema=self.noise_ema.b_simple,
+                    b_simple_ema_stderr=self.noise_ema.b_simple_stderr)
+
+    def _curvature(self, inputs, targets) -> dict:
+        """GᵀHG, tr(HΣ) (into the curvature EMA) and λ_max, warm-started from the last point's
+        top eigenvector (:func:`measure_curvature`)."""
+        point = measure_curvature(self.model, self.criterion, inputs, targets,
+                                  micro_batch=self.hessian_micro_batch,
+                                  lanczos_iters=self.lanczos_iters, v0=self._lanczos_vector)
+        h = point.noise
+        self.curvature_ema.update(h.g_h_g, h.tr_h_sigma, grad_sq=h.grad_sq)
+        if self.lanczos_iters > 0:
+            self.lambda_max, self._lanczos_vector = point.lambda_max, point.vector
+        return dict(g_h_g=h.g_h_g, tr_h_sigma=h.tr_h_sigma)
+
+    def _predict(self, rec: dict, lr, batch) -> list[str]:
+        """Fill ε_max, B_noise, ε_opt, lr/ε_opt and gd_limit from the EMAs (:func:`predictions`);
+        returns the reasons the record is not resolved."""
         reasons = [_noise.resolution("|G|² (EMA)", self.noise_ema.grad_sq,
                                      self.noise_ema.grad_sq_stderr, self.noise_ema.df,
                                      hint="wait for more measurements")]
@@ -311,13 +398,16 @@ class NoiseMonitor:
             reasons.append(_noise.resolution("GᵀHG (EMA)", est.g_h_g, est.g_h_g_stderr,
                                              self.curvature_ema.df,
                                              hint="wait for more curvature measurements"))
-            if 0 < est.eps_max < math.inf and 0 <= est.b_noise < math.inf:
-                rec["eps_opt"] = theory.eps_opt(batch, est.eps_max, est.b_noise)
-                rec["lr_over_eps_opt"] = theory.effective_lr(lr, self.momentum) / rec["eps_opt"]
-            if self.lambda_max > 0:
-                rec["gd_limit"] = theory.gd_stability_limit(self.lambda_max, self.momentum,
-                                                            nesterov=self.nesterov)
-        reasons = [r for r in reasons if r]
+            p = predictions(lr, batch, eps_max=est.eps_max, b_noise=est.b_noise,
+                            lambda_max=self.lambda_max, momentum=self.momentum,
+                            nesterov=self.nesterov)
+            rec.update({k: p[k] for k in ("eps_opt", "lr_over_eps_opt", STABILITY_COLUMN)})
+            if p["eps_opt_reason"] and not any(reasons):  # else NaN with no reason given
+                reasons.append(p["eps_opt_reason"] + " (from the EMAs)")
+        return [r for r in reasons if r]
+
+    def _finish(self, rec: dict, reasons: list[str]) -> dict:
+        """Resolution fields, warn once, types; store and write the record."""
         for k in ("b_simple_ema", "b_simple_ema_stderr", "eps_max_ema", "b_noise_ema",
                   "b_noise_ema_stderr", "eps_opt", "lr_over_eps_opt"):
             if not math.isfinite(rec[k]):  # a ratio with a denominator ≤ 0: nan, with reason
@@ -328,7 +418,7 @@ class NoiseMonitor:
             self._warned = True
             warnings.warn(f"NoiseMonitor step {self.step_count}: {rec['reason']} (records say "
                           "so in 'resolved' and 'reason' until resolved; warned once)",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=4)
         rec = {k: (v if k in ("resolved", "reason") else
                    int(v) if k in ("step", "batch", "micro_batches") else float(v))
                for k, v in rec.items()}
@@ -360,3 +450,69 @@ class NoiseMonitor:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------------------- constructor checks
+def _check_schedule(every, curvature_every, criterion) -> tuple[int, int | None]:
+    """``every`` (an integer ≥ 1, NumPy integers accepted, bool refused) and ``curvature_every``
+    (None or a positive multiple of ``every``, which needs a criterion)."""
+    every = check_count(every, "every")
+    if curvature_every is None:
+        return every, None
+    try:
+        curvature_every = check_count(curvature_every, "curvature_every")
+    except ValueError:
+        curvature_every = 0
+    if curvature_every < 1 or curvature_every % every:
+        raise ValueError(f"curvature_every must be a positive multiple of every ({every}), "
+                         f"got {curvature_every!r}")
+    if criterion is None:
+        raise ValueError("curvature_every needs a criterion")
+    return every, curvature_every
+
+
+def _check_curvature_sizes(hessian_micro_batch, lanczos_iters) -> tuple[int | None, int]:
+    """``hessian_micro_batch`` (None or an integer ≥ 1) and ``lanczos_iters`` (0 or ≥ 3)."""
+    if hessian_micro_batch is not None:
+        try:
+            hessian_micro_batch = check_count(hessian_micro_batch, "hessian_micro_batch")
+        except ValueError:
+            raise ValueError(f"hessian_micro_batch must be a positive integer or None, got "
+                             f"{hessian_micro_batch!r}") from None
+    try:
+        lanczos_iters = check_count(lanczos_iters, "lanczos_iters", minimum=0)
+    except ValueError:
+        lanczos_iters = -1
+    if lanczos_iters < 0 or 0 < lanczos_iters < 3:
+        raise ValueError(f"lanczos_iters must be 0 (skip λ_max) or an integer ≥ 3, got "
+                         f"{lanczos_iters!r}")
+    return hessian_micro_batch, lanczos_iters
+
+
+def _open_csv(csv_path, append: bool):
+    """(file, DictWriter) for ``csv_path`` (None: (None, None)); opened now so that a bad path
+    fails at construction, not mid-training; a new file (or ``append`` to an empty or missing
+    one) gets the header."""
+    if csv_path is None:
+        return None, None
+    new = not (append and os.path.exists(csv_path) and os.path.getsize(csv_path))
+    try:
+        f = open(csv_path, "w" if new else "a", newline="")  # noqa: SIM115
+    except OSError as exc:
+        raise ValueError(f"cannot write csv_path {os.fspath(csv_path)!r}: {exc}") from exc
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    if new:
+        writer.writeheader()
+        f.flush()
+    return f, writer
+
+
+def _open_tensorboard(tensorboard_dir):
+    """A ``SummaryWriter`` on ``tensorboard_dir``, or None (not asked for, or not installed)."""
+    if tensorboard_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: CSV only
+        return None
+    return SummaryWriter(os.fspath(tensorboard_dir))
