@@ -79,9 +79,12 @@ units:
 
 data:
   CIFAR-10 is read from DIR/cifar-10-python.tar.gz (md5-checked, no extraction) or an extracted
-  DIR/cifar-10-batches-py/. --download fetches it from the Toronto site. --md5 (or the
+  DIR/cifar-10-batches-py/. --download fetches it from the Toronto site, or from the URL in
+  the environment variable SGDTHEORY_CIFAR10_URL (a mirror; file:// works). --md5 (or the
   environment variable SGDTHEORY_CIFAR10_MD5) overrides the expected archive md5, for mirrors
-  and for the small test archives the test-suite generates. --data synthetic needs no files.
+  and for the small test archives the test-suite generates. Members are unpickled by a
+  restricted loader (arrays, dicts, bytes, numbers only), md5 or not. --data synthetic needs
+  no files.
 
 outputs (in --out):
   train: train.json, history.csv, checkpoint.pt      noise: noise.json, noise.csv, noise.png
