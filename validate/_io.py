@@ -11,10 +11,13 @@ writer, one settings hash.
   half-written file.
 * :func:`settings_hash` — SHA-256 (16 hex digits) of the canonical JSON of some settings: the key
   of a run's stored result.
+* :func:`int_at_least` — an ``argparse`` type for integer flags with a lower bound (argparse
+  names the flag in its one-line error, exit status 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "int_at_least",
     "jsonable",
     "resolve_device",
     "save_torch",
@@ -154,3 +158,22 @@ def settings_hash(settings) -> str:
     """
     blob = json.dumps(jsonable(settings), sort_keys=True, allow_nan=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def int_at_least(lo: int):
+    """``argparse`` type: an integer ≥ ``lo``; anything else is an ``ArgumentTypeError`` that
+    argparse reports in one line naming the option (exit status 2).
+
+    >>> int_at_least(1)("3")
+    3
+    """
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {v}")
+        return v
+
+    return parse

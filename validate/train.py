@@ -41,6 +41,14 @@ of epoch e are drawn from a generator seeded by (seed, e), so any step can be re
 A checkpoint (``torch.save`` of model, optimizer, RNG state, step, running sums and the caller's
 ``extra`` dict) is written atomically every ``checkpoint_every`` steps and at every epoch end;
 ``train(..., resume=True)`` continues from it and on CPU reproduces the uninterrupted run exactly.
+A checkpoint is untrusted input: it holds only tensors and plain containers, numbers and strings
+(the config as a dict, :data:`CHECKPOINT_ENTRIES`) and is read with ``weights_only=True``
+(:func:`read_checkpoint`); a damaged one is a one-line ``ValueError`` naming the file.
+
+Timing: ``time_s`` counts the training steps only; callbacks (measurements) are timed apart
+(``callback_time_s``) and evaluation and checkpoints not at all. The progress bar starts after
+the first callback and stops its clock during the others, so its rate and ETA are those of the
+training steps; its postfix shows training examples/s (``ex_s``) and ``callback_s``.
 
 Data parallel: when ``torch.distributed`` is initialised (``torchrun``), each rank takes its
 B/world slice of every global batch (same permutation everywhere) and gradients are averaged by
@@ -52,7 +60,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +75,7 @@ from .data import CIFAR10_MEAN, CIFAR10_STD, ImageData
 from .models import MODELS, build_model, init_whitening
 
 __all__ = [
+    "CHECKPOINT_ENTRIES",
     "PRESETS",
     "SCHEDULES",
     "TrainConfig",
@@ -75,6 +86,7 @@ __all__ = [
     "lr_schedule",
     "make_config",
     "peak_lr",
+    "read_checkpoint",
     "train",
 ]
 
@@ -522,6 +534,411 @@ def build(cfg: TrainConfig, data: ImageData, device, train_inputs=None) -> nn.Mo
     return model
 
 
+class _Clock:
+    """Seconds spent training and seconds spent in callbacks, kept apart.
+
+    Training time runs between :meth:`start` and :meth:`stop`; evaluation, checkpoints and
+    callbacks happen while it is stopped, and callbacks add their own duration to
+    ``callback_s`` (:meth:`callback`). On a GPU each reading synchronises the device first.
+    """
+
+    def __init__(self, device, train_s: float = 0.0, callback_s: float = 0.0):
+        self.device = device
+        self.train_s = float(train_s)
+        self.callback_s = float(callback_s)
+        self._t0 = None
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._t0 = self.now()
+
+    def stop(self) -> None:
+        """Add the training time since :meth:`start` (nothing when already stopped)."""
+        if self._t0 is not None:
+            self.train_s += self.now() - self._t0
+            self._t0 = None
+
+    def training_s(self) -> float:
+        """Training seconds so far, including the running interval."""
+        return self.train_s + (self.now() - self._t0 if self._t0 is not None else 0.0)
+
+    def callback(self, fn, *args) -> None:
+        """Call ``fn(*args)`` and add its duration to ``callback_s``."""
+        t = self.now()
+        try:
+            fn(*args)
+        finally:
+            self.callback_s += self.now() - t
+
+
+class _Progress:
+    """The tqdm bar of a run, its clock stopped while training is (so that its rate and ETA
+    count training steps only, not evaluation, checkpoints or measurements)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step",
+                        disable=not enabled, dynamic_ncols=True)
+        self.enabled = enabled
+        self._paused = None
+
+    def _bar_time(self) -> float:
+        return getattr(self.bar, "_time", time.time)()
+
+    def pause(self) -> None:
+        if self.enabled and self._paused is None:
+            self._paused = self._bar_time()
+
+    def resume(self) -> None:
+        """Move the bar's start (and last refresh) forward by the paused time."""
+        if self._paused is None:
+            return
+        shift = self._bar_time() - self._paused
+        self._paused = None
+        for name in ("start_t", "last_print_t"):
+            if hasattr(self.bar, name):
+                setattr(self.bar, name, getattr(self.bar, name) + shift)
+
+    def show(self, loss: float, examples_per_s: float, callback_s: float | None) -> None:
+        """Postfix: minibatch loss, training examples/s, seconds in callbacks so far."""
+        if not self.enabled:
+            return
+        post = {"loss": f"{loss:.3f}", "ex_s": f"{examples_per_s:.0f}"}
+        if callback_s is not None:
+            post["callback_s"] = f"{callback_s:.1f}"
+        self.bar.set_postfix(post)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.resume()
+        self.bar.close()
+
+
+#: What a checkpoint holds (``torch.save`` of plain containers, numbers, strings and tensors,
+#: so it is read back with ``weights_only=True``), with the type each entry must have.
+CHECKPOINT_ENTRIES = {
+    "model": dict, "optimizer": dict, "torch_rng": torch.Tensor, "step": int,
+    "elapsed": (int, float), "extra": dict, "sums": torch.Tensor, "history": list,
+    "hyp": dict, "run_info": (dict, type(None)), "initial_train_loss": (int, float),
+    "losses": torch.Tensor,
+}
+
+
+def _corrupt(path, why: str) -> ValueError:
+    return ValueError(f"checkpoint {path} is corrupt or not a checkpoint of validate.train "
+                      f"({why}); delete it or drop --resume")
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """The checkpoint at ``path`` (``torch.load(weights_only=True)``), its entries checked
+    against :data:`CHECKPOINT_ENTRIES`.
+
+    Raises ``ValueError`` (one line naming the file) when it cannot be read (truncated, not a
+    torch file, objects other than tensors and plain containers), lacks the run settings (an
+    older version) or has entries of the wrong type.
+    """
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    except OSError as e:
+        raise ValueError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
+    if not zipped:
+        raise _corrupt(path, "not a file written by torch.save")
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise _corrupt(path, "holds objects other than tensors and plain data, refused by "
+                       "torch.load(weights_only=True)") from None
+    except Exception as e:  # torch raises many kinds of error for a damaged archive
+        raise _corrupt(path, f"damaged or truncated torch file: {type(e).__name__}") from None
+    if not isinstance(ck, dict):
+        raise _corrupt(path, f"holds a {type(ck).__name__}, not a dict")
+    if "model" in ck and any(k not in ck for k in ("hyp", "run_info", "initial_train_loss")):
+        raise ValueError(f"checkpoint {path} does not record its run settings (written by an "
+                         "older version); use another --out or drop --resume")
+    for key, kind in CHECKPOINT_ENTRIES.items():
+        if key not in ck:
+            raise _corrupt(path, f"no entry {key!r}")
+        v = ck[key]
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise _corrupt(path, f"entry {key!r} is a {type(v).__name__}")
+    if not math.isfinite(ck["elapsed"]) or ck["elapsed"] < 0 or ck["step"] < 0:
+        raise _corrupt(path, "negative or non-finite step or time")
+    if tuple(ck["sums"].shape) != (3,) or ck["torch_rng"].dtype != torch.uint8:
+        raise _corrupt(path, "running sums or RNG state of the wrong shape or type")
+    cb = ck.get("callback_time_s", 0.0)  # absent in checkpoints of earlier versions
+    if not isinstance(cb, (int, float)) or isinstance(cb, bool) or not cb >= 0:
+        raise _corrupt(path, "entry 'callback_time_s' is not a time")
+    return ck
+
+
+class _Run:
+    """One training run of :func:`train`: the data, network and optimiser on the device, and
+    everything a checkpoint saves (step, times, running sums, history, losses, ``extra``)."""
+
+    def __init__(self, cfg: TrainConfig, data: ImageData, device, checkpoint, run_info):
+        self.dist, self.rank, self.world = _dist()
+        check_config(cfg, data)
+        n_all = data.train_images.shape[0]
+        self.B = B = int(cfg.batch_size)
+        if B % self.world:
+            raise ValueError(f"batch_size ({B}) must be divisible by the number of ranks "
+                             f"({self.world})")
+        self.b_local = B // self.world
+        self.cfg, self.data, self.device, self.run_info = cfg, data, device, run_info
+        self.seed = int(cfg.seed)
+        self.settings = _settings(cfg)
+        # data on the device: a seeded subset
+        self.n = n = subset_size(cfg, n_all)
+        self.idx = np.sort(np.random.default_rng(self.seed).permutation(n_all)[:n]) \
+            if n < n_all else np.arange(n_all)
+        self.ts = ts = _TrainingSet(data, self.idx, cfg, device)
+        self.test_x = torch.from_numpy(data.test_images).to(device)
+        self.test_y = torch.from_numpy(data.test_labels).to(device)
+        # model and optimiser
+        self.model = build(cfg, data, device, ts.plain(slice(0, 5000)) if cfg.whiten else None)
+        self.net = self.model
+        if self.dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.peak = peak_lr(cfg)
+        self.mu = mu = float(cfg.momentum)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=self.peak, momentum=mu,
+                                   nesterov=bool(cfg.nesterov) and mu > 0,
+                                   weight_decay=cfg.weight_decay)
+        self.crit = _criterion(cfg)
+        self.crit_sum = _criterion(cfg, "sum")
+        self.steps_per_epoch = n // B
+        self.total = int(cfg.epochs) * self.steps_per_epoch
+        # what a checkpoint saves (resume() restores it)
+        self.start, self.clock, self.extra = 0, _Clock(device), {}
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, count
+        self.history: list[dict] = []
+        self.losses = torch.zeros(self.total if cfg.record_loss else 0, dtype=torch.float32,
+                                  device=device)
+        self.init_loss = None
+        self.ckpt_path = Path(checkpoint) if checkpoint is not None else None
+        # failure tracking on the device: the step of the first bad loss, was it not finite?
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        # set by train(): the chance loss, the training time at the start, the callback's view
+        self.chance, self.elapsed0, self.state = None, 0.0, None
+
+    def resume(self) -> None:
+        """Continue from the checkpoint if there is one (written by the same run)."""
+        path = self.ckpt_path
+        if path is None or not path.is_file():
+            return
+        ck = read_checkpoint(path, self.device)
+        diff = _differences(ck["hyp"], self.settings)
+        if diff:
+            raise ValueError(f"checkpoint {path} was written with different hyperparameters: "
+                             f"{'; '.join(diff)}; use another --out or drop --resume")
+        diff = _differences(ck["run_info"], self.run_info)
+        if diff:
+            raise ValueError(f"checkpoint {path} was written by a different run: "
+                             f"{'; '.join(diff)}; use another --out or drop --resume")
+        if ck["step"] > self.total:
+            raise _corrupt(path, f"step {ck['step']} beyond the run's {self.total} steps")
+        if self.cfg.record_loss and tuple(ck["losses"].shape) != (self.total,):
+            raise _corrupt(path, f"{tuple(ck['losses'].shape)} recorded losses for "
+                           f"{self.total} steps")
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["torch_rng"].cpu())
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise _corrupt(path, "weights or optimiser state do not fit this network: "
+                           f"{type(e).__name__}") from None
+        self.start, self.extra = ck["step"], ck["extra"]
+        self.clock = _Clock(self.device, ck["elapsed"], ck.get("callback_time_s", 0.0))
+        self.sums = ck["sums"].to(self.device)
+        self.history = ck["history"]
+        self.init_loss = ck["initial_train_loss"]
+        if self.cfg.record_loss:
+            self.losses = ck["losses"].to(self.device)
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` steps (rank 0; atomic)."""
+        if self.ckpt_path is None or self.rank != 0:
+            return
+        save_torch({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "step": step,
+                    "elapsed": self.clock.train_s, "callback_time_s": self.clock.callback_s,
+                    "extra": self.extra, "sums": self.sums.cpu(), "history": self.history,
+                    "hyp": self.settings, "run_info": self.run_info,
+                    "initial_train_loss": self.init_loss, "losses": self.losses.cpu()},
+                   self.ckpt_path)
+
+    def train_loss(self) -> tuple[float, float]:
+        """(loss, accuracy) on the whole training subset, training mode, no augmentation."""
+        return evaluate(self.model, self.ts.plain, self.ts.labels, batch=int(self.cfg.eval_batch),
+                        criterion=self.crit_sum, train_mode=True)
+
+    def test(self) -> tuple[float, float]:
+        """(loss, accuracy) on the test set."""
+        def rows(sl):
+            return normalize(self.test_x[sl], self.data.mean, self.data.std)
+
+        return evaluate(self.model, rows, self.test_y, batch=int(self.cfg.eval_batch),
+                        tta=bool(self.cfg.tta))
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        return lr_schedule(step, self.total, self.peak, c.warmup, c.final_lr, c.schedule)
+
+    def step(self, step: int, plan: EpochPlan, batch_hook, threshold: float) -> float:
+        """Optimiser step ``step`` (loss checks and running sums on the device); returns its
+        step η."""
+        B, cfg = self.B, self.cfg
+        i = step % self.steps_per_epoch
+        sl = slice(i * B + self.rank * self.b_local, i * B + (self.rank + 1) * self.b_local)
+        j = plan.perm[sl]
+        x = _memory_format(self.ts.batch(j, plan.dy[sl], plan.dx[sl], plan.flip[sl]))
+        y = self.ts.labels[j]
+        if batch_hook is not None:
+            x, y = batch_hook(step, x, y)
+        lr = self.lr_at(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with _autocast(self.device):
+            logits = self.net(x)
+            loss = self.crit(logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            ld = loss.detach()
+            finite = torch.isfinite(ld)
+            first = (~finite | (ld > threshold)) & (self.first_bad < 0)
+            self.first_bad = torch.where(first, step, self.first_bad)
+            self.nonfinite = self.nonfinite | (first & ~finite)
+            if cfg.record_loss:
+                self.losses[step] = ld
+            self.sums[0] += ld.double() * y.numel()
+            self.sums[1] += (logits.argmax(1) == y).sum()
+            self.sums[2] += y.numel()
+        return lr
+
+    def end_epoch(self, epoch: int, done: int, lr: float) -> None:
+        """Record epoch ``epoch``'s training and test loss and accuracy in the history."""
+        if self.dist is not None:
+            self.dist.all_reduce(self.sums)
+        test_loss, test_acc = self.test()
+        elapsed = self.clock.train_s
+        self.history.append({"epoch": epoch + 1, "step": done,
+                             "train_loss": float(self.sums[0] / self.sums[2]),
+                             "train_acc": float(self.sums[1] / self.sums[2]),
+                             "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
+                             "time_s": elapsed,
+                             "examples_per_s": self.B * done / max(elapsed, 1e-9)})
+        self.sums.zero_()
+
+
+def _loop(run: _Run, notify, batch_hook, bar: _Progress, check_every: int, threshold: float,
+          with_callback: bool):
+    """The optimiser steps from ``run.start``; returns (stopped, failure, failed_at): the steps
+    done when training stopped early (else None), the reason and the step it concerns."""
+    cfg, clock, spe = run.cfg, run.clock, run.steps_per_epoch
+    plan = None
+    clock.start()
+    for step in range(run.start, run.total):
+        epoch = step // spe
+        if plan is None or plan.epoch != epoch:
+            plan = epoch_plan(run.seed, epoch, run.n, run.ts.pad, run.ts.flip and run.ts.augment,
+                              run.device)
+        lr = run.step(step, plan, batch_hook, threshold)
+        bar.update(1)
+        done = step + 1
+        end_of_epoch = done % spe == 0
+        save_due = end_of_epoch or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        if end_of_epoch or done % check_every == 0 or done == run.total:  # a host sync on a GPU
+            bad_step = int(run.first_bad)
+            if bad_step >= 0:
+                failure = "non-finite loss" if bool(run.nonfinite) else \
+                    f"loss above {cfg.fail_factor:g}× the initial {run.init_loss:.4g}"
+                return done, failure, bad_step
+            if bar.enabled:  # training examples/s of this call, callback time apart
+                bar.show(float(run.sums[0] / run.sums[2]),
+                         run.B * (done - run.start) / max(clock.training_s() - run.elapsed0,
+                                                          1e-9),
+                         clock.callback_s if with_callback else None)
+        if not (end_of_epoch or save_due or with_callback):
+            continue
+        clock.stop()  # evaluation, measurements and checkpoints are not training time
+        bar.pause()
+        if end_of_epoch:
+            run.end_epoch(epoch, done, lr)
+        notify(done)
+        if run.state.diverged:
+            return done, "stopped by the callback", done
+        if save_due:
+            run.save(done)
+        bar.resume()
+        clock.start()
+    return None, None, None
+
+
+def _finish(run: _Run, stopped, failure, failed_at) -> dict:
+    """The results of a run that took ``stopped`` steps (None: all of them)."""
+    nan = float("nan")
+    chance = run.chance
+    if stopped is not None:
+        test_loss = test_acc = final_loss = final_acc = nan
+    else:
+        final_loss, final_acc = run.train_loss()
+        if run.history and run.history[-1]["step"] == run.total:
+            test_loss, test_acc = run.history[-1]["test_loss"], run.history[-1]["test_acc"]
+        else:
+            test_loss, test_acc = run.test()
+        if not final_loss < run.init_loss:
+            failure, failed_at = "final training loss not below the initial one", run.total
+        elif not final_loss < chance:
+            failure, failed_at = f"collapsed to chance (final training loss {final_loss:.4g} " \
+                f"not below the chance loss {chance:.4g})", run.total
+    steps_done = stopped if stopped is not None else run.total
+    elapsed = run.clock.train_s
+    return {
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "initial_train_loss": run.init_loss,
+        "chance_loss": chance,
+        "final_train_loss": final_loss,
+        "final_train_acc": final_acc,
+        "failed": failure is not None,
+        "failure": failure,
+        "failed_at_step": failed_at,
+        "history": run.history,
+        "train_losses": run.losses[:steps_done].tolist() if run.cfg.record_loss else None,
+        "time_s": elapsed,
+        "callback_time_s": run.clock.callback_s,
+        "examples_per_s": run.B * steps_done / max(elapsed, 1e-9),
+        "steps": steps_done,
+        "total_steps": run.total,
+        "diverged_at_step": stopped,
+        "steps_per_epoch": run.steps_per_epoch,
+        "train_examples": run.n,
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "peak_lr": run.peak,
+        "base_lr": run.peak / run.B,
+        "world_size": run.world,
+        "extra": run.extra,
+        "model": run.model,
+    }
+
+
 def train(cfg: TrainConfig, data: ImageData, *, device=None,
           checkpoint: str | os.PathLike | None = None, resume: bool = False, callback=None,
           progress: bool = True, run_info: dict | None = None, batch_hook=None) -> dict:
@@ -533,11 +950,17 @@ def train(cfg: TrainConfig, data: ImageData, *, device=None,
       device: ``None`` (cuda when available), ``"cpu"``, ``"cuda[:N]"`` or a torch device.
       checkpoint: file to write checkpoints to (None: no checkpoints).
       resume: continue from ``checkpoint`` if it exists; its settings and ``run_info`` must
-        equal these (``ValueError`` naming what differs otherwise).
+        equal these (``ValueError`` naming what differs otherwise); a checkpoint that cannot be
+        read or has the wrong structure is a one-line ``ValueError`` naming the file.
       callback: ``callback(state: TrainState)`` called before the first step and after every
-        step; it may measure the model (it must leave it unchanged) and write to ``state.extra``.
-        Setting ``state.diverged = True`` stops training there (reported as a divergence).
-      progress: show a tqdm bar (rank 0 only).
+        step; it may measure the model (it must leave it unchanged) and write to ``state.extra``
+        (plain containers, numbers, strings and tensors only: checkpoints are read back with
+        ``torch.load(weights_only=True)``). Setting ``state.diverged = True`` stops training
+        there (reported as a divergence). Its time is counted in ``callback_time_s``, not in
+        the training time.
+      progress: show a tqdm bar (rank 0 only), started after the first callback; its rate, ETA
+        and ``ex_s`` (training examples/s) count training time only, ``callback_s`` is the
+        time spent in the callback so far.
       run_info: JSON-like dict of the other settings that affect the results (the command, the
         measurement settings, the data, …); saved in checkpoints and compared on ``resume``.
       batch_hook: ``batch_hook(step, x, y) -> (x, y)`` may replace the (normalised, on-device)
@@ -555,239 +978,42 @@ def train(cfg: TrainConfig, data: ImageData, *, device=None,
       step whose loss failed, or the last step when the final loss failed), ``diverged_at_step``
       (steps completed when training stopped early, else None), ``history`` (one entry per epoch:
       train loss/acc, test loss/acc, lr, seconds, examples/s), ``train_losses`` (every step's
-      minibatch loss, with ``record_loss``), ``time_s`` (training only), ``examples_per_s``,
-      ``steps``, ``params``, ``peak_lr``, ``base_lr``, ``extra`` and ``model``.
+      minibatch loss, with ``record_loss``), ``time_s`` (seconds of training steps only: no
+      evaluation, checkpoints or callbacks), ``callback_time_s`` (seconds in the callback),
+      ``examples_per_s`` (examples / ``time_s``), ``steps``, ``params``, ``peak_lr``,
+      ``base_lr``, ``extra`` and ``model``.
     """
-    from tqdm.auto import tqdm
-
-    device = resolve_device(device)
-    dist, rank, world = _dist()
-    check_config(cfg, data)
-    n_all = data.train_images.shape[0]
-    B = int(cfg.batch_size)
-    if B % world:
-        raise ValueError(f"batch_size ({B}) must be divisible by the number of ranks ({world})")
-    b_local = B // world
-    seed = int(cfg.seed)
-    settings = _settings(cfg)
-
-    # --- data on the device: a seeded subset
-    n = subset_size(cfg, n_all)
-    idx = np.sort(np.random.default_rng(seed).permutation(n_all)[:n]) if n < n_all \
-        else np.arange(n_all)
-    ts = _TrainingSet(data, idx, cfg, device)
-    test_x = torch.from_numpy(data.test_images).to(device)
-    test_y = torch.from_numpy(data.test_labels).to(device)
-
-    def test_rows(sl):
-        return normalize(test_x[sl], data.mean, data.std)
-
-    # --- model and optimiser
-    model = build(cfg, data, device, ts.plain(slice(0, 5000)) if cfg.whiten else None)
-    net = model
-    if dist is not None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                      else None)
-    peak = peak_lr(cfg)
-    mu = float(cfg.momentum)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=peak, momentum=mu, nesterov=bool(cfg.nesterov) and mu > 0,
-                          weight_decay=cfg.weight_decay)
-    crit = _criterion(cfg)
-    crit_sum = _criterion(cfg, "sum")
-    steps_per_epoch = n // B
-    total = int(cfg.epochs) * steps_per_epoch
-
-    def train_loss_now() -> float:
-        return evaluate(model, ts.plain, ts.labels, batch=int(cfg.eval_batch), criterion=crit_sum,
-                        train_mode=True)[0]
-
-    # --- resume
-    start, elapsed, extra = 0, 0.0, {}
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # epoch loss·n, correct, count
-    history: list[dict] = []
-    losses = torch.zeros(total if cfg.record_loss else 0, dtype=torch.float32, device=device)
-    init_loss = None
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if "hyp" not in ck or "run_info" not in ck or "initial_train_loss" not in ck:
-            raise ValueError(f"checkpoint {ckpt_path} does not record its run settings (written "
-                             "by an older version); use another --out or drop --resume")
-        diff = _differences(ck["hyp"], settings)
-        if diff:
-            raise ValueError(f"checkpoint {ckpt_path} was written with different hyperparameters: "
-                             f"{'; '.join(diff)}; use another --out or drop --resume")
-        diff = _differences(ck["run_info"], run_info)
-        if diff:
-            raise ValueError(f"checkpoint {ckpt_path} was written by a different run: "
-                             f"{'; '.join(diff)}; use another --out or drop --resume")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"].cpu())
-        start, elapsed, extra = ck["step"], ck["elapsed"], ck["extra"]
-        sums = ck["sums"].to(device)
-        history = ck["history"]
-        init_loss = ck["initial_train_loss"]
-        if cfg.record_loss:
-            losses = ck["losses"].to(device)
-    if init_loss is None:
-        init_loss = train_loss_now()
-    threshold = float(cfg.fail_factor) * init_loss
-    chance = chance_loss(data.train_labels[idx], data.num_classes, cfg.label_smoothing)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step of the first bad loss
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)      # was it not finite?
-
-    def save(step: int) -> None:
-        if ckpt_path is None or rank != 0:
-            return
-        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
-                    "extra": extra, "sums": sums.cpu(), "history": history, "hyp": settings,
-                    "run_info": run_info, "initial_train_loss": init_loss,
-                    "losses": losses.cpu()}, ckpt_path)
-
-    state = TrainState(model, start, total, steps_per_epoch, B, 0.0, mu, ts.raw, ts.labels,
-                       device, extra, ts.sample, plain=ts.plain)
-
-    def lr_at(step: int) -> float:
-        return lr_schedule(step, total, peak, cfg.warmup, cfg.final_lr, cfg.schedule)
+    run = _Run(cfg, data, resolve_device(device), checkpoint, run_info)
+    if resume:
+        run.resume()
+    if run.init_loss is None:
+        run.init_loss = run.train_loss()[0]
+    threshold = float(cfg.fail_factor) * run.init_loss
+    run.chance = chance_loss(data.train_labels[run.idx], data.num_classes, cfg.label_smoothing)
+    run.elapsed0 = run.clock.train_s
+    ts = run.ts
+    state = run.state = TrainState(run.model, run.start, run.total, run.steps_per_epoch, run.B,
+                                   0.0, run.mu, ts.raw, ts.labels, run.device, run.extra,
+                                   ts.sample, plain=ts.plain)
 
     def notify(step: int) -> None:
         if callback is None:
             return
         state.step = step
-        state.lr = lr_at(min(step, total - 1))
-        callback(state)
-        model.train()
+        state.lr = run.lr_at(min(step, run.total - 1))
+        run.clock.callback(callback, state)
+        run.model.train()
 
-    bar = tqdm(total=total, initial=start, desc="train", unit="step",
-               disable=not progress or rank != 0, dynamic_ncols=True)
-
-    def clock() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    check_every = 10 if device.type == "cuda" else 1
-    plan, stopped, failure, failed_at = None, None, None, None
-    model.train()
-    if start == 0:
+    run.model.train()
+    if run.start == 0:
         notify(0)
+    bar = _Progress(run.total, run.start, progress and run.rank == 0)
     if state.diverged:  # the callback rejected the starting point (e.g. non-finite weights)
-        stopped, failure, failed_at = start, "stopped by the callback", start
-    t0 = clock()
-    for step in range(start, total if stopped is None else start):
-        epoch, i = divmod(step, steps_per_epoch)
-        if plan is None or plan.epoch != epoch:
-            plan = epoch_plan(seed, epoch, n, ts.pad, ts.flip and ts.augment, device)
-        sl = slice(i * B + rank * b_local, i * B + (rank + 1) * b_local)
-        j = plan.perm[sl]
-        x = _memory_format(ts.batch(j, plan.dy[sl], plan.dx[sl], plan.flip[sl]))
-        y = ts.labels[j]
-        if batch_hook is not None:
-            x, y = batch_hook(step, x, y)
-        lr = lr_at(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with _autocast(device):
-            logits = net(x)
-            loss = crit(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            ld = loss.detach()
-            finite = torch.isfinite(ld)
-            first = (~finite | (ld > threshold)) & (first_bad < 0)
-            first_bad = torch.where(first, step, first_bad)
-            nonfinite = nonfinite | (first & ~finite)
-            if cfg.record_loss:
-                losses[step] = ld
-            sums[0] += ld.double() * y.numel()
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += y.numel()
-        bar.update(1)
-        done = step + 1
-        end_of_epoch = done % steps_per_epoch == 0
-        save_due = end_of_epoch or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        if end_of_epoch or done % check_every == 0 or done == total:  # a host sync on a GPU
-            bad_step = int(first_bad)
-            if bad_step >= 0:
-                stopped, failed_at = done, bad_step
-                failure = "non-finite loss" if bool(nonfinite) else \
-                    f"loss above {cfg.fail_factor:g}× the initial {init_loss:.4g}"
-                break
-            if progress and rank == 0:
-                now = elapsed + clock() - t0
-                bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.3f}",
-                                ex_s=f"{B * (done - start) / max(now - elapsed, 1e-9):.0f}")
-        if not (end_of_epoch or save_due or callback is not None):
-            continue
-        elapsed += clock() - t0  # evaluation, measurements and checkpoints are not timed
-        if end_of_epoch:
-            if dist is not None:
-                dist.all_reduce(sums)
-            test_loss, test_acc = evaluate(model, test_rows, test_y, batch=int(cfg.eval_batch),
-                                           tta=bool(cfg.tta))
-            history.append({"epoch": epoch + 1, "step": done,
-                            "train_loss": float(sums[0] / sums[2]),
-                            "train_acc": float(sums[1] / sums[2]),
-                            "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
-                            "time_s": elapsed, "examples_per_s": B * done / max(elapsed, 1e-9)})
-            sums.zero_()
-        notify(done)
-        if state.diverged:
-            stopped, t0 = done, clock()  # time up to here is already counted
-            failure, failed_at = "stopped by the callback", done
-            break
-        if save_due:
-            save(done)
-        t0 = clock()
-    bar.close()
-    nan = float("nan")
-    if stopped is not None:
-        elapsed += clock() - t0
-        test_loss = test_acc = final_loss = final_acc = nan
+        stopped, failure, failed_at = run.start, "stopped by the callback", run.start
     else:
-        final_loss, final_acc = evaluate(model, ts.plain, ts.labels, batch=int(cfg.eval_batch),
-                                         criterion=crit_sum, train_mode=True)
-        if history and history[-1]["step"] == total:
-            test_loss, test_acc = history[-1]["test_loss"], history[-1]["test_acc"]
-        else:
-            test_loss, test_acc = evaluate(model, test_rows, test_y, batch=int(cfg.eval_batch),
-                                           tta=bool(cfg.tta))
-        if not final_loss < init_loss:
-            failure, failed_at = "final training loss not below the initial one", total
-        elif not final_loss < chance:
-            failure, failed_at = f"collapsed to chance (final training loss {final_loss:.4g} " \
-                f"not below the chance loss {chance:.4g})", total
-    steps_done = stopped if stopped is not None else total
-    return {
-        "test_acc": test_acc,
-        "test_loss": test_loss,
-        "initial_train_loss": init_loss,
-        "chance_loss": chance,
-        "final_train_loss": final_loss,
-        "final_train_acc": final_acc,
-        "failed": failure is not None,
-        "failure": failure,
-        "failed_at_step": failed_at,
-        "history": history,
-        "train_losses": losses[:steps_done].tolist() if cfg.record_loss else None,
-        "time_s": elapsed,
-        "examples_per_s": B * steps_done / max(elapsed, 1e-9),
-        "steps": steps_done,
-        "total_steps": total,
-        "diverged_at_step": stopped,
-        "steps_per_epoch": steps_per_epoch,
-        "train_examples": n,
-        "params": sum(p.numel() for p in model.parameters()),
-        "peak_lr": peak,
-        "base_lr": peak / B,
-        "world_size": world,
-        "extra": extra,
-        "model": model,
-    }
+        check_every = 10 if run.device.type == "cuda" else 1
+        stopped, failure, failed_at = _loop(run, notify, batch_hook, bar, check_every,
+                                            threshold, callback is not None)
+    run.clock.stop()
+    bar.close()
+    return _finish(run, stopped, failure, failed_at)
