@@ -61,7 +61,7 @@ import numpy as np
 from sgdtheory import theory
 
 from . import predict as pr
-from .base import Context, claim, factor_claim
+from .base import Context, check_batches, claim, factor_claim
 from .batch_runs import JOB, job_settings
 from .runner import Job
 
@@ -279,10 +279,7 @@ def _job(ctx: Context, predictions: dict, batch: int, k: float, seed: int) -> Jo
 def jobs(ctx: Context, predictions: dict | None = None) -> list[Job]:
     """The sweep's first stage (B × lr grid × seeds); with ``predictions=None`` only the grid
     is checked."""
-    big = [b for b in ctx.config.batches if b > ctx.n_train]
-    if big:
-        raise ValueError(f"critical_batch: batch sizes {big} exceed the {ctx.n_train} training "
-                         "examples")
+    check_batches(NAME, ctx.config.batches, ctx.n_train)
     if reference_batch(ctx) > ctx.n_train:
         raise ValueError(f"critical_batch: reference_batch {reference_batch(ctx)} exceeds the "
                          f"{ctx.n_train} training examples")

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import predict as pr
-from .base import Context, claim
+from .base import Context, check_batches, claim
 from .batch_runs import JOB, job_settings
 from .runner import Job
 
@@ -142,10 +142,7 @@ def reference_job(ctx: Context) -> Job:
 
 def jobs(ctx: Context) -> list[Job]:
     c = ctx.config
-    big = [b for b in c.batches if b > ctx.n_train]
-    if big:
-        raise ValueError(f"stable_range: batch sizes {big} exceed the {ctx.n_train} training "
-                         "examples")
+    check_batches(NAME, c.batches, ctx.n_train)
     sharp = {**ctx.measure_settings(), "lanczos_iters": c.sharp_lanczos,
              "hutchinson": c.sharp_hutchinson}
     out = []
