@@ -402,6 +402,28 @@ def test_bad_configs_are_refused(name, config):
         load(name).Config(**config)
 
 
+@pytest.mark.parametrize("name", ["critical_batch", "stable_range", "linear_scaling"])
+def test_batches_beyond_the_training_set_are_one_line_and_status_2(name, tmp_path, capsys):
+    """A grid with batch sizes larger than the training split (50 examples here) is refused
+    before any run: exit status 2, one line naming the experiment and exactly those sizes."""
+    d = data.load_digits_data()
+    path = tmp_path / "small.npz"
+    np.savez(path, x_train=(d.train_images[:50, 0] * 255).astype(np.uint8),
+             y_train=d.train_labels[:50], x_test=(d.test_images[:40, 0] * 255).astype(np.uint8),
+             y_test=d.test_labels[:40])
+    big = [b for b in load(name).PRESETS["smoke"].batches if b > 50]
+    assert big  # the smoke grids reach past 50 examples
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--data", str(path), "--preset", "smoke", "--device", "cpu",
+                  "--out", str(tmp_path / "never")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert f"{name}: batch sizes {big} exceed the 50 training examples" in lines[0]
+    assert not (tmp_path / "never").exists()
+
+
 # ---------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

@@ -28,7 +28,8 @@ from validate._io import jsonable, write_json
 from .recipes import Recipe
 from .runner import DataSpec, Job, code_fingerprint, make_executor, run_jobs
 
-__all__ = ["Context", "claim", "factor_claim", "run_experiment", "summary_table", "sweep_jobs"]
+__all__ = ["Context", "check_batches", "claim", "factor_claim", "run_experiment", "summary_table",
+           "sweep_jobs"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,15 @@ class Context:
             if v is not None:
                 m[k] = v
         return m
+
+
+def check_batches(experiment: str, batches, n_train: int) -> None:
+    """Refuse a grid whose batch sizes (examples per step) exceed the ``n_train`` training
+    examples: one ValueError naming ``experiment`` and those sizes."""
+    big = [b for b in batches if b > n_train]
+    if big:
+        raise ValueError(f"{experiment}: batch sizes {big} exceed the {n_train} training "
+                         "examples")
 
 
 def _num(x):

@@ -142,6 +142,106 @@ def _sharpness(state, criterion, spec: dict, seed: int) -> dict:
             "hessian_whole_subset": whole, "hessian_reps": reps}
 
 
+def _chance(cfg, data) -> float:
+    """The chance loss (:func:`validate.train.chance_loss`) of the run's training subset (the
+    subset :func:`validate.train.train` draws from the run's seed)."""
+    from validate.train import chance_loss, subset_size
+
+    n = subset_size(cfg, data.train_images.shape[0])
+    idx = np.sort(np.random.default_rng(int(cfg.seed)).permutation(
+        data.train_images.shape[0])[:n]) if n < data.train_images.shape[0] else slice(None)
+    return chance_loss(data.train_labels[idx], data.num_classes, cfg.label_smoothing)
+
+
+class _Recorder:
+    """The training callback of :func:`batch_run`: at the steps of the loss curve it evaluates
+    L (and stops the run at the lowest target, or gives up at chance), at the measurement steps
+    it calls :func:`validate.experiments.runs.measure_or_stop`, and at the last step it
+    measures the sharpness; ``rec`` holds what it recorded and ``seconds`` the time spent."""
+
+    def __init__(self, settings: dict, cfg, data):
+        from torch import nn
+
+        self.cfg = cfg
+        self.curve = settings.get("curve")
+        self.measure = settings.get("measure")
+        self.sharp = settings.get("sharpness")
+        self.seed = int(settings.get("measure_seed", cfg.seed))
+        self.crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.crit_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
+                                            reduction="sum")
+        self.targets = sorted((float(t) for t in (self.curve or {}).get("targets") or ()),
+                              reverse=True)
+        self.give_up = (self.curve or {}).get("give_up")
+        self.chance = _chance(cfg, data) if self.give_up is not None else None
+        self.rec = {"steps": [], "losses": [], "measurements": [], "sharpness": None,
+                    "stopped_at_target": None, "gave_up": None}
+        self.seconds = {"curve_s": 0.0, "measure_s": 0.0, "sharpness_s": 0.0}
+        self.plan: dict = {}
+
+    def _make_plan(self, total: int) -> None:
+        """The measurement steps, and the curve's evaluation steps (which include them)."""
+        from .runs import measurement_steps
+
+        curve = self.curve
+        pts = measurement_steps(total, int(self.measure["points"])) if self.measure else []
+        self.plan["measure"] = set(pts)
+        self.plan["curve"] = set(evaluation_steps(
+            total, ratio=float(curve.get("ratio", 1.03)), dense=int(curve.get("dense", 20)),
+            at=[*curve.get("at", ()), *pts])) if curve else set()
+
+    def _curve_point(self, state) -> bool:
+        """Evaluate L at this step; True when the run ends here: L ≤ the lowest target with
+        ``stop`` (not a failure), or L not below the chance loss after ``give_up`` × the
+        budget (a failure; see :func:`batch_run`)."""
+        t, rec = state.step, self.rec
+        t0 = time.perf_counter()
+        loss = train_loss(state, self.crit_sum, self.cfg.eval_batch)
+        rec["steps"].append(t)
+        rec["losses"].append(loss)
+        self.seconds["curve_s"] += time.perf_counter() - t0
+        if self.curve.get("stop") and self.targets and math.isfinite(loss) and \
+                loss <= self.targets[-1]:
+            rec["stopped_at_target"] = t
+            state.diverged = True  # ends training; not a failure (see batch_run)
+            return True
+        if self.chance is not None and t >= self.give_up * state.total_steps and t > 0 and \
+                not loss < self.chance:
+            rec["gave_up"] = (t, loss)
+            state.diverged = True  # ends training: a failure (see batch_run)
+            return True
+        return False
+
+    def _measure_point(self, state) -> bool:
+        """The reference measurements at this step (with L when the curve evaluated it here);
+        True when a non-finite value ended the run."""
+        from .runs import measure_or_stop
+
+        t, rec = state.step, self.rec
+        t0 = time.perf_counter()
+        m = measure_or_stop(state, self.crit, self.measure, self.seed, rec["measurements"])
+        if m is None:
+            return True
+        if rec["steps"] and rec["steps"][-1] == t:
+            m["train_loss"] = rec["losses"][-1]
+        rec["measurements"].append(m)
+        self.seconds["measure_s"] += time.perf_counter() - t0
+        return False
+
+    def __call__(self, state):
+        if not self.plan:
+            self._make_plan(state.total_steps)
+        t = state.step
+        if t in self.plan["curve"] and self._curve_point(state):
+            return
+        if t in self.plan["measure"] and self._measure_point(state):
+            return
+        if self.sharp and t == state.total_steps:
+            t0 = time.perf_counter()
+            self.rec["sharpness"] = _sharpness(state, self.crit, self.sharp, self.seed)
+            self.seconds["sharpness_s"] += time.perf_counter() - t0
+
+
 def batch_run(settings: dict, data, device) -> dict:
     """One training run with ``settings['train']`` and the optional ``curve``, ``measure`` and
     ``sharpness`` records described in the module docstring.
@@ -152,78 +252,14 @@ def batch_run(settings: dict, data, device) -> dict:
     None), ``measurements`` and ``sharpness`` (None when the run ended early or failed before
     the end), and ``timing``.
     """
-    from torch import nn
-
     from validate.train import train
 
-    from .runs import _summary, measure_point, measurement_steps, train_config
+    from .runs import _summary, train_config
 
     cfg = train_config(settings)
-    curve = settings.get("curve")
-    measure = settings.get("measure")
-    sharp = settings.get("sharpness")
-    seed = int(settings.get("measure_seed", cfg.seed))
-    crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    crit_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
-    targets = sorted((float(t) for t in (curve or {}).get("targets") or ()), reverse=True)
-    rec = {"steps": [], "losses": [], "measurements": [], "sharpness": None,
-           "stopped_at_target": None, "gave_up": None}
-    give_up = (curve or {}).get("give_up")
-    chance = None
-    if give_up is not None:
-        from validate.train import chance_loss, subset_size
-
-        n = subset_size(cfg, data.train_images.shape[0])
-        idx = np.sort(np.random.default_rng(int(cfg.seed)).permutation(
-            data.train_images.shape[0])[:n]) if n < data.train_images.shape[0] else slice(None)
-        chance = chance_loss(data.train_labels[idx], data.num_classes, cfg.label_smoothing)
-    seconds = {"curve_s": 0.0, "measure_s": 0.0, "sharpness_s": 0.0}
-    plan: dict = {}
-
-    def callback(state):
-        if not plan:
-            pts = measurement_steps(state.total_steps, int(measure["points"])) if measure else []
-            plan["measure"] = set(pts)
-            plan["curve"] = set(evaluation_steps(
-                state.total_steps, ratio=float(curve.get("ratio", 1.03)),
-                dense=int(curve.get("dense", 20)), at=[*curve.get("at", ()), *pts])) \
-                if curve else set()
-        t = state.step
-        if t in plan["curve"]:
-            t0 = time.perf_counter()
-            loss = train_loss(state, crit_sum, cfg.eval_batch)
-            rec["steps"].append(t)
-            rec["losses"].append(loss)
-            seconds["curve_s"] += time.perf_counter() - t0
-            if curve.get("stop") and targets and math.isfinite(loss) and loss <= targets[-1]:
-                rec["stopped_at_target"] = t
-                state.diverged = True  # ends training; not a failure (see below)
-                return
-            if chance is not None and t >= give_up * state.total_steps and t > 0 and \
-                    not loss < chance:
-                rec["gave_up"] = (t, loss)
-                state.diverged = True  # ends training: a failure (see below)
-                return
-        if t in plan["measure"]:
-            t0 = time.perf_counter()
-            try:
-                m = measure_point(state, crit, measure, seed)
-            except ValueError as e:  # the estimators reject non-finite gradients or HVPs
-                if "finite" not in str(e):
-                    raise
-                rec["measurements"].append({"step": t, "error": " ".join(str(e).split())})
-                state.diverged = True
-                return
-            if rec["steps"] and rec["steps"][-1] == t:
-                m["train_loss"] = rec["losses"][-1]
-            rec["measurements"].append(m)
-            seconds["measure_s"] += time.perf_counter() - t0
-        if sharp and t == state.total_steps:
-            t0 = time.perf_counter()
-            rec["sharpness"] = _sharpness(state, crit, sharp, seed)
-            seconds["sharpness_s"] += time.perf_counter() - t0
-
-    result = train(cfg, data, device=device, progress=False, callback=callback)
+    cb = _Recorder(settings, cfg, data)
+    rec = cb.rec
+    result = train(cfg, data, device=device, progress=False, callback=cb)
     out, timing = _summary(result)
     if rec["stopped_at_target"] is not None:  # our own early stop, not a failure of training
         out.update(failed=False, failure=None, failed_at_step=None)
@@ -231,19 +267,19 @@ def batch_run(settings: dict, data, device) -> dict:
         t, loss = rec["gave_up"]
         out.update(failed=True, failed_at_step=t, failure=(
             f"collapsed to chance (training loss {loss:.4g} not below the chance loss "
-            f"{chance:.4g} after {t} of {out['total_steps']} steps; stopped)"))
+            f"{cb.chance:.4g} after {t} of {out['total_steps']} steps; stopped)"))
     out["stopped_at_target"] = rec["stopped_at_target"]
     out["curve"] = {"steps": rec["steps"], "losses": rec["losses"]}
     b = int(cfg.batch_size)
     out["targets"] = []
-    for target in targets:
+    for target in cb.targets:
         s = crossing_step(rec["steps"], rec["losses"], target)
         out["targets"].append({"target": target, "step": s, "examples": s * b,
                                "reached": bool(math.isfinite(s))})
     out["measurements"] = rec["measurements"]
     out["sharpness"] = rec["sharpness"]
-    if measure or sharp:
+    if cb.measure or cb.sharp:
         out["dim"] = sum(p.numel() for p in result["model"].parameters() if p.requires_grad)
-    timing.update(seconds)
+    timing.update(cb.seconds)
     out["timing"] = timing
     return out

@@ -61,7 +61,7 @@ import numpy as np
 from sgdtheory import theory
 
 from . import predict as pr
-from .base import Context, claim, factor_claim
+from .base import Context, check_batches, claim, factor_claim
 from .batch_runs import JOB, job_settings
 from .runner import Job
 
@@ -279,10 +279,7 @@ def _job(ctx: Context, predictions: dict, batch: int, k: float, seed: int) -> Jo
 def jobs(ctx: Context, predictions: dict | None = None) -> list[Job]:
     """The sweep's first stage (B × lr grid × seeds); with ``predictions=None`` only the grid
     is checked."""
-    big = [b for b in ctx.config.batches if b > ctx.n_train]
-    if big:
-        raise ValueError(f"critical_batch: batch sizes {big} exceed the {ctx.n_train} training "
-                         "examples")
+    check_batches(NAME, ctx.config.batches, ctx.n_train)
     if reference_batch(ctx) > ctx.n_train:
         raise ValueError(f"critical_batch: reference_batch {reference_batch(ctx)} exceeds the "
                          f"{ctx.n_train} training examples")
@@ -441,93 +438,114 @@ def _fmt(v, spec=".3g") -> str:
     return "—" if v is None or not math.isfinite(v) else format(v, spec)
 
 
-def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
-    c = ctx.config
-    tgt = predictions["targets"]
-    table = grids(ctx, predictions, records)
-    fits, chosen, checks, findings = [], [], [], []
-    for t_i, t in enumerate(tgt):
-        rows, used, best = [], [], []
-        for b in c.batches:
-            ks = list(table[b])
-            k, s = best_rates(ks, np.array([table[b][x]["steps"][t_i] for x in ks]))
-            best.append(None if k is None else {
-                "batch": b, "lr_index": k, "exponent": ks[k], "at_edge": k in (0, len(ks) - 1),
-                "lr": predictions["eps_opt"][str(b)]["lr"] * 2.0 ** ks[k], "steps": s.tolist()})
-            if k is not None:
-                rows.append(s)
-                used.append(b)
-        chosen.append(best)
-        fit = None
-        if len(used) >= 3:
-            try:
-                fit = fit_hyperbola(used, np.array(rows).T)
-            except ValueError as e:
-                fit = {"error": " ".join(str(e).split())}
-        fits.append({"target": t["loss"], "batches": used, "fit": fit,
-                     "missing": [b for b in c.batches if b not in used]})
-    ok_fits = [f["fit"] if f["fit"] and "error" not in f["fit"] else None for f in fits]
-    for t, f, fit in zip(tgt, fits, ok_fits, strict=True):
-        miss = f"; no rate reached it at B = {f['missing']}" if f["missing"] else ""
-        checks.append(claim(
-            f"data on the hyperbola (target {t['loss']:.3g})", 0.0,
-            None if fit is None else fit["misfit"],
-            bool(fit is not None and fit["misfit"] <= 0.3),
-            "worst |S_fit/S − 1| over B ≤ 0.3", tolerance=0.3, uses_prediction=False,
-            note=("S_min = " + _fmt(fit["s_min"]) + f", B_crit = {_fmt(fit['b_crit'])}"
-                  if fit else "fewer than 3 batch sizes reached the target") + miss))
-    bc = [fit["b_crit"] if fit else math.nan for fit in ok_fits]
+def _best_and_fit(ctx: Context, predictions: dict, table: dict, t_i: int):
+    """For target ``t_i``: the best rate of each B (:func:`best_rates`; None where no rate
+    qualifies) and the fit of S = S_min(1 + B_crit/B) over the B that have one
+    (:func:`fit_hyperbola`, with at least three; ``{'error'}`` when it refuses the data)."""
+    rows, used, best = [], [], []
+    for b in ctx.config.batches:
+        ks = list(table[b])
+        k, s = best_rates(ks, np.array([table[b][x]["steps"][t_i] for x in ks]))
+        best.append(None if k is None else {
+            "batch": b, "lr_index": k, "exponent": ks[k], "at_edge": k in (0, len(ks) - 1),
+            "lr": predictions["eps_opt"][str(b)]["lr"] * 2.0 ** ks[k], "steps": s.tolist()})
+        if k is not None:
+            rows.append(s)
+            used.append(b)
+    fit = None
+    if len(used) >= 3:
+        try:
+            fit = fit_hyperbola(used, np.array(rows).T)
+        except ValueError as e:
+            fit = {"error": " ".join(str(e).split())}
+    return best, {"target": predictions["targets"][t_i]["loss"], "batches": used, "fit": fit,
+                  "missing": [b for b in ctx.config.batches if b not in used]}
+
+
+def _check_on_hyperbola(t: dict, f: dict, fit: dict | None) -> dict:
+    """Check 1 (per target): the worst |S_fit/S − 1| over B ≤ 0.3."""
+    miss = f"; no rate reached it at B = {f['missing']}" if f["missing"] else ""
+    return claim(
+        f"data on the hyperbola (target {t['loss']:.3g})", 0.0,
+        None if fit is None else fit["misfit"],
+        bool(fit is not None and fit["misfit"] <= 0.3),
+        "worst |S_fit/S − 1| over B ≤ 0.3", tolerance=0.3, uses_prediction=False,
+        note=("S_min = " + _fmt(fit["s_min"]) + f", B_crit = {_fmt(fit['b_crit'])}"
+              if fit else "fewer than 3 batch sizes reached the target") + miss)
+
+
+def _check_grows(tgt: list[dict], bc: list[float]) -> dict:
+    """Check 2: B_crit grows as the target loss falls — the smallest ratio B_crit(next lower
+    target)/B_crit > 1 (the smallest such ratio of B_simple shown beside it)."""
     bsim = [t["b_simple"] for t in tgt]
     ratios = [bc[i + 1] / bc[i] for i in range(len(bc) - 1)]
     pred_ratios = [bsim[i + 1] / bsim[i] for i in range(len(bsim) - 1)]
     min_ratio = min(ratios) if ratios and all(math.isfinite(r) for r in ratios) else math.nan
-    checks.append(claim(
+    return claim(
         "B_crit grows as the target loss falls", min(pred_ratios) if pred_ratios else None,
         min_ratio, bool(math.isfinite(min_ratio) and min_ratio > 1.0),
         "B_crit(next lower target)/B_crit > 1 for every pair (measured: the smallest ratio)",
         tolerance=1.0, uses_prediction=False,
         note="B_crit by target: " + ", ".join(f"{t['loss']:.3g}: {_fmt(v)}"
                                                for t, v in zip(tgt, bc, strict=True))
-        + "; predicted: the smallest such ratio of B_simple (shown, not part of the rule)"))
-    for t, fit in zip(tgt, ok_fits, strict=True):
-        se = fit["b_crit_stderr"] if fit else None
-        checks.append(factor_claim(
-            f"B_crit vs B_simple at that loss (target {t['loss']:.3g})", t["b_simple"],
-            fit["b_crit"] if fit else None, 3.0,
-            note=f"B_crit ± {_fmt(se)} (jackknife over seeds); B_simple ± "
-                 f"{_fmt(t['b_simple_stderr'])}; B_noise = {_fmt(t['b_noise'])} ± "
-                 f"{_fmt(t['b_noise_stderr'])}"))
-    # which noise scale tracks B_crit better
+        + "; predicted: the smallest such ratio of B_simple (shown, not part of the rule)")
+
+
+def _check_vs_b_simple(t: dict, fit: dict | None) -> dict:
+    """Check 3 (per target): the fitted B_crit within 3× of B_simple measured at that loss."""
+    se = fit["b_crit_stderr"] if fit else None
+    return factor_claim(
+        f"B_crit vs B_simple at that loss (target {t['loss']:.3g})", t["b_simple"],
+        fit["b_crit"] if fit else None, 3.0,
+        note=f"B_crit ± {_fmt(se)} (jackknife over seeds); B_simple ± "
+             f"{_fmt(t['b_simple_stderr'])}; B_noise = {_fmt(t['b_noise'])} ± "
+             f"{_fmt(t['b_noise_stderr'])}")
+
+
+def _tracking(tgt: list[dict], bc: list[float]):
+    r"""Which noise scale tracks B_crit better: the mean over the targets of |ln(B_crit/B_x)|
+    for B_x = B_simple and B_noise. Returns (those means, the better one's name or None, the
+    finding or None)."""
     dev = {}
     for key in ("b_simple", "b_noise"):
         d = [abs(math.log(b / t[key])) for t, b in zip(tgt, bc, strict=True)
              if math.isfinite(b) and t[key] and math.isfinite(t[key]) and t[key] > 0]
         dev[key] = float(np.mean(d)) if d else math.nan
-    if math.isfinite(dev["b_simple"]) and math.isfinite(dev["b_noise"]):
-        better = "B_simple" if dev["b_simple"] <= dev["b_noise"] else "B_noise"
-        findings.append(
-            f"{better} tracks the fitted B_crit better: mean |ln(B_crit/B_simple)| = "
-            f"{dev['b_simple']:.3g} (a typical factor {math.exp(dev['b_simple']):.3g}), mean "
-            f"|ln(B_crit/B_noise)| = {dev['b_noise']:.3g} (factor "
-            f"{math.exp(dev['b_noise']):.3g}); per target B_crit / B_simple / B_noise: "
-            + "; ".join(f"{t['loss']:.3g}: {_fmt(b)} / {_fmt(t['b_simple'])} / "
-                        f"{_fmt(t['b_noise'])}" for t, b in zip(tgt, bc, strict=True)))
-    else:
-        better = None
+    if not (math.isfinite(dev["b_simple"]) and math.isfinite(dev["b_noise"])):
+        return dev, None, None
+    better = "B_simple" if dev["b_simple"] <= dev["b_noise"] else "B_noise"
+    return dev, better, (
+        f"{better} tracks the fitted B_crit better: mean |ln(B_crit/B_simple)| = "
+        f"{dev['b_simple']:.3g} (a typical factor {math.exp(dev['b_simple']):.3g}), mean "
+        f"|ln(B_crit/B_noise)| = {dev['b_noise']:.3g} (factor "
+        f"{math.exp(dev['b_noise']):.3g}); per target B_crit / B_simple / B_noise: "
+        + "; ".join(f"{t['loss']:.3g}: {_fmt(b)} / {_fmt(t['b_simple'])} / "
+                    f"{_fmt(t['b_noise'])}" for t, b in zip(tgt, bc, strict=True)))
+
+
+def _grid_findings(c, table: dict, tgt: list[dict], chosen: list[list]) -> list[str]:
+    """The rates tried at each B (as k in ε_opt(B)·2^k), the best rates still at an edge of
+    them, and the best k per B and target."""
     edges = []
     for t, best in zip(tgt, chosen, strict=True):
         for x in best:
             if x is not None and x["at_edge"]:
                 edges.append(f"B={x['batch']} (target {t['loss']:.3g}, k={x['exponent']:g})")
-    findings.append(f"rates tried, as k in ε_opt(B)·2^k (initial {list(c.lr_exponents)}, "
-                    f"extended up to {c.extend} steps each side while the best was at an edge): "
-                    + "; ".join(f"B={b}: {[float(k) for k in table[b]]}" for b in c.batches))
-    findings.append("best lr still at the edge of the rates tried (the optimum may lie "
-                    "outside): " + (", ".join(edges) if edges else "none"))
-    findings.append("best lr per B as ε_opt(B)·2^k, k per target: " + "; ".join(
-        f"B={b}: " + "/".join(_fmt(best[b_i]["exponent"], "g") if best[b_i] else "—"
-                              for best in chosen)
-        for b_i, b in enumerate(c.batches)))
+    return [
+        f"rates tried, as k in ε_opt(B)·2^k (initial {list(c.lr_exponents)}, extended up to "
+        f"{c.extend} steps each side while the best was at an edge): "
+        + "; ".join(f"B={b}: {[float(k) for k in table[b]]}" for b in c.batches),
+        "best lr still at the edge of the rates tried (the optimum may lie outside): "
+        + (", ".join(edges) if edges else "none"),
+        "best lr per B as ε_opt(B)·2^k, k per target: " + "; ".join(
+            f"B={b}: " + "/".join(_fmt(best[b_i]["exponent"], "g") if best[b_i] else "—"
+                                  for best in chosen)
+            for b_i, b in enumerate(c.batches))]
+
+
+def _fit_findings(tgt: list[dict], ok_fits: list, records: list[dict]) -> list[str]:
+    """S_min, E_min and B_crit (± jackknife) per target, and how many sweep runs failed."""
+    findings = []
     for t, fit in zip(tgt, ok_fits, strict=True):
         if fit:
             findings.append(f"target {t['loss']:.3g}: S_min = {fit['s_min']:.3g} ± "
@@ -537,11 +555,38 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
     failed = sum(bool(r["result"]["failed"]) for r in records)
     findings.append(f"{failed} of {len(records)} sweep runs failed (non-finite, > 10× initial "
                     "loss, or no progress), counted as not reaching any target")
-    rows = [{"label": r["label"], "key": r["key"], "batch_size": r["settings"]["train"][
+    return findings
+
+
+def _rows(records: list[dict]) -> list[dict]:
+    """The compact row of each sweep run stored in the report."""
+    return [{"label": r["label"], "key": r["key"], "batch_size": r["settings"]["train"][
         "batch_size"], "lr": r["result"]["peak_lr"], "seed": r["settings"]["train"]["seed"],
         "failed": r["result"]["failed"], "failure": r["result"]["failure"],
         "steps_run": r["result"]["steps"], "stopped_at_target": r["result"]["stopped_at_target"],
         "steps_to_target": [t["step"] for t in r["result"]["targets"]]} for r in records]
+
+
+def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
+    """Best rates and hyperbola fits per target, the checks (module docstring), findings."""
+    c = ctx.config
+    tgt = predictions["targets"]
+    table = grids(ctx, predictions, records)
+    chosen, fits = [], []
+    for t_i in range(len(tgt)):
+        best, fit = _best_and_fit(ctx, predictions, table, t_i)
+        chosen.append(best)
+        fits.append(fit)
+    ok_fits = [f["fit"] if f["fit"] and "error" not in f["fit"] else None for f in fits]
+    checks = [_check_on_hyperbola(t, f, fit)
+              for t, f, fit in zip(tgt, fits, ok_fits, strict=True)]
+    bc = [fit["b_crit"] if fit else math.nan for fit in ok_fits]
+    checks.append(_check_grows(tgt, bc))
+    checks += [_check_vs_b_simple(t, fit) for t, fit in zip(tgt, ok_fits, strict=True)]
+    dev, better, tracks = _tracking(tgt, bc)
+    findings = [] if tracks is None else [tracks]
+    findings += _grid_findings(c, table, tgt, chosen)
+    findings += _fit_findings(tgt, ok_fits, records)
     return {
         "batches": list(c.batches), "lr_exponents": list(c.lr_exponents),
         "targets": [t["loss"] for t in tgt],
@@ -552,27 +597,18 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
         "best": chosen, "fits": fits,
         "tracks_better": better, "mean_abs_log_ratio": dev,
         "reference_curve": ref["result"]["curve"],
-        "checks": checks, "findings": findings, "runs": rows,
+        "checks": checks, "findings": findings, "runs": _rows(records),
     }
 
 
 # ---------------------------------------------------------------------------- figure
-def plot(report: dict):
-    """(a) examples vs steps to each target with the fitted hyperbolas (the paper's figure);
-    (b) steps vs B with the fits and B_crit; (c) B_crit vs target loss with B_simple and B_noise
-    measured along the reference run; (d) steps to the middle target vs lr/ε_opt(B) at each B
-    (the lr grid), and the reference run's training loss with the targets (inset-free, twin)."""
-    from sgdtheory.experiments import _plotting as P
+def _hyperbola_panels(ax_e, ax_s, P, a: dict, tg: list[dict]) -> None:
+    r"""(a) examples E = S·B vs steps S and (b) S vs B, per target: the geometric mean over the
+    seeds of the best rate's steps (± s.e. as a factor exp(s.e. of log S)), the fitted
+    hyperbola S = S_min(1 + B_crit/B) and ◆ at (B_crit, 2·S_min)."""
+    from matplotlib.lines import Line2D
 
-    a = report["analysis"]
-    pred = report["predictions"]
     bs = np.asarray(a["batches"], dtype=float)
-    tg = pred["targets"]
-    fig, axes = P.subplots(2, 2, panel_size=(4.6, 3.5),
-                           title=f"Critical batch on {report['data']['source']}: "
-                                 f"{report['model']['name']} ({report['model']['parameters']} "
-                                 "parameters), constant lr, best of a grid around ε_opt(B)")
-    ax_e, ax_s, ax_b, ax_l = axes
     bb = np.geomspace(bs.min() / 4, bs.max() * 4, 200)
     for i, (t, f) in enumerate(zip(tg, a["fits"], strict=True)):
         col = P.color(i)
@@ -600,8 +636,6 @@ def plot(report: dict):
     ax_e.set_xlabel("optimiser steps S to the target")
     ax_e.set_ylabel("examples E = S·B")
     ax_e.set_title("(a) S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit)", fontsize=9)
-    from matplotlib.lines import Line2D
-
     P.legend(ax_s, key=False, loc="upper right", title="target training loss",
              title_fontsize=7.5, extra=[
                  (Line2D([], [], color="0.35", lw=1.2), "fitted hyperbola"),
@@ -612,6 +646,11 @@ def plot(report: dict):
     ax_s.set_xlabel("batch size B")
     ax_s.set_ylabel("steps S (best lr of the grid)")
     ax_s.set_title("(b) steps vs B; ◆ at (B_crit, 2·S_min)", fontsize=9)
+
+
+def _b_crit_panel(ax_b, P, a: dict, tg: list[dict]) -> None:
+    """(c) the fitted B_crit (± jackknife, a ×3 band: check 3) vs the target loss, with
+    B_simple = tr Σ/|G|² and B_noise = tr(HΣ)/GᵀHG measured along the reference run there."""
     loss = np.array([t["loss"] for t in tg])
     bc = np.array([f["fit"]["b_crit"] if f["fit"] and "error" not in f["fit"] else np.nan
                    for f in a["fits"]])
@@ -636,23 +675,30 @@ def plot(report: dict):
     ax_b.set_ylabel("batch size (examples)")
     ax_b.set_title("(c) B_crit vs the measured noise scales", fontsize=9)
     P.legend(ax_b, key=False, loc="best")
-    # (d) the lr grid: steps to the middle target vs lr/ε_opt(B)
-    mid = len(tg) // 2
-    curves = []
-    for b in a["batches"]:
-        g = a["grid"][str(b)]
-        ks = np.asarray(g["exponents"], dtype=float)
-        steps = np.asarray([[np.nan if v is None else v for v in row[mid]]
-                            for row in g["steps"]], dtype=float).reshape(len(ks), -1)
-        ok = np.isfinite(steps) & (steps > 0)
-        reached = 2 * ok.sum(axis=1) > steps.shape[1]
-        geo = np.full(len(ks), np.nan)
-        for i in np.flatnonzero(reached):
-            geo[i] = np.exp(np.log(steps[i, ok[i]]).mean())
-        curves.append((ks, geo, reached))
-    top = max([np.nanmax(c[1]) for c in curves if np.isfinite(c[1]).any()] or [1.0])
+
+
+def _grid_curve(g: dict, mid: int):
+    """(k, geometric mean over the seeds that reached target ``mid`` of their steps — nan
+    where at most half of them reached it —, whether more than half did) for one B's grid."""
+    ks = np.asarray(g["exponents"], dtype=float)
+    steps = np.asarray([[np.nan if v is None else v for v in row[mid]]
+                        for row in g["steps"]], dtype=float).reshape(len(ks), -1)
+    ok = np.isfinite(steps) & (steps > 0)
+    reached = 2 * ok.sum(axis=1) > steps.shape[1]
+    geo = np.full(len(ks), np.nan)
+    for i in np.flatnonzero(reached):
+        geo[i] = np.exp(np.log(steps[i, ok[i]]).mean())
+    return ks, geo, reached
+
+
+def _lr_grid_panel(ax_l, a: dict, tg: list[dict]) -> None:
+    """(d) steps to the middle target vs lr/ε_opt(B) = 2^k at each B (the lr grid); × where
+    most seeds did not reach it."""
     import matplotlib as mpl
 
+    mid = len(tg) // 2
+    curves = [_grid_curve(a["grid"][str(b)], mid) for b in a["batches"]]
+    top = max([np.nanmax(c[1]) for c in curves if np.isfinite(c[1]).any()] or [1.0])
     cmap = mpl.colormaps["viridis"]
     for b_i, (b, (ks, geo, reached)) in enumerate(zip(a["batches"], curves, strict=True)):
         col = cmap(b_i / max(len(curves) - 1, 1) * 0.9)
@@ -664,4 +710,23 @@ def plot(report: dict):
     ax_l.set_ylabel(f"steps to L = {tg[mid]['loss']:.3g}")
     ax_l.set_title("(d) the rates tried at each B (×: most seeds did not reach L)", fontsize=9)
     ax_l.legend(fontsize=6.5, ncol=2, loc="best", frameon=False)
+
+
+def plot(report: dict):
+    """(a) examples vs steps to each target with the fitted hyperbolas (the paper's figure);
+    (b) steps vs B with the fits and B_crit; (c) B_crit vs target loss with B_simple and B_noise
+    measured along the reference run; (d) steps to the middle target vs lr/ε_opt(B) at each B
+    (the lr grid)."""
+    from sgdtheory.experiments import _plotting as P
+
+    a = report["analysis"]
+    tg = report["predictions"]["targets"]
+    fig, axes = P.subplots(2, 2, panel_size=(4.6, 3.5),
+                           title=f"Critical batch on {report['data']['source']}: "
+                                 f"{report['model']['name']} ({report['model']['parameters']} "
+                                 "parameters), constant lr, best of a grid around ε_opt(B)")
+    ax_e, ax_s, ax_b, ax_l = axes
+    _hyperbola_panels(ax_e, ax_s, P, a, tg)
+    _b_crit_panel(ax_b, P, a, tg)
+    _lr_grid_panel(ax_l, a, tg)
     return fig

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import predict as pr
-from .base import Context, claim, factor_claim
+from .base import Context, check_batches, claim, factor_claim
 from .batch_runs import JOB, job_settings
 from .critical_batch import pooled_ratio
 from .runner import Job
@@ -117,10 +117,7 @@ def reference_job(ctx: Context) -> Job:
 def jobs(ctx: Context) -> list[Job]:
     """Stage 1: the base-rate scan at the smallest batch."""
     c = ctx.config
-    big = [b for b in c.batches if b > ctx.n_train]
-    if big:
-        raise ValueError(f"linear_scaling: batch sizes {big} exceed the {ctx.n_train} training "
-                         "examples")
+    check_batches(NAME, c.batches, ctx.n_train)
     b0 = int(c.batches[0])
     return [_run(ctx, b0, eta, c.warmup, ctx.seed + r, f"scan B={b0} base={eta:.3g} "
                  f"seed={ctx.seed + r}")

@@ -252,11 +252,10 @@ def _slope(n, best) -> float:
     return float(np.polyfit(np.log(n), np.log(best), 1)[0])
 
 
-def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
-    factors = np.asarray(ctx.config.factors, dtype=float)
-    bs, ns = ctx.recipe.batches, sizes(ctx)
-    eta0 = predictions["standard_base_rate"]
-    failed, present, vals = _grid(ctx, records)
+def _cell_stats(present, failed, vals):
+    r"""Per (B, N, f) cell over its seeds: the fraction of runs that failed, and the mean and
+    standard error (std/√n, nan with fewer than two working seeds) of each final value over
+    the seeds that worked (nan when none did)."""
     with warnings.catch_warnings():  # all-nan slices (every seed failed) are expected: nan
         warnings.simplefilter("ignore", RuntimeWarning)
         frac = np.where(present, failed, np.nan)
@@ -268,21 +267,34 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
         ses = {k: np.where(n_ok > 1, np.nanstd(np.where(ok, v, np.nan), -1, ddof=1)
                            / np.sqrt(np.maximum(n_ok, 1)), np.nan)
                for k, v in vals.items()}
-    f_fail = np.full((len(bs), len(ns)), np.nan)
-    best = np.full((len(bs), len(ns)), np.nan)
-    trains = np.zeros((len(bs), len(ns)), dtype=bool)
-    for i in range(len(bs)):
-        for j in range(len(ns)):
+    return frac, means, ses
+
+
+def _failure_and_best(factors, present, frac, mean_test):
+    """Per (B, N): the failure factor (:func:`failure_factor`), the best factor
+    (:func:`best_factor` over the working factors) and whether the N trains at all; nan (and
+    False) where the grid has no run or nothing works."""
+    shape = present.shape[:2]
+    f_fail = np.full(shape, np.nan)
+    best = np.full(shape, np.nan)
+    trains = np.zeros(shape, dtype=bool)
+    for i in range(shape[0]):
+        for j in range(shape[1]):
             if not present[i, j].any():
                 continue
-            ff = failure_factor(factors, frac[i, j], means["test_loss"][i, j])
+            ff = failure_factor(factors, frac[i, j], mean_test[i, j])
             trains[i, j] = ff is not None
             if ff is not None:
                 f_fail[i, j] = ff
-                working = np.where(frac[i, j] <= 0.5, means["test_loss"][i, j], np.nan)
+                working = np.where(frac[i, j] <= 0.5, mean_test[i, j], np.nan)
                 best[i, j] = best_factor(factors, working)
-    checks, findings = [], []
-    med_fail = []
+    return f_fail, best, trains
+
+
+def _check_same_failure(bs, ns, f_fail, trains):
+    """Check 1 per B: max/min over the N that train of the failure factor ≤ 2 (one grid step).
+    Returns (checks, the median failure factor over N per B, nan when no N trains)."""
+    checks, med_fail = [], []
     for i, b in enumerate(bs):
         ff = f_fail[i, trains[i]]
         names = [n for n, t in zip(ns, trains[i], strict=True) if t]
@@ -296,18 +308,31 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
                 f"N={n}: {_fmt(v)}" for n, v in zip(names, ff, strict=True))
             + (f"; N that do not train at all: {idle}" if idle else "")))
         med_fail.append(float(np.median(ff)) if ff.size else math.nan)
+    return checks, med_fail
+
+
+def _check_batch_ratio(bs, med_fail, noise_limit) -> dict:
+    """Check 2: median_N f_fail(B)/median_N f_fail(4B) ≥ 2 (factor units: base rates); the
+    prediction shown beside it is the ratio of the noise-aware limits' base rates
+    [η_c(B)/B]/[η_c(4B)/4B]."""
     pred_ratio = None
-    nl = predictions["noise_limit"]
-    if all(nl[str(b)]["base_rate"] is not None for b in bs):
-        pred_ratio = nl[str(bs[0])]["base_rate"] / nl[str(bs[1])]["base_rate"]
+    if all(noise_limit[str(b)]["base_rate"] is not None for b in bs):
+        pred_ratio = noise_limit[str(bs[0])]["base_rate"] / noise_limit[str(bs[1])]["base_rate"]
     ratio = med_fail[0] / med_fail[1] if med_fail[1] and math.isfinite(med_fail[1]) \
         else math.nan
-    checks.append(claim(
+    return claim(
         f"4× batch fails at a factor ≥ 2× lower (B={bs[0]} vs {bs[1]})", pred_ratio, ratio,
         bool(math.isfinite(ratio) and ratio >= 2.0), "median_N f_fail(B)/f_fail(4B) ≥ 2",
         tolerance=2.0, uses_prediction=False,
         note="predicted: the ratio of the noise-aware limits in base-rate units (shown, not "
-             "part of the rule)"))
+             "part of the rule)")
+
+
+def _check_failure_lr(bs, med_fail, eta0, predictions) -> list[dict]:
+    """Check 3 per B: the measured failure lr, median_N f_fail·η̃₀·B, within 2× of the
+    predicted noise-aware limit η_c(B)."""
+    nl = predictions["noise_limit"]
+    checks = []
     for i, b in enumerate(bs):
         meas = med_fail[i] * eta0 * b if math.isfinite(med_fail[i]) else math.nan
         checks.append(factor_claim(
@@ -315,7 +340,14 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
             note=f"measured: median over N of the first failing grid lr f·η̃₀·B; predicted: "
                  f"η_c(B) on the reference spectrum (± {_fmt(nl[str(b)]['stderr'])}); the "
                  f"curvature limit {predictions['curvature_limit']['lr']:.4g}"))
-    slopes = []
+    return checks
+
+
+def _check_best_falls(bs, ns, best, trains):
+    """Check 4 per B: the least-squares slope of log(best factor) on log N, over the N that
+    train with a resolved best factor, is < 0 (−1 where forgetting-limited, shown).
+    Returns (checks, slopes)."""
+    checks, slopes = [], []
     for i, b in enumerate(bs):
         sel = trains[i] & np.isfinite(best[i])
         slope = _slope(np.asarray(ns)[sel], best[i, sel]) if sel.sum() >= 2 else math.nan
@@ -329,7 +361,14 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
                 f"N={n}: {_fmt(v)}" for n, v in zip(np.asarray(ns)[sel], best[i, sel],
                                                     strict=True))
             + "; predicted −1 where forgetting-limited (shown, not part of the rule)"))
-    # findings: the one-step criterion, forgetting limits, sharpness along the reference run
+    return checks, slopes
+
+
+def _stability_findings(bs, factors, frac, best, trains, eta0, predictions) -> list[str]:
+    """Per B: the largest working lr (largest grid factor f with at most half the seeds
+    failing, as f·η̃₀·B) and the best lr (median over N) as multiples of the reference run's
+    median 2·ε_opt(B)."""
+    findings = []
     for i, b in enumerate(bs):
         e = predictions["two_eps_opt"][str(b)]
         working = np.where(frac[i] <= 0.5, factors[None, :], np.nan)
@@ -343,12 +382,15 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
                 f"{e['median']:.3g} of the reference run (range {_fmt(e['min'])} … "
                 f"{_fmt(e['max'])}); the best lr (median over N) {best_lr:.3g} is "
                 f"{best_lr / e['median']:.3g}× it")
-    fl = predictions["forgetting_limit"]
-    findings.append(f"forgetting limit (factor) vs best factor at B={bs[0]}: " + ", ".join(
-        f"N={n}: {fl[str(n)]['factor']:.3g} vs {_fmt(best[0, j])}" for j, n in enumerate(ns)))
+    return findings
+
+
+def _reference_findings(ctx: Context, ref: dict) -> list[str]:
+    """λ_max along the reference run, and η·λ_max/(1+μ) there (above 2: beyond the local
+    curvature limit of heavy-ball momentum μ)."""
     pts = pr.valid_points(ref["result"]["measurements"])
-    findings.append("reference run λ_max: " + ", ".join(
-        f"step {m['step']}: {m['lambda_max']:.3g}" for m in pts))
+    findings = ["reference run λ_max: " + ", ".join(
+        f"step {m['step']}: {m['lambda_max']:.3g}" for m in pts)]
     mu = float(ctx.recipe.train.momentum)
     prod = [(m["lr"] * m["lambda_max"] / (1 + mu), m["step"]) for m in pts if m["lr"] > 0]
     if prod:
@@ -358,7 +400,12 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
             f"{top:.3g} at step {at}, median {float(np.median([v for v, _ in prod])):.3g}, "
             f"above 2 at {sum(v > 2 for v, _ in prod)} of {len(prod)} points — the run trains "
             "on regardless")
-    rows = [{"label": r["label"], "key": r["key"],
+    return findings
+
+
+def _rows(records: list[dict]) -> list[dict]:
+    """The compact row of each sweep run stored in the report."""
+    return [{"label": r["label"], "key": r["key"],
              **{k: r["settings"]["train"][k] for k in ("batch_size", "subset", "lr_factor",
                                                        "seed")},
              "lr": r["result"]["peak_lr"],
@@ -366,6 +413,28 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
                  "failed", "failure", "failed_at_step", "initial_train_loss", "chance_loss",
                  "final_train_loss", "final_train_acc", "test_loss", "test_acc", "steps",
                  "total_steps")}} for r in records]
+
+
+def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
+    """Failure and best factors per (B, N), the four checks (module docstring) and the
+    findings."""
+    factors = np.asarray(ctx.config.factors, dtype=float)
+    bs, ns = ctx.recipe.batches, sizes(ctx)
+    eta0 = predictions["standard_base_rate"]
+    failed, present, vals = _grid(ctx, records)
+    frac, means, ses = _cell_stats(present, failed, vals)
+    f_fail, best, trains = _failure_and_best(factors, present, frac, means["test_loss"])
+    checks, med_fail = _check_same_failure(bs, ns, f_fail, trains)
+    checks.append(_check_batch_ratio(bs, med_fail, predictions["noise_limit"]))
+    checks += _check_failure_lr(bs, med_fail, eta0, predictions)
+    falls, slopes = _check_best_falls(bs, ns, best, trains)
+    checks += falls
+    # findings: the one-step criterion, forgetting limits, sharpness along the reference run
+    findings = _stability_findings(bs, factors, frac, best, trains, eta0, predictions)
+    fl = predictions["forgetting_limit"]
+    findings.append(f"forgetting limit (factor) vs best factor at B={bs[0]}: " + ", ".join(
+        f"N={n}: {fl[str(n)]['factor']:.3g} vs {_fmt(best[0, j])}" for j, n in enumerate(ns)))
+    findings += _reference_findings(ctx, ref)
     return {
         "factors": factors.tolist(), "batches": list(bs), "sizes": ns,
         "standard_base_rate": eta0, "epochs": ctx.epochs,
@@ -374,7 +443,7 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
         "slopes": slopes,
         **{f"mean_{k}": v.tolist() for k, v in means.items()},
         **{f"se_{k}": v.tolist() for k, v in ses.items()},
-        "checks": checks, "findings": findings, "runs": rows,
+        "checks": checks, "findings": findings, "runs": _rows(records),
     }
 
 
@@ -385,70 +454,61 @@ def _nan(x):
     return np.nan if x is None else x
 
 
-def plot(report: dict):
-    """Rows: the two batch sizes. Columns: final training loss, final test loss (vs factor,
-    one line per N, failures as ×, best factors as ★, the predicted failure factor, the
-    curvature limit, the 2·ε_opt band and the forgetting limits), and the reference run
-    (λ_max with the curvature limit of each rate, the noise scales with the batch sizes)."""
-    from matplotlib.lines import Line2D
-
-    from sgdtheory.experiments import _plotting as P
-
-    a = report["analysis"]
-    pred = report["predictions"]
+def _loss_panel(ax, P, a: dict, pred: dict, i: int, key: str) -> None:
+    """One loss panel (``key``: final_train_loss or test_loss) at the i-th batch size B: mean
+    ± s.e. over the working seeds vs the factor f, one line per N; × at a height above the
+    data where most seeds fail; on the test panel ★ at each N's best factor and the forgetting
+    limit (1−μ)/(N λ_Σ)/η̃₀ dashed; the predicted failure factor η_c(B)/(B η̃₀) solid, the
+    curvature limit 2(1+μ)/(λ_max B η̃₀) dotted, the 2·ε_opt(B) band grey."""
     factors = np.asarray(a["factors"])
-    bs, ns = a["batches"], a["sizes"]
+    b, ns = a["batches"][i], a["sizes"]
     eta0 = a["standard_base_rate"]
     frac = np.asarray(_nan(a["frac_failed"]), dtype=float)
     best = np.asarray(_nan(a["best_factor"]), dtype=float)
-    fig, axes = P.subplots(2, 3, panel_size=(3.9, 3.0),
-                           title=f"lr sweep on {report['data']['source']}: "
-                                 f"{report['model']['name']} ({report['model']['parameters']} "
-                                 f"parameters), {a['epochs']} epochs")
-    for i, b in enumerate(bs):
-        curv_f = pred["curvature_limit"]["lr"] / (b * eta0)
-        noise_f = pred["noise_limit"][str(b)]["factor"]
-        e = pred["two_eps_opt"][str(b)]
-        for col, key in enumerate(("final_train_loss", "test_loss")):
-            ax = axes[3 * i + col]
-            mean = np.asarray(_nan(a[f"mean_{key}"]), dtype=float)[i]
-            se = np.asarray(_nan(a[f"se_{key}"]), dtype=float)[i]
-            finite = mean[np.isfinite(mean) & (mean > 0)]
-            top = float(finite.max()) * 3 if finite.size else 10.0
-            for j, n in enumerate(ns):
-                c = P.color(j)
-                good = (frac[i, j] <= 0.5) & np.isfinite(mean[j])
-                ax.plot(factors[good], mean[j, good], color=c, lw=0.8, alpha=0.7)
-                P.simulated(ax, factors[good], mean[j, good], np.nan_to_num(se[j, good]), c=c,
-                            ms=3.5)
-                bad = ~(frac[i, j] <= 0.5)
-                ax.plot(factors[bad], np.full(bad.sum(), top / 1.25 ** j), "x", color=c, ms=4)
-                if key == "test_loss" and np.isfinite(best[i, j]) and good.any():
-                    k = int(np.nanargmin(np.where(good, mean[j], np.nan)))
-                    ax.plot(best[i, j], mean[j, k], "*", color=c, ms=9, mec="k", mew=0.5,
-                            zorder=5)
-                    ff = pred["forgetting_limit"][str(n)]["factor"]
-                    if ff and np.isfinite(ff):
-                        ax.axvline(ff, color=c, ls="--", lw=0.9, alpha=0.8)
-            if e["min"] is not None:
-                ax.axvspan(e["min"] / (b * eta0), e["max"] / (b * eta0), color="0.6",
-                           alpha=0.18, lw=0)
-            if noise_f is not None:
-                ax.axvline(noise_f, color="k", lw=1.5)
-            ax.axvline(curv_f, color="k", lw=1.0, ls=":")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            forget = [v["factor"] for v in pred["forgetting_limit"].values()
-                      if v["factor"] and np.isfinite(v["factor"])]
-            ax.set_xlim(min([factors.min(), *forget]) / 1.5, factors.max() * 1.5)
-            ax.set_title(f"{'train' if col == 0 else 'test'}, B = {b}: lr = f·{eta0:.3g}·{b}",
-                         fontsize=9)
-            ax.set_ylabel("final training loss" if col == 0 else "final test loss")
-            if i == len(bs) - 1:
-                ax.set_xlabel("lr factor f  (base rate f·η̃₀)")
-    pts = [m for m in report["reference"]["result"]["measurements"] if "error" not in m]
+    curv_f = pred["curvature_limit"]["lr"] / (b * eta0)
+    noise_f = pred["noise_limit"][str(b)]["factor"]
+    e = pred["two_eps_opt"][str(b)]
+    mean = np.asarray(_nan(a[f"mean_{key}"]), dtype=float)[i]
+    se = np.asarray(_nan(a[f"se_{key}"]), dtype=float)[i]
+    finite = mean[np.isfinite(mean) & (mean > 0)]
+    top = float(finite.max()) * 3 if finite.size else 10.0
+    for j, n in enumerate(ns):
+        c = P.color(j)
+        good = (frac[i, j] <= 0.5) & np.isfinite(mean[j])
+        ax.plot(factors[good], mean[j, good], color=c, lw=0.8, alpha=0.7)
+        P.simulated(ax, factors[good], mean[j, good], np.nan_to_num(se[j, good]), c=c,
+                    ms=3.5)
+        bad = ~(frac[i, j] <= 0.5)
+        ax.plot(factors[bad], np.full(bad.sum(), top / 1.25 ** j), "x", color=c, ms=4)
+        if key == "test_loss" and np.isfinite(best[i, j]) and good.any():
+            k = int(np.nanargmin(np.where(good, mean[j], np.nan)))
+            ax.plot(best[i, j], mean[j, k], "*", color=c, ms=9, mec="k", mew=0.5,
+                    zorder=5)
+            ff = pred["forgetting_limit"][str(n)]["factor"]
+            if ff and np.isfinite(ff):
+                ax.axvline(ff, color=c, ls="--", lw=0.9, alpha=0.8)
+    if e["min"] is not None:
+        ax.axvspan(e["min"] / (b * eta0), e["max"] / (b * eta0), color="0.6",
+                   alpha=0.18, lw=0)
+    if noise_f is not None:
+        ax.axvline(noise_f, color="k", lw=1.5)
+    ax.axvline(curv_f, color="k", lw=1.0, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    forget = [v["factor"] for v in pred["forgetting_limit"].values()
+              if v["factor"] and np.isfinite(v["factor"])]
+    ax.set_xlim(min([factors.min(), *forget]) / 1.5, factors.max() * 1.5)
+    train = key == "final_train_loss"
+    ax.set_title(f"{'train' if train else 'test'}, B = {b}: lr = f·{eta0:.3g}·{b}", fontsize=9)
+    ax.set_ylabel("final training loss" if train else "final test loss")
+    if i == len(a["batches"]) - 1:
+        ax.set_xlabel("lr factor f  (base rate f·η̃₀)")
+
+
+def _curvature_panel(ax, P, report: dict, pts: list[dict]) -> None:
+    """The reference run's λ_max (Lanczos) and tr(H)/p (Hutch++) vs step, with the curvature
+    limit 2(1+μ)/η of the run's own lr η at each step."""
     steps = np.array([m["step"] for m in pts], dtype=float)
-    ax = axes[2]
     lam = np.array([m["lambda_max"] for m in pts])
     P.simulated(ax, steps, lam, [m["lambda_max_stderr"] for m in pts], c=P.color(0),
                 label="λ_max (Lanczos)", filled=True)
@@ -466,7 +526,12 @@ def plot(report: dict):
     ax.set_title("reference run: curvature", fontsize=9)
     ax.set_xlabel("step")
     P.legend(ax, key=False, loc="lower right", ncol=1)
-    ax = axes[5]
+
+
+def _noise_panel(ax, P, pts: list[dict], bs) -> None:
+    """The reference run's noise scales B_simple = tr Σ/|G|² and B_noise = tr(HΣ)/GᵀHG
+    (examples) vs step, with the batch sizes of the sweep dotted."""
+    steps = np.array([m["step"] for m in pts], dtype=float)
     for k, (key, lab) in enumerate((("b_simple", "B_simple = tr Σ/|G|²"),
                                     ("b_noise", "B_noise = tr(HΣ)/GᵀHG"))):
         v = np.array([np.nan if m[key] is None else m[key] for m in pts], dtype=float)
@@ -481,6 +546,12 @@ def plot(report: dict):
     ax.set_title("reference run: noise scales (examples)", fontsize=9)
     ax.set_xlabel("step")
     P.legend(ax, key=False, loc="best")
+
+
+def _figure_legend(fig, P, ns) -> None:
+    """The shared legend on the right: the N colours and the marks of the loss panels."""
+    from matplotlib.lines import Line2D
+
     handles = [Line2D([], [], color=P.color(j), marker="o", mfc="white", lw=0.8, ms=4)
                for j in range(len(ns))]
     labels = [f"N = {n}" for n in ns]
@@ -494,4 +565,26 @@ def plot(report: dict):
                "best factor (test)", "failed (majority\nof seeds)"]
     fig.legend(handles, labels, loc="outside right center", fontsize=7.5, frameon=False,
                title="mean ± s.e. over\nworking seeds", title_fontsize=7.5)
+
+
+def plot(report: dict):
+    """Rows: the two batch sizes. Columns: final training loss, final test loss (vs factor,
+    one line per N, failures as ×, best factors as ★, the predicted failure factor, the
+    curvature limit, the 2·ε_opt band and the forgetting limits), and the reference run
+    (λ_max with the curvature limit of each rate, the noise scales with the batch sizes)."""
+    from sgdtheory.experiments import _plotting as P
+
+    a = report["analysis"]
+    pred = report["predictions"]
+    fig, axes = P.subplots(2, 3, panel_size=(3.9, 3.0),
+                           title=f"lr sweep on {report['data']['source']}: "
+                                 f"{report['model']['name']} ({report['model']['parameters']} "
+                                 f"parameters), {a['epochs']} epochs")
+    for i in range(len(a["batches"])):
+        for col, key in enumerate(("final_train_loss", "test_loss")):
+            _loss_panel(axes[3 * i + col], P, a, pred, i, key)
+    pts = [m for m in report["reference"]["result"]["measurements"] if "error" not in m]
+    _curvature_panel(axes[2], P, report, pts)
+    _noise_panel(axes[5], P, pts, a["batches"])
+    _figure_legend(fig, P, a["sizes"])
     return fig

@@ -201,40 +201,102 @@ def _gaps(records, name):
     return np.concatenate(rows) if rows else np.zeros((0, 0))
 
 
-def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
-    spe = predictions["steps_per_epoch"]
-    curves, checks, findings = {}, [], []
-    for name in ("high", "low"):
-        g = _gaps(records, name)
-        with np.errstate(invalid="ignore"):
-            n = np.isfinite(g).sum(0)
-            mean = np.nanmean(g, 0) if g.size else np.array([])
-            se = np.nanstd(g, 0, ddof=1) / np.sqrt(np.maximum(n, 1)) if g.size else mean
-        first = float(mean[0]) if mean.size else math.nan
-        first_se = float(se[0]) if mean.size else math.nan
-        resolved = math.isfinite(first) and first > 2 * first_se
-        k_e = crossing(mean, first / math.e) if resolved else math.nan
-        k_10 = crossing(mean, 0.1 * first) if resolved else math.nan
-        failed = [r["result"]["failure"] for r in records
-                  if r["label"].startswith(f"memory {name} ") and r["result"]["failed"]]
-        curves[name] = {"mean": mean.tolist(), "stderr": se.tolist(), "probes": int(g.shape[0]),
-                        "first": first, "first_stderr": first_se, "resolved": resolved,
-                        "memory_time_steps": k_e - 1.0, "lag_10pct": k_10,
-                        "failed_runs": failed,
-                        "final_test_loss": [r["result"]["test_loss"] for r in records
-                                            if r["label"].startswith(f"memory {name} ")]}
-    pr_ = predictions["rates"]
-    hi, lo = curves["high"], curves["low"]
+def _curve(records, name) -> dict:
+    r"""The measured gap curve of rate ``name``: mean and standard error (std/√n) over the
+    probes of gap(k) per lag k; gap(1) and whether it is resolved (> 2 s.e.); the memory time
+    (first lag with gap ≤ gap(1)/e, :func:`crossing`, minus 1: steps after the first value)
+    and the first lag with gap ≤ 0.1·gap(1); the failed runs and every run's final test loss."""
+    g = _gaps(records, name)
+    with np.errstate(invalid="ignore"):
+        n = np.isfinite(g).sum(0)
+        mean = np.nanmean(g, 0) if g.size else np.array([])
+        se = np.nanstd(g, 0, ddof=1) / np.sqrt(np.maximum(n, 1)) if g.size else mean
+    first = float(mean[0]) if mean.size else math.nan
+    first_se = float(se[0]) if mean.size else math.nan
+    resolved = math.isfinite(first) and first > 2 * first_se
+    k_e = crossing(mean, first / math.e) if resolved else math.nan
+    k_10 = crossing(mean, 0.1 * first) if resolved else math.nan
+    failed = [r["result"]["failure"] for r in records
+              if r["label"].startswith(f"memory {name} ") and r["result"]["failed"]]
+    return {"mean": mean.tolist(), "stderr": se.tolist(), "probes": int(g.shape[0]),
+            "first": first, "first_stderr": first_se, "resolved": resolved,
+            "memory_time_steps": k_e - 1.0, "lag_10pct": k_10,
+            "failed_runs": failed,
+            "final_test_loss": [r["result"]["test_loss"] for r in records
+                                if r["label"].startswith(f"memory {name} ")]}
+
+
+def _check_within_epoch(hi: dict, predicted: dict, spe: int) -> dict:
+    """Check 1: at the high rate the gap falls below 10% of gap(1) within one epoch (the lag,
+    in epochs, ≤ 1); shown beside it: ln 10 predicted memory times τ = (1−μ)/(η λ_Σ)."""
     note_res = "" if hi["resolved"] else "the high-rate gap(1) is not resolved (≤ 2 s.e.)"
-    checks.append(claim(
+    return claim(
         "high rate: gap below 10% of its first value within one epoch",
-        pr_["high"]["memory_time_steps"] * math.log(10) / spe, hi["lag_10pct"] / spe,
+        predicted["memory_time_steps"] * math.log(10) / spe, hi["lag_10pct"] / spe,
         bool(math.isfinite(hi["lag_10pct"]) and hi["lag_10pct"] / spe <= 1.0),
         "first lag with gap ≤ 0.1·gap(1), in epochs, ≤ 1", tolerance=1.0,
         uses_prediction=False,
         note=(note_res + "; " if note_res else "") + "predicted (shown, not part of the rule): "
         "ln 10 memory times, for a single exponential"
-        + ("" if math.isfinite(hi["lag_10pct"]) else "; never within the tracked lags")))
+        + ("" if math.isfinite(hi["lag_10pct"]) else "; never within the tracked lags"))
+
+
+def _check_memory_time(name: str, c: dict, predicted: dict) -> dict:
+    """Check 3 (per rate): the measured memory time within 3× of τ = (1−μ)/(η λ_Σ)."""
+    return factor_claim(
+        f"memory time vs (1−μ)/(η λ_Σ) ({name} rate, lr {predicted['lr']:.3g})",
+        predicted["memory_time_steps"], c["memory_time_steps"], 3.0,
+        note=f"steps after the first value until gap ≤ gap(1)/e; gap(1) = "
+             f"{c['first']:.3g} ± {c['first_stderr']:.2g} over {c['probes']} probes"
+             + ("" if math.isfinite(c["memory_time_steps"]) else
+                "; the gap did not fall to gap(1)/e within the tracked lags"))
+
+
+def _area_finding(name: str, c: dict, predicted: dict, spe: int) -> str:
+    """gap after one epoch relative to gap(1), and the area Σ_k gap(k)/gap(1) over the tracked
+    lags (steps; a single exponential's is ≈ τ), which is stored in ``c['area_steps']``."""
+    mean = np.asarray(c["mean"], dtype=float)
+    at_epoch = mean[min(spe, mean.size) - 1] / c["first"] if mean.size else math.nan
+    area = float(np.nansum(mean) / c["first"]) if mean.size else math.nan
+    c["area_steps"] = area
+    return (f"{name} rate (lr {predicted['lr']:.3g}): gap(1) = {c['first']:.3g} ± "
+            f"{c['first_stderr']:.2g}; after one epoch the gap is {at_epoch:.3g} of it; "
+            f"measured memory time {c['memory_time_steps']:.3g} steps vs predicted "
+            f"{predicted['memory_time_steps']:.3g}; area under gap(k)/gap(1) over the "
+            f"{mean.size} tracked steps {area:.3g} steps")
+
+
+def _own_curvature_finding(ctx: Context, records, name: str, c: dict,
+                           predictions: dict) -> str | None:
+    """λ_max and λ_Σ = tr(HΣ)/tr(Σ) (ratio of the means over the runs) measured in the rate's
+    own runs when probing starts, and the memory time (1−μ)/(η λ_Σ) they would give (stored in
+    ``c``); None when no run measured them."""
+    own = [r["result"].get("probe_start_measurement") or {} for r in records
+           if r["label"].startswith(f"memory {name} ") and not r["result"]["failed"]]
+    own = [m for m in own if m.get("tr_sigma") and m.get("tr_h_sigma") is not None]
+    if not own:
+        return None
+    mu = float(ctx.recipe.train.momentum)
+    lam_max = float(np.mean([m["lambda_max"] for m in own]))
+    lam_s = float(np.mean([m["tr_h_sigma"] for m in own]) / np.mean([m["tr_sigma"]
+                                                                    for m in own]))
+    lr = predictions["rates"][name]["lr"]
+    tau = pr.memory_time(lr, lam_s, mu) if lam_s > 0 else math.nan
+    c.update(own_lambda_max=lam_max, own_lambda_sigma=lam_s, own_memory_time_steps=tau)
+    return (f"{name} rate (lr {lr:.3g}), measured in its own runs when probing starts: λ_max "
+            f"{lam_max:.3g} (η·λ_max = {lr * lam_max:.2g}), λ_Σ {lam_s:.3g} (the reference "
+            f"run's: {predictions['lambda_sigma']['value']:.3g}); with it the memory time "
+            f"(1−μ)/(η λ_Σ) would be {tau:.3g} steps (measured "
+            f"{c['memory_time_steps']:.3g})")
+
+
+def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
+    """The gap curves of the two rates, the checks (module docstring) and the findings."""
+    spe = predictions["steps_per_epoch"]
+    pr_ = predictions["rates"]
+    curves = {name: _curve(records, name) for name in ("high", "low")}
+    hi, lo = curves["high"], curves["low"]
+    checks, findings = [_check_within_epoch(hi, pr_["high"], spe)], []
     ratio = lo["memory_time_steps"] / hi["memory_time_steps"] \
         if hi["memory_time_steps"] and math.isfinite(hi["memory_time_steps"]) else math.nan
     checks.append(factor_claim(
@@ -242,48 +304,15 @@ def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> 
         note="measured τ(low)/τ(high); predicted: the rate ratio"))
     for name in ("high", "low"):
         c = curves[name]
-        checks.append(factor_claim(
-            f"memory time vs (1−μ)/(η λ_Σ) ({name} rate, lr {pr_[name]['lr']:.3g})",
-            pr_[name]["memory_time_steps"], c["memory_time_steps"], 3.0,
-            note=f"steps after the first value until gap ≤ gap(1)/e; gap(1) = "
-                 f"{c['first']:.3g} ± {c['first_stderr']:.2g} over {c['probes']} probes"
-                 + ("" if math.isfinite(c["memory_time_steps"]) else
-                    "; the gap did not fall to gap(1)/e within the tracked lags")))
+        checks.append(_check_memory_time(name, c, pr_[name]))
         if c["failed_runs"]:
             findings.append(f"{name} rate: {len(c['failed_runs'])} run(s) failed: "
                             f"{c['failed_runs']}")
+    findings += [_area_finding(name, curves[name], pr_[name], spe) for name in ("high", "low")]
     for name in ("high", "low"):
-        c = curves[name]
-        mean = np.asarray(c["mean"], dtype=float)
-        at_epoch = mean[min(spe, mean.size) - 1] / c["first"] if mean.size else math.nan
-        area = float(np.nansum(mean) / c["first"]) if mean.size else math.nan
-        c["area_steps"] = area
-        findings.append(
-            f"{name} rate (lr {pr_[name]['lr']:.3g}): gap(1) = {c['first']:.3g} ± "
-            f"{c['first_stderr']:.2g}; after one epoch the gap is {at_epoch:.3g} of it; "
-            f"measured memory time {c['memory_time_steps']:.3g} steps vs predicted "
-            f"{pr_[name]['memory_time_steps']:.3g}; area under gap(k)/gap(1) over the "
-            f"{mean.size} tracked steps {area:.3g} steps")
-    mu = float(ctx.recipe.train.momentum)
-    for name in ("high", "low"):
-        own = [r["result"].get("probe_start_measurement") or {} for r in records
-               if r["label"].startswith(f"memory {name} ") and not r["result"]["failed"]]
-        own = [m for m in own if m.get("tr_sigma") and m.get("tr_h_sigma") is not None]
-        if not own:
-            continue
-        lam_max = float(np.mean([m["lambda_max"] for m in own]))
-        lam_s = float(np.mean([m["tr_h_sigma"] for m in own]) / np.mean([m["tr_sigma"]
-                                                                        for m in own]))
-        lr = pr_[name]["lr"]
-        tau = pr.memory_time(lr, lam_s, mu) if lam_s > 0 else math.nan
-        curves[name].update(own_lambda_max=lam_max, own_lambda_sigma=lam_s,
-                            own_memory_time_steps=tau)
-        findings.append(
-            f"{name} rate (lr {lr:.3g}), measured in its own runs when probing starts: λ_max "
-            f"{lam_max:.3g} (η·λ_max = {lr * lam_max:.2g}), λ_Σ {lam_s:.3g} (the reference "
-            f"run's: {predictions['lambda_sigma']['value']:.3g}); with it the memory time "
-            f"(1−μ)/(η λ_Σ) would be {tau:.3g} steps (measured "
-            f"{curves[name]['memory_time_steps']:.3g})")
+        own = _own_curvature_finding(ctx, records, name, curves[name], predictions)
+        if own is not None:
+            findings.append(own)
     areas = [curves[n].get("area_steps", math.nan) for n in ("high", "low")]
     findings.append(f"area ratio low/high rate {areas[1] / areas[0]:.3g} (the rate ratio is "
                     f"{ctx.config.ratio:g}; areas are truncated at the tracked lags)")

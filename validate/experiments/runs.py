@@ -28,7 +28,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["measure_point", "memory_run", "reference_run", "train_run", "train_config"]
+__all__ = ["measure_or_stop", "measure_point", "memory_run", "reference_run", "train_run",
+           "train_config"]
 
 #: Keys of :func:`validate.train.train`'s result kept in a run's record (numbers only).
 RESULT_KEYS = (
@@ -164,6 +165,21 @@ def measure_point(state, criterion, measure: dict, seed: int) -> dict:
     return rec
 
 
+def measure_or_stop(state, criterion, measure: dict, seed: int, records: list) -> dict | None:
+    """:func:`measure_point` at ``state.step``, or — when the estimators reject a non-finite
+    gradient or HVP — None, after appending ``{step, error}`` to ``records`` and ending the run
+    (``state.diverged``: a failure of training, the loss is not finite there). Any other
+    ValueError propagates."""
+    try:
+        return measure_point(state, criterion, measure, seed)
+    except ValueError as e:
+        if "finite" not in str(e):
+            raise
+        records.append({"step": state.step, "error": " ".join(str(e).split())})
+        state.diverged = True
+        return None
+
+
 def reference_run(settings: dict, data, device) -> dict:
     """A training run (``settings['train']``) measured at ``settings['measure']['points']``
     evenly spaced steps by :func:`measure_point`; the records are in ``measurements``.
@@ -185,13 +201,8 @@ def reference_run(settings: dict, data, device) -> dict:
             return
         records = state.extra.setdefault("measurements", [])
         t0 = time.perf_counter()
-        try:
-            rec = measure_point(state, criterion, measure, seed)
-        except ValueError as e:  # the estimators reject non-finite gradients or HVPs
-            if "finite" not in str(e):
-                raise
-            records.append({"step": state.step, "error": " ".join(str(e).split())})
-            state.diverged = True
+        rec = measure_or_stop(state, criterion, measure, seed, records)
+        if rec is None:
             return
         records.append(rec)
         seconds.append(time.perf_counter() - t0)

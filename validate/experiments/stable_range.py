@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import predict as pr
-from .base import Context, claim
+from .base import Context, check_batches, claim
 from .batch_runs import JOB, job_settings
 from .runner import Job
 
@@ -142,10 +142,7 @@ def reference_job(ctx: Context) -> Job:
 
 def jobs(ctx: Context) -> list[Job]:
     c = ctx.config
-    big = [b for b in c.batches if b > ctx.n_train]
-    if big:
-        raise ValueError(f"stable_range: batch sizes {big} exceed the {ctx.n_train} training "
-                         "examples")
+    check_batches(NAME, c.batches, ctx.n_train)
     sharp = {**ctx.measure_settings(), "lanczos_iters": c.sharp_lanczos,
              "hutchinson": c.sharp_hutchinson}
     out = []
@@ -377,147 +374,211 @@ def _effect(batches, values) -> tuple[float, float, str]:
     return slope, float(v[idx[-1]] / v[idx[0]]), f"B = {int(b[idx[0]])} … {int(b[idx[-1]])}"
 
 
-def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
+def _best_and_top(frac, cell_fail, acc, loss):
+    """Per B (row): the index of the best base rate — the most accurate cell that does not fail
+    (ties: the lowest mean test loss) — and of the largest rate that does not fail going up
+    from the best working one (:func:`largest_working`); None where no cell works / unresolved."""
+    best_idx, top_idx = [], []
+    for i in range(acc.shape[0]):
+        row = np.where(cell_fail[i], -np.inf, acc[i])
+        if np.all(~np.isfinite(row)):
+            best_idx.append(None)
+            top_idx.append(None)
+            continue
+        top = np.max(row)
+        tied = np.flatnonzero(row >= top - 1e-12)
+        j = int(tied[np.nanargmin(np.where(np.isfinite(loss[i, tied]), loss[i, tied],
+                                           np.inf))]) if tied.size > 1 else int(tied[0])
+        best_idx.append(j)
+        top_idx.append(largest_working(frac[i], np.where(np.isfinite(acc[i]), acc[i],
+                                                         -np.inf))[1])
+    return best_idx, top_idx
+
+
+def _check_width(m: str, bs, width, cell_fail, acc) -> dict:
+    """Check 1: the least-squares slope of the good range's width (decades) on log₂B < 0."""
+    sw = _slope(np.log2(bs), width)
+    return claim(
+        f"good range narrows as B grows (μ={m})", None, sw,
+        bool(math.isfinite(sw) and sw < 0), "least-squares slope of the good range's "
+        "width (decades) on log₂B < 0", tolerance=0.0, uses_prediction=False,
+        note="width in decades per B: " + ", ".join(
+            f"{int(b)}: {w:.2g}" for b, w in zip(bs, width, strict=True))
+        + f"; best accuracy {np.nanmax(np.where(cell_fail, np.nan, acc)):.4f}")
+
+
+def _check_top_falls(m: str, bs, top_rate, top_idx, best_idx, pred_base) -> dict:
+    """Check 2: the slope of log₂(largest non-failing η̃) on log₂B < 0 (the slope of
+    log₂ η_c(B)/B shown beside it)."""
+    st = _slope(np.log2(bs), np.log2(top_rate))
+    unresolved = [int(b) for b, t, bi in zip(bs, top_idx, best_idx, strict=True)
+                  if t is None and bi is not None]
+    return claim(
+        f"largest non-failing base rate falls with B (μ={m})", _slope(
+            np.log2(bs), np.log2(pred_base)), st, bool(math.isfinite(st) and st < 0),
+        "least-squares slope of log₂(largest non-failing η̃) on log₂B < 0", tolerance=0.0,
+        uses_prediction=False,
+        note="largest non-failing η̃ per B: " + ", ".join(
+            f"{int(b)}: {_fmt(t)}" for b, t in zip(bs, top_rate, strict=True))
+        + (f"; no failure above the best rate (unresolved) at B = {unresolved}"
+           if unresolved else "") + "; predicted: the slope of η_c(B)/B (shown)")
+
+
+def _check_top_vs_predicted(m: str, bs, ratio) -> dict:
+    """Check 3: the largest non-failing η̃ over η_c(B)/B (``ratio``, per B) in [1/2, 2] at
+    every B; measured: the ratio farthest from 1 in log."""
+    finite = np.isfinite(ratio) & (ratio > 0)
+    all_ok = bool(finite.all() and np.all(np.abs(np.log2(ratio[finite])) <= 1.0 + 1e-12))
+    worst = float(ratio[finite][np.argmax(np.abs(np.log(ratio[finite])))]) \
+        if finite.any() else math.nan
+    return claim(
+        f"largest non-failing base rate within 2× of η_c(B)/B (μ={m})", 1.0, worst, all_ok,
+        "measured/predicted in [1/2, 2] at every B (measured: the worst ratio)",
+        tolerance=2.0,
+        note="ratio per B: " + ", ".join(f"{int(b)}: {_fmt(r)}"
+                                        for b, r in zip(bs, ratio, strict=True))
+        + ("; unresolved at some B (no failure in the grid above the best rate)"
+           if not finite.all() else ""))
+
+
+def _check_best_constant(m: str, bs, best_rate) -> dict:
+    """Check 4: max/min of the best η̃ over the smallest three B ≤ 2 (one grid step)."""
+    small = best_rate[:3]
+    spread = float(np.nanmax(small) / np.nanmin(small)) if np.isfinite(small).all() \
+        else math.nan
+    return claim(
+        f"best base rate constant at the smallest three B (μ={m})", 1.0, spread,
+        bool(math.isfinite(spread) and spread <= 2.0 + 1e-12),
+        "max/min of the best η̃ over the smallest three B ≤ 2 (one grid step)",
+        tolerance=2.0,
+        note="best η̃ per B: " + ", ".join(f"{int(b)}: {_fmt(r)}"
+                                          for b, r in zip(bs, best_rate, strict=True)))
+
+
+def _check_sharper(m: str, bs, at_best, slope, size, span) -> dict:
+    """Check 5 (Keskar): the slope of log λ_max on log B at each B's best rate > 0."""
+    return claim(
+        f"large batches end sharper: λ_max at the best rate grows with B (μ={m})", None,
+        slope, bool(math.isfinite(slope) and slope > 0),
+        "least-squares slope of log λ_max on log B at each B's best rate > 0",
+        tolerance=0.0, uses_prediction=False,
+        note=f"λ_max({span}) ratio {_fmt(size)}; per B: " + ", ".join(
+            f"{int(b)}: {_fmt(x)}±{_fmt(s, '.2g')}" for b, x, s in
+            zip(bs, at_best[:, 0], at_best[:, 1], strict=True)))
+
+
+def _per_b(bs, arr) -> str:
+    """``B: λ_max`` for each B (first column of a :func:`_sharp_at` array)."""
+    return ", ".join(f"{int(b)}: {_fmt(x)}" for b, x in zip(bs, arr[:, 0], strict=True))
+
+
+def _sharpness_findings(m: str, mu: float, bs, rs, best_rate, at_best, effect, compare):
+    """The size of the sharpness effect at the best rates, at an equal base rate and at an
+    equal lr (``compare``: :func:`_equal_rate_sharpness`), and λ_max·η_peak/(2(1+μ)) at the
+    best rates (1: the curvature limit of the peak lr)."""
+    slope, size, span = effect
+    j_eq, eq_base, lr_eq, eq_lr = compare
+    s_base, r_base, span_b = _effect(bs, eq_base[:, 0])
+    s_lr, r_lr, span_l = _effect(bs, eq_lr[:, 0])
+    s_tr, r_tr, span_t = _effect(bs, at_best[:, 2])
+    direction = "sharper" if slope > 0 else "flatter" if slope < 0 else "undetermined"
+    peak_best = best_rate * bs
+    curv_ratio = at_best[:, 0] * peak_best / (2 * (1 + mu))
+    return [
+        f"μ={m}: at each B's best rate large batches end {direction}: λ_max ratio "
+        f"{_fmt(size)} over {span} (slope of log λ_max on log B {_fmt(slope)}); tr(H) ratio "
+        f"{_fmt(r_tr)} (slope {_fmt(s_tr)}). At an equal base rate η̃ = "
+        f"{_fmt(rs[j_eq]) if j_eq is not None else '—'} (the largest B's best): λ_max ratio "
+        f"{_fmt(r_base)} over {span_b} (slope {_fmt(s_base)}; per B {_per_b(bs, eq_base)}); at "
+        f"an equal lr η = {_fmt(lr_eq) if lr_eq is not None else '—'} (the smallest B's best): "
+        f"ratio {_fmt(r_lr)} over {span_l} (slope {_fmt(s_lr)}; per B {_per_b(bs, eq_lr)})",
+        f"μ={m}: λ_max·η_peak/(2(1+μ)) at the best rates (1 = the curvature limit of the "
+        "peak lr): " + ", ".join(f"{int(b)}: {_fmt(x, '.2g')}"
+                                 for b, x in zip(bs, curv_ratio, strict=True))]
+
+
+def _equal_rate_sharpness(bs, rs, v, cell_fail, best_idx):
+    """λ_max and tr(H) (:func:`_sharp_at`) at an equal base rate and at an equal lr
+    (:func:`equal_rate_cells`, over the cells that work and have λ_max). Returns
+    (the mean λ_max per cell, (row index, at the equal base rate, the lr, at the equal lr))."""
+    lam_mean, _ = _mean_se(v["lam"])
+    working = ~cell_fail & np.isfinite(lam_mean)
+    j_eq, eq_cells, lr_eq, lr_cells = equal_rate_cells(bs, rs, best_idx, working)
+    eq_base = _sharp_at(v["lam"], v["tr"], eq_cells)
+    eq_lr = _sharp_at(v["lam"], v["tr"], lr_cells)
+    return lam_mean, (j_eq, eq_base, lr_eq, eq_lr)
+
+
+def _momentum(ctx: Context, predictions: dict, records: list[dict], mu: float):
+    """The analysis at one momentum μ: (its five checks, its findings, its figure panel)."""
     c = ctx.config
     bs = np.asarray(c.batches, dtype=float)
-    checks, findings, panels = [], [], {}
-    for mu in c.momenta:
-        m = f"{mu:g}"
-        rs = np.asarray(rates(c, mu))
-        v, failed = _cells(ctx, records, mu)
-        acc, acc_se = _mean_se(v["acc"])
-        loss, _ = _mean_se(v["loss"])
-        frac = failed.mean(axis=-1)
-        cell_fail = frac > 0.5
-        good = good_mask(acc, cell_fail)
-        width = good.sum(axis=1) * math.log10(2.0)
-        best_idx, top_idx = [], []
-        for i in range(len(bs)):
-            row = np.where(cell_fail[i], -np.inf, acc[i])
-            if np.all(~np.isfinite(row)):
-                best_idx.append(None)
-                top_idx.append(None)
-                continue
-            top = np.max(row)
-            tied = np.flatnonzero(row >= top - 1e-12)
-            j = int(tied[np.nanargmin(np.where(np.isfinite(loss[i, tied]), loss[i, tied],
-                                               np.inf))]) if tied.size > 1 else int(tied[0])
-            best_idx.append(j)
-            top_idx.append(largest_working(frac[i], np.where(np.isfinite(acc[i]), acc[i],
-                                                             -np.inf))[1])
-        best_rate = np.array([rs[j] if j is not None else np.nan for j in best_idx])
-        top_rate = np.array([rs[j] if j is not None else np.nan for j in top_idx])
-        pm = predictions["momenta"][m]
-        pred_base = np.array([np.nan if pm["batches"][str(b)]["base_rate"] is None
-                              else pm["batches"][str(b)]["base_rate"] for b in c.batches])
-        # 1. width shrinks
-        sw = _slope(np.log2(bs), width)
-        checks.append(claim(
-            f"good range narrows as B grows (μ={m})", None, sw,
-            bool(math.isfinite(sw) and sw < 0), "least-squares slope of the good range's "
-            "width (decades) on log₂B < 0", tolerance=0.0, uses_prediction=False,
-            note="width in decades per B: " + ", ".join(
-                f"{int(b)}: {w:.2g}" for b, w in zip(bs, width, strict=True))
-            + f"; best accuracy {np.nanmax(np.where(cell_fail, np.nan, acc)):.4f}"))
-        # 2. largest non-failing rate falls with B
-        st = _slope(np.log2(bs), np.log2(top_rate))
-        unresolved = [int(b) for b, t, bi in zip(bs, top_idx, best_idx, strict=True)
-                      if t is None and bi is not None]
-        checks.append(claim(
-            f"largest non-failing base rate falls with B (μ={m})", _slope(
-                np.log2(bs), np.log2(pred_base)), st, bool(math.isfinite(st) and st < 0),
-            "least-squares slope of log₂(largest non-failing η̃) on log₂B < 0", tolerance=0.0,
-            uses_prediction=False,
-            note="largest non-failing η̃ per B: " + ", ".join(
-                f"{int(b)}: {_fmt(t)}" for b, t in zip(bs, top_rate, strict=True))
-            + (f"; no failure above the best rate (unresolved) at B = {unresolved}"
-               if unresolved else "") + "; predicted: the slope of η_c(B)/B (shown)"))
-        # 3. within 2× of η_c(B)/B
-        ratio = top_rate / pred_base
-        finite = np.isfinite(ratio) & (ratio > 0)
-        all_ok = bool(finite.all() and np.all(np.abs(np.log2(ratio[finite])) <= 1.0 + 1e-12))
-        worst = float(ratio[finite][np.argmax(np.abs(np.log(ratio[finite])))]) \
-            if finite.any() else math.nan
-        checks.append(claim(
-            f"largest non-failing base rate within 2× of η_c(B)/B (μ={m})", 1.0, worst, all_ok,
-            "measured/predicted in [1/2, 2] at every B (measured: the worst ratio)",
-            tolerance=2.0,
-            note="ratio per B: " + ", ".join(f"{int(b)}: {_fmt(r)}"
-                                            for b, r in zip(bs, ratio, strict=True))
-            + ("; unresolved at some B (no failure in the grid above the best rate)"
-               if not finite.all() else "")))
-        # 4. best rate constant at the smallest three B
-        small = best_rate[:3]
-        spread = float(np.nanmax(small) / np.nanmin(small)) if np.isfinite(small).all() \
-            else math.nan
-        checks.append(claim(
-            f"best base rate constant at the smallest three B (μ={m})", 1.0, spread,
-            bool(math.isfinite(spread) and spread <= 2.0 + 1e-12),
-            "max/min of the best η̃ over the smallest three B ≤ 2 (one grid step)",
-            tolerance=2.0,
-            note="best η̃ per B: " + ", ".join(f"{int(b)}: {_fmt(r)}"
-                                              for b, r in zip(bs, best_rate, strict=True))))
-        # 5. Keskar: sharpness at each B's best rate
-        at_best = _sharp_at(v["lam"], v["tr"], best_idx)
-        slope, size, span = _effect(bs, at_best[:, 0])
-        checks.append(claim(
-            f"large batches end sharper: λ_max at the best rate grows with B (μ={m})", None,
-            slope, bool(math.isfinite(slope) and slope > 0),
-            "least-squares slope of log λ_max on log B at each B's best rate > 0",
-            tolerance=0.0, uses_prediction=False,
-            note=f"λ_max({span}) ratio {_fmt(size)}; per B: " + ", ".join(
-                f"{int(b)}: {_fmt(x)}±{_fmt(s, '.2g')}" for b, x, s in
-                zip(bs, at_best[:, 0], at_best[:, 1], strict=True))))
-        # equal base rate and equal lr comparisons (see equal_rate_cells)
-        lam_mean, _ = _mean_se(v["lam"])
-        working = ~cell_fail & np.isfinite(lam_mean)
-        j_eq, eq_cells, lr_eq, lr_cells = equal_rate_cells(bs, rs, best_idx, working)
-        eq_base = _sharp_at(v["lam"], v["tr"], eq_cells)
-        eq_lr = _sharp_at(v["lam"], v["tr"], lr_cells)
-        s_base, r_base, span_b = _effect(bs, eq_base[:, 0])
-        s_lr, r_lr, span_l = _effect(bs, eq_lr[:, 0])
-        s_tr, r_tr, span_t = _effect(bs, at_best[:, 2])
-        direction = "sharper" if slope > 0 else "flatter" if slope < 0 else "undetermined"
-        def per_b(arr):
-            return ", ".join(f"{int(b)}: {_fmt(x)}" for b, x in zip(bs, arr[:, 0], strict=True))
+    m = f"{mu:g}"
+    rs = np.asarray(rates(c, mu))
+    v, failed = _cells(ctx, records, mu)
+    acc, acc_se = _mean_se(v["acc"])
+    loss, _ = _mean_se(v["loss"])
+    frac = failed.mean(axis=-1)
+    cell_fail = frac > 0.5
+    good = good_mask(acc, cell_fail)
+    width = good.sum(axis=1) * math.log10(2.0)
+    best_idx, top_idx = _best_and_top(frac, cell_fail, acc, loss)
+    best_rate = np.array([rs[j] if j is not None else np.nan for j in best_idx])
+    top_rate = np.array([rs[j] if j is not None else np.nan for j in top_idx])
+    pm = predictions["momenta"][m]
+    pred_base = np.array([np.nan if pm["batches"][str(b)]["base_rate"] is None
+                          else pm["batches"][str(b)]["base_rate"] for b in c.batches])
+    ratio = top_rate / pred_base
+    at_best = _sharp_at(v["lam"], v["tr"], best_idx)
+    effect = _effect(bs, at_best[:, 0])
+    checks = [_check_width(m, bs, width, cell_fail, acc),
+              _check_top_falls(m, bs, top_rate, top_idx, best_idx, pred_base),
+              _check_top_vs_predicted(m, bs, ratio),
+              _check_best_constant(m, bs, best_rate),
+              _check_sharper(m, bs, at_best, *effect)]
+    lam_mean, compare = _equal_rate_sharpness(bs, rs, v, cell_fail, best_idx)
+    findings = _sharpness_findings(m, mu, bs, rs, best_rate, at_best, effect, compare)
+    j_eq, eq_base, lr_eq, eq_lr = compare
+    panel = {
+        "rates": rs.tolist(), "acc": acc.tolist(), "acc_stderr": acc_se.tolist(),
+        "test_loss": loss.tolist(), "frac_failed": frac.tolist(),
+        "cell_failed": cell_fail.tolist(), "good": good.tolist(),
+        "width_decades": width.tolist(), "best_index": best_idx, "best_rate":
+        best_rate.tolist(), "largest_working_index": top_idx,
+        "largest_working_rate": top_rate.tolist(), "predicted_base_rate":
+        pred_base.tolist(), "ratio_to_predicted": ratio.tolist(),
+        "sharpness_at_best": at_best.tolist(),
+        "equal_base_rate": {"rate": None if j_eq is None else float(rs[j_eq]),
+                            "sharpness": eq_base.tolist()},
+        "equal_lr": {"lr": lr_eq, "sharpness": eq_lr.tolist()},
+        "lambda_max": lam_mean.tolist(),
+        "outline": outline_segments(good)}
+    return checks, findings, panel
 
-        findings.append(
-            f"μ={m}: at each B's best rate large batches end {direction}: λ_max ratio "
-            f"{_fmt(size)} over {span} (slope of log λ_max on log B {_fmt(slope)}); tr(H) ratio "
-            f"{_fmt(r_tr)} (slope {_fmt(s_tr)}). At an equal base rate η̃ = "
-            f"{_fmt(rs[j_eq]) if j_eq is not None else '—'} (the largest B's best): λ_max ratio "
-            f"{_fmt(r_base)} over {span_b} (slope {_fmt(s_base)}; per B {per_b(eq_base)}); at an "
-            f"equal lr η = {_fmt(lr_eq) if lr_eq is not None else '—'} (the smallest B's best): "
-            f"ratio {_fmt(r_lr)} over {span_l} (slope {_fmt(s_lr)}; per B {per_b(eq_lr)})")
-        peak_best = best_rate * bs
-        curv_ratio = at_best[:, 0] * peak_best / (2 * (1 + mu))
-        findings.append(
-            f"μ={m}: λ_max·η_peak/(2(1+μ)) at the best rates (1 = the curvature limit of the "
-            "peak lr): " + ", ".join(f"{int(b)}: {_fmt(x, '.2g')}"
-                                     for b, x in zip(bs, curv_ratio, strict=True)))
-        panels[m] = {
-            "rates": rs.tolist(), "acc": acc.tolist(), "acc_stderr": acc_se.tolist(),
-            "test_loss": loss.tolist(), "frac_failed": frac.tolist(),
-            "cell_failed": cell_fail.tolist(), "good": good.tolist(),
-            "width_decades": width.tolist(), "best_index": best_idx, "best_rate":
-            best_rate.tolist(), "largest_working_index": top_idx,
-            "largest_working_rate": top_rate.tolist(), "predicted_base_rate":
-            pred_base.tolist(), "ratio_to_predicted": ratio.tolist(),
-            "sharpness_at_best": at_best.tolist(),
-            "equal_base_rate": {"rate": None if j_eq is None else float(rs[j_eq]),
-                                "sharpness": eq_base.tolist()},
-            "equal_lr": {"lr": lr_eq, "sharpness": eq_lr.tolist()},
-            "lambda_max": lam_mean.tolist(),
-            "outline": outline_segments(good)}
-    rows = [{"label": r["label"], "key": r["key"], "momentum": r["settings"]["train"]["momentum"],
+
+def _rows(records: list[dict]) -> list[dict]:
+    """The compact row of each sweep run stored in the report."""
+    return [{"label": r["label"], "key": r["key"],
+             "momentum": r["settings"]["train"]["momentum"],
              "batch_size": r["settings"]["train"]["batch_size"], "lr": r["result"]["peak_lr"],
              "base_rate": r["result"]["base_lr"], "seed": r["settings"]["train"]["seed"],
              **{k: r["result"].get(k) for k in ("failed", "failure", "test_acc", "test_loss",
                                                  "final_train_loss")},
              "lambda_max": (r["result"].get("sharpness") or {}).get("lambda_max"),
              "trace_h": (r["result"].get("sharpness") or {}).get("trace_h")} for r in records]
+
+
+def analyse(ctx: Context, predictions: dict, ref: dict, records: list[dict]) -> dict:
+    """Per momentum (:func:`_momentum`): the heat map's cells, the five checks (module
+    docstring), the sharpness findings and the figure panel."""
+    c = ctx.config
+    checks, findings, panels = [], [], {}
+    for mu in c.momenta:
+        ch, fi, panels[f"{mu:g}"] = _momentum(ctx, predictions, records, mu)
+        checks += ch
+        findings += fi
     return {"batches": list(c.batches), "epochs": ctx.epochs, "good_range": GOOD_RANGE,
-            "panels": panels, "checks": checks, "findings": findings, "runs": rows}
+            "panels": panels, "checks": checks, "findings": findings, "runs": _rows(records)}
 
 
 # ---------------------------------------------------------------------------- figure
@@ -527,91 +588,85 @@ def _arr(x):
     return np.nan if x is None else x
 
 
-def plot(report: dict):
-    """Per momentum: the heat map of test accuracy over (B, η̃) — failed cells ×, the good
-    range outlined, ★ the best rate of each B, the predicted failure rate η_c(B)/B (solid),
-    the curvature limit /B (dotted) and 2·ε_opt(B)/B (dashed) — and the sharpness of the final
-    model against B (at each B's best rate, at an equal base rate, at an equal lr)."""
+def _heat_map(fig, ax, p: dict, pred_m: dict, bs, m: str) -> None:
+    """The heat map of test accuracy over (log₂B, log₂η̃) at one momentum: failed cells ×, the
+    good range outlined, ★ the best rate of each B, the predicted failure rate η_c(B)/B (solid),
+    the curvature limit /B (dotted) and 2·ε_opt(B)/B (dashed)."""
+    lb = np.log2(bs)
+    rs = np.asarray(p["rates"], dtype=float)
+    lr_ = np.log2(rs)
+    acc = np.asarray(_arr(p["acc"]), dtype=float)
+    db = float(np.median(np.diff(lb))) if lb.size > 1 else 1.0  # grid steps in log₂
+    dr = float(np.median(np.diff(lr_))) if lr_.size > 1 else 1.0
+    xe = np.concatenate([lb - db / 2, lb[-1:] + db / 2])
+    ye = np.concatenate([lr_ - dr / 2, lr_[-1:] + dr / 2])
+    mesh = ax.pcolormesh(xe, ye, (100 * acc).T, cmap="viridis", vmin=max(
+        0.0, 100 * np.nanmin(acc)), vmax=100 * np.nanmax(acc), shading="flat")
+    fig.colorbar(mesh, ax=ax, label="test accuracy (%)", shrink=0.9)
+    cf = np.asarray(p["cell_failed"], dtype=bool)
+    ii, jj = np.nonzero(cf)
+    ax.plot(lb[ii], lr_[jj], "x", color="w", ms=4, mew=1.0)
+    for (r0, c0), (r1, c1) in p["outline"]:  # rows: B (x axis), columns: η̃ (y axis)
+        ax.plot([lb[0] + r0 * db, lb[0] + r1 * db], [lr_[0] + c0 * dr, lr_[0] + c1 * dr],
+                color="#D55E00", lw=2.0, solid_capstyle="round")
+    bi = [j for j in p["best_index"]]
+    ok = [i for i, j in enumerate(bi) if j is not None]
+    ax.plot(lb[ok], lr_[[bi[i] for i in ok]], "*", color="w", ms=8, mec="k", mew=0.5)
+    pb = pred_m["batches"]
+    pr_base = np.array([np.nan if pb[str(int(b))]["base_rate"] is None
+                        else pb[str(int(b))]["base_rate"] for b in bs])
+    curv = np.array([pb[str(int(b))]["curvature_base_rate"] for b in bs])
+    eps = np.array([np.nan if pb[str(int(b))]["two_eps_opt_base_rate"] is None
+                    else pb[str(int(b))]["two_eps_opt_base_rate"] for b in bs])
+    ax.plot(lb, np.log2(pr_base), color="w", lw=2.2)
+    ax.plot(lb, np.log2(pr_base), color="k", lw=1.2)
+    ax.plot(lb, np.log2(curv), color="k", lw=1.0, ls=":")
+    ax.plot(lb, np.log2(eps), color="0.85", lw=1.2, ls="--")
+    ax.set_xlim(xe[0], xe[-1])
+    ax.set_ylim(ye[0], ye[-1])
+    ax.set_xticks(lb, [str(int(b)) for b in bs])
+    ax.set_yticks(lr_, [f"2^{int(round(v))}" for v in lr_], fontsize=7)
+    ax.grid(False)
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("base rate η̃ = η/B")
+    ax.set_title(f"μ = {m}: test accuracy, good range outlined", fontsize=9)
+
+
+def _sharpness_panel(ax, P, p: dict, bs, m: str) -> None:
+    """The final model's λ_max vs B (± s.e. over seeds) at each B's best η̃, at an equal η̃ and
+    at an equal lr; tr(H)/10 at the best η̃; the curvature limit 2(1+μ)/η_peak of the best η̃."""
+    for k, (key, lab, mk) in enumerate((
+            ("sharpness_at_best", "at each B's best η̃", "o"),
+            ("equal_base_rate", f"equal η̃ = {_fmt(p['equal_base_rate']['rate'])}", "s"),
+            ("equal_lr", f"equal lr η = {_fmt(p['equal_lr']['lr'])}", "^"))):
+        s = np.asarray(_arr(p[key] if key == "sharpness_at_best" else p[key]["sharpness"]),
+                       dtype=float)
+        if s.size == 0:
+            continue
+        good = np.isfinite(s[:, 0])
+        P.simulated(ax, bs[good] * (1 + 0.04 * (k - 1)), s[good, 0],
+                    np.nan_to_num(s[good, 1]), c=P.color(k), marker=mk,
+                    label=f"λ_max {lab}", filled=k == 0)
+        if k == 0:
+            gt = np.isfinite(s[:, 2])
+            P.simulated(ax, bs[gt], s[gt, 2] / 10, np.nan_to_num(s[gt, 3]) / 10,
+                        c=P.color(4), marker="D", label="tr(H)/10 at the best η̃")
+    best = np.asarray(_arr(p["best_rate"]), dtype=float)
+    mu = float(m)
+    ax.plot(bs, 2 * (1 + mu) / (best * bs), color="0.4", ls="--", lw=1.0,
+            label="2(1+μ)/η_peak of the best η̃")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("final-model curvature")
+    ax.set_title(f"μ = {m}: final-model sharpness (± s.e. over seeds)", fontsize=9)
+    P.legend(ax, key=False, loc="best", fontsize=6.5)
+
+
+def _figure_legend(fig) -> None:
+    """The shared legend on the right: the marks of the heat maps."""
     from matplotlib.lines import Line2D
 
-    from sgdtheory.experiments import _plotting as P
-
-    a = report["analysis"]
-    pred = report["predictions"]["momenta"]
-    bs = np.asarray(a["batches"], dtype=float)
-    mus = list(a["panels"])
-    fig, axes = P.subplots(len(mus), 2, panel_size=(4.8, 3.6),
-                           title=f"Stable learning-rate range on {report['data']['source']}: "
-                                 f"{report['model']['name']}, {a['epochs']} epochs")
-    lb = np.log2(bs)
-    for row, m in enumerate(mus):
-        p = a["panels"][m]
-        rs = np.asarray(p["rates"], dtype=float)
-        lr_ = np.log2(rs)
-        acc = np.asarray(_arr(p["acc"]), dtype=float)
-        ax = axes[2 * row]
-        db = float(np.median(np.diff(lb))) if lb.size > 1 else 1.0  # grid steps in log₂
-        dr = float(np.median(np.diff(lr_))) if lr_.size > 1 else 1.0
-        xe = np.concatenate([lb - db / 2, lb[-1:] + db / 2])
-        ye = np.concatenate([lr_ - dr / 2, lr_[-1:] + dr / 2])
-        mesh = ax.pcolormesh(xe, ye, (100 * acc).T, cmap="viridis", vmin=max(
-            0.0, 100 * np.nanmin(acc)), vmax=100 * np.nanmax(acc), shading="flat")
-        fig.colorbar(mesh, ax=ax, label="test accuracy (%)", shrink=0.9)
-        cf = np.asarray(p["cell_failed"], dtype=bool)
-        ii, jj = np.nonzero(cf)
-        ax.plot(lb[ii], lr_[jj], "x", color="w", ms=4, mew=1.0)
-        for (r0, c0), (r1, c1) in p["outline"]:  # rows: B (x axis), columns: η̃ (y axis)
-            ax.plot([lb[0] + r0 * db, lb[0] + r1 * db], [lr_[0] + c0 * dr, lr_[0] + c1 * dr],
-                    color="#D55E00", lw=2.0, solid_capstyle="round")
-        bi = [j for j in p["best_index"]]
-        ok = [i for i, j in enumerate(bi) if j is not None]
-        ax.plot(lb[ok], lr_[[bi[i] for i in ok]], "*", color="w", ms=8, mec="k", mew=0.5)
-        pb = pred[m]["batches"]
-        pr_base = np.array([np.nan if pb[str(int(b))]["base_rate"] is None
-                            else pb[str(int(b))]["base_rate"] for b in bs])
-        curv = np.array([pb[str(int(b))]["curvature_base_rate"] for b in bs])
-        eps = np.array([np.nan if pb[str(int(b))]["two_eps_opt_base_rate"] is None
-                        else pb[str(int(b))]["two_eps_opt_base_rate"] for b in bs])
-        ax.plot(lb, np.log2(pr_base), color="w", lw=2.2)
-        ax.plot(lb, np.log2(pr_base), color="k", lw=1.2)
-        ax.plot(lb, np.log2(curv), color="k", lw=1.0, ls=":")
-        ax.plot(lb, np.log2(eps), color="0.85", lw=1.2, ls="--")
-        ax.set_xlim(xe[0], xe[-1])
-        ax.set_ylim(ye[0], ye[-1])
-        ax.set_xticks(lb, [str(int(b)) for b in bs])
-        ax.set_yticks(lr_, [f"2^{int(round(v))}" for v in lr_], fontsize=7)
-        ax.grid(False)
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("base rate η̃ = η/B")
-        ax.set_title(f"μ = {m}: test accuracy, good range outlined", fontsize=9)
-        # sharpness
-        ax = axes[2 * row + 1]
-        for k, (key, lab, mk) in enumerate((
-                ("sharpness_at_best", "at each B's best η̃", "o"),
-                ("equal_base_rate", f"equal η̃ = {_fmt(p['equal_base_rate']['rate'])}", "s"),
-                ("equal_lr", f"equal lr η = {_fmt(p['equal_lr']['lr'])}", "^"))):
-            s = np.asarray(_arr(p[key] if key == "sharpness_at_best" else p[key]["sharpness"]),
-                           dtype=float)
-            if s.size == 0:
-                continue
-            good = np.isfinite(s[:, 0])
-            P.simulated(ax, bs[good] * (1 + 0.04 * (k - 1)), s[good, 0],
-                        np.nan_to_num(s[good, 1]), c=P.color(k), marker=mk,
-                        label=f"λ_max {lab}", filled=k == 0)
-            if k == 0:
-                gt = np.isfinite(s[:, 2])
-                P.simulated(ax, bs[gt], s[gt, 2] / 10, np.nan_to_num(s[gt, 3]) / 10,
-                            c=P.color(4), marker="D", label="tr(H)/10 at the best η̃")
-        best = np.asarray(_arr(p["best_rate"]), dtype=float)
-        mu = float(m)
-        ax.plot(bs, 2 * (1 + mu) / (best * bs), color="0.4", ls="--", lw=1.0,
-                label="2(1+μ)/η_peak of the best η̃")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("final-model curvature")
-        ax.set_title(f"μ = {m}: final-model sharpness (± s.e. over seeds)", fontsize=9)
-        P.legend(ax, key=False, loc="best", fontsize=6.5)
     handles = [Line2D([], [], color="k", lw=1.2), Line2D([], [], color="k", lw=1.0, ls=":"),
                Line2D([], [], color="0.6", lw=1.2, ls="--"),
                Line2D([], [], color="#D55E00", lw=2.0),
@@ -621,4 +676,24 @@ def plot(report: dict):
               "2·ε_opt(B)/B (reference)", "good range (within\n1 point of the best)",
               "best η̃ at B", "failed cell"]
     fig.legend(handles, labels, loc="outside right center", fontsize=7.5, frameon=False)
+
+
+def plot(report: dict):
+    """Per momentum: the heat map of test accuracy over (B, η̃) — failed cells ×, the good
+    range outlined, ★ the best rate of each B, the predicted failure rate η_c(B)/B (solid),
+    the curvature limit /B (dotted) and 2·ε_opt(B)/B (dashed) — and the sharpness of the final
+    model against B (at each B's best rate, at an equal base rate, at an equal lr)."""
+    from sgdtheory.experiments import _plotting as P
+
+    a = report["analysis"]
+    pred = report["predictions"]["momenta"]
+    bs = np.asarray(a["batches"], dtype=float)
+    mus = list(a["panels"])
+    fig, axes = P.subplots(len(mus), 2, panel_size=(4.8, 3.6),
+                           title=f"Stable learning-rate range on {report['data']['source']}: "
+                                 f"{report['model']['name']}, {a['epochs']} epochs")
+    for row, m in enumerate(mus):
+        _heat_map(fig, axes[2 * row], a["panels"][m], pred[m], bs, m)
+        _sharpness_panel(axes[2 * row + 1], P, a["panels"][m], bs, m)
+    _figure_legend(fig)
     return fig
