@@ -18,6 +18,7 @@ writer, one settings hash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -108,22 +109,31 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_atomic(path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then
-    ``os.replace``); parents are created; the file gets the usual permissions. Returns the
-    path."""
+@contextlib.contextmanager
+def _replacing(path):
+    """Yield a temporary path in ``path``'s folder (parents created); on success it gets the
+    usual permissions and replaces ``path`` (``os.replace``, atomic); on any error it is removed
+    and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+        yield tmp
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then
+    ``os.replace``); parents are created; the file gets the usual permissions. Returns the
+    path."""
+    with _replacing(path) as tmp:
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def write_json(path, obj, *, indent: int | None = 1) -> Path:
@@ -136,18 +146,9 @@ def save_torch(obj, path) -> Path:
     """``torch.save`` to ``path`` atomically (checkpoints)."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replacing(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def settings_hash(settings) -> str:

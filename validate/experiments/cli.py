@@ -18,6 +18,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from .._io import int_at_least
 from . import EXPERIMENTS, PRESET_NAMES, load
 
 __all__ = ["build_parser", "main"]
@@ -96,19 +97,6 @@ def _short(v) -> str:
     return str(v)
 
 
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {v}")
-        return v
-
-    return parse
-
-
 def _executor(text: str) -> str:
     if text == "local":
         return text
@@ -141,10 +129,10 @@ def build_parser(prog: str = "python -m validate.experiments", default_data: str
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: runs/<experiment>-<data>)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0,
+    p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="integer ≥ 0: run r of a grid point uses seed + r (model init, subset, "
                         "shuffles, measurement batches); default 0")
-    p.add_argument("--workers", type=_int_at_least(1), default=None,
+    p.add_argument("--workers", type=int_at_least(1), default=None,
                    help="parallel runs, integer ≥ 1 (default: one per CPU core, one per GPU)")
     p.add_argument("--executor", type=_executor, default="local",
                    help="local (a process pool) or dask://HOST:PORT (a Dask cluster)")
