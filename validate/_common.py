@@ -18,10 +18,14 @@ from torch.func import functional_call
 __all__ = [
     "ModelFunction",
     "check_batch",
+    "check_choice",
     "check_count",
     "check_criterion",
+    "check_flag",
+    "check_seed",
     "declared_reduction",
     "has_training_batchnorm",
+    "micro_batch_for",
 ]
 
 
@@ -53,34 +57,57 @@ def check_criterion(criterion) -> None:
         )
 
 
-def check_batch(inputs, targets) -> int:
-    """Return the batch size n after checking that inputs and targets agree (n ≥ 1)."""
-    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise ValueError("inputs and targets must be torch tensors")
-    if inputs.ndim == 0 or targets.ndim == 0:
-        raise ValueError("inputs and targets must have a leading batch dimension")
+def check_batch(inputs, targets, names=("inputs", "targets")) -> int:
+    """Return the batch size n after checking that inputs and targets are real, finite torch
+    tensors with the same leading batch dimension (n ≥ 1); ``names``: the arguments' names in
+    the messages."""
+    for value, name in zip((inputs, targets), names, strict=True):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch tensor, got {type(value).__name__}")
+        if value.is_complex():
+            raise ValueError(f"{name} must be real, got {value.dtype}")
+        if value.ndim == 0:
+            raise ValueError(f"{name} must have a leading batch dimension, got a 0-d tensor")
     n = inputs.shape[0]
     if targets.shape[0] != n:
-        raise ValueError(
-            f"inputs and targets must have the same batch size, got {n} and {targets.shape[0]}"
-        )
+        raise ValueError(f"{names[0]} and {names[1]} must have the same batch size, got {n} "
+                         f"and {targets.shape[0]}")
     if n < 1:
-        raise ValueError("inputs must hold at least one example")
-    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
-        raise ValueError("inputs must be finite")
-    if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
-        raise ValueError("targets must be finite")
+        raise ValueError(f"{names[0]} must hold at least one example")
+    for value, name in zip((inputs, targets), names, strict=True):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite")
     return n
+
+
+def check_seed(seed) -> int:
+    """``seed`` as a Python int ≥ 0 (NumPy integers accepted; no bool, float or string)."""
+    return check_count(seed, "seed", minimum=0)
+
+
+def check_flag(value, name: str) -> bool:
+    """``value`` as a bool: True/False or a NumPy bool, nothing else (``"no"`` is truthy)."""
+    from sgdtheory import _checks
+
+    return _checks.flag(name, value)
+
+
+def check_choice(value, name: str, choices) -> str:
+    """``value`` if it is one of the strings ``choices``, else ``ValueError`` naming it."""
+    if not (isinstance(value, str) and value in choices):
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
 
 
 def check_count(value, name: str, *, minimum: int = 1) -> int:
     """``value`` as a Python int ≥ ``minimum``; accepts any integer type (``np.int64``, a 0-d
     integer tensor via ``__index__``) but not bool or float. Raises ``ValueError`` naming it."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
     try:
         out = operator.index(value)
-    except TypeError:
+    except (TypeError, RuntimeError):
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}") from None
     if out < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {out}")
@@ -134,6 +161,16 @@ def default_micro_batch(n: int, *, max_units: int, min_size: int) -> int:
     )
 
 
+def micro_batch_for(micro_batch, n: int, model: nn.Module, *, max_units: int) -> int:
+    """The micro-batch size b for a batch of n examples: ``micro_batch`` checked (dividing n
+    into ≥ 2 parts; ≥ 2 examples with BatchNorm normalising by batch statistics), or by
+    default the smallest divisor giving at most ``max_units`` micro-batches."""
+    bn = has_training_batchnorm(model)
+    if micro_batch is None:
+        micro_batch = default_micro_batch(n, max_units=max_units, min_size=2 if bn else 1)
+    return check_micro_batch(micro_batch, n, batch_stats=bn)
+
+
 @dataclass
 class ModelFunction:
     """The mean loss L(θ; x, y) of ``model`` as a function of its trainable parameters.
@@ -148,6 +185,8 @@ class ModelFunction:
     criterion: object
 
     def __post_init__(self):
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         check_criterion(self.criterion)
         named = [(k, v) for k, v in self.model.named_parameters() if v.requires_grad]
         if not named:
@@ -193,23 +232,59 @@ class ModelFunction:
         """Loss of one example (x, y without batch axis): used under ``vmap``."""
         return self.loss(params, x.unsqueeze(0), y.unsqueeze(0))
 
-    def check_reduction(self, x, y) -> None:
+    def check_data(self, x, y, names=("inputs", "targets")) -> int:
+        """Check a batch against the model and the loss; return its size n.
+
+        :func:`check_batch`, then one no-grad forward pass of up to 8 examples (on clones of
+        the buffers): an error of the model on x (wrong shape, dtype or device) or of the
+        criterion on its output and y (wrong target dtype, class out of range) becomes a
+        ``ValueError`` naming ``names``, as does a non-finite or non-scalar loss. The outputs
+        then serve :meth:`check_reduction`.
+        """
+        n = check_batch(x, y, names)
+        xs, ys = x[:min(8, n)], y[:min(8, n)]
+        with torch.no_grad():
+            try:
+                out = functional_call(self.model, (dict(zip(self.names, self.params,
+                                                            strict=True)),
+                                                   self.frozen, self.buffers()), (xs,))
+            except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                raise ValueError(
+                    f"{names[0]} (shape {tuple(x.shape)}, {x.dtype}, {x.device}) do not fit the "
+                    f"model (parameters {self.dtype}, {self.device}): {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            try:
+                loss = self.criterion(out, ys)
+            except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"criterion(model({names[0]}), {names[1]}) failed on {names[1]} of shape "
+                    f"{tuple(y.shape)}, {y.dtype}: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise ValueError("criterion must return a scalar (reduction='mean'), got "
+                                 f"{getattr(loss, 'shape', type(loss).__name__)}")
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(f"criterion returned a non-finite loss ({float(loss)}) on "
+                                 f"{names[0]} and {names[1]}")
+            self.check_reduction(out, ys)
+        return n
+
+    def check_reduction(self, out, y) -> None:
         """Refuse a plain callable criterion that does not average over examples.
 
         A criterion that declares its reduction (a torch loss module, a ``functools.partial``
-        with ``reduction=``) is trusted. Otherwise, on one no-grad forward pass of up to 8
-        examples (outputs o, targets t, halves 1 and 2 of n₁, n₂ examples), a mean satisfies
-        L(o, t) = (n₁ L(o₁, t₁) + n₂ L(o₂, t₂))/n, a sum L(o, t) = L(o₁, t₁) + L(o₂, t₂).
-        Summed losses scale |G|², tr(Σ) by b² and are refused, as is a loss matching neither
-        (not an average of per-example losses). Ties (all losses 0) pass.
+        with ``reduction=``) is trusted. Otherwise, on the model's outputs o (up to 8
+        examples, from :meth:`check_data`), targets t, halves 1 and 2 of n₁, n₂ examples, a
+        mean satisfies L(o, t) = (n₁ L(o₁, t₁) + n₂ L(o₂, t₂))/n, a sum L(o, t) = L(o₁, t₁) +
+        L(o₂, t₂). Summed losses scale |G|², tr(Σ) by b² and are refused, as is a loss
+        matching neither (not an average of per-example losses). Ties (all losses 0) pass.
         """
-        if declared_reduction(self.criterion) is not None or x.shape[0] < 2:
+        n = out.shape[0]
+        if declared_reduction(self.criterion) is not None or n < 2:
             return
-        n = min(8, x.shape[0])
-        x, y = x[:n], y[:n]
         with torch.no_grad():
-            out = functional_call(self.model, (dict(zip(self.names, self.params, strict=True)),
-                                               self.frozen, self.buffers()), (x,))
             h = n // 2
             parts = [self.criterion(out, y), self.criterion(out[:h], y[:h]),
                      self.criterion(out[h:], y[h:])]
@@ -221,7 +296,7 @@ class ModelFunction:
         mean = (n1 * first + n2 * second) / n
         summed = first + second
         tol = max(float(torch.finfo(self.dtype).eps) ** 0.5, 1e-12) * max(
-            abs(whole), abs(mean), abs(summed), 1e-30)
+            abs(whole), abs(mean), abs(summed), 1e-300)
         if abs(whole - mean) <= tol:
             return
         if abs(whole - summed) <= tol:

@@ -29,11 +29,11 @@ from torch.func import grad, jvp
 from . import _noise
 from ._common import (
     ModelFunction,
-    check_batch,
+    check_choice,
     check_count,
-    check_micro_batch,
-    default_micro_batch,
-    has_training_batchnorm,
+    check_flag,
+    check_seed,
+    micro_batch_for,
 )
 
 __all__ = [
@@ -61,19 +61,19 @@ class HessianOperator:
     A parameter in which the loss is linear (or that it does not use) has a zero row and column
     of H: its gradient is constant, and its Hessian-vector entries are 0.
 
+    The batch is checked against the model and loss first (:meth:`ModelFunction.check_data`;
+    ``names``: the two arguments named in its errors, ``("inputs", "targets")`` by default).
+
     Attributes:
         dim: p, the number of trainable scalars. ``like``: a (p,) tensor of their dtype/device.
         calls: Hessian-vector products made so far (a k-column :meth:`matmat` counts k).
     """
 
-    def __init__(self, model, criterion, inputs, targets, *, method: str = "double_backward"):
-        if method not in ("double_backward", "forward_over_reverse"):
-            raise ValueError(
-                f"method must be 'double_backward' or 'forward_over_reverse', got {method!r}"
-            )
+    def __init__(self, model, criterion, inputs, targets, *, method: str = "double_backward",
+                 names=("inputs", "targets")):
+        check_choice(method, "method", ("double_backward", "forward_over_reverse"))
         self.fn = ModelFunction(model, criterion)
-        check_batch(inputs, targets)
-        self.fn.check_reduction(inputs, targets)
+        self.fn.check_data(inputs, targets, names)
         self.method = method
         self.inputs, self.targets = inputs, targets
         self.dim = self.fn.numel
@@ -91,14 +91,31 @@ class HessianOperator:
             self._grad_fn = grad(lambda *ps: self.fn.loss(ps, inputs, targets), argnums=tuple(
                 range(len(params))))
 
-    def _vector(self, vector) -> torch.Tensor:
+    def _vector(self, vector, name: str = "vector", ndim: int = 1) -> torch.Tensor:
+        """``vector`` (a tensor, NumPy array or list of reals) as a finite tensor of the
+        parameters' dtype and device with ``ndim`` axes, the last of p entries."""
         if not isinstance(vector, torch.Tensor):
-            vector = torch.as_tensor(vector)
+            try:
+                vector = torch.as_tensor(np.asarray(vector, dtype=float))
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"{name} must be a tensor of real numbers, got "
+                                 f"{type(vector).__name__}") from None
+        if vector.is_complex() or vector.dtype == torch.bool:
+            raise ValueError(f"{name} must be real, got {vector.dtype}")
+        want = f"(k, {self.dim})" if ndim == 2 else f"({self.dim},)"
+        if vector.ndim != ndim or vector.shape[-1] != self.dim:
+            raise ValueError(f"{name} must be a {want} tensor over the trainable parameters, "
+                             f"got shape {tuple(vector.shape)}")
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError(f"{name} must be finite")
         return vector.to(dtype=self.fn.dtype, device=self.fn.device)
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
         """Hv for a flat (p,) tensor v (returns a detached flat tensor)."""
-        v = self.fn.unflatten(self._vector(vector))
+        return self._product(self._vector(vector))
+
+    def _product(self, vector: torch.Tensor) -> torch.Tensor:
+        v = self.fn.unflatten(vector)
         self.calls += 1
         if self.method == "forward_over_reverse":
             with warnings.catch_warnings():  # torch's own jit deprecation on first forward AD
@@ -119,12 +136,11 @@ class HessianOperator:
         one pass instead of k Python-level ones; halved while the GPU runs out of memory);
         row by row where vmap cannot batch a layer.
         """
-        vectors = self._vector(vectors)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"vectors must be a (k, {self.dim}) tensor, got shape "
-                             f"{tuple(vectors.shape)}")
+        vectors = self._vector(vectors, "vectors", ndim=2)
+        chunk = check_count(chunk, "chunk")
         if self.method != "double_backward" or not self._grads or vectors.shape[0] == 1:
-            return torch.stack([self(v) for v in vectors]) if vectors.shape[0] else vectors
+            return torch.stack([self._product(v) for v in vectors]) if vectors.shape[0] \
+                else vectors
         out, start = [], 0
         while start < vectors.shape[0]:
             block = vectors[start:start + chunk]
@@ -135,8 +151,13 @@ class HessianOperator:
                     outs = [cols[i].reshape(k, *self.fn.shapes[i]) for i in self._live]
                     hv = torch.autograd.grad(self._grads, self.fn.params, grad_outputs=outs,
                                              retain_graph=True, is_grads_batched=True,
-                                             allow_unused=True, materialize_grads=True)
-                    out.append(torch.cat([h.detach().reshape(k, -1) for h in hv], 1))
+                                             allow_unused=True)
+                    # a parameter the gradient does not depend on: zero rows (materialize_grads
+                    # would give one unbatched zero tensor)
+                    out.append(torch.cat([
+                        h.detach().reshape(k, -1) if h is not None
+                        else block.new_zeros(k, size) for h, size in zip(hv, self.fn.sizes,
+                                                                         strict=True)], 1))
                     self.calls += k
                     start += k
                     continue
@@ -148,7 +169,7 @@ class HessianOperator:
                     continue
                 except RuntimeError:  # an op without a vmap rule: one product at a time
                     self._batched_ok = False
-            out.append(torch.stack([self(v) for v in block]))
+            out.append(torch.stack([self._product(v) for v in block]))
             start += k
         return torch.cat(out)
 
@@ -257,7 +278,11 @@ def hessian_noise(
 
     Returns:
         :class:`HessianNoise` (with ``resolved`` and ``reason``; never raises for estimates
-        that happen to be negative).
+        that happen to be negative). Computed from the unit gradients times a power of two
+        (largest entry of order 1): the ratios ε_max, B_noise, B_simple do not depend on the
+        loss's scale; a GᵀHG, tr(HΣ), |G|² or tr(Σ) beyond float64 raises ``ValueError``
+        ("… overflows/underflows float64 …; rescale the loss"). Bad arguments raise
+        ``ValueError`` naming them (``hessian_inputs`` for the Hessian batch).
 
     >>> import torch
     >>> from torch import nn
@@ -269,7 +294,7 @@ def hessian_noise(
     (32, 4, 32)
     """
     fn = ModelFunction(model, criterion)
-    n = check_batch(inputs, targets)
+    n = fn.check_data(inputs, targets)
     if (hessian_inputs is None) != (hessian_targets is None):
         raise ValueError("give both hessian_inputs and hessian_targets, or neither")
     if hessian_inputs is None:
@@ -279,16 +304,16 @@ def hessian_noise(
         gx, gy = inputs[:half], targets[:half]
         hx, hy = inputs[half:], targets[half:]
     else:
-        check_batch(hessian_inputs, hessian_targets)
         gx, gy, hx, hy = inputs, targets, hessian_inputs, hessian_targets
     n_g = gx.shape[0]
-    bn = has_training_batchnorm(model)
-    if micro_batch is None:
-        micro_batch = default_micro_batch(n_g, max_units=_MAX_UNITS, min_size=2 if bn else 1)
-    b = check_micro_batch(micro_batch, n_g, batch_stats=bn)
-    fn.check_reduction(gx, gy)
+    b = micro_batch_for(micro_batch, n_g, model, max_units=_MAX_UNITS)
+    op = HessianOperator(model, criterion, hx, hy, names=(
+        ("inputs", "targets") if hessian_inputs is None else ("hessian_inputs", "hessian_targets")))
     units = torch.cat([g for _, g in _noise.unit_gradients(fn, gx, gy, b)])  # (M, p)
-    op = HessianOperator(model, criterion, hx, hy)
+    # scaled form: 2**e g_k with the largest entry of order 1 (squares neither overflow nor
+    # underflow); GᵀHG, tr(HΣ), |G|², tr(Σ) are 2**(−2e) times the scaled statistics
+    e = _noise.pow2_exponent(float(units.abs().max()))
+    units = _noise.mul_pow2(units, e)
     h_units = op.matmat(units)
     gram = _noise.safe_gram(units)
     curv = _noise.safe_gram(units, h_units)
@@ -330,9 +355,16 @@ def hessian_noise(
             "b_simple_stderr": se(ratio(lo_g[:, 1], lo_g[:, 0])),
         }
     m = units.shape[0]
-    reasons = [r for r in (_noise.resolution("GᵀHG", g_h_g, errs["g_h_g_stderr"], m - 1),
-                           _noise.resolution("|G|²", grad_sq, errs["grad_sq_stderr"], m - 1))
-               if r]
+    resolved = not any(_noise.resolution(*a, m - 1) for a in (
+        ("GᵀHG", g_h_g, errs["g_h_g_stderr"]), ("|G|²", grad_sq, errs["grad_sq_stderr"])))
+    magnitudes = {"g_h_g": "GᵀHG", "tr_h_sigma": "tr(HΣ)", "grad_sq": "|G|²",
+                  "tr_sigma": "tr(Σ)"}  # the rest are scale-free ratios
+    for k, what in magnitudes.items():
+        values[k] = _noise.unscale(values[k], -2 * e, what)
+        errs[k + "_stderr"] = _noise.unscale(errs[k + "_stderr"], -2 * e, f"the {what} stderr")
+    reasons = [] if resolved else [r for r in (
+        _noise.resolution("GᵀHG", values["g_h_g"], errs["g_h_g_stderr"], m - 1),
+        _noise.resolution("|G|²", values["grad_sq"], errs["grad_sq_stderr"], m - 1)) if r]
     return HessianNoise(**values, **errs, batch=n_g, micro_batch=b,
                         hessian_batch=hx.shape[0], resolved=not reasons,
                         reason="; ".join(reasons))
@@ -435,17 +467,17 @@ def top_hessian_eigenvalue(
         λ_max as a float (loss/param² units), a list of the k largest when k > 1, or
         (λ_max, vector) with ``return_vector``.
     """
-    from sgdtheory import krylov
+    from sgdtheory import _checks, krylov
 
     k = check_count(k, "k")
     max_iter = check_count(max_iter, "max_iter")
-    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0
-            and math.isfinite(tol)):
+    seed = check_seed(seed)
+    return_vector = check_flag(return_vector, "return_vector")
+    tol = _checks.real("tol", tol)
+    if not tol > 0:
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-    if stop not in ("residual", "change"):
-        raise ValueError(f"stop must be 'residual' or 'change', got {stop!r}")
+    check_choice(method, "method", ("lanczos", "power"))
+    check_choice(stop, "stop", ("residual", "change"))
     if (v0 is not None or return_vector or stop != "residual") and (
             k != 1 or method != "lanczos"):
         raise ValueError("v0, return_vector and stop='change' need k=1 and method='lanczos'")
@@ -461,11 +493,8 @@ def top_hessian_eigenvalue(
     if v0 is None:
         start = torch.as_tensor(np.random.default_rng(seed).standard_normal(op.dim))
     else:
-        start = op._vector(v0)
-        if start.shape != (op.dim,):
-            raise ValueError(f"v0 must be a flat vector of the {op.dim} trainable parameters, "
-                             f"got shape {tuple(start.shape)}")
-        if not bool(torch.isfinite(start).all()) or not float(torch.linalg.vector_norm(start)):
+        start = op._vector(v0, "v0")
+        if not float(torch.linalg.vector_norm(start)):
             raise ValueError("v0 must be a finite, non-zero vector")
     start = start.to(dtype=op.fn.dtype, device=op.fn.device)
     lam, vec, n_mv, converged = lanczos_top(op, op.dim, v0=start, tol=tol, max_iter=max_iter,
@@ -499,8 +528,8 @@ def hessian_trace(
     from sgdtheory import krylov
 
     n_samples = check_count(n_samples, "n_samples", minimum=2)
-    if method not in ("hutchinson", "hutch++"):
-        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
+    seed = check_seed(seed)
+    check_choice(method, "method", ("hutchinson", "hutch++"))
     op = HessianOperator(model, criterion, inputs, targets)
     if method == "hutch++":
         est, err = krylov.hutchinson_trace(
@@ -517,5 +546,9 @@ def hessian_trace(
         vals.append((z * op.matmat(z)).sum(1).double().cpu())
     vals = torch.cat(vals).numpy()
     if not np.all(np.isfinite(vals)):
-        raise ValueError("Hessian-vector products are not finite")
-    return float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(n_samples))
+        raise ValueError("Hessian-vector products overflow float64; rescale the loss (e.g. "
+                         "divide it by a constant) before measuring")
+    scale = float(np.abs(vals).max()) or 1.0  # mean and spread of vals/scale: no overflow
+    unit = vals / scale
+    return (float(unit.mean() * scale),
+            float(unit.std(ddof=1) * scale / math.sqrt(n_samples)))

@@ -17,6 +17,7 @@ jackknife over the units (also for the ratio B_simple).
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from dataclasses import dataclass, fields
 
@@ -29,11 +30,11 @@ from torch.func import grad, vmap
 
 from ._common import (
     ModelFunction,
-    check_batch,
+    check_choice,
     check_count,
     check_micro_batch,
-    default_micro_batch,
     has_training_batchnorm,
+    micro_batch_for,
 )
 
 __all__ = [
@@ -197,7 +198,44 @@ def _gram_statistics(sums: torch.Tensor, q: torch.Tensor, counts):
     return gram.sum(), gram.sum(1), np.diag(gram).copy(), q
 
 
-def _noise_result(point, leave_out, method, batch, micro_batch, n_units) -> GradientNoise:
+def pow2_exponent(amax: float) -> int:
+    """e with 2**e · amax in [0.5, 1): the power of two that brings the largest gradient entry
+    to order 1 (0 when amax is 0); exact, so scaled gradients round as the originals."""
+    if not math.isfinite(amax):
+        raise ValueError("gradients are not finite (the loss overflowed?)")
+    return -math.frexp(amax)[1] if amax > 0 else 0
+
+
+def mul_pow2(t: torch.Tensor, e: int) -> torch.Tensor:
+    """t · 2**e in two exact factors (each within float32's range for |e| ≤ 254)."""
+    if e == 0:
+        return t
+    h = e // 2
+    return t * math.ldexp(1.0, h) * math.ldexp(1.0, e - h)
+
+
+def unscale(value: float, e: int, what: str) -> float:
+    """value · 2**e as a float, refusing (ValueError naming ``what``) a result beyond float64:
+    an overflow, or a non-zero value below its smallest normal number (an underflow)."""
+    if not math.isfinite(value) or value == 0 or e == 0:
+        return value
+    try:
+        out = math.ldexp(value, e)
+    except OverflowError:
+        out = math.inf
+    if math.isinf(out):
+        raise ValueError(f"{what} overflows float64 (the gradients are too large); rescale the "
+                         "loss (e.g. divide it by a constant) before measuring")
+    if abs(out) < sys.float_info.min:
+        raise ValueError(f"{what} underflows float64 (the gradients are too small); rescale the "
+                         "loss (e.g. multiply it by a constant) before measuring")
+    return out
+
+
+def _noise_result(point, leave_out, method, batch, micro_batch, n_units,
+                  e: int = 0) -> GradientNoise:
+    """The result from scaled statistics: the true |G|², tr(Σ) are 2**e times ``point`` (and
+    the jackknife values); B_simple and the resolution test are scale-free."""
     grad_sq, tr_sigma = point
     b_simple = float(_ratio(tr_sigma, grad_sq))
     if leave_out is None:
@@ -210,6 +248,12 @@ def _noise_result(point, leave_out, method, batch, micro_batch, n_units) -> Grad
         )
     n_groups = n_units if leave_out is None else leave_out.shape[0]
     reason = resolution("|G|²", grad_sq, errs[0], n_groups - 1)
+    if e:
+        grad_sq, tr_sigma = unscale(grad_sq, e, "|G|²"), unscale(tr_sigma, e, "tr(Σ)")
+        errs = (unscale(errs[0], e, "the |G|² stderr"), unscale(errs[1], e, "the tr(Σ) stderr"),
+                errs[2])
+        if reason:
+            reason = resolution("|G|²", grad_sq, errs[0], n_groups - 1)
     return GradientNoise(grad_sq, tr_sigma, b_simple, *errs, method, batch, micro_batch,
                          resolved=not reason, reason=reason)
 
@@ -238,7 +282,10 @@ def safe_gram(a: torch.Tensor, b: torch.Tensor | None = None) -> np.ndarray:
 
 
 class _GroupSums:
-    """Streams unit gradients (k, p) into m contiguous group sums and Σ|g_k|² per group."""
+    """Streams unit gradients (k, p) into m contiguous group sums and Σ|g_k|² per group, in
+    scaled form: the gradients times 2**``e`` (set from the first chunk's largest entry, and
+    lowered when a later chunk is larger), so that squares neither overflow nor underflow;
+    the statistics are 2**(−2e) times those of the sums."""
 
     def __init__(self, n_units: int, numel: int, dtype, device, n_groups: int):
         self.m = min(n_units, n_groups)
@@ -247,8 +294,17 @@ class _GroupSums:
         self.q = torch.zeros(self.m, dtype=torch.float64, device=device)
         self.group_of = torch.arange(n_units, device=device) * self.m // n_units
         self.counts = torch.bincount(self.group_of, minlength=self.m).cpu().numpy()
+        self.e = None
 
     def add(self, grads: torch.Tensor, start: int) -> None:
+        amax = float(grads.abs().max()) if grads.numel() else 0.0
+        e = pow2_exponent(amax)
+        if self.e is None or (amax > 0 and e < self.e):
+            if self.e is not None:  # a larger chunk: bring what is summed to the new scale
+                self.sums = mul_pow2(self.sums, e - self.e)
+                self.q = mul_pow2(self.q, 2 * (e - self.e))
+            self.e = e
+        grads = mul_pow2(grads, self.e)
         idx = self.group_of[start : start + grads.shape[0]]
         self.sums.index_add_(0, idx, grads)
         # row norms in the gradients' dtype (float64 only for the k sums, no (k, p) copy)
@@ -382,11 +438,15 @@ def _layer_unit_grads(m: nn.Module, a: torch.Tensor, d: torch.Tensor, n_units: i
     # BatchNorm with running statistics: y = γ x̂ + β, x̂ = (x − μ)/√(σ² + eps)
     shape = (1, -1) + (1,) * (a.ndim - 2)
     dims = tuple(range(2, a.ndim))
+
+    def spatial_sum(t):  # (n, C, ...) → (n, C); sum(()) would sum everything
+        return t.sum(dims) if dims else t
+
     if m.weight is not None and m.weight in dest:
         xhat = (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-        put(m.weight, _unit_sum((d * xhat).sum(dims), n_units))
+        put(m.weight, _unit_sum(spatial_sum(d * xhat), n_units))
     if m.bias is not None:
-        put(m.bias, _unit_sum(d.sum(dims), n_units))
+        put(m.bias, _unit_sum(spatial_sum(d), n_units))
 
 
 def _hook_unit_grads(fn: ModelFunction, mods, x, y, n_units: int, *, verify: bool):
@@ -488,15 +548,41 @@ def unit_gradients(fn: ModelFunction, x, y, micro_batch: int, *, chunk_units: in
         yield start, units
 
 
+def _check_fn(fn) -> ModelFunction:
+    if not isinstance(fn, ModelFunction):
+        raise ValueError(f"fn must be a validate.measure.ModelFunction(model, criterion), got "
+                         f"{type(fn).__name__}")
+    return fn
+
+
 def per_sample_gradients(fn: ModelFunction, x, y, *, randomness: str = "different"):
-    """Per-example gradients ∇ℓ_i as a (k, p) tensor (mean-loss units of one example)."""
+    """Per-example gradients ∇ℓ_i as an (n, p) tensor (mean-loss units of one example).
+
+    ``randomness``: ``torch.func.vmap``'s handling of random operations (dropout):
+    ``'different'`` (a mask per example, as in training), ``'same'`` or ``'error'``."""
+    _check_fn(fn)
+    check_choice(randomness, "randomness", ("different", "same", "error"))
+    if has_training_batchnorm(fn.model):
+        raise ValueError("per-sample gradients need per-example losses, but the model has "
+                         "BatchNorm in training mode; use micro_batch_gradients (or model.eval())")
+    fn.check_data(x, y, ("x", "y"))
     return torch.cat([g for _, g in unit_gradients(fn, x, y, 1, randomness=randomness)])
 
 
 def micro_batch_gradients(fn: ModelFunction, x, y, micro_batch: int):
-    """Yield the mean gradient of each consecutive micro-batch of ``micro_batch`` examples."""
-    for _, units in unit_gradients(fn, x, y, micro_batch):
-        yield from units
+    """An iterator over the mean gradients (flat (p,) tensors) of the consecutive micro-batches
+    of ``micro_batch`` examples of (x, y); ``micro_batch`` must divide the batch. The
+    arguments are checked at the call, the gradients computed as the iterator is consumed."""
+    _check_fn(fn)
+    n = fn.check_data(x, y, ("x", "y"))
+    b = check_micro_batch(micro_batch, n, min_units=1,
+                          batch_stats=has_training_batchnorm(fn.model))
+
+    def gen():
+        for _, units in unit_gradients(fn, x, y, b):
+            yield from units
+
+    return gen()
 
 
 def gradient_noise(
@@ -539,7 +625,17 @@ def gradient_noise(
             jackknife (memory: n_groups × p numbers; ≥ 3 for a standard error).
 
     Returns:
-        :class:`GradientNoise` (floats).
+        :class:`GradientNoise` (floats). The statistics are formed from the unit gradients
+        times a power of two that brings their largest entry to order 1, so gradients of
+        1e-30 or 1e30 (float32) give the same B_simple as the unscaled loss; a |G|² or tr(Σ)
+        beyond float64 (gradients near 1e±160) raises ``ValueError`` ("… overflows/underflows
+        float64 …; rescale the loss").
+
+    Raises:
+        ValueError: naming the argument, for any bad input: a model that is not an
+            ``nn.Module``, inputs that do not fit the model (shape, dtype, device), targets the
+            criterion cannot take, counts that are not positive integers (NumPy integers are
+            accepted, bools and floats are not).
 
     >>> import torch
     >>> from torch import nn
@@ -553,10 +649,9 @@ def gradient_noise(
     'micro_batch'
     """
     fn = ModelFunction(model, criterion)
-    n = check_batch(inputs, targets)
     n_groups = check_count(n_groups, "n_groups")
-    if method not in ("auto", "per_sample", "micro_batch"):
-        raise ValueError(f"method must be 'auto', 'per_sample' or 'micro_batch', got {method!r}")
+    check_choice(method, "method", ("auto", "per_sample", "micro_batch"))
+    n = fn.check_data(inputs, targets)
     bn = has_training_batchnorm(model)
     if method == "auto":
         method = "micro_batch" if (bn or micro_batch is not None) else "per_sample"
@@ -572,13 +667,10 @@ def gradient_noise(
             raise ValueError(f"per-sample estimates need a batch of at least 2, got {n}")
         b = 1
     else:
-        if micro_batch is None:
-            micro_batch = default_micro_batch(n, max_units=_MAX_UNITS, min_size=2 if bn else 1)
-        b = check_micro_batch(micro_batch, n, batch_stats=bn)
+        b = micro_batch_for(micro_batch, n, model, max_units=_MAX_UNITS)
     chunk_units = None
     if chunk_size is not None:
         chunk_units = max(1, check_count(chunk_size, "chunk_size") // b)
-    fn.check_reduction(inputs, targets)
     acc = _GroupSums(n // b, fn.numel, fn.dtype, fn.device, n_groups)
     for start, units in unit_gradients(fn, inputs, targets, b, chunk_units=chunk_units):
         acc.add(units, start)
@@ -586,7 +678,7 @@ def gradient_noise(
 
     stats = _gram_statistics(acc.sums, acc.q, acc.counts)
     point, leave_out = unit_statistics(*stats, acc.counts, b, two_batch)
-    return _noise_result(point, leave_out, method, n, b, n // b)
+    return _noise_result(point, leave_out, method, n, b, n // b, -2 * acc.e)
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -627,27 +719,42 @@ def distributed_gradient_noise(
     """
     import torch.distributed as dist
 
+    local_batch = check_count(local_batch, "local_batch")
+    norm_only = not (isinstance(local_grad, torch.Tensor) and local_grad.ndim == 1)
+    if isinstance(local_grad, torch.Tensor) and local_grad.is_complex():
+        raise ValueError(f"local_grad must be real, got {local_grad.dtype}")
+    if norm_only:
+        if isinstance(local_grad, torch.Tensor) and local_grad.ndim > 1:
+            raise ValueError("local_grad must be a flat 1-D tensor or a squared norm")
+        try:
+            from sgdtheory import _checks
+
+            local_sq = _checks.real("local_grad (a squared norm)", local_grad)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or pass a flat 1-D gradient tensor") from None
+        if local_sq < 0:
+            raise ValueError(f"local_grad (a squared norm) must be >= 0, got {local_sq}")
+        if global_grad is None:
+            raise ValueError("global_grad is required when local_grad is a squared norm")
+    elif not bool(torch.isfinite(local_grad).all()):
+        raise ValueError("local_grad must be finite")
+    if global_grad is not None:
+        if not isinstance(global_grad, torch.Tensor) or global_grad.ndim != 1 \
+                or global_grad.is_complex():
+            raise ValueError("global_grad must be a flat, real 1-D tensor of the trainable "
+                             "parameters")
+        if not norm_only and global_grad.shape != local_grad.shape:
+            raise ValueError(
+                f"global_grad shape {tuple(global_grad.shape)} must match local_grad "
+                f"{tuple(local_grad.shape)}")
+        if not bool(torch.isfinite(global_grad).all()):
+            raise ValueError("global_grad must be finite")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised (call init_process_group first)")
     world = dist.get_world_size(group)
     if world < 2:
         raise ValueError(f"distributed_gradient_noise needs at least 2 ranks, got {world}")
-    if isinstance(local_batch, bool) or not isinstance(local_batch, int) or local_batch < 1:
-        raise ValueError(f"local_batch must be a positive integer, got {local_batch!r}")
-    norm_only = not (isinstance(local_grad, torch.Tensor) and local_grad.ndim == 1)
-    if norm_only:
-        if global_grad is None:
-            raise ValueError("global_grad is required when local_grad is a squared norm")
-        if isinstance(local_grad, torch.Tensor) and local_grad.ndim > 1:
-            raise ValueError("local_grad must be a flat 1-D tensor or a squared norm")
-        local_sq = float(local_grad)
-        if not math.isfinite(local_sq) or local_sq < 0:
-            raise ValueError(f"local_grad (a squared norm) must be finite and >= 0, got {local_sq}")
-    elif not bool(torch.isfinite(local_grad).all()):
-        raise ValueError("local_grad must be finite")
     ref = global_grad if norm_only else local_grad
-    if not isinstance(ref, torch.Tensor) or ref.ndim != 1:
-        raise ValueError("global_grad must be a flat 1-D tensor of the trainable parameters")
     dev = ref.device
     sizes = [torch.zeros(2, dtype=torch.float64, device=dev) for _ in range(world)]
     mine = torch.tensor([local_batch, ref.numel()], dtype=torch.float64, device=dev)
@@ -661,11 +768,6 @@ def distributed_gradient_noise(
         global_grad = local_grad.clone()
         dist.all_reduce(global_grad, op=dist.ReduceOp.SUM, group=group)
         global_grad /= world
-    elif not norm_only and global_grad.shape != local_grad.shape:
-        raise ValueError(
-            f"global_grad shape {tuple(global_grad.shape)} must match local_grad "
-            f"{tuple(local_grad.shape)}"
-        )
     gg = global_grad.double()
     if norm_only:
         mine = torch.tensor([local_sq, math.nan], dtype=torch.float64, device=dev)
@@ -676,6 +778,9 @@ def distributed_gradient_noise(
     dist.all_gather(parts, mine, group=group)
     parts = torch.stack(parts).cpu().numpy()
     total_sq = world**2 * float(gg @ gg)
+    if not (math.isfinite(total_sq) and np.all(np.isfinite(parts[:, : 1 if norm_only else 2]))):
+        raise ValueError("squared gradient norms overflow float64; rescale the loss (e.g. "
+                         "divide it by a constant) before measuring")
     from sgdtheory.estimators import two_batch
 
     point, leave_out = unit_statistics(

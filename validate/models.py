@@ -29,6 +29,7 @@ from the eigen-decomposition Λ, V of the covariance of 2×2×3 training patches
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,8 +45,7 @@ def channels(width: float) -> tuple[int, int, int, int]:
     >>> channels(1.0), channels(0.125)
     ((64, 128, 256, 512), (8, 16, 32, 64))
     """
-    if not (width > 0) or width != width or width == float("inf"):
-        raise ValueError(f"width must be a positive finite multiplier, got {width!r}")
+    width = _positive_real("width", width)
     return tuple(max(8, int(round(c * width / 8)) * 8) for c in BASE_WIDTHS)
 
 
@@ -87,7 +87,13 @@ class FastResNet(nn.Module):
     def __init__(self, num_classes: int = 10, *, width: float = 1.0, whiten: bool = False,
                  logit_scale: float = 0.125, bn_momentum: float = 0.1):
         super().__init__()
+        from sgdtheory import _checks
+
+        (num_classes,) = _positive_ints("num_classes", (num_classes,), 1)
         c0, c1, c2, c3 = channels(width)
+        whiten = _checks.flag("whiten", whiten)
+        logit_scale = _positive_real("logit_scale", logit_scale)
+        bn_momentum = _momentum(bn_momentum)
         self.whiten = whiten
         if whiten:
             conv = nn.Conv2d(3, 24, 2, padding=0, bias=True)
@@ -118,8 +124,20 @@ def init_whitening(model: FastResNet, images: torch.Tensor, eps: float = 5e-4) -
     Λ^{-1/2} Vᵀ and their negatives (24 filters), so the stem's output has identity covariance
     before the GELU.
     """
-    if not model.whiten:
-        raise ValueError("init_whitening needs a model built with whiten=True")
+    if not isinstance(model, FastResNet) or not model.whiten:
+        raise ValueError("model: init_whitening needs a FastResNet built with whiten=True")
+    if not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3
+            and images.shape[0] >= 1 and images.shape[2] >= 2 and images.shape[3] >= 2
+            and not images.is_complex()):
+        raise ValueError("images must be a real (n, 3, H, W) tensor with H, W ≥ 2, got "
+                         f"{getattr(images, 'shape', type(images).__name__)}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images must be finite")
+    from sgdtheory import _checks
+
+    eps = _checks.real("eps", eps)
+    if not eps > 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     conv = model.stem[0]
     patches = torch.nn.functional.unfold(images.float(), kernel_size=2)  # (n, 12, L)
     patches = patches.transpose(1, 2).reshape(-1, 12).double()
@@ -144,7 +162,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, input_shape, num_classes: int, *, channels=(8, 16)):
         super().__init__()
-        c, h, w = (int(v) for v in input_shape)
+        c, h, w = _shape(input_shape, 3, "(C, H, W)")
+        (num_classes,) = _positive_ints("num_classes", (num_classes,), 1)
         if h < 4 or w < 4:
             raise ValueError(f"SmallCNN needs images of at least 4×4 pixels, got {h}×{w}")
         c1, c2 = _positive_ints("channels", channels, 2)
@@ -163,7 +182,8 @@ class MLP(nn.Module):
 
     def __init__(self, input_shape, num_classes: int, *, hidden: int = 64):
         super().__init__()
-        (features,) = (int(v) for v in input_shape)
+        (features,) = _shape(input_shape, 1, "(features,)")
+        (num_classes,) = _positive_ints("num_classes", (num_classes,), 1)
         (hidden,) = _positive_ints("hidden", (hidden,), 1)
         self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
                                  nn.Linear(hidden, num_classes))
@@ -173,13 +193,50 @@ class MLP(nn.Module):
 
 
 def _positive_ints(name: str, values, n: int) -> tuple[int, ...]:
+    """``values`` as n Python ints ≥ 1 (NumPy and 0-d torch integers accepted; no bools,
+    floats or strings)."""
+    import operator
+
     try:
-        out = tuple(int(v) for v in values)
-        ok = len(out) == n and all(o == v and o >= 1 for o, v in zip(out, values, strict=True))
-    except (TypeError, ValueError):
+        values = tuple(values)
+        ok = len(values) == n and not any(
+            isinstance(v, (bool, np.bool_)) or getattr(v, "dtype", None) == torch.bool
+            for v in values)
+        out = tuple(operator.index(v) for v in values) if ok else ()
+        ok = ok and all(o >= 1 for o in out)
+    except (TypeError, ValueError, RuntimeError):
         ok = False
     if not ok:
         raise ValueError(f"{name} must be {n} positive integer(s), got {values!r}")
+    return out
+
+
+def _shape(input_shape, n: int, form: str) -> tuple[int, ...]:
+    """``input_shape`` as n positive ints (one example's shape ``form``, no batch axis)."""
+    try:
+        return _positive_ints("input_shape", input_shape, n)
+    except ValueError:
+        raise ValueError(f"input_shape must be {form}: {n} positive integer(s), got "
+                         f"{input_shape!r}") from None
+
+
+def _positive_real(name: str, value) -> float:
+    """``value`` as a finite float > 0 (no bool, string or complex)."""
+    from sgdtheory import _checks
+
+    out = _checks.real(name, value)
+    if not out > 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return out
+
+
+def _momentum(value) -> float:
+    """BatchNorm's running-average momentum: a float in (0, 1] (PyTorch convention)."""
+    from sgdtheory import _checks
+
+    out = _checks.real("bn_momentum", value)
+    if not 0 < out <= 1:
+        raise ValueError(f"bn_momentum must be in (0, 1], got {value!r}")
     return out
 
 
@@ -199,7 +256,24 @@ def build_model(name: str, input_shape, num_classes: int, *, width: float = 1.0,
     >>> [type(build_model("auto", s, 10)).__name__ for s in ((3, 32, 32), (1, 8, 8), (5,))]
     ['FastResNet', 'SmallCNN', 'MLP']
     """
-    shape = tuple(int(v) for v in input_shape)
+    from sgdtheory import _checks
+
+    if not (isinstance(name, str) and name in ("auto", *MODELS)):
+        raise ValueError(f"name: model must be 'auto' or one of {MODELS}, got {name!r}")
+    try:
+        shape = _positive_ints("input_shape", input_shape, len(input_shape))
+    except (TypeError, ValueError):
+        shape = None
+    if not shape:
+        raise ValueError(f"input_shape must be one example's shape, (C, H, W) or (features,), "
+                         f"got {input_shape!r}")
+    # every setting is checked, also those of the other networks (a typo is never ignored)
+    (num_classes,) = _positive_ints("num_classes", (num_classes,), 1)
+    _positive_real("width", width)
+    _positive_ints("channels", channels, 2)
+    _positive_ints("hidden", (hidden,), 1)
+    _checks.flag("whiten", whiten)
+    _momentum(bn_momentum)
     if name == "auto":
         name = "resnet" if shape == (3, 32, 32) else "cnn" if len(shape) == 3 else "mlp"
     if name == "resnet":
@@ -220,4 +294,9 @@ def build_model(name: str, input_shape, num_classes: int, *, width: float = 1.0,
 def count_parameters(model: nn.Module, *, trainable: bool = False) -> int:
     """Number of scalars in ``model.parameters()`` (only ``requires_grad`` ones if
     ``trainable``)."""
+    from sgdtheory import _checks
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable = _checks.flag("trainable", trainable)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
