@@ -558,14 +558,16 @@ def _refused(exc):
     return any(w in msg for w in ("overflow", "underflow")) and "rescale" in msg
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("c", [1e-200, 1e-150, 1e-30, 1e-20, 1e20, 1e30, 1e150, 1e200])
+# loss scales c per dtype: float32 only where the loss c·L itself is representable
+_SCALES = [(torch.float64, c) for c in (1e-200, 1e-150, 1e-30, 1e-20, 1e20, 1e30, 1e150, 1e200)
+           ] + [(torch.float32, c) for c in (1e-30, 1e-20, 1e20, 1e30)]
+
+
+@pytest.mark.parametrize(("dtype", "c"), _SCALES)
 @pytest.mark.parametrize("mode", ["per_sample", "micro_batch"])
 def test_gradient_noise_scale_invariant_or_refused(dtype, c, mode):
     """|G|², tr(Σ) ∝ c² and B_simple invariant for the loss c·L: computed in scaled form, or
     refused with a reason (never B_simple 0 or NaN in a resolved estimate)."""
-    if dtype == torch.float32 and not 1e-38 < c < 1e38:
-        pytest.skip("the loss itself is not representable in float32")
     model = mlp().to(dtype)
     x, y = REF_X.to(dtype), REF_Y
     kw = dict(method=mode, micro_batch=None if mode == "per_sample" else 2)
