@@ -59,7 +59,8 @@ def resolution(name: str, value: float, stderr: float, df: float, *,
                hint: str = "use at least 3 micro-batches") -> str:
     """'' when the estimate ``value`` of a positive quantity (a denominator: |G|², GᵀHG) is
     resolved, i.e. above t₀.₉₇₅(df)·stderr (significantly positive); else the reason, e.g.
-    "GᵀHG = -3 ± 5: not resolved; use more examples". ``hint``: what to do when there is no
+    "GᵀHG = -3 ± 5: not resolved (not above 2.04 s.e., Student's t at df 31); use more
+    examples". ``hint``: what to do when there is no
     standard error."""
     if not math.isfinite(stderr):
         state = "" if value > 0 else ", not positive"
@@ -67,7 +68,8 @@ def resolution(name: str, value: float, stderr: float, df: float, *,
     z = float(stdtrit(max(df, 1.0), 0.975))  # Student's t quantile (a ufunc: µs)
     if value > z * stderr:
         return ""
-    return f"{name} = {_fmt(value, stderr)}: not resolved; use more examples"
+    return (f"{name} = {_fmt(value, stderr)}: not resolved (not above {z:.3g} s.e., Student's "
+            f"t at df {df:g}); use more examples")
 
 
 def _json_value(v):
