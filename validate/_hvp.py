@@ -312,7 +312,7 @@ def hessian_noise(
     units = torch.cat([g for _, g in _noise.unit_gradients(fn, gx, gy, b)])  # (M, p)
     # scaled form: 2**e g_k with the largest entry of order 1 (squares neither overflow nor
     # underflow); GᵀHG, tr(HΣ), |G|², tr(Σ) are 2**(−2e) times the scaled statistics
-    e = _noise.pow2_exponent(float(units.abs().max()))
+    e = _noise.scale_exponent(units)
     units = _noise.mul_pow2(units, e)
     h_units = op.matmat(units)
     gram = _noise.safe_gram(units)

@@ -208,6 +208,25 @@ def pow2_exponent(amax: float) -> int:
     return -math.frexp(amax)[1] if amax > 0 else 0
 
 
+# Row norms within [2**-40, 2**40] need no scaling: squares and Gram entries of up to 2**24
+# rows stay far inside float32's range, and entries too small to square are ≤ 2**-69 of it.
+_SAFE_NORMS = (2.0**-40, 2.0**40)
+
+
+def scale_exponent(rows: torch.Tensor, norms: torch.Tensor | None = None) -> int:
+    """The power of two e for the scaled form of the (k, p) gradient rows: 0 when every row
+    norm lies in :data:`_SAFE_NORMS` (one pass, no copy: the usual case), else
+    :func:`pow2_exponent` of the largest entry. ``norms``: the row norms, if already known."""
+    if rows.numel() == 0:
+        return 0
+    if norms is None:
+        norms = torch.linalg.vector_norm(rows, dim=1)
+    lo, hi = float(norms.min()), float(norms.max())
+    if _SAFE_NORMS[0] <= lo and hi <= _SAFE_NORMS[1]:
+        return 0
+    return pow2_exponent(float(rows.abs().max()))
+
+
 def mul_pow2(t: torch.Tensor, e: int) -> torch.Tensor:
     """t · 2**e in two exact factors (each within float32's range for |e| ≤ 254)."""
     if e == 0:
@@ -299,15 +318,20 @@ class _GroupSums:
         self.e = None
 
     def add(self, grads: torch.Tensor, start: int) -> None:
-        amax = float(grads.abs().max()) if grads.numel() else 0.0
-        e = pow2_exponent(amax)
-        if self.e is None or (amax > 0 and e < self.e):
+        idx = self.group_of[start : start + grads.shape[0]]
+        norms = torch.linalg.vector_norm(grads, dim=1) if grads.numel() else None
+        e = scale_exponent(grads, norms) if norms is not None else 0
+        if e == 0 and self.e in (None, 0) and bool(torch.isfinite(norms).all()):
+            self.e = 0  # the usual case: no scaling, the norms just computed are the |g_k|
+            self.sums.index_add_(0, idx, grads)
+            self.q.index_add_(0, idx, norms.double() ** 2)
+            return
+        if self.e is None or (grads.numel() and e < self.e):
             if self.e is not None:  # a larger chunk: bring what is summed to the new scale
                 self.sums = mul_pow2(self.sums, e - self.e)
                 self.q = mul_pow2(self.q, 2 * (e - self.e))
             self.e = e
         grads = mul_pow2(grads, self.e)
-        idx = self.group_of[start : start + grads.shape[0]]
         self.sums.index_add_(0, idx, grads)
         # row norms in the gradients' dtype (float64 only for the k sums, no (k, p) copy)
         self.q.index_add_(0, idx, _row_sq(grads))
