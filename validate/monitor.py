@@ -25,6 +25,16 @@ Usage::
         monitor.step(lr=opt.param_groups[0]["lr"], inputs=x, targets=y)
         opt.step()
 
+A loop without gradient accumulation gets the same at no extra pass from
+:meth:`NoiseMonitor.backward`, which splits the backward into micro-batches on measured steps
+only (otherwise :meth:`step` measures on ``inputs``/``targets`` with an extra pass)::
+
+    for x, y in loader:
+        opt.zero_grad()
+        monitor.backward(lambda xb, yb: criterion(model(xb), yb), x, y)   # M = 4
+        monitor.step(lr=opt.param_groups[0]["lr"], inputs=x, targets=y)
+        opt.step()
+
 Under ``DistributedDataParallel`` the increments of ``p.grad`` include the all-reduce: use
 :func:`validate.measure.distributed_gradient_noise` with :class:`validate.measure.DDPNoiseHook`
 there (each rank's local gradient is the small batch).
@@ -289,6 +299,50 @@ class NoiseMonitor:
             d = cur if self._prev is None else cur - self._prev
             self._sq.append(float(torch.dot(d, d)))
             self._prev = cur
+
+    def backward(self, loss_fn, inputs, targets, *, micro_batches: int = 4) -> torch.Tensor:
+        r"""The training step's backward pass, split on measured steps so that the noise
+        measurement costs no extra pass (for loops without gradient accumulation).
+
+        Other steps: ``loss_fn(inputs, targets).backward()``. Measured steps: the batch is cut
+        into M = ``micro_batches`` consecutive micro-batches of b = B/M examples and
+        ``(loss_fn(x_k, y_k) / M).backward()`` is run for each, with :meth:`after_backward`
+        after each: ``p.grad`` ends as the gradient of the mean loss over the batch,
+        ḡ = (1/M) Σ_k g_k, as one backward would give it — except that a BatchNorm layer in
+        training mode normalises each micro-batch by its own statistics on those steps (and
+        updates its running statistics M times). Call with ``p.grad`` zeroed, then
+        :meth:`step` as usual. Needs ``accumulation='mean'``.
+
+        Args:
+            loss_fn: ``loss_fn(x, y)`` → the *mean* loss of the examples (x, y), e.g.
+                ``lambda x, y: criterion(model(x), y)``.
+            inputs, targets: the step's batch of B examples (B divisible by M).
+            micro_batches: M ≥ 2 on measured steps.
+
+        Returns:
+            The batch's mean loss (detached): on measured steps the mean of the M micro-batch
+            losses.
+        """
+        if self.accumulation != "mean":
+            raise ValueError("NoiseMonitor.backward needs accumulation='mean'")
+        m = check_count(micro_batches, "micro_batches")
+        if m < 2:
+            raise ValueError(f"micro_batches must be at least 2, got {m}")
+        if not self.measuring:
+            loss = loss_fn(inputs, targets)
+            loss.backward()
+            return loss.detach()
+        n = int(inputs.shape[0])
+        if n % m or int(targets.shape[0]) != n:
+            raise ValueError(f"the batch of {n} examples (targets {int(targets.shape[0])}) must "
+                             f"split into micro_batches={m} equal parts")
+        total = 0.0
+        for xb, yb in zip(inputs.chunk(m), targets.chunk(m), strict=True):
+            loss = loss_fn(xb, yb) / m
+            loss.backward()
+            self.after_backward()
+            total = total + loss.detach()
+        return total
 
     # ------------------------------------------------------------------ step
     def step(self, lr: float, *, batch_size: int | None = None, inputs=None, targets=None,
