@@ -656,3 +656,26 @@ def test_gradient_noise_count_combinations(n, micro_batch, n_groups, chunk_size,
     result = outcome(gradient_noise, kwargs, ["micro_batch", "n_groups", "chunk_size",
                                               "inputs", "per-sample", "batch size"])
     assert not result.startswith("FAIL"), result
+
+
+def test_probe_runs_once_per_kind_of_batch_and_targets_are_checked_every_time():
+    """check_data's probe forward pass is skipped for a model and loss that already took a batch
+    of the same kind (saving its cost on repeated measurements), while bad targets on that
+    model are still refused by name and a new kind of batch is probed again."""
+    model = mlp()
+    forwards = []
+    model.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    x, y = REF_X, REF_Y
+    gradient_noise(model, CE, x, y, method="per_sample")
+    first = list(forwards)
+    forwards.clear()
+    gradient_noise(model, CE, x, y, method="per_sample")
+    assert 8 in first and 8 not in forwards  # the 8-example probe ran the first time only
+    for bad in (torch.full_like(y, 7), torch.full_like(y, -2)):
+        with pytest.raises(ValueError, match="targets: class"):
+            gradient_noise(model, CE, x, bad, method="per_sample")
+    ignored = y.clone()
+    ignored[0] = -100  # CrossEntropyLoss's ignore_index is a valid target
+    gradient_noise(model, CE, x, ignored, method="per_sample")
+    with pytest.raises(ValueError, match="inputs"):  # a new kind of batch: probed, named
+        gradient_noise(model, CE, x[:, :3].contiguous(), y, method="per_sample")
