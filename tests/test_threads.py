@@ -47,8 +47,9 @@ def test_choose_threads_precedence(monkeypatch):
 
 def test_limit_threads_sets_environment_and_torch(monkeypatch):
     torch = pytest.importorskip("torch")
-    for var in (*_threads.THREAD_VARS, *_threads.WAIT_VARS):
-        monkeypatch.delenv(var, raising=False)
+    for var in (*_threads.THREAD_VARS, *_threads._USER_WAIT_VARS):
+        monkeypatch.setenv(var, "0")  # recorded, so the test leaves the environment as it was
+        monkeypatch.delenv(var)
     before = torch.get_num_threads()
     try:
         assert _threads.limit_threads(1) == 1
@@ -68,7 +69,7 @@ def test_wait_policy_reaches_a_fresh_torch():
             "print(torch.get_num_threads(), "
             "'OMP_WAIT_POLICY : PASSIVE' in torch.__config__.parallel_info() or "
             "__import__('os').environ['OMP_WAIT_POLICY'])")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY",)}
+    env = {k: v for k, v in os.environ.items() if k not in _threads._USER_WAIT_VARS}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**env, "PYTHONPATH": ROOT}, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -102,3 +103,49 @@ def test_cli_threads_flag(module, args):
         ok = subprocess.run([sys.executable, "-m", module, *args, "--threads", "1"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
         assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize(("others", "cores", "n", "spin"), [
+    (0, 2, 2, True),    # a quiet 2-core machine: a short spin
+    (1, 2, 2, False),   # one other runnable task takes a core the team needs: passive
+    (2, 8, 4, True),    # free cores for every thread
+    (5, 8, 4, False),
+    (0, 2, 1, False),   # one thread never waits on a team
+])
+def test_wait_policy_follows_the_free_cores(monkeypatch, others, cores, n, spin):
+    monkeypatch.setattr(_threads, "_others_running", lambda samples=5: others)
+    monkeypatch.setattr(_threads, "available_cores", lambda: cores)
+    got = _threads.wait_vars(n)
+    assert got == (_threads.SHORT_SPIN_VARS if spin else _threads.WAIT_VARS)
+
+
+def test_limit_threads_keeps_a_wait_policy_the_user_set(monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # limit_threads writes os.environ
+    for var in (*_threads.THREAD_VARS, *_threads._USER_WAIT_VARS):
+        os.environ.pop(var, None)
+    monkeypatch.setattr(_threads, "_others_running", lambda samples=5: 0)
+    monkeypatch.setattr(_threads, "available_cores", lambda: 4)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    _threads.limit_threads(2)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    _threads.limit_threads(2)
+    assert os.environ["GOMP_SPINCOUNT"] == _threads.SHORT_SPIN_VARS["GOMP_SPINCOUNT"]
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_others_running_reads_the_runnable_count():
+    """/proc/loadavg's running count includes the reader: never negative, and a busy child
+    process raises it (Linux only)."""
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc/loadavg on this system")
+    assert _threads._others_running() >= 0
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert _threads._others_running(samples=9) >= 1
+    finally:
+        busy.kill()
+        busy.wait()
