@@ -1023,6 +1023,10 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     on success, halves on failure), and where windows fail the loss is computed exactly step
     by step from the closed-form state (:func:`_block_devs`, blocks doubling). Crawlers go back
     to Newton after long windows hold, and every 16 rounds. Writes into ``out[dest]``.
+
+    (One function of ~90 lines on purpose: the search loop shares a dozen arrays of per-
+    configuration state — t₁, live, crawling, rounds, the window — that small functions would
+    have to pass back and forth on every round.)
     """
     b_ref = float(batch.max())  # noise terms at the largest batch (the least likely to overflow)
     sy = _pair_system(pr._replace(cd=pr.cd / b_ref), eta, mu, beta, kind)

@@ -295,16 +295,8 @@ def hessian_noise(
     """
     fn = ModelFunction(model, criterion)
     n = fn.check_data(inputs, targets)
-    if (hessian_inputs is None) != (hessian_targets is None):
-        raise ValueError("give both hessian_inputs and hessian_targets, or neither")
-    if hessian_inputs is None:
-        if n < 4:
-            raise ValueError(f"need a batch of at least 4 to split into halves, got {n}")
-        half = n // 2
-        gx, gy = inputs[:half], targets[:half]
-        hx, hy = inputs[half:], targets[half:]
-    else:
-        gx, gy, hx, hy = inputs, targets, hessian_inputs, hessian_targets
+    gx, gy, hx, hy = _gradient_and_hessian_batches(inputs, targets, hessian_inputs,
+                                                   hessian_targets, n)
     n_g = gx.shape[0]
     b = micro_batch_for(micro_batch, n_g, model, max_units=_MAX_UNITS)
     op = HessianOperator(model, criterion, hx, hy, names=(
@@ -320,9 +312,35 @@ def hessian_noise(
     curv = 0.5 * (curv + curv.T)
     if not np.all(np.isfinite(curv.sum(1))):
         raise ValueError("gᵀHg overflows float64; rescale the loss before measuring")
+    values, errs, reasons = _curvature_statistics(gram, curv, b, e)
+    return HessianNoise(**values, **errs, batch=n_g, micro_batch=b,
+                        hessian_batch=hx.shape[0], resolved=not reasons,
+                        reason="; ".join(reasons))
+
+
+def _gradient_and_hessian_batches(inputs, targets, hessian_inputs, hessian_targets, n: int):
+    """(gx, gy, hx, hy): the gradient batch and the independent batch defining Ĥ — the two
+    halves of (inputs, targets) when no Hessian batch is given (n ≥ 4)."""
+    if (hessian_inputs is None) != (hessian_targets is None):
+        raise ValueError("give both hessian_inputs and hessian_targets, or neither")
+    if hessian_inputs is not None:
+        return inputs, targets, hessian_inputs, hessian_targets
+    if n < 4:
+        raise ValueError(f"need a batch of at least 4 to split into halves, got {n}")
+    half = n // 2
+    return inputs[:half], targets[:half], inputs[half:], targets[half:]
+
+
+def _curvature_statistics(gram: np.ndarray, curv: np.ndarray, b: int, e: int):
+    """(values, stderrs, reasons) of :func:`hessian_noise` from the Gram matrices of the M
+    scaled unit gradients, G_kl = g_kᵀg_l and C_kl = g_kᵀĤg_l (symmetrised), b examples per
+    unit: the two-batch estimates of |G|², tr(Σ) (from G) and GᵀHG, tr(HΣ) (from C), their
+    ratios ε_max = |G|²/GᵀHG, B_noise = tr(HΣ)/GᵀHG, B_simple = tr(Σ)/|G|², delete-a-unit
+    jackknife standard errors, unscaled by 2**(−2e); resolved when GᵀHG and |G|² are
+    significantly positive."""
     from sgdtheory.estimators import two_batch, two_batch_curvature
 
-    ones = np.ones(units.shape[0])
+    ones = np.ones(gram.shape[0])
 
     def stats(mat, combine):
         return _noise.unit_statistics(
@@ -354,7 +372,7 @@ def hessian_noise(
             "tr_sigma_stderr": se(lo_g[:, 1]),
             "b_simple_stderr": se(ratio(lo_g[:, 1], lo_g[:, 0])),
         }
-    m = units.shape[0]
+    m = gram.shape[0]
     resolved = not any(_noise.resolution(*a, m - 1) for a in (
         ("GᵀHG", g_h_g, errs["g_h_g_stderr"]), ("|G|²", grad_sq, errs["grad_sq_stderr"])))
     magnitudes = {"g_h_g": "GᵀHG", "tr_h_sigma": "tr(HΣ)", "grad_sq": "|G|²",
@@ -365,9 +383,7 @@ def hessian_noise(
     reasons = [] if resolved else [r for r in (
         _noise.resolution("GᵀHG", values["g_h_g"], errs["g_h_g_stderr"], m - 1),
         _noise.resolution("|G|²", values["grad_sq"], errs["grad_sq_stderr"], m - 1)) if r]
-    return HessianNoise(**values, **errs, batch=n_g, micro_batch=b,
-                        hessian_batch=hx.shape[0], resolved=not reasons,
-                        reason="; ".join(reasons))
+    return values, errs, reasons
 
 
 # --------------------------------------------------------------------------- λ_max
