@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
+from fuzz_values import EXTREME, MUST_REJECT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,10 +36,6 @@ MATRIX = np.diag([3.0, 2.0, 1.0, 0.5, 0.25])
 
 def matvec(v):
     return MATRIX @ v
-
-
-class _Opaque:
-    pass
 
 
 # ------------------------------------------------------------------ wrappers of methods
@@ -299,23 +296,7 @@ STRINGS = {"name", "method", "distribution", "values", "note", "device", "backen
 #: arguments that take callables
 CALLABLES = {"matvec", "f", "schedule", "batch_schedule"}
 
-MUST_REJECT = {
-    "None": None, "str": "1.0", "str2": "abc", "bytes": b"1", "complex": 1 + 0j,
-    "complex5": 1 + 5j, "npcomplex": np.complex128(2), "complexarr": np.array([1 + 5j]),
-    "complexarr0": np.array([2 + 0j]), "int1": 1, "bool": True, "npbool": np.bool_(True),
-    "boolarr": np.array([True, False]), "object": _Opaque(), "dict": {}, "list_none": [1, None],
-    "ragged": [[1.0, 2.0], [3.0]], "strlist": ["1", "2"], "nan": float("nan"),
-    "nanarr": np.array([np.nan]), "inf": float("inf"), "-inf": -float("inf"),
-}
-EXTREME = {
-    "empty": [], "emptyarr": np.array([]), "2d": [[1.0]], "bigint": 10**400, "-1": -1, "0": 0,
-    "-0.0": -0.0, "1e308": 1e308, "1e300": 1e300, "1e155": 1e155, "1e-300": 1e-300,
-    "5e-324": 5e-324, "-1e-300": -1e-300, "int64": np.int64(8), "float32": np.float32(0.5),
-    "float16": np.float16(2.0), "0d": np.array(2.0), "1d": np.array([2.0]), "2**70": 2**70,
-    "uint64": np.uint64(3), "big_list": [1e308, 1e308], "tiny_list": [5e-324, 1e-310],
-    "list3": [1.0, 2.0, 3.0], "neg_list": [-1.0, 1.0], "half": 0.5, "two": 2,
-    "wrong_shape": np.ones((3, 3)), "huge_grads": np.full((3, 2), 1e200),
-}
+EXTREME = {**EXTREME, "wrong_shape": np.ones((3, 3)), "huge_grads": np.full((3, 2), 1e200)}
 
 
 def _has_nan(x) -> bool:

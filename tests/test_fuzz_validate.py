@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from linear_models import LinearInExtra, linear_extra_loss
 from torch import nn
 
 from sgdtheory import krylov
@@ -383,29 +384,10 @@ def test_distributed_checks_its_arguments_before_the_process_group():
         DDPNoiseHook().pop()
 
 
-class LinearInExtra(nn.Module):
-    """Logits plus a column the loss is linear in (``extra``), and a layer never used."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(13)
-        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-        self.extra = nn.Parameter(torch.tensor([0.3]))
-        self.unused = nn.Linear(2, 2)
-        self.to(DT)
-
-    def forward(self, x):
-        return torch.cat([self.net(x), self.extra.expand(x.shape[0], 1)], 1)
-
-
-def linear_extra_loss(out, t):
-    return nn.functional.cross_entropy(out[:, :-1], t) + 2.0 * out[:, -1].mean()
-
-
 def test_linear_and_unused_parameters_have_zero_second_derivative_everywhere():
     """No autograd 'appears to not have been used' error in any function or HVP method; the
     unused layer's gradient and Hessian rows are 0; H is that of brute-force autograd."""
-    model = LinearInExtra()
+    model = LinearInExtra(unused=True)
     x, y = data(16, seed=3)
     p = sum(v.numel() for v in model.parameters())
     flat = torch.cat([v.detach().reshape(-1) for v in model.parameters()])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from linear_models import LinearInExtra, linear_extra_loss  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
@@ -350,24 +351,6 @@ def test_numpy_integers_accepted():
     for bad in (True, 2.0, "4"):
         with pytest.raises(ValueError, match="micro_batch"):
             gradient_noise(model, CE, x, y, micro_batch=bad)
-
-
-class LinearInExtra(nn.Module):
-    """Logits plus a column that the loss uses linearly: L is linear in ``extra``."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(13)
-        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-        self.extra = nn.Parameter(torch.tensor([0.3]))
-        self.to(DT)
-
-    def forward(self, x):
-        return torch.cat([self.net(x), self.extra.expand(x.shape[0], 1)], 1)
-
-
-def linear_extra_loss(out, t):
-    return nn.functional.cross_entropy(out[:, :-1], t) + 2.0 * out[:, -1].mean()
 
 
 def test_loss_linear_in_a_parameter_has_zero_second_derivative_there():

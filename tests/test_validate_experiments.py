@@ -1,49 +1,25 @@
 """python -m validate.experiments: smoke runs end to end, per-run resume after a kill, the Dask
 path against the local pool, .npz data, and the predictions against brute force."""
 
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from experiment_cli import ENV, ROOT, run_cli, run_results, strict_json  # noqa: F401
 
 from validate import data, train
 from validate.experiments import base, cli, lr_sweep, memory, predict, recipes, runner, runs
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+_strict, _results = strict_json, run_results
 
 
-def _cli(*args, timeout=500):
-    """Run the CLI in a subprocess (fresh process: the timing of a real run); returns it."""
-    return subprocess.run([sys.executable, "-m", "validate.experiments", *args,
-                           "--no-progress"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _strict(path):
-    """Parse a JSON file refusing NaN/Infinity (strict JSON)."""
-    def bad(token):
-        raise AssertionError(f"{path}: non-strict JSON value {token}")
-
-    return json.loads(Path(path).read_text(), parse_constant=bad)
-
-
-def _results(out):
-    """{key: result} of every per-run file in ``out/runs``."""
-    recs = {}
-    for f in (Path(out) / "runs").glob("*.json"):
-        r = _strict(f)
-        recs[r["key"]] = r["result"]
-    return recs
+_cli = run_cli
 
 
 def _numbers(x):

@@ -3,18 +3,17 @@ hyperbola fit against noisy data drawn from the hyperbola, the good-range outlin
 grid, the jobs' loss curve / early stop / final sharpness against brute force, staged sweeps,
 smoke runs end to end, per-run resume after a kill, and the Dask path against the local pool."""
 
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from experiment_cli import ENV, ROOT, run_cli, run_results, strict_json  # noqa: F401
 
 from validate import data, train
 from validate.experiments import (
@@ -29,27 +28,11 @@ from validate.experiments import (
     stable_range,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+_strict, _results = strict_json, run_results
 
 
 def _cli(*args, timeout=280):
-    return subprocess.run([sys.executable, "-m", "validate.experiments", *args,
-                           "--no-progress"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _strict(path):
-    def bad(token):
-        raise AssertionError(f"{path}: non-strict JSON value {token}")
-
-    return json.loads(Path(path).read_text(), parse_constant=bad)
-
-
-def _results(out):
-    return {r["key"]: r["result"] for r in (_strict(f) for f in (Path(out) / "runs").glob(
-        "*.json"))}
+    return run_cli(*args, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------- the hyperbola
