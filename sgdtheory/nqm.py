@@ -50,6 +50,7 @@ and the population loss is ½(Σ_j λ_j m_j + σ²) (see :func:`linreg_expected_
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -1020,9 +1021,13 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     configurations "crawl": a window [t_s, t_s + w) starting at the earliest of them is proven
     above the target by per-dimension minima over the window (:func:`_window_bound`; for
     several configurations one bound of dev0 and one of dev1 serve all batch sizes; w doubles
-    on success, halves on failure), and where windows fail the loss is computed exactly step
-    by step from the closed-form state (:func:`_block_devs`, blocks doubling). Crawlers go back
-    to Newton after long windows hold, and every 16 rounds. Writes into ``out[dest]``.
+    on success, halves on failure), and where a window fails the loss is evaluated at every
+    step of the next stretch within a certified error (:func:`_sweep_round`: exponential sums
+    by Taylor moments, a few flops per dimension and step; the stretch doubles while the loss
+    stays clear of the target), any step not proven above the target evaluated in closed
+    form. (Should a mode grow, the exact recursion from the closed-form state steps through
+    instead: :func:`_block_devs`.) Crawlers go back to Newton after long windows hold, and
+    every 16 rounds. Writes into ``out[dest]``.
 
     (One function of ~90 lines on purpose: the search loop shares a dozen arrays of per-
     configuration state — t₁, live, crawling, rounds, the window — that small functions would
@@ -1066,6 +1071,7 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     crawling = np.zeros(batch.size, bool)
     rounds = np.zeros(batch.size)  # crawl rounds since the last Newton attempt
     win, scan_len = 64.0, 32.0  # shared window and exact block lengths of the crawlers
+    sweep = None  # built when first needed (:func:`_sweep`), False where it does not apply
     past_max()
     while np.any(live):
         idx = np.flatnonzero(live & ~crawling)
@@ -1102,6 +1108,16 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
             continue
         win /= 2.0
         past_max()
+        if sweep is None:
+            sweep = _sweep(modes) or False
+            sweep_len = sweep.w if sweep else 0
+        if sweep:  # the loss at every step of the next stretch (shared by all members)
+            win = max(win, 64.0)
+            near = _sweep_round(sweep, modes, ls1, int(t1[cover[~ok]].min()), sweep_len, live,
+                                t1, inv_b, target, max_steps, finish)
+            sweep_len = sweep.w if near else min(2 * sweep_len, _SWEEP_GROW * sweep.w)
+            past_max()
+            continue
         if win >= 32.0:
             continue
         win = 64.0
@@ -1146,6 +1162,33 @@ def _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_st
     finish(idx[hit], tg[hit])
     t1[idx[~hit]] = tg[~hit] + 1.0
     crawling[idx[~hit & (tau < 8)]] = True  # little progress: the loss oscillates near target
+
+
+def _sweep_round(sweep, modes, ls1, t_s, n, live, t1, inv_b, target, max_steps, finish):
+    """Settle steps t_s … t_s + n − 1 for the live members whose t₁ lies in them.
+
+    :func:`_sweep_devs` gives the loss at each step within a bound on its error; the first
+    step not proven above the target is evaluated in closed form (:func:`_mode_devs`, as in
+    :func:`_newton_round`): at or below the target it is the answer, otherwise the search
+    goes on from the next step. Members with no such step move t₁ past the stretch. Returns
+    whether any step needed the closed form (the loss came near the target).
+    """
+    n = int(min(n, max_steps + 1 - t_s))
+    d0, d1, e0, e1 = _sweep_devs(sweep, t_s, n)
+    ts = t_s + np.arange(n)
+    exact = {}
+    for j in np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n)):
+        maybe = (d0 + (ls1 - d1) * inv_b[j] - (e0 + e1 * inv_b[j]) <= target[j]) & (ts >= t1[j])
+        for t in ts[maybe]:
+            if t not in exact:
+                exact[t] = [sum(x) for x in zip(*(_mode_devs(m, np.array([[float(t)]]))
+                                                  for m in modes), strict=True)]
+            if exact[t][0] + (ls1 - exact[t][1]) * inv_b[j] <= target[j]:
+                finish(j, float(t))
+                break
+        else:
+            t1[j] = float(t_s + n)
+    return bool(exact)
 
 
 def _window_bound(modes, t1, t2, c0, c1):
@@ -1383,6 +1426,182 @@ def _block_devs(sy: _Pair, modes, t_s: int, n: int):
         dev[0, j0:j0 + m] = np.einsum("tkd,kd->t", quad[:m], w[:3])
         dev[1, j0:j0 + m] = np.einsum("tkd,kd->t", quad[:m], w[3:])
     return dev[0], dev[1]
+
+
+# --------------------------------------------------------------------------- exact sweeps
+
+_SWEEP_WS = (16, 32, 64, 128, 256, 512)  # candidate window lengths (steps) of a sweep
+_SWEEP_GROW = 16  # a sweep covers up to this many windows while the loss stays clear
+_TAYLOR_R = 2.0  # Taylor terms: |λ| (w − 1)/2 ≤ R, so every |λs| ≤ R in the window
+_TAYLOR_K = 24  # Taylor order: remainder ≤ R^K/K! e^R/(1 − R/(K+1)) ≈ 2e-16 of Σ|b|
+_NEAR_DOUBLE = 1e-6  # 1 − q or sin φ below this: the dimension stays in closed form
+_TAYLOR_TAIL = _TAYLOR_R**_TAYLOR_K / math.factorial(_TAYLOR_K) / (1 - _TAYLOR_R / (_TAYLOR_K + 1))
+_EPS = 2.3e-16  # unit roundoff (with a little room)
+
+
+class _Sweep(NamedTuple):
+    r"""dev0, dev1 of a :class:`_Pair` (:func:`_mode_devs`) at every step of a stretch, fast.
+
+    Per dimension dev(t) = env_t Q(X_t, Y_t) is a sum of at most three exponentials in
+    τ = t − 1 (:func:`_exp_terms`), so dev_c(t) = Re Σ_j a_cj e^{λ_j τ}, Re λ_j ≤ 0. Over a
+    window of w steps centred at τ_c, the terms with |λ_j|(w − 1)/2 ≤ R ("slow") are
+    e^{λ_j τ_c} Σ_k (λ_j s)^k/k! (s = τ − τ_c): K moments M_ck = Σ_j a_cj e^{λ_j τ_c}
+    λ_j^k/k! — a product with the fixed matrix V_jk = λ_j^k/k! — and a polynomial of degree
+    K − 1 at the w steps. Consecutive windows' e^{λ τ_c} follow by multiplying with e^{λw}.
+    The few fast terms are summed directly (their e^{λs}, s < w, tabulated), and dimensions
+    with (nearly) double roots, whose exponentials would cancel, are evaluated in closed form
+    (``direct``). Each window also gets a bound on its error (:func:`_sweep_devs`).
+    """
+
+    w: int  # window length (steps)
+    lam_slow: np.ndarray  # (J_s,) complex
+    vander: np.ndarray  # (J_s, K) complex, λ^k/k!
+    a_slow: np.ndarray  # (2, J_s) complex
+    lam_fast: np.ndarray  # (J_f,) complex
+    a_fast: np.ndarray  # (2, J_f) complex
+    table: np.ndarray  # (w, J_f) complex, e^{λs} for s = 0 … w − 1
+    direct: list  # :class:`_Modes` kept in closed form
+    powers: np.ndarray  # (w, K) real, s^k for s = τ − τ_c
+
+
+def _exp_terms(m: _Modes):
+    r"""(λ, a, keep) for the dimensions of ``m``: dev_c(t) = Re Σ a_c e^{λτ}, τ = t − 1.
+
+    Complex roots (θ = tφ, s = sin φ, f_a = k_a/s²): Q = P0 + P1 cos 2θ + P2 sin 2θ with
+    P0 = (f_a + k_c)/2, P1 = (k_c − f_a)/2, P2 = k_b/s, so dev = P0 e^{−κτ}
+    + Re[(P1 − iP2) e^{2iφ} e^{(−κ + 2iφ)τ}]. Real roots (u = q^t, 1 − q = σ): Q = C0 + C1 u
+    + C2 u², C0 = k_a/σ² + 2k_b/σ + k_c, C1 = −2k_a/σ² − 2k_b/σ, C2 = k_a/σ², and
+    q^t = q · e^{(log|q| + iπ[q<0]) τ}. ``keep`` marks the dimensions represented so (not
+    near a double root, where these coefficients would cancel).
+    """
+    k = m.kappa
+    if m.cplx:
+        s, phi = m.scale, m.rate
+        keep = s >= _NEAR_DOUBLE
+        lam = [-k + 0j, -k + 2j * phi]
+        coef = []
+        for ka, kb, kc in (m.k0, m.k1):
+            fa = ka / np.where(keep, s * s, 1.0)
+            p0, p1, p2 = 0.5 * (fa + kc), 0.5 * (kc - fa), kb / np.where(keep, s, 1.0)
+            coef.append([p0 + 0j, (p1 - 1j * p2) * np.exp(2j * phi)])
+    else:
+        sig = m.scale
+        keep = sig >= _NEAR_DOUBLE
+        aq = np.exp(m.rate)
+        q = np.where(m.qneg, -aq, aq)
+        lq = m.rate + 1j * np.pi * m.qneg
+        lam = [-k + 0j, -k + lq, -k + 2.0 * m.rate + 0j]
+        coef = []
+        for ka, kb, kc in (m.k0, m.k1):
+            sg = np.where(keep, sig, 1.0)
+            fa, fb = ka / (sg * sg), kb / sg
+            coef.append([fa + 2.0 * fb + kc + 0j, (-2.0 * fa - 2.0 * fb) * q + 0j,
+                         fa * q * q + 0j])
+    lam = np.concatenate([x[keep] for x in lam])
+    a = np.stack([np.concatenate([x[keep] for x in c]) for c in coef])
+    return lam, a, keep
+
+
+def _modes_subset(m: _Modes, keep: np.ndarray) -> _Modes:
+    """The dimensions ``keep`` (a mask over ``m``'s) as a :class:`_Modes` of their own."""
+    f = {name: getattr(m, name) for name in ("sel", "kappa", "sgn", "scale", "rate", "qneg")}
+    f = {n: v[keep] for n, v in f.items()}
+    k0, k1 = (tuple(x[keep] for x in kk) for kk in (m.k0, m.k1))
+    w = tuple(np.broadcast_to(x, keep.shape)[keep] for x in m.w)
+    dbl = np.flatnonzero(f["scale"] == 0) if not m.cplx else np.empty(0, int)
+    return _Modes(m.cplx, f["sel"], f["kappa"], f["sgn"], f["scale"], f["rate"], f["qneg"],
+                  np.flatnonzero(f["qneg"]), dbl, np.where(f["scale"] == 0, 1.0, f["scale"]),
+                  k0, k1, w, np.broadcast_to(m.zi, keep.shape)[keep])
+
+
+def _sweep(modes) -> _Sweep | None:
+    """The :class:`_Sweep` of these modes, or None where a mode grows (κ < 0).
+
+    The window length w minimises the work per step, J(K + 10)/w for the Taylor part (J
+    exponentials and a J × K product per window) plus one product per fast term (their
+    e^{λs}, s < w, are tabulated once: at most _CHUNK of them).
+    """
+    if any(np.any(m.kappa < 0) for m in modes):
+        return None
+    lams, coefs, direct = [], [], []
+    for m in modes:
+        lam, a, keep = _exp_terms(m)
+        lams.append(lam)
+        coefs.append(a)
+        if not np.all(keep):
+            direct.append(_modes_subset(m, ~keep))
+    lam, a = np.concatenate(lams), np.concatenate(coefs, axis=1)
+    size = np.abs(lam)
+    best = None
+    for w in _SWEEP_WS:
+        n_fast = int(np.count_nonzero(size * (0.5 * (w - 1)) > _TAYLOR_R))
+        cost = lam.size * (_TAYLOR_K + 10) / w + n_fast
+        if w * n_fast <= _CHUNK and (best is None or cost < best[0]):
+            best = (cost, w)
+    if best is None:
+        return None
+    w = best[1]
+    half = 0.5 * (w - 1)
+    slow = size * half <= _TAYLOR_R
+    vander = np.ones((int(slow.sum()), _TAYLOR_K), complex)
+    for j in range(1, _TAYLOR_K):
+        vander[:, j] = vander[:, j - 1] * lam[slow] / j
+    s = np.arange(w) - half
+    with np.errstate(under="ignore"):  # e^{λs} = (e^λ)^s, s < w: relative rounding ≤ 2sε
+        table = np.cumprod(np.broadcast_to(np.exp(lam[~slow]), (w, int((~slow).sum()))), axis=0)
+        table = np.concatenate([np.ones((1, table.shape[1]), complex), table[:-1]])
+    return _Sweep(w, lam[slow], vander, a[:, slow], lam[~slow], a[:, ~slow], table, direct,
+                  s[:, None] ** np.arange(_TAYLOR_K))
+
+
+def _sweep_devs(sw: _Sweep, t_s: int, n: int):
+    """dev0, dev1 at t_s … t_s + n − 1 and bounds e0, e1 on their errors: four arrays (n,).
+
+    See :class:`_Sweep`; ⌈n/w⌉ windows at once. The bounds cover the Taylor remainder, the
+    fast terms dropped as negligible (|b| ≤ 1e-20 Σ|b|; |e^{λs}| ≤ 1 for s ≥ 0) and rounding:
+    γ_m Σ|b| e^R with m the number of terms summed, plus ε(4|λ|τ + 2k) per term for the
+    exponent λτ and the k-th power of e^{λw} (the closed form :func:`_mode_devs` rounds its
+    exponents too), and 1e-290 for values near underflow.
+    """
+    w, nw = sw.w, -(-n // sw.w)
+    starts = t_s - 1.0 + w * np.arange(nw)  # τ at each window's first step
+    tau_end = starts + (w - 1.0)
+    k_pow = np.arange(nw)
+    with np.errstate(under="ignore"):
+        x = sw.a_slow[:, None, :] * _window_exps(sw.lam_slow, starts[0] + 0.5 * (w - 1), w, nw)
+        moments = (x.reshape(2 * nw, -1) @ sw.vander).real.reshape(2, nw, -1)
+        dev = moments @ sw.powers.T  # (2, nw, w)
+        size = np.abs(x) * np.exp(_TAYLOR_R)
+        mag = size.sum(axis=-1)
+        err = mag * (_TAYLOR_TAIL + _EPS * (sw.lam_slow.size + _TAYLOR_K + 8 + 2 * k_pow)) \
+            + 4.0 * _EPS * (size @ np.abs(sw.lam_slow)) * tau_end + 1e-290  # (subnormals)
+        if sw.lam_fast.size:
+            xf = sw.a_fast[:, None, :] * _window_exps(sw.lam_fast, starts[0], w, nw)
+            size = np.abs(xf)
+            drop = size <= 1e-20 * (size.sum(axis=-1) + mag)[..., None]
+            err += np.where(drop, size, 0.0).sum(axis=-1) * (1 + 1e-15)
+            xf[drop] = 0.0
+            dev += (xf @ sw.table.T).real
+            err += _EPS * ((sw.lam_fast.size + 8 + 2 * (k_pow + w)) * size.sum(axis=-1)
+                           + 4.0 * (size @ np.abs(sw.lam_fast)) * tau_end)
+        dev = dev.reshape(2, -1)[:, :n]
+        err = np.repeat(err, w, axis=1)[:, :n]
+        if sw.direct:
+            t = t_s + np.arange(n, dtype=float)[:, None]
+            for m in sw.direct:
+                dev += np.stack(_mode_devs(m, t))
+    return dev[0], dev[1], err[0], err[1]
+
+
+def _window_exps(lam, tau0: float, w: int, nw: int):
+    """e^{λ(τ0 + kw)} for k < nw, (nw, J): one exponential, then products with e^{λw}."""
+    out = np.empty((nw, lam.size), complex)
+    out[0] = np.exp(lam * tau0)
+    if nw > 1:
+        step = np.exp(lam * w)
+        for k in range(1, nw):
+            np.multiply(out[k - 1], step, out=out[k])
+    return out
 
 
 # --------------------------------------------------------------------------- critical batch

@@ -141,9 +141,13 @@ def pick_targets(curve, rng):
     return out
 
 
-@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize(("p", "stepped"), [(0.0, False), (0.5, False), (0.0, True)])
 @pytest.mark.parametrize("kind", ["sgd", "heavy", "nesterov", "ema"])
-def test_steps_to_target_equals_recursion_on_random_problems(kind, p):
+def test_steps_to_target_equals_recursion_on_random_problems(kind, p, stepped, monkeypatch):
+    """``stepped``: without the sweeps (as where a mode grows), stepping the exact recursion
+    from the closed-form state instead."""
+    if stepped:
+        monkeypatch.setattr(nqm, "_sweep", lambda modes: None)
     rng = np.random.default_rng(["sgd", "heavy", "nesterov", "ema"].index(kind) + int(10 * p))
     n = 60
     h, c, x0, lr, mu, beta, batch = random_problems(kind, n, rng)
@@ -232,16 +236,22 @@ def test_unreachable_targets_are_inf_without_stepping():
 
 
 def test_large_problem_needs_no_long_scan(monkeypatch):
-    """d = 10⁴ with an answer of ~10⁶ steps: exact, and fewer than 1000 steps stepped."""
+    """d = 10⁴ with an answer of ~10⁶ steps: exact, and fewer than 1000 steps stepped or
+    swept."""
     h = 1.0 / np.arange(1, 10_001)
     stepped = []
-    block = nqm._block_devs
+    block, sweep = nqm._block_devs, nqm._sweep_devs
 
     def counting(sy, modes, t_s, n):
         stepped.append(n)
         return block(sy, modes, t_s, n)
 
+    def counting_sweep(sw, t_s, n):
+        stepped.append(n)
+        return sweep(sw, t_s, n)
+
     monkeypatch.setattr(nqm, "_block_devs", counting)
+    monkeypatch.setattr(nqm, "_sweep_devs", counting_sweep)
     got = nqm.steps_to_target(h, h, 0.00657933, 4.0, 0.01, momentum=0.5)
     assert sum(stepped) < 1000
     assert 1e6 < got < 2e6
@@ -257,6 +267,65 @@ def test_large_problem_needs_no_long_scan(monkeypatch):
     loss = [0.5 * h @ (np.einsum("dij,dj->di", np.linalg.matrix_power(m, int(t)), dev)
                        + s_star)[:, 0] for t in (got - 1, got)]
     assert loss[1] <= 0.01 < loss[0]
+
+
+def test_oscillating_momentum_at_paper_scale_equals_recursion():
+    """d = 10⁴, h = c = 1/i, μ = 0.999: the loss oscillates around the target for thousands
+    of steps before the first crossing (found by sweeps); equal to the recursion."""
+    h = 1.0 / np.arange(1, 10_001)[None, None]
+    n_cross = []
+    for kind, lr, batch, p in [("heavy", 0.031, 32768.0, 0.0), ("heavy", 0.00208, 65536.0, 0.5),
+                               ("nesterov", 0.0132, 262144.0, 0.5)]:
+        cv = recursion(kind, h, h, 1.0, np.array([[[lr]]]), 0.999, 0.0,
+                       np.array([[[batch]]]), 7000, p)[0, 0]
+        want = first_hit(cv, 0.01)
+        slope = np.diff(cv[:int(want) + 1])
+        assert 3000 < want < 7000 and np.count_nonzero((slope[:-1] < 0) & (slope[1:] >= 0)) >= 5
+        n_cross.append(crossings(cv, 0.01))
+        got = nqm.steps_to_target(h[0, 0], h[0, 0], lr, batch, 0.01, momentum=0.999,
+                                  nesterov=kind == "nesterov", precond_power=p)
+        assert got == want, (kind, lr, batch, p)
+    assert max(n_cross) >= 3  # crossing the target several times within 7000 steps
+
+
+def sweep_cases(rng, n):
+    """Pair systems of small random problems, with (near-)double roots, β = 0 (roots 0),
+    negative root ratios and decays down to underflow."""
+    for i in range(n):
+        d = 12
+        h, c = np.exp(rng.uniform(-6, 0, d)), np.exp(rng.uniform(-6, 0, d))
+        kind = ["heavy", "nesterov", "ema", "sgd"][i % 4]
+        mu = float(1 - 10 ** rng.uniform(-5, 0)) if kind in ("heavy", "nesterov") else 0.0
+        beta = float(rng.choice([0.0, 1 - 10 ** rng.uniform(-5, 0)])) if kind == "ema" else 0.0
+        lr = float(10 ** rng.uniform(-4, 0.3))
+        if i % 3 == 0 and kind in ("heavy", "ema"):  # (near-)double roots in some dimensions
+            hc = (1 - np.sqrt(mu)) ** 2 / lr if kind == "heavy" else (1 - beta) / lr
+            h[:6] = hc * (1 + np.array([0.0, 1e-12, -1e-9, 1e-6, -1e-4, 1e-2]))
+        pr = nqm._problem(h, c, rng.uniform(0, 2, d), float(rng.choice([0.0, 0.5])))
+        if nqm._unstable(pr, lr, mu, kind == "nesterov"):
+            continue
+        sy = nqm._pair_system(pr, lr, mu, beta, kind)
+        yield nqm._pair_modes(sy), int(rng.integers(1, 30000)), int(rng.integers(1, 3000))
+
+
+def test_sweep_values_within_their_error_bounds():
+    """Every swept value is within its stated bound of the closed form, and the bound is
+    tight enough to decide: ≤ 1e-8 of the largest value in its window (or near underflow)."""
+    rng = np.random.default_rng(7)
+    n_cases = 0
+    for modes, t_s, n in sweep_cases(rng, 400):
+        sw = nqm._sweep(modes)
+        got = nqm._sweep_devs(sw, t_s, n)
+        t = (t_s + np.arange(n, dtype=float))[:, None]
+        for k in (0, 1):
+            ref = sum(nqm._mode_devs(m, t)[k] for m in modes)
+            bound = got[2 + k]
+            assert np.all(np.abs(got[k] - ref) <= bound)
+            starts = np.arange(0, n, sw.w)
+            top = np.repeat(np.maximum.reduceat(np.abs(ref), starts), sw.w)[:n]
+            assert np.all(bound <= 1e-8 * top + 1e-280)
+        n_cases += 1
+    assert n_cases >= 250
 
 
 # --------------------------------------------------------------------------- figure settings
