@@ -35,8 +35,9 @@ step-by-step recursion is at or below the target, found without stepping through
 momentum, Nesterov or an EMA each dimension is a 2×2 linear map A plus noise, whose t-th
 power has a closed form through its eigenvalues that stays exact where they coincide
 (:class:`_Modes`); the loss at any t is an O(d) sum, and Newton's method on certified lower
-bounds of the loss locates the first crossing, even where the loss oscillates around the
-target (docs/design.md §3).
+bounds of the loss locates the first crossing. Where the loss oscillates near the target it
+is evaluated at every step of a stretch as exponential sums (Taylor moments, a few flops per
+dimension and step) within certified error bounds (:class:`_Sweep`; docs/design.md §3).
 
 **Linear regression with Gaussian features** (docs/design.md §3): x ~ N(0, diag(λ)),
 y = w*ᵀx + ε with Var ε = σ², e = w − w*, m_j = E[e_j²]; batches of B with replacement give
