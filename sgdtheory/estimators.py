@@ -232,6 +232,8 @@ def _ratio(num, den, var_num, var_den, cov):
     error is finite, or ``inf`` when it is beyond float64 (or unknown: an infinite variance),
     never NaN.
     """
+    if all(np.ndim(v) == 0 for v in (num, den, var_num, var_den, cov)):
+        return _ratio_scalar(*(float(v) for v in (num, den, var_num, var_den, cov)))
     num, den = np.asarray(num, float), np.asarray(den, float)
     var_num, var_den, cov = (np.asarray(v, float) for v in (var_num, var_den, cov))
     with np.errstate(all="ignore"):
@@ -254,6 +256,32 @@ def _ratio(num, den, var_num, var_den, cov):
         se = np.where(known, m * np.sqrt(rel), np.inf)
         se = np.where(np.isfinite(r), se, np.inf)
     return _out(r), _out(se)
+
+
+def _ratio_scalar(num: float, den: float, var_num: float, var_den: float, cov: float):
+    """:func:`_ratio` for Python floats, step for step (NaN propagating as in NumPy's maximum):
+    a tenth of the time of 0-d arrays, for the estimators' per-step updates."""
+
+    def pos_part(v):  # np.maximum(v, 0.0)
+        return v if (v > 0.0 or v != v) else 0.0
+
+    pos = den > 0.0
+    d = den if pos else 1.0
+    r = pos_part(num) / d if pos else math.inf
+    s_num, s_den = math.sqrt(pos_part(var_num)), math.sqrt(pos_part(var_den))
+    a = s_num / d
+    b = (r if math.isfinite(r) else 0.0) * (s_den / d)
+    known = math.isfinite(a) and math.isfinite(b) and math.isfinite(cov)
+    rho = cov / s_num / s_den if known and s_num > 0.0 and s_den > 0.0 else 0.0
+    rho = min(max(rho, -1.0), 1.0)
+    m = a if (a >= b or a != a) else b  # np.maximum
+    if known and m > 0.0:
+        ap, bp = a / m, b / m
+    else:
+        ap = bp = 0.0
+    rel = pos_part(ap * ap - 2.0 * rho * ap * bp + bp * bp)
+    se = m * math.sqrt(rel) if known else math.inf
+    return r, (se if math.isfinite(r) else math.inf)
 
 
 class _Intervals:

@@ -590,3 +590,21 @@ def test_advice_names_the_estimate_it_was_given_and_the_lr_to_set_with_momentum(
     assert rate == pytest.approx(np.log1p(-a.eps_opt_rec * h), rel=0.02)
     with pytest.raises(ValueError, match="estimate"):
         est.advise_batch_size(b_simple, e_max, 100, estimate="noise")
+
+
+def test_ratio_scalar_path_equals_the_array_path():
+    """Floats take a pure-Python path through the delta-method ratio; it gives exactly the
+    array path's numbers on every combination of signs, zeros, subnormals, huge values, inf
+    and NaN."""
+    import itertools
+    import math
+
+    from sgdtheory import estimators as est
+
+    vals = [-np.inf, -2.0, 0.0, 5e-324, 0.5, 1e300, np.inf, np.nan]
+    for combo in itertools.product(vals, repeat=5):
+        r_s, se_s = est._ratio(*combo)  # scalars: the fast path
+        r_a, se_a = est._ratio(*(np.array([v]) for v in combo))
+        for x, y in ((r_s, r_a[0]), (se_s, se_a[0])):
+            assert isinstance(x, float)
+            assert x == y or (math.isnan(x) and math.isnan(y)), combo

@@ -124,14 +124,21 @@ CASES = [
 
 @pytest.mark.parametrize("make,shape", CASES)
 @pytest.mark.parametrize("b", [1, 3])
-def test_hook_path_matches_explicit_loop(make, shape, b):
+@pytest.mark.parametrize("per_call", [None, 1, 5])
+def test_hook_path_matches_explicit_loop(make, shape, b, per_call, monkeypatch):
+    """``per_call``: convolution weight gradients of that many units per grouped call (as for
+    large layers; 5 leaves a remainder) instead of unfolding these small ones."""
+    if per_call is not None:
+        monkeypatch.setattr(_noise, "_conv_units_per_call",
+                            lambda n, n_units, cols, t, w: min(per_call, n_units))
     model = make()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(12, *shape, generator=g, dtype=DT)
     y = torch.randint(0, 3, (12,), generator=g)
     before = copy.deepcopy(model.state_dict())
     fn = measure.ModelFunction(model, CE)
-    units = torch.cat([u for _, u in _noise.unit_gradients(fn, x, y, b, chunk_units=2)])
+    chunk = 2 if per_call is None else None  # (all units in one chunk: 12 = 5 + 5 + 2)
+    units = torch.cat([u for _, u in _noise.unit_gradients(fn, x, y, b, chunk_units=chunk)])
     assert _noise._HOOK_OK.get(model) is True  # the hook path ran (and verified itself)
     ref = loop_grads(model, CE, x, y, size=b)
     assert torch.allclose(units, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))

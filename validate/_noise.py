@@ -283,9 +283,14 @@ def safe_gram(a: torch.Tensor, b: torch.Tensor | None = None) -> np.ndarray:
     """a bᵀ (b = a by default) as a float64 NumPy array, computed in float64 for small inputs
     and rescaled by max|a|·max|b| when squares would overflow the inputs' dtype (float32
     gradients of 1e20). Raises ``ValueError`` when the products overflow even float64."""
-    b = a if b is None else b
+    same = b is None
+    b = a if same else b
     small = a.numel() + b.numel() <= 2**25
-    out = (a.double() @ b.double().T) if small else (a @ b.T).double()
+    if small:  # (one float64 copy when b is a)
+        ad = a.double()
+        out = ad @ (ad if same else b.double()).T
+    else:
+        out = (a @ b.T).double()
     if bool(torch.isfinite(out).all()):
         return out.cpu().numpy()
     sa = float(a.abs().max())
@@ -357,14 +362,18 @@ def _row_sq(grads: torch.Tensor) -> torch.Tensor:
 #
 # * hooks: one forward and one backward pass of the whole chunk, with the per-unit weight
 #   gradients of Linear / Conv / BatchNorm-with-running-statistics layers formed from each
-#   layer's input and output gradient (Σ_{i∈k} δ_i a_iᵀ; convolutions unfolded): the
-#   arithmetic of one training step, no per-example graph. Needs every trainable parameter in
-#   such a layer and no BatchNorm normalising by batch statistics.
+#   layer's input and output gradient (Σ_{i∈k} δ_i a_iᵀ; convolutions unfolded, or k units
+#   per grouped convolution call for large layers): the arithmetic of one training step, no
+#   per-example graph. Needs every trainable parameter in such a layer and no BatchNorm
+#   normalising by batch statistics. (split_backward: the same from a training step's own
+#   backward pass.)
 # * vmap: torch.func.vmap of grad over units (BatchNorm in training mode sees each unit as its
 #   batch; running statistics go to per-unit copies that are discarded).
 # * loop: one backward pass per unit (the reference; used by nothing but tests).
 
 _HOOK_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> hooks verified
+# model -> split_backward's check passed (its own: a loss_fn may add terms outside the layers)
+_SPLIT_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _hook_modules(model: nn.Module):
@@ -394,16 +403,19 @@ def _unit_sum(t: torch.Tensor, n_units: int) -> torch.Tensor:
     return t.reshape(n_units, -1, *t.shape[1:]).sum(1)
 
 
-def _prefer_unit_loop(n: int, n_units: int, cols: int, t: int, c_out: int) -> bool:
-    """Whether one native weight-gradient call per unit beats unfold + batched products for a
-    convolution (both exact). Rough CPU costs, measured on 2 cores: unfold ~10 ns per number
-    of its (n, cols, t) output once it outgrows the caches (≤ 1e6 numbers: always cheap); a
-    call ~20 µs; products at ~20 GFlop/s batched, ~30 GFlop/s in the native call."""
-    elems = n * cols * t
-    if elems <= 1_000_000:
-        return False
-    flops = 2.0 * elems * c_out
-    return n_units * 2e-5 + flops / 3e10 < elems * 1e-8 + flops / 2e10
+def _conv_units_per_call(n: int, n_units: int, cols: int, t: int, w_numel: int) -> int:
+    """Units per grouped weight-gradient call of a convolution (0: unfold + batched products).
+
+    Small layers (unfolded input ≤ 3·10⁵ numbers) are unfolded. Otherwise k units go into one
+    call of the convolution's own weight gradient as a convolution with k times the groups
+    (each unit's examples are the batch of its group), k·w_numel ≤ 2**19. Measured on one
+    core (CIFAR ResNet and digits CNN layer shapes, 16–256 examples): 0.1–0.7× the time of
+    unfolding (which allocates 9× the input) and 0.3–1× that of a call per unit (~40 µs
+    each); the best k falls from 256 (3→8 channels) to 4–8 (≥ 64→128), with a cliff beyond
+    ~2**22 weights per call."""
+    if n * cols * t <= 300_000:
+        return 0
+    return max(1, min(n_units, 2**19 // w_numel))
 
 
 def _write(dest: dict, p, g: torch.Tensor) -> None:
@@ -442,16 +454,18 @@ def _layer_unit_grads(m: nn.Module, a: torch.Tensor, d: torch.Tensor, n_units: i
             kernel, dil, pad, stride = m.kernel_size, m.dilation, m.padding, m.stride
         n, g = a.shape[0], m.groups
         t = d.shape[2] * d.shape[3]
-        if m.weight in dest and _prefer_unit_loop(n, n_units, a.shape[1] * kernel[0] * kernel[1],
-                                                  t, d.shape[1] // g):
-            # the convolution's own weight gradient, one call per unit, written in place
-            a_u, d_u = a.reshape(n_units, -1, *a.shape[1:]), d.reshape(n_units, -1, *d.shape[1:])
+        per = _conv_units_per_call(n, n_units, a.shape[1] * kernel[0] * kernel[1], t,
+                                   m.weight.numel()) if m.weight in dest else 0
+        if per:  # k units at once: a convolution of k·groups groups, batch = a unit's examples
             rows, first = dest[m.weight], m.weight not in dest["written"]
-            for k in range(n_units):
+            for s in range(0, n_units, per):
+                k = min(per, n_units - s)
+                a_k, d_k = (v.reshape(n_units, -1, *v.shape[1:])[s:s + k].transpose(0, 1)
+                            .reshape(n // n_units, -1, *v.shape[2:]) for v in (a, d))
                 w = torch.nn.grad.conv2d_weight(
-                    a_u[k], (d.shape[1], a.shape[1] // g, *kernel), d_u[k], stride=stride,
-                    padding=pad, dilation=dil, groups=g).reshape(-1)
-                rows[k].copy_(w) if first else rows[k].add_(w)
+                    a_k, (k * d.shape[1], a.shape[1] // g, *kernel), d_k, stride=stride,
+                    padding=pad, dilation=dil, groups=k * g).reshape(k, -1)
+                rows[s:s + k].copy_(w) if first else rows[s:s + k].add_(w)
             dest["written"].add(m.weight)
         elif m.weight in dest:  # unfolded input (n, C k², T) times output gradients, per unit
             cols = F.unfold(a, kernel, dilation=dil, padding=pad, stride=stride)
@@ -475,62 +489,141 @@ def _layer_unit_grads(m: nn.Module, a: torch.Tensor, d: torch.Tensor, n_units: i
         put(m.bias, _unit_sum(spatial_sum(d), n_units))
 
 
-def _hook_unit_grads(fn: ModelFunction, mods, x, y, n_units: int, *, verify: bool):
-    """(M, p) unit gradients by the hook path (see above); ``verify`` also checks their sum
-    against autograd's gradient and returns None on a mismatch (a parameter used outside its
-    module's forward, say)."""
+def _hooked_pass(model: nn.Module, mods, loss_of, params, *, keep_buffers: bool):
+    """One forward pass ``loss_of()`` (a scalar) with the layers ``mods`` hooked, then one
+    backward pass to their outputs and to ``params``: (calls, output grads, param grads).
+
+    ``calls``: (module, input, output) of every hooked call. An output changed in place after
+    its hook saw it (ReLU(inplace=True)) makes the forward run again on copies.
+    ``keep_buffers`` False: buffers (running statistics) are restored after the backward."""
     calls, copy = [], set()
 
     def save(module, inputs, output):
         calls.append((module, inputs[0].detach(), output, output._version))
-        if module in copy:  # an in-place op downstream (ReLU(inplace=True)) edits the copy
+        if module in copy:  # an in-place op downstream edits the copy
             return output.clone()
         return None
 
-    saved = {k: b.detach().clone() for k, b in fn.model.named_buffers()}
+    saved = None if keep_buffers else {k: b.detach().clone() for k, b in model.named_buffers()}
     handles = [m.register_forward_hook(save) for m in mods]
     try:
-        out = fn.model(x)
+        loss = loss_of()
         edited = {m for m, _, o, v in calls if o._version != v}
         if edited:  # outputs changed in place after the hook saw them: again, on copies
             copy.update(edited)
             calls.clear()
-            out = fn.model(x)
+            loss = loss_of()
         for h in handles:
             h.remove()
-        loss = fn.criterion(out, y)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise ValueError("criterion must return a scalar (reduction='mean'), got "
+            raise ValueError("the loss must be a scalar (reduction='mean'), got "
                              f"{getattr(loss, 'shape', type(loss))}")
-        total = loss * n_units  # Σ_k L_k: each unit's mean loss, summed
         outputs = [o for _, _, o, _ in calls]
-        wanted = outputs + (list(fn.params) if verify else [])
-        grads = torch.autograd.grad(total, wanted, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss, outputs + list(params), allow_unused=True)
     finally:  # after the backward pass, which may need the buffers as they were
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for k, b in fn.model.named_buffers():
-                if not torch.equal(b, saved[k]):
-                    b.copy_(saved[k])
-    units = torch.empty(n_units, fn.numel, dtype=fn.dtype, device=fn.device)
+        if saved is not None:
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    if not torch.equal(b, saved[k]):
+                        b.copy_(saved[k])
+    n = len(calls)
+    return [(m, a) for m, a, _, _ in calls], grads[:n], grads[n:]
+
+
+def _assemble_units(calls, out_grads, params, sizes, n_units: int, dtype, device):
+    """(M, p) unit gradients from the hooked calls (:func:`_layer_unit_grads`); parameters no
+    hooked call reached get 0."""
+    units = torch.empty(n_units, sum(sizes), dtype=dtype, device=device)
     dest, offset = {"written": set()}, 0
-    for p, size in zip(fn.params, fn.sizes, strict=True):
+    for p, size in zip(params, sizes, strict=True):
         dest[p] = units[:, offset:offset + size]
         offset += size
     with torch.no_grad():
-        for (m, a, _, _), d in zip(calls, grads[: len(calls)], strict=True):
+        for (m, a), d in zip(calls, out_grads, strict=True):
+            if d is None:  # an output that does not reach the loss: contributes nothing
+                continue
             _layer_unit_grads(m, a, d.detach(), n_units, dest)
-        for p in fn.params:  # parameters no hooked call reached: gradient 0
+        for p in params:
             if p not in dest["written"]:
                 dest[p].zero_()
+    return units
+
+
+def _sums_match(units: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Σ_k units_k equals autograd's gradient (to 1e-3 of its largest entry): the hooks saw
+    every use of every parameter."""
+    err = float((units.sum(0) - ref).abs().max())
+    return err <= 1e-3 * float(ref.abs().max()) + 1e-30
+
+
+def _hook_unit_grads(fn: ModelFunction, mods, x, y, n_units: int, *, verify: bool):
+    """(M, p) unit gradients by the hook path (see above); ``verify`` also checks their sum
+    against autograd's gradient and returns None on a mismatch (a parameter used outside its
+    module's forward, say)."""
+
+    def loss_of():  # Σ_k L_k: each unit's mean loss, summed
+        return fn.criterion(fn.model(x), y) * n_units
+
+    calls, out_grads, p_grads = _hooked_pass(fn.model, mods, loss_of,
+                                             fn.params if verify else (), keep_buffers=False)
+    units = _assemble_units(calls, out_grads, fn.params, fn.sizes, n_units, fn.dtype, fn.device)
     if verify:
-        ref = fn.flatten([g.detach() for g in grads[len(calls):]])
-        err = float((units.sum(0) - ref).abs().max())
-        scale = float(ref.abs().max())
-        if not err <= 1e-3 * scale + 1e-30:
+        ref = fn.flatten([g.detach() if g is not None else torch.zeros_like(p)
+                          for g, p in zip(p_grads, fn.params, strict=True)])
+        if not _sums_match(units, ref):
             return None
     return units
+
+
+def split_backward(model: nn.Module, params, loss_fn, x, y, n_units: int):
+    r"""``loss_fn(x, y).backward()`` in one pass that also yields the M = ``n_units`` gradient
+    increments of its consecutive micro-batches, or None where the hook path does not apply.
+
+    With L = (1/M) Σ_k L_k (``loss_fn`` the batch's mean loss, micro-batches of B/M
+    examples), the increments are d_k = ∇L_k/M, Σ_k d_k = ∇L: what accumulating
+    ``(loss_fn(x_k, y_k)/M).backward()`` over the micro-batches adds to ``p.grad`` step by step,
+    from one forward and one backward pass of the whole batch (per-layer products, as in
+    :func:`unit_gradients`). Adds ∇L to ``p.grad`` like ``backward()`` and returns
+    (loss detached, (M, p) increments), the parameters in ``params`` order. None (nothing
+    changed, nothing added) when the model has BatchNorm in training mode or layers the hooks
+    do not cover, or when the increments do not sum to autograd's gradient (a parameter used
+    outside its layer, or a loss_fn adding a term such as weight decay; remembered per model,
+    so that only the first call pays for the attempt).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    n_units = check_count(n_units, "n_units")
+    n = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else 0
+    if n == 0 or n % n_units:
+        raise ValueError(f"the batch (x of shape {tuple(getattr(x, 'shape', ()))}) must split "
+                         f"into n_units={n_units} equal micro-batches")
+    mods = None if has_training_batchnorm(model) else _hook_modules(model)
+    if mods is None or _SPLIT_OK.get(model) is False:
+        return None
+    holder = {}
+
+    def loss_of():
+        holder["loss"] = loss_fn(x, y)
+        return holder["loss"]
+
+    params = list(params)
+    calls, out_grads, p_grads = _hooked_pass(model, mods, loss_of, params, keep_buffers=True)
+    sizes = [p.numel() for p in params]
+    units = _assemble_units(calls, out_grads, params, sizes, n_units, params[0].dtype,
+                            params[0].device)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(p_grads, params, strict=True)])
+    ok = _sums_match(units, flat)
+    _SPLIT_OK[model] = ok
+    if not ok:
+        return None
+    with torch.no_grad():
+        for p, g in zip(params, p_grads, strict=True):
+            if g is not None:
+                p.grad = g.detach() if p.grad is None else p.grad.add_(g)
+    return holder["loss"].detach(), units
 
 
 def _vmap_unit_grads(fn: ModelFunction, x, y, n_units: int, *, randomness="different"):
@@ -551,13 +644,16 @@ def _vmap_unit_grads(fn: ModelFunction, x, y, n_units: int, *, randomness="diffe
 def unit_gradients(fn: ModelFunction, x, y, micro_batch: int, *, chunk_units: int | None = None,
                    randomness: str = "different"):
     """Yield (first unit index, (k, p) tensor) for the mean gradients of consecutive units of
-    ``micro_batch`` examples, k ≤ ``chunk_units`` units at a time (default: keep k·p under
-    2**25 numbers on a CPU, 2**28 on a GPU). Fastest available path (hooks, else vmap;
-    ``randomness`` other than 'different', e.g. 'same' dropout masks for every unit, forces
-    vmap); model left unchanged."""
+    ``micro_batch`` examples, k ≤ ``chunk_units`` units at a time (default: keep the (k, p)
+    block within 32 MiB on a CPU, 2**28 numbers on a GPU). Fastest available path (hooks, else
+    vmap; ``randomness`` other than 'different', e.g. 'same' dropout masks for every unit,
+    forces vmap); model left unchanged."""
     n_units = x.shape[0] // micro_batch
-    if chunk_units is None:  # (k, p) unit gradients of 128 MB (CPU) or 1 GB (GPU) at most
-        budget = 2**28 if fn.device.type == "cuda" else 2**25
+    if chunk_units is None:
+        # CPU: glibc maps every block over 32 MiB afresh and returns it on free, so each call
+        # would pay a page fault per 4 KiB (35 ms per 100 MB, a third of a ResNet's per-sample
+        # pass); blocks up to 32 MiB are reused from its heap once one has been freed.
+        budget = 2**28 if fn.device.type == "cuda" else 2**25 // fn.dtype.itemsize
         chunk_units = max(1, min(n_units, budget // fn.numel))
     mods = None if (has_training_batchnorm(fn.model) or randomness != "different") \
         else _hook_modules(fn.model)

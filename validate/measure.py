@@ -45,6 +45,7 @@ from ._noise import (
     gradient_noise,
     micro_batch_gradients,
     per_sample_gradients,
+    split_backward,
 )
 from .monitor import NoiseMonitor
 
@@ -62,5 +63,6 @@ __all__ = [
     "hvp",
     "micro_batch_gradients",
     "per_sample_gradients",
+    "split_backward",
     "top_hessian_eigenvalue",
 ]

@@ -304,14 +304,18 @@ class NoiseMonitor:
         r"""The training step's backward pass, split on measured steps so that the noise
         measurement costs no extra pass (for loops without gradient accumulation).
 
-        Other steps: ``loss_fn(inputs, targets).backward()``. Measured steps: the batch is cut
-        into M = ``micro_batches`` consecutive micro-batches of b = B/M examples and
-        ``(loss_fn(x_k, y_k) / M).backward()`` is run for each, with :meth:`after_backward`
-        after each: ``p.grad`` ends as the gradient of the mean loss over the batch,
-        ḡ = (1/M) Σ_k g_k, as one backward would give it — except that a BatchNorm layer in
-        training mode normalises each micro-batch by its own statistics on those steps (and
-        updates its running statistics M times). Call with ``p.grad`` zeroed, then
-        :meth:`step` as usual. Needs ``accumulation='mean'``.
+        Other steps: ``loss_fn(inputs, targets).backward()``. Measured steps need the
+        gradients g_k of M = ``micro_batches`` consecutive micro-batches of b = B/M examples.
+        Where every trainable parameter sits in a Linear, Conv or BatchNorm-eval layer (no
+        BatchNorm in training mode) they come from the one backward pass itself, as per-layer
+        products of inputs and output gradients (:func:`validate.measure.split_backward`;
+        ``p.grad`` as ``backward()`` gives it). Otherwise the batch is cut and
+        ``(loss_fn(x_k, y_k) / M).backward()`` is run for each micro-batch, with
+        :meth:`after_backward` after each: ``p.grad`` ends as the gradient of the mean loss
+        over the batch, ḡ = (1/M) Σ_k g_k, as one backward would give it — except that a
+        BatchNorm layer in training mode normalises each micro-batch by its own statistics on
+        those steps (and updates its running statistics M times). Call with ``p.grad``
+        zeroed, then :meth:`step` as usual. Needs ``accumulation='mean'``.
 
         Args:
             loss_fn: ``loss_fn(x, y)`` → the *mean* loss of the examples (x, y), e.g.
@@ -336,6 +340,12 @@ class NoiseMonitor:
         if n % m or int(targets.shape[0]) != n:
             raise ValueError(f"the batch of {n} examples (targets {int(targets.shape[0])}) must "
                              f"split into micro_batches={m} equal parts")
+        one_pass = _noise.split_backward(self.model, self.params, loss_fn, inputs, targets, m)
+        if one_pass is not None:
+            loss, increments = one_pass
+            self._sq = [float(v) for v in _noise._row_sq(increments)]
+            self._prev = self._flat_grad()
+            return loss
         total = 0.0
         for xb, yb in zip(inputs.chunk(m), targets.chunk(m), strict=True):
             loss = loss_fn(xb, yb) / m
