@@ -1539,7 +1539,7 @@ def _sweep(modes) -> _Sweep | None:
         cost = lam.size * (_TAYLOR_K + 10) / w + n_fast
         if w * n_fast <= _CHUNK and (best is None or cost < best[0]):
             best = (cost, w)
-    if best is None:
+    if best is None or lam.size * _TAYLOR_K > 4 * _CHUNK:  # (V would pass 128 MiB)
         return None
     w = best[1]
     half = 0.5 * (w - 1)
@@ -1556,10 +1556,23 @@ def _sweep(modes) -> _Sweep | None:
 
 
 def _sweep_devs(sw: _Sweep, t_s: int, n: int):
-    """dev0, dev1 at t_s … t_s + n − 1 and bounds e0, e1 on their errors: four arrays (n,).
+    """dev0, dev1 at t_s … t_s + n − 1 and bounds e0, e1 on their errors: four arrays (n,),
+    in pieces of whole windows that keep the working arrays within _CHUNK numbers
+    (:func:`_sweep_piece`)."""
+    n_direct = sum(m.kappa.size for m in sw.direct)
+    per = sw.w * max(1, min(_CHUNK // max(1, 2 * (sw.lam_slow.size + sw.lam_fast.size)),
+                            _CHUNK // max(1, sw.w * n_direct)))
+    if n <= per:
+        return _sweep_piece(sw, t_s, n)
+    parts = [_sweep_piece(sw, t_s + a, min(per, n - a)) for a in range(0, n, per)]
+    return tuple(np.concatenate(x) for x in zip(*parts, strict=True))
 
-    See :class:`_Sweep`; ⌈n/w⌉ windows at once. The bounds cover the Taylor remainder, the
-    fast terms dropped as negligible (|b| ≤ 1e-20 Σ|b|; |e^{λs}| ≤ 1 for s ≥ 0) and rounding:
+
+def _sweep_piece(sw: _Sweep, t_s: int, n: int):
+    """:func:`_sweep_devs` for ⌈n/w⌉ windows at once (see :class:`_Sweep`).
+
+    The bounds cover the Taylor remainder, the fast terms dropped as negligible
+    (|b| ≤ 1e-20 Σ|b|; |e^{λs}| ≤ 1 for s ≥ 0) and rounding:
     γ_m Σ|b| e^R with m the number of terms summed, plus ε(4|λ|τ + 2k) per term for the
     exponent λτ and the k-th power of e^{λw} (the closed form :func:`_mode_devs` rounds its
     exponents too), and 1e-290 for values near underflow.

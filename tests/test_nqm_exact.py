@@ -308,14 +308,19 @@ def sweep_cases(rng, n):
         yield nqm._pair_modes(sy), int(rng.integers(1, 30000)), int(rng.integers(1, 3000))
 
 
-def test_sweep_values_within_their_error_bounds():
+@pytest.mark.parametrize("chunk", [None, 700])
+def test_sweep_values_within_their_error_bounds(chunk, monkeypatch):
     """Every swept value is within its stated bound of the closed form, and the bound is
-    tight enough to decide: ≤ 1e-8 of the largest value in its window (or near underflow)."""
+    tight enough to decide: ≤ 1e-8 of the largest value in its window (or near underflow).
+    ``chunk``: a small working-array budget, so that stretches go in pieces of windows."""
     rng = np.random.default_rng(7)
     n_cases = 0
     for modes, t_s, n in sweep_cases(rng, 400):
         sw = nqm._sweep(modes)
+        if chunk:
+            monkeypatch.setattr(nqm, "_CHUNK", chunk)
         got = nqm._sweep_devs(sw, t_s, n)
+        monkeypatch.undo()
         t = (t_s + np.arange(n, dtype=float))[:, None]
         for k in (0, 1):
             ref = sum(nqm._mode_devs(m, t)[k] for m in modes)
