@@ -57,7 +57,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sgdtheory import _checks
+from sgdtheory import _alloc, _checks
 
 __all__ = [
     "OptimalSteps",
@@ -293,10 +293,12 @@ def _stationary_moments(M, b) -> np.ndarray:
 
 def _quiet(fn):
     """Run ``fn`` with NumPy's floating-point warnings off: a value beyond float64 (a
-    diverging run, or extreme inputs) is returned as inf, never as a warning or NaN."""
+    diverging run, or extreme inputs) is returned as inf, never as a warning or NaN. (Also
+    settles the allocator once per process: :func:`sgdtheory._alloc.settle`.)"""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _alloc.settle()
         with np.errstate(all="ignore"):
             return fn(*args, **kwargs)
 
@@ -1073,6 +1075,7 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
     rounds = np.zeros(batch.size)  # crawl rounds since the last Newton attempt
     win, scan_len = 64.0, 32.0  # shared window and exact block lengths of the crawlers
     sweep = None  # built when first needed (:func:`_sweep`), False where it does not apply
+    sweep_len = fails = skip = 0  # sweep stretch; windows failed in a row; sweeps before the next
     past_max()
     while np.any(live):
         idx = np.flatnonzero(live & ~crawling)
@@ -1090,6 +1093,12 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
         # one window [t_s, t₂] for all crawlers: E[L_t] ≥ L* + min dev0 − max dev1 / B
         # (two rows for any number of them), or per member min(dev0 − dev1/B) if ≤ 2
         t_s = t1[crawl].min()
+        if skip:  # windows keep failing: sweep on without trying one
+            skip -= 1
+            sweep_len = _sweep_on(sweep, modes, ls1, int(t_s), sweep_len, live, t1, inv_b,
+                                  target, max_steps, finish)
+            past_max()
+            continue
         t2 = min(t_s + win - 1.0, max_steps)
         cover = crawl[t1[crawl] <= t2]
         if cover.size <= 2:
@@ -1102,7 +1111,7 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
         ok = lstar[cover] + lb - 1e-11 * lstar[cover] > target[cover]
         t1[cover[ok]] = t2 + 1.0
         if np.all(ok):
-            win *= 2.0
+            win, fails = 2.0 * win, 0
             if win > 1024.0:  # long windows hold: back to Newton
                 crawling[cover], rounds[cover] = False, 0.0
             past_max()
@@ -1113,10 +1122,12 @@ def _pair_search(pr: _Problem, kind: str, eta: float, mu: float, beta: float, ba
             sweep = _sweep(modes) or False
             sweep_len = sweep.w if sweep else 0
         if sweep:  # the loss at every step of the next stretch (shared by all members)
-            win = max(win, 64.0)
-            near = _sweep_round(sweep, modes, ls1, int(t1[cover[~ok]].min()), sweep_len, live,
-                                t1, inv_b, target, max_steps, finish)
-            sweep_len = sweep.w if near else min(2 * sweep_len, _SWEEP_GROW * sweep.w)
+            # a window now pays only if it holds for ≳ 300 steps (≈ one bound's cost in sweep
+            # steps at d = 10⁴); after failures, 1, 3, 7, 15 sweeps before the next try
+            win, fails = max(win, 512.0), fails + 1
+            skip = 2 ** min(fails - 1, 4) - 1
+            sweep_len = _sweep_on(sweep, modes, ls1, int(t1[cover[~ok]].min()), sweep_len,
+                                  live, t1, inv_b, target, max_steps, finish)
             past_max()
             continue
         if win >= 32.0:
@@ -1165,6 +1176,14 @@ def _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_st
     crawling[idx[~hit & (tau < 8)]] = True  # little progress: the loss oscillates near target
 
 
+def _sweep_on(sweep, modes, ls1, t_s, n, live, t1, inv_b, target, max_steps, finish) -> int:
+    """One :func:`_sweep_round` of n steps from t_s; returns the next stretch's length: one
+    window after the loss came near the target, else twice this one (up to _SWEEP_GROW
+    windows)."""
+    near = _sweep_round(sweep, modes, ls1, t_s, n, live, t1, inv_b, target, max_steps, finish)
+    return sweep.w if near else min(2 * n, _SWEEP_GROW * sweep.w)
+
+
 def _sweep_round(sweep, modes, ls1, t_s, n, live, t1, inv_b, target, max_steps, finish):
     """Settle steps t_s … t_s + n − 1 for the live members whose t₁ lies in them.
 
@@ -1175,11 +1194,18 @@ def _sweep_round(sweep, modes, ls1, t_s, n, live, t1, inv_b, target, max_steps, 
     whether any step needed the closed form (the loss came near the target).
     """
     n = int(min(n, max_steps + 1 - t_s))
-    d0, d1, e0, e1 = _sweep_devs(sweep, t_s, n)
+    members = np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n))
+    if members.size <= 2:  # each member's loss as one row: L* + dev0 − dev1/B
+        rows, err = _sweep_devs(sweep, t_s, n, np.stack([np.ones(members.size),
+                                                         -inv_b[members]], axis=1))
+        lower = {j: ls1 * inv_b[j] + rows[r] - err[r] for r, j in enumerate(members)}
+    else:  # dev0 and dev1, shared by all
+        (d0, d1), (e0, e1) = _sweep_devs(sweep, t_s, n)
+        lower = {j: d0 + (ls1 - d1) * inv_b[j] - (e0 + e1 * inv_b[j]) for j in members}
     ts = t_s + np.arange(n)
     exact = {}
-    for j in np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n)):
-        maybe = (d0 + (ls1 - d1) * inv_b[j] - (e0 + e1 * inv_b[j]) <= target[j]) & (ts >= t1[j])
+    for j in members:
+        maybe = (lower[j] <= target[j]) & (ts >= t1[j])
         for t in ts[maybe]:
             if t not in exact:
                 exact[t] = [sum(x) for x in zip(*(_mode_devs(m, np.array([[float(t)]]))
@@ -1435,9 +1461,14 @@ _SWEEP_WS = (16, 32, 64, 128, 256, 512)  # candidate window lengths (steps) of a
 _SWEEP_GROW = 16  # a sweep covers up to this many windows while the loss stays clear
 _TAYLOR_R = 2.0  # Taylor terms: |λ| (w − 1)/2 ≤ R, so every |λs| ≤ R in the window
 _TAYLOR_K = 24  # Taylor order: remainder ≤ R^K/K! e^R/(1 − R/(K+1)) ≈ 2e-16 of Σ|b|
+_TAYLOR_ORDERS = ((0.5, 14), (_TAYLOR_R, _TAYLOR_K))  # (radius, order): 0.5^14/14! e^½ ≈ 1e-19
 _NEAR_DOUBLE = 1e-6  # 1 − q or sin φ below this: the dimension stays in closed form
-_TAYLOR_TAIL = _TAYLOR_R**_TAYLOR_K / math.factorial(_TAYLOR_K) / (1 - _TAYLOR_R / (_TAYLOR_K + 1))
 _EPS = 2.3e-16  # unit roundoff (with a little room)
+
+
+def _taylor_tail(r: float, k: int) -> float:
+    """Σ_{j≥k} r^j/j! · e^r ≥ |e^z − Σ_{j<k} z^j/j!| for |z| ≤ r (also for Re z < 0)."""
+    return r**k / math.factorial(k) / (1 - r / (k + 1)) * math.exp(r)
 
 
 class _Sweep(NamedTuple):
@@ -1455,14 +1486,45 @@ class _Sweep(NamedTuple):
     """
 
     w: int  # window length (steps)
-    lam_slow: np.ndarray  # (J_s,) complex
-    vander: np.ndarray  # (J_s, K) complex, λ^k/k!
-    a_slow: np.ndarray  # (2, J_s) complex
+    slow: list  # :class:`_Taylor` groups of the slow terms
     lam_fast: np.ndarray  # (J_f,) complex
     a_fast: np.ndarray  # (2, J_f) complex
+    m_fast: np.ndarray  # (2, J_f)
     table: np.ndarray  # (w, J_f) complex, e^{λs} for s = 0 … w − 1
     direct: list  # :class:`_Modes` kept in closed form
     powers: np.ndarray  # (w, K) real, s^k for s = τ − τ_c
+
+
+class _Taylor(NamedTuple):
+    """Slow terms of a :class:`_Sweep` sharing a Taylor order: real exponents (and real
+    coefficients) in real arithmetic, a quarter of the work; |λ|(w − 1)/2 ≤ r."""
+
+    lam: np.ndarray  # (J,) real or complex
+    a: np.ndarray  # (2, J), the dtype of lam
+    mag: np.ndarray  # (2, J) Σ|a| of the terms merged into each (equal λ)
+    vander: np.ndarray  # (J, K) λ^k/k!
+    tail: float  # :func:`_taylor_tail` (r, K)
+
+
+def _taylor_groups(lam, a, mag, half: float) -> list:
+    """The slow terms (|λ| half ≤ R) split by real or complex exponent and by the Taylor order
+    their radius |λ| half needs (_TAYLOR_ORDERS)."""
+    radius = np.abs(lam) * half
+    real = (lam.imag == 0) & np.all(a.imag == 0, axis=0)
+    groups, lo = [], -1.0
+    for r, k in _TAYLOR_ORDERS:
+        for is_real in (True, False):
+            sel = (radius > lo) & (radius <= r) & (real == is_real)
+            if not np.any(sel):
+                continue
+            lg = lam[sel].real if is_real else lam[sel]
+            vander = np.ones((lg.size, k), lg.dtype)
+            for j in range(1, k):
+                vander[:, j] = vander[:, j - 1] * lg / j
+            ag = a[:, sel].real if is_real else a[:, sel]
+            groups.append(_Taylor(lg, ag, mag[:, sel], vander, _taylor_tail(r, k)))
+        lo = r
+    return groups
 
 
 def _exp_terms(m: _Modes):
@@ -1520,7 +1582,8 @@ def _sweep(modes) -> _Sweep | None:
 
     The window length w minimises the work per step, J(K + 10)/w for the Taylor part (J
     exponentials and a J × K product per window) plus one product per fast term (their
-    e^{λs}, s < w, are tabulated once: at most _CHUNK of them).
+    e^{λs}, s < w, are tabulated once: at most _CHUNK/8 of them, as building the table costs
+    more than a stretch of a few windows uses).
     """
     if any(np.any(m.kappa < 0) for m in modes):
         return None
@@ -1531,85 +1594,108 @@ def _sweep(modes) -> _Sweep | None:
         coefs.append(a)
         if not np.all(keep):
             direct.append(_modes_subset(m, ~keep))
-    lam, a = np.concatenate(lams), np.concatenate(coefs, axis=1)
+    lam, a, mag = _merge_terms(np.concatenate(lams), np.concatenate(coefs, axis=1))
     size = np.abs(lam)
     best = None
     for w in _SWEEP_WS:
         n_fast = int(np.count_nonzero(size * (0.5 * (w - 1)) > _TAYLOR_R))
         cost = lam.size * (_TAYLOR_K + 10) / w + n_fast
-        if w * n_fast <= _CHUNK and (best is None or cost < best[0]):
+        if w * n_fast <= _CHUNK // 8 and (best is None or cost < best[0]):
             best = (cost, w)
     if best is None or lam.size * _TAYLOR_K > 4 * _CHUNK:  # (V would pass 128 MiB)
         return None
     w = best[1]
     half = 0.5 * (w - 1)
     slow = size * half <= _TAYLOR_R
-    vander = np.ones((int(slow.sum()), _TAYLOR_K), complex)
-    for j in range(1, _TAYLOR_K):
-        vander[:, j] = vander[:, j - 1] * lam[slow] / j
     s = np.arange(w) - half
     with np.errstate(under="ignore"):  # e^{λs} = (e^λ)^s, s < w: relative rounding ≤ 2sε
         table = np.cumprod(np.broadcast_to(np.exp(lam[~slow]), (w, int((~slow).sum()))), axis=0)
         table = np.concatenate([np.ones((1, table.shape[1]), complex), table[:-1]])
-    return _Sweep(w, lam[slow], vander, a[:, slow], lam[~slow], a[:, ~slow], table, direct,
-                  s[:, None] ** np.arange(_TAYLOR_K))
+    return _Sweep(w, _taylor_groups(lam[slow], a[:, slow], mag[:, slow], half), lam[~slow],
+                  a[:, ~slow], mag[:, ~slow], table, direct, s[:, None] ** np.arange(_TAYLOR_K))
 
 
-def _sweep_devs(sw: _Sweep, t_s: int, n: int):
-    """dev0, dev1 at t_s … t_s + n − 1 and bounds e0, e1 on their errors: four arrays (n,),
-    in pieces of whole windows that keep the working arrays within _CHUNK numbers
-    (:func:`_sweep_piece`)."""
+def _merge_terms(lam, a):
+    """Terms with equal exponents summed into one (heavy ball: every complex dimension decays
+    as μ^τ): (λ, Σa, Σ|a|), the last for the error bounds."""
+    uniq, inv = np.unique(lam, return_inverse=True)
+    if uniq.size == lam.size:
+        return lam, a, np.abs(a)
+    inv = inv.reshape(-1)
+    out = np.zeros((2, uniq.size), complex)
+    mag = np.zeros((2, uniq.size))
+    for c in range(2):
+        np.add.at(out[c], inv, a[c])
+        np.add.at(mag[c], inv, np.abs(a[c]))
+    return uniq, out, mag
+
+
+def _sweep_devs(sw: _Sweep, t_s: int, n: int, mix=None):
+    """Σ_c mix_rc dev_c at t_s … t_s + n − 1 and bounds on their errors: two arrays (m, n) for
+    the m rows of ``mix`` (default the identity: dev0 and dev1), in pieces of whole windows
+    that keep the working arrays within _CHUNK numbers (:func:`_sweep_piece`). A member's loss
+    E[L_t] = L* + dev0 − dev1/B is one row (1, −1/B): half the work of both."""
+    mix = np.eye(2) if mix is None else np.asarray(mix, float).reshape(-1, 2)
     n_direct = sum(m.kappa.size for m in sw.direct)
-    per = sw.w * max(1, min(_CHUNK // max(1, 2 * (sw.lam_slow.size + sw.lam_fast.size)),
-                            _CHUNK // max(1, sw.w * n_direct)))
+    n_terms = sum(g.lam.size for g in sw.slow) + sw.lam_fast.size
+    per = sw.w * max(1, min(
+        _CHUNK // max(1, mix.shape[0] * n_terms),
+        _CHUNK // max(1, sw.w * n_direct)))
     if n <= per:
-        return _sweep_piece(sw, t_s, n)
-    parts = [_sweep_piece(sw, t_s + a, min(per, n - a)) for a in range(0, n, per)]
-    return tuple(np.concatenate(x) for x in zip(*parts, strict=True))
+        return _sweep_piece(sw, t_s, n, mix)
+    parts = [_sweep_piece(sw, t_s + a, min(per, n - a), mix) for a in range(0, n, per)]
+    return tuple(np.concatenate(x, axis=1) for x in zip(*parts, strict=True))
 
 
-def _sweep_piece(sw: _Sweep, t_s: int, n: int):
+def _sweep_piece(sw: _Sweep, t_s: int, n: int, mix):
     """:func:`_sweep_devs` for ⌈n/w⌉ windows at once (see :class:`_Sweep`).
 
     The bounds cover the Taylor remainder, the fast terms dropped as negligible
-    (|b| ≤ 1e-20 Σ|b|; |e^{λs}| ≤ 1 for s ≥ 0) and rounding:
-    γ_m Σ|b| e^R with m the number of terms summed, plus ε(4|λ|τ + 2k) per term for the
-    exponent λτ and the k-th power of e^{λw} (the closed form :func:`_mode_devs` rounds its
-    exponents too), and 1e-290 for values near underflow.
+    (|b| ≤ 1e-20 Σ|b|; |e^{λs}| ≤ 1 for s ≥ 0) and rounding: γ_m Σ|b| e^R with m the number
+    of terms summed (|b| from the magnitudes of the merged terms), plus ε(4|λ|τ + 2k) per term
+    for the exponent λτ and the k-th power of e^{λw} (the closed form :func:`_mode_devs`
+    rounds its exponents too), and 1e-290 for values near underflow.
     """
-    w, nw = sw.w, -(-n // sw.w)
+    w, nw, rows = sw.w, -(-n // sw.w), mix.shape[0]
     starts = t_s - 1.0 + w * np.arange(nw)  # τ at each window's first step
     tau_end = starts + (w - 1.0)
     k_pow = np.arange(nw)
+    dev = np.zeros((rows, nw, w))
+    err = np.full((rows, nw), 1e-290)  # (subnormals)
+    mag = np.zeros((rows, nw))
     with np.errstate(under="ignore"):
-        x = sw.a_slow[:, None, :] * _window_exps(sw.lam_slow, starts[0] + 0.5 * (w - 1), w, nw)
-        moments = (x.reshape(2 * nw, -1) @ sw.vander).real.reshape(2, nw, -1)
-        dev = moments @ sw.powers.T  # (2, nw, w)
-        size = np.abs(x) * np.exp(_TAYLOR_R)
-        mag = size.sum(axis=-1)
-        err = mag * (_TAYLOR_TAIL + _EPS * (sw.lam_slow.size + _TAYLOR_K + 8 + 2 * k_pow)) \
-            + 4.0 * _EPS * (size @ np.abs(sw.lam_slow)) * tau_end + 1e-290  # (subnormals)
+        for g in sw.slow:
+            k = g.vander.shape[1]
+            e = _window_exps(g.lam, starts[0] + 0.5 * (w - 1), w, nw)  # (nw, J)
+            x = (mix @ g.a)[:, None, :] * e
+            moments = (x.reshape(rows * nw, -1) @ g.vander).real.reshape(rows, nw, k)
+            dev += moments @ sw.powers[:, :k].T  # (rows, nw, w)
+            size = (np.abs(mix) @ g.mag)[:, None, :] * (np.abs(e) * np.exp(_TAYLOR_R))
+            m_g = size.sum(axis=-1)
+            mag += m_g
+            err += m_g * (g.tail + _EPS * (g.lam.size + k + 8 + 2 * k_pow)) \
+                + 4.0 * _EPS * (size @ np.abs(g.lam)) * tau_end
         if sw.lam_fast.size:
-            xf = sw.a_fast[:, None, :] * _window_exps(sw.lam_fast, starts[0], w, nw)
-            size = np.abs(xf)
+            ef = _window_exps(sw.lam_fast, starts[0], w, nw)
+            xf = (mix @ sw.a_fast)[:, None, :] * ef
+            size = (np.abs(mix) @ sw.m_fast)[:, None, :] * np.abs(ef)
             drop = size <= 1e-20 * (size.sum(axis=-1) + mag)[..., None]
             err += np.where(drop, size, 0.0).sum(axis=-1) * (1 + 1e-15)
             xf[drop] = 0.0
             dev += (xf @ sw.table.T).real
             err += _EPS * ((sw.lam_fast.size + 8 + 2 * (k_pow + w)) * size.sum(axis=-1)
                            + 4.0 * (size @ np.abs(sw.lam_fast)) * tau_end)
-        dev = dev.reshape(2, -1)[:, :n]
+        dev = dev.reshape(rows, -1)[:, :n]
         err = np.repeat(err, w, axis=1)[:, :n]
         if sw.direct:
             t = t_s + np.arange(n, dtype=float)[:, None]
-            for m in sw.direct:
-                dev += np.stack(_mode_devs(m, t))
-    return dev[0], dev[1], err[0], err[1]
+            dev += mix @ np.sum([np.stack(_mode_devs(m, t)) for m in sw.direct], axis=0)
+    return dev, err
 
 
 def _window_exps(lam, tau0: float, w: int, nw: int):
     """e^{λ(τ0 + kw)} for k < nw, (nw, J): one exponential, then products with e^{λw}."""
-    out = np.empty((nw, lam.size), complex)
+    out = np.empty((nw, lam.size), lam.dtype)
     out[0] = np.exp(lam * tau0)
     if nw > 1:
         step = np.exp(lam * w)

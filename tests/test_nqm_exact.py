@@ -246,9 +246,9 @@ def test_large_problem_needs_no_long_scan(monkeypatch):
         stepped.append(n)
         return block(sy, modes, t_s, n)
 
-    def counting_sweep(sw, t_s, n):
+    def counting_sweep(sw, t_s, n, mix=None):
         stepped.append(n)
-        return sweep(sw, t_s, n)
+        return sweep(sw, t_s, n, mix)
 
     monkeypatch.setattr(nqm, "_block_devs", counting)
     monkeypatch.setattr(nqm, "_sweep_devs", counting_sweep)
@@ -319,16 +319,18 @@ def test_sweep_values_within_their_error_bounds(chunk, monkeypatch):
         sw = nqm._sweep(modes)
         if chunk:
             monkeypatch.setattr(nqm, "_CHUNK", chunk)
-        got = nqm._sweep_devs(sw, t_s, n)
+        inv_b = 10.0 ** rng.uniform(-3, 0)  # and one member's loss: dev0 − dev1/B
+        mix = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, -inv_b]])
+        got, bounds = nqm._sweep_devs(sw, t_s, n, mix)
         monkeypatch.undo()
         t = (t_s + np.arange(n, dtype=float))[:, None]
-        for k in (0, 1):
-            ref = sum(nqm._mode_devs(m, t)[k] for m in modes)
-            bound = got[2 + k]
-            assert np.all(np.abs(got[k] - ref) <= bound)
+        devs = [sum(nqm._mode_devs(m, t)[k] for m in modes) for k in (0, 1)]
+        for r, ref in enumerate(devs + [devs[0] - inv_b * devs[1]]):
+            assert np.all(np.abs(got[r] - ref) <= bounds[r])
+            scale = np.abs(ref) if r < 2 else np.abs(devs[0]) + inv_b * np.abs(devs[1])
             starts = np.arange(0, n, sw.w)
-            top = np.repeat(np.maximum.reduceat(np.abs(ref), starts), sw.w)[:n]
-            assert np.all(bound <= 1e-8 * top + 1e-280)
+            top = np.repeat(np.maximum.reduceat(scale, starts), sw.w)[:n]
+            assert np.all(bounds[r] <= 1e-8 * top + 1e-280)
         n_cases += 1
     assert n_cases >= 250
 
