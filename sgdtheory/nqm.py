@@ -1460,8 +1460,10 @@ def _block_devs(sy: _Pair, modes, t_s: int, n: int):
 _SWEEP_WS = (16, 32, 64, 128, 256, 512)  # candidate window lengths (steps) of a sweep
 _SWEEP_GROW = 16  # a sweep covers up to this many windows while the loss stays clear
 _TAYLOR_R = 2.0  # Taylor terms: |λ| (w − 1)/2 ≤ R, so every |λs| ≤ R in the window
-_TAYLOR_K = 24  # Taylor order: remainder ≤ R^K/K! e^R/(1 − R/(K+1)) ≈ 2e-16 of Σ|b|
-_TAYLOR_ORDERS = ((0.5, 14), (_TAYLOR_R, _TAYLOR_K))  # (radius, order): 0.5^14/14! e^½ ≈ 1e-19
+_TAYLOR_K = 24  # the highest Taylor order
+# (radius r, order K) of the Taylor groups: remainders r^K/K! e^r/(1 − r/(K+1)) of 1.2e-15 and
+# 2.2e-16 of Σ|b|, below the rounding term γ_J Σ|b| e^R of a sum of J terms
+_TAYLOR_ORDERS = ((0.5, 14), (_TAYLOR_R, _TAYLOR_K))
 _NEAR_DOUBLE = 1e-6  # 1 − q or sin φ below this: the dimension stays in closed form
 _EPS = 2.3e-16  # unit roundoff (with a little room)
 
@@ -1477,9 +1479,10 @@ class _Sweep(NamedTuple):
     Per dimension dev(t) = env_t Q(X_t, Y_t) is a sum of at most three exponentials in
     τ = t − 1 (:func:`_exp_terms`), so dev_c(t) = Re Σ_j a_cj e^{λ_j τ}, Re λ_j ≤ 0. Over a
     window of w steps centred at τ_c, the terms with |λ_j|(w − 1)/2 ≤ R ("slow") are
-    e^{λ_j τ_c} Σ_k (λ_j s)^k/k! (s = τ − τ_c): K moments M_ck = Σ_j a_cj e^{λ_j τ_c}
-    λ_j^k/k! — a product with the fixed matrix V_jk = λ_j^k/k! — and a polynomial of degree
-    K − 1 at the w steps. Consecutive windows' e^{λ τ_c} follow by multiplying with e^{λw}.
+    e^{λ_j τ_c} Σ_k (λ_j h)^k/k! (s/h)^k (s = τ − τ_c, h = (w − 1)/2): K moments
+    M_ck = Σ_j a_cj e^{λ_j τ_c} (λ_j h)^k/k! — a product with the fixed matrix
+    V_jk = (λ_j h)^k/k!, |V_jk| ≤ R^k/k! — and a polynomial in s/h ∈ [−1, 1] of degree K − 1
+    at the w steps. Consecutive windows' e^{λ τ_c} follow by multiplying with e^{λw}.
     The few fast terms are summed directly (their e^{λs}, s < w, tabulated), and dimensions
     with (nearly) double roots, whose exponentials would cancel, are evaluated in closed form
     (``direct``). Each window also gets a bound on its error (:func:`_sweep_devs`).
@@ -1492,7 +1495,7 @@ class _Sweep(NamedTuple):
     m_fast: np.ndarray  # (2, J_f)
     table: np.ndarray  # (w, J_f) complex, e^{λs} for s = 0 … w − 1
     direct: list  # :class:`_Modes` kept in closed form
-    powers: np.ndarray  # (w, K) real, s^k for s = τ − τ_c
+    powers: np.ndarray  # (w, K) real, (s/h)^k for s = τ − τ_c, h = (w − 1)/2
 
 
 class _Taylor(NamedTuple):
@@ -1502,7 +1505,7 @@ class _Taylor(NamedTuple):
     lam: np.ndarray  # (J,) real or complex
     a: np.ndarray  # (2, J), the dtype of lam
     mag: np.ndarray  # (2, J) Σ|a| of the terms merged into each (equal λ)
-    vander: np.ndarray  # (J, K) λ^k/k!
+    vander: np.ndarray  # (J, K) (λh)^k/k!, h = (w − 1)/2: scaled, so that no moment underflows
     tail: float  # :func:`_taylor_tail` (r, K)
 
 
@@ -1520,7 +1523,7 @@ def _taylor_groups(lam, a, mag, half: float) -> list:
             lg = lam[sel].real if is_real else lam[sel]
             vander = np.ones((lg.size, k), lg.dtype)
             for j in range(1, k):
-                vander[:, j] = vander[:, j - 1] * lg / j
+                vander[:, j] = vander[:, j - 1] * (lg * half) / j
             ag = a[:, sel].real if is_real else a[:, sel]
             groups.append(_Taylor(lg, ag, mag[:, sel], vander, _taylor_tail(r, k)))
         lo = r
@@ -1612,7 +1615,8 @@ def _sweep(modes) -> _Sweep | None:
         table = np.cumprod(np.broadcast_to(np.exp(lam[~slow]), (w, int((~slow).sum()))), axis=0)
         table = np.concatenate([np.ones((1, table.shape[1]), complex), table[:-1]])
     return _Sweep(w, _taylor_groups(lam[slow], a[:, slow], mag[:, slow], half), lam[~slow],
-                  a[:, ~slow], mag[:, ~slow], table, direct, s[:, None] ** np.arange(_TAYLOR_K))
+                  a[:, ~slow], mag[:, ~slow], table, direct,
+                  (s / half)[:, None] ** np.arange(_TAYLOR_K))
 
 
 def _merge_terms(lam, a):
