@@ -1195,6 +1195,8 @@ def _sweep_round(sweep, modes, ls1, t_s, n, live, t1, inv_b, target, max_steps, 
     """
     n = int(min(n, max_steps + 1 - t_s))
     members = np.flatnonzero(live & (t1 >= t_s) & (t1 < t_s + n))
+    if members.size == 0:
+        return False
     if members.size <= 2:  # each member's loss as one row: L* + dev0 − dev1/B
         rows, err = _sweep_devs(sweep, t_s, n, np.stack([np.ones(members.size),
                                                          -inv_b[members]], axis=1))
