@@ -418,6 +418,13 @@ def _conv_units_per_call(n: int, n_units: int, cols: int, t: int, w_numel: int) 
     return max(1, min(n_units, 2**19 // w_numel))
 
 
+def _units_as_groups(v: torch.Tensor, n_units: int, s: int, k: int) -> torch.Tensor:
+    """(n, C, H, W) → (b, k·C, H, W): units s … s + k − 1 (b = n/M examples each) side by side
+    as channel groups, their examples as the batch."""
+    units = v.reshape(n_units, -1, *v.shape[1:])[s:s + k]  # (k, b, C, H, W)
+    return units.transpose(0, 1).reshape(units.shape[1], -1, *v.shape[2:])
+
+
 def _write(dest: dict, p, g: torch.Tensor) -> None:
     """dest[p] = g on the first write (the matrix starts uninitialised), += g after (a
     parameter shared by several layers or calls)."""
@@ -460,8 +467,7 @@ def _layer_unit_grads(m: nn.Module, a: torch.Tensor, d: torch.Tensor, n_units: i
             rows, first = dest[m.weight], m.weight not in dest["written"]
             for s in range(0, n_units, per):
                 k = min(per, n_units - s)
-                a_k, d_k = (v.reshape(n_units, -1, *v.shape[1:])[s:s + k].transpose(0, 1)
-                            .reshape(n // n_units, -1, *v.shape[2:]) for v in (a, d))
+                a_k, d_k = (_units_as_groups(v, n_units, s, k) for v in (a, d))
                 w = torch.nn.grad.conv2d_weight(
                     a_k, (k * d.shape[1], a.shape[1] // g, *kernel), d_k, stride=stride,
                     padding=pad, dilation=dil, groups=k * g).reshape(k, -1)
