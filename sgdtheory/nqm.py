@@ -518,6 +518,16 @@ def _mode_devs(m: _Modes, t):
     return tuple((xx * k[0] + 2.0 * xy * k[1] + yy * k[2]).sum(axis=-1) for k in (m.k0, m.k1))
 
 
+def _devs_at(modes, t):
+    """(dev0, dev1) summed over all modes (:func:`_mode_devs`) at the times ``t`` (n,)."""
+    d0, d1 = np.zeros(t.size), np.zeros(t.size)
+    for m in modes:
+        a, b = _mode_devs(m, t[:, None])
+        d0 += a
+        d1 += b
+    return d0, d1
+
+
 def _state_row(sy: _Pair, modes, t: float):
     """r_t = e_idxᵀ A^t (its two components over all dimensions) at an integer t ≥ 1."""
     r = np.zeros((2, sy.hh.size))
@@ -1165,11 +1175,7 @@ def _newton_round(modes, peaks, kappa, segs, ls1, t1, idx, inv_b, target, max_st
     if idx.size == 0:
         return
     tg = t1[idx] + tau
-    d0, d1 = np.zeros(idx.size), np.zeros(idx.size)
-    for m in modes:
-        a_, b_ = _mode_devs(m, tg[:, None])
-        d0 += a_
-        d1 += b_
+    d0, d1 = _devs_at(modes, tg)
     hit = d0 + (ls1 - d1) * inv_b[idx] <= target[idx]
     finish(idx[hit], tg[hit])
     t1[idx[~hit]] = tg[~hit] + 1.0
@@ -1210,8 +1216,7 @@ def _sweep_round(sweep, modes, ls1, t_s, n, live, t1, inv_b, target, max_steps, 
         maybe = (lower[j] <= target[j]) & (ts >= t1[j])
         for t in ts[maybe]:
             if t not in exact:
-                exact[t] = [sum(x) for x in zip(*(_mode_devs(m, np.array([[float(t)]]))
-                                                  for m in modes), strict=True)]
+                exact[t] = [float(v[0]) for v in _devs_at(modes, np.array([float(t)]))]
             if exact[t][0] + (ls1 - exact[t][1]) * inv_b[j] <= target[j]:
                 finish(j, float(t))
                 break
