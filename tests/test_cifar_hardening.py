@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dense_hessian import dense_hessian
 from torch import nn
 
 from validate import _hvp, cifar, monitor, train
@@ -300,21 +301,7 @@ def test_one_stability_column_and_one_core():
 
 def _full_hessian(model, x, y):
     """Dense Hessian of the mean loss over all parameters (brute force, tiny model)."""
-    from torch.func import functional_call
-
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(v):
-        parts, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = int(np.prod(s))
-            parts[n] = v[i:i + k].reshape(s)
-            i += k
-        return nn.functional.cross_entropy(functional_call(model, parts, (x,)), y)
-
-    return torch.autograd.functional.hessian(f, flat)
+    return dense_hessian(model, x, y)
 
 
 def test_flags_named_once_and_checks_run_once(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from dense_hessian import dense_hessian
 from experiment_cli import ENV, ROOT, run_cli, run_results, strict_json  # noqa: F401
 
 from validate import data, train
@@ -286,23 +287,7 @@ def _tiny_data(seed=0):
 
 
 def _exact_hessian(model, x, y):
-    params = [p for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in params]).double()
-    shapes = [p.shape for p in params]
-    names = [n for n, _ in model.named_parameters()]
-
-    def loss(v):
-        out, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = int(np.prod(s))
-            out[n] = v[i:i + k].reshape(s)
-            i += k
-        logits = torch.func.functional_call(model.double(), out, (x.double(),))
-        return torch.nn.functional.cross_entropy(logits, y)
-
-    h = torch.autograd.functional.hessian(loss, flat)
-    model.float()
-    return h.numpy()
+    return dense_hessian(model, x, y, float64=True).numpy()
 
 
 @pytest.mark.parametrize(("momentum", "nesterov"), [(0.0, False), (0.9, False), (0.5, True)])
